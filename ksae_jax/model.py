@@ -1,0 +1,178 @@
+"""The k-sparse autoencoders as Flax NNX modules, plus a pure functional interface.
+
+Parameters follow PyTorch's layouts and names (`weight`, `bias`; Linear weight is
+(out, in), Conv2d (out, in, kh, kw), ConvTranspose2d (in, out, kh, kw)) and PyTorch's
+default initialisation, so the conv network is the original's, parameter for parameter.
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ksae_jax import conv
+from ksae_jax.config import ModelConfig
+from ksae_jax.topk import sparsify
+
+IMAGE_SHAPE = (28, 28)
+N_PIXELS = IMAGE_SHAPE[0] * IMAGE_SHAPE[1]
+
+
+def _torch_uniform(rngs: nnx.Rngs, shape: tuple[int, ...], fan_in: int) -> nnx.Param:
+    """PyTorch's default for Linear/Conv weights and biases: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / fan_in ** 0.5
+    return nnx.Param(jax.random.uniform(rngs.params(), shape, jnp.float32, -bound, bound))
+
+
+class Linear(nnx.Module):
+    def __init__(self, n_in: int, n_out: int, *, rngs: nnx.Rngs):
+        self.weight = _torch_uniform(rngs, (n_out, n_in), n_in)
+        self.bias = _torch_uniform(rngs, (n_out,), n_in)
+
+    def __call__(self, x):
+        return x @ self.weight[...].T + self.bias[...]
+
+
+class Conv2d(nnx.Module):
+    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, padding: int, *,
+                 rngs: nnx.Rngs):
+        fan_in = c_in * kernel * kernel
+        self.weight = _torch_uniform(rngs, (c_out, c_in, kernel, kernel), fan_in)
+        self.bias = _torch_uniform(rngs, (c_out,), fan_in)
+        self.stride, self.padding = stride, padding
+
+    def __call__(self, x):
+        return conv.conv2d(x, self.weight[...], self.bias[...], self.stride, self.padding)
+
+
+class ConvTranspose2d(nnx.Module):
+    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, padding: int,
+                 output_padding: int = 0, *, rngs: nnx.Rngs):
+        fan_in = c_out * kernel * kernel  # torch computes fan_in from weight.size(1)
+        self.weight = _torch_uniform(rngs, (c_in, c_out, kernel, kernel), fan_in)
+        self.bias = _torch_uniform(rngs, (c_out,), fan_in)
+        self.stride, self.padding, self.output_padding = stride, padding, output_padding
+
+    def __call__(self, x):
+        return conv.conv_transpose2d(x, self.weight[...], self.bias[...], self.stride,
+                                     self.padding, self.output_padding)
+
+
+class Output(NamedTuple):
+    recon: jax.Array    # (B, 28, 28) reconstruction in image space
+    logits: jax.Array   # (B, 28, 28) pre-activation of the output layer
+    code: jax.Array     # (B, hidden) k-sparse code
+    acts: tuple         # activations the L1 penalty is taken over
+
+
+class ConvKSAE(nnx.Module):
+    """The original network: conv 16/32/64 -> Linear 576->H -> top-k -> mirrored decoder.
+
+    ReLU after every layer, the output included (sigmoid instead with loss='bce').
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.loss = cfg.loss
+        self.enc1 = Conv2d(1, 16, 3, 2, 1, rngs=rngs)     # 28 -> 14
+        self.enc2 = Conv2d(16, 32, 3, 2, 1, rngs=rngs)    # 14 -> 7
+        self.enc3 = Conv2d(32, 64, 5, 2, 1, rngs=rngs)    # 7 -> 3
+        self.enc4 = Linear(576, cfg.hidden, rngs=rngs)
+        self.dec1 = Linear(cfg.hidden, 576, rngs=rngs)
+        self.dec2 = ConvTranspose2d(64, 32, 5, 2, 1, rngs=rngs)                     # 3 -> 7
+        self.dec3 = ConvTranspose2d(32, 16, 3, 2, 1, output_padding=1, rngs=rngs)   # 7 -> 14
+        self.dec4 = ConvTranspose2d(16, 1, 3, 2, 1, output_padding=1, rngs=rngs)    # 14 -> 28
+
+    def encode_dense(self, x):
+        """Images (B, 28, 28) -> (dense code (B, H), encoder conv activations)."""
+        h1 = jax.nn.relu(self.enc1(x[..., None]))
+        h2 = jax.nn.relu(self.enc2(h1))
+        h3 = jax.nn.relu(self.enc3(h2))
+        flat = h3.transpose(0, 3, 1, 2).reshape(x.shape[0], -1)  # torch's (c, h, w) order
+        return jax.nn.relu(self.enc4(flat)), (h1, h2, h3)
+
+    def decode_all(self, code):
+        """Code (B, H) -> (reconstruction, logits, decoder activations)."""
+        d1 = jax.nn.relu(self.dec1(code))
+        d2 = jax.nn.relu(self.dec2(d1.reshape(-1, 64, 3, 3).transpose(0, 2, 3, 1)))
+        d3 = jax.nn.relu(self.dec3(d2))
+        logits = self.dec4(d3)[..., 0]
+        recon = jax.nn.sigmoid(logits) if self.loss == "bce" else jax.nn.relu(logits)
+        return recon, logits, (d1, d2, d3, recon)
+
+    def __call__(self, x, k, max_k: int) -> Output:
+        dense, enc_acts = self.encode_dense(x)
+        code = sparsify(dense, k, max_k)
+        recon, logits, dec_acts = self.decode_all(code)
+        return Output(recon, logits, code, enc_acts + (code,) + dec_acts)
+
+
+class MlpKSAE(nnx.Module):
+    """Makhzani & Frey: 784 -> H linear units -> top-k -> 784, decoder tied or untied."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.loss, self.tied = cfg.loss, cfg.tied
+        self.enc = Linear(N_PIXELS, cfg.hidden, rngs=rngs)
+        if cfg.tied:
+            self.dec_bias = nnx.Param(jnp.zeros((N_PIXELS,), jnp.float32))
+        else:
+            self.dec = Linear(cfg.hidden, N_PIXELS, rngs=rngs)
+
+    def encode_dense(self, x):
+        return self.enc(x.reshape(x.shape[0], -1)), ()
+
+    def decode_all(self, code):
+        if self.tied:
+            logits = code @ self.enc.weight[...] + self.dec_bias[...]
+        else:
+            logits = self.dec(code)
+        logits = logits.reshape(-1, *IMAGE_SHAPE)
+        recon = jax.nn.sigmoid(logits) if self.loss == "bce" else logits
+        return recon, logits, ()
+
+    def __call__(self, x, k, max_k: int) -> Output:
+        dense, _ = self.encode_dense(x)
+        code = sparsify(dense, k, max_k)
+        recon, logits, _ = self.decode_all(code)
+        return Output(recon, logits, code, (code,))
+
+
+_MODELS = {"conv": ConvKSAE, "mlp": MlpKSAE}
+
+
+def build(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
+    return _MODELS[cfg.arch](cfg, rngs=rngs)
+
+
+def init_params(cfg: ModelConfig, key: jax.Array) -> dict:
+    """Fresh parameters as a plain nested dict of arrays (vmappable over keys)."""
+    return nnx.to_pure_dict(nnx.state(build(cfg, nnx.Rngs(params=key)), nnx.Param))
+
+
+@functools.lru_cache(maxsize=None)
+def graphdef(cfg: ModelConfig):
+    return nnx.graphdef(nnx.eval_shape(lambda: build(cfg, nnx.Rngs(0))))
+
+
+def bind(cfg: ModelConfig, params: dict) -> nnx.Module:
+    """The module for `params` (use inside jitted functions of the params pytree)."""
+    return nnx.merge(graphdef(cfg), params)
+
+
+def apply(cfg: ModelConfig, params: dict, x: jax.Array, k, max_k: int) -> Output:
+    return bind(cfg, params)(x, k, max_k)
+
+
+def encode(cfg: ModelConfig, params: dict, x: jax.Array, k, max_k: int) -> jax.Array:
+    dense, _ = bind(cfg, params).encode_dense(x)
+    return sparsify(dense, k, max_k)
+
+
+def decode(cfg: ModelConfig, params: dict, code: jax.Array) -> jax.Array:
+    return bind(cfg, params).decode_all(code)[0]
+
+
+def count_params(params: dict) -> int:
+    return sum(int(p.size) for p in jax.tree.leaves(params))

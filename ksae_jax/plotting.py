@@ -1,0 +1,81 @@
+"""Figures (matplotlib, no display needed): reconstructions, loss curves, decoder features."""
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from ksae_jax.checkpoint import write_bytes
+
+
+def save(fig: Figure, path: str | os.PathLike, dpi: int = 100) -> None:
+    """Writes a PNG atomically."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    write_bytes(path, buf.getvalue())
+
+
+def image_rows(rows, row_labels, title: str = "", scale: str = "fixed") -> Figure:
+    """A grid of 28x28 images, one labelled row per array in `rows`.
+
+    scale: "fixed" shows pixels on [0, 1]; "each" stretches every image to its own range.
+    """
+    n_rows, n_cols = len(rows), max(len(r) for r in rows)
+    fig = Figure(figsize=(1.1 * n_cols + 1.2, 1.1 * n_rows + (0.5 if title else 0.1)))
+    axes = fig.subplots(n_rows, n_cols, squeeze=False)
+    for r, (images, label) in enumerate(zip(rows, row_labels)):
+        for c in range(n_cols):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for s in ax.spines.values():
+                s.set_visible(False)
+            if c < len(images):
+                img = images[c]
+                lim = (img.min(), img.max()) if scale == "each" else (0.0, 1.0)
+                ax.imshow(img, cmap="gray", vmin=lim[0], vmax=lim[1] if lim[1] > lim[0] else lim[0] + 1)
+        axes[r, 0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=10)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def reconstructions(originals, recons, title: str) -> Figure:
+    """Originals above their reconstructions (the original README's figures)."""
+    return image_rows([originals, np.clip(recons, 0, 1)], ["input", "output"], title)
+
+
+def compare_ks(originals, recons_by_k: dict, title: str = "") -> Figure:
+    """The same test images reconstructed by every k, one row per k."""
+    rows = [originals] + [np.clip(r, 0, 1) for r in recons_by_k.values()]
+    labels = ["input"] + [f"k = {k}" for k in recons_by_k]
+    return image_rows(rows, labels, title)
+
+
+def feature_grid(features, title: str, n_cols: int = 10) -> Figure:
+    """Decoder features (n, 28, 28), each stretched to its own range, n_cols per row."""
+    features = np.asarray(features)
+    rows = [features[i:i + n_cols] for i in range(0, len(features), n_cols)]
+    fig = image_rows(rows, [""] * len(rows), title, scale="each")
+    return fig
+
+
+def loss_curves(ks, train_loss, test_mse, title: str = "") -> Figure:
+    """Train loss (MSE + L1) and test MSE per epoch, one line per k."""
+    fig = Figure(figsize=(10, 4))
+    ax_train, ax_test = fig.subplots(1, 2)
+    epochs = np.arange(1, len(train_loss[0]) + 1)
+    for k, tr, te in zip(ks, train_loss, test_mse):
+        ax_train.plot(epochs, tr, marker="o", ms=3, label=f"k = {k}")
+        ax_test.plot(epochs, te, marker="o", ms=3, label=f"k = {k}")
+    for ax, name in ((ax_train, "train loss (MSE + L1)"), (ax_test, "test MSE")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(name)
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return fig

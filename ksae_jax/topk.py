@@ -1,0 +1,61 @@
+"""The k-sparse step: keep the k largest units of each code, gradient only through them."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from ksae_jax.config import check_k
+
+
+def top_k_mask(z: jax.Array, k: jax.Array | int, max_k: int) -> jax.Array:
+    """0/1 mask of the k largest entries along the last axis of z.
+
+    Built on lax.top_k at the static width max_k, then a rank mask with k, which may be
+    traced (one compiled program serves every k <= max_k, e.g. a vmapped vector of ks).
+    Ties are broken by lax.top_k's documented rule: the lower index wins.
+    """
+    lead, hidden = z.shape[:-1], z.shape[-1]
+    z2 = z.reshape(-1, hidden)
+    _, idx = lax.top_k(z2, max_k)
+    keep = jnp.broadcast_to((jnp.arange(max_k) < k).astype(z.dtype), idx.shape)
+    rows = jnp.arange(z2.shape[0])[:, None]
+    return jnp.zeros_like(z2).at[rows, idx].set(keep).reshape(*lead, hidden)
+
+
+def sparsify(z: jax.Array, k: jax.Array | int, max_k: int) -> jax.Array:
+    """z with all but its k largest units (per row) set to zero.
+
+    The mask is a constant for autodiff, so the gradient is the upstream gradient on the
+    kept units and exactly zero on the dropped ones.
+    """
+    return z * lax.stop_gradient(top_k_mask(z, k, max_k))
+
+
+_sparsify_jit = jax.jit(sparsify, static_argnames="max_k")
+
+
+def keep_top_k(z: jax.Array, k, max_k: int | None = None) -> jax.Array:
+    """Public, validated, jitted k-sparse step for a scalar k.
+
+    Raises ValueError for k <= 0, k larger than the last axis of z, or a non-integer k.
+    Under jax transformations (traced k) pass max_k, the largest k the call may see.
+    """
+    z = jnp.asarray(z)
+    if z.ndim == 0:
+        raise ValueError("z must have at least one axis (the code units)")
+    hidden = z.shape[-1]
+    if isinstance(k, jax.core.Tracer):
+        if max_k is None:
+            raise ValueError("max_k is required when k is traced (inside jit or vmap)")
+        return sparsify(z, k, check_k(max_k, hidden))
+    k_arr = np.asarray(k)
+    if k_arr.ndim != 0 or k_arr.dtype.kind not in "iu":
+        raise ValueError(f"k must be an integer, got {k!r}")
+    k_int = check_k(int(k_arr), hidden)
+    max_k = k_int if max_k is None else check_k(max_k, hidden)
+    if max_k < k_int:
+        raise ValueError(f"max_k={max_k} is smaller than k={k_int}")
+    return _sparsify_jit(z, jnp.int32(k_int), max_k=max_k)
+
