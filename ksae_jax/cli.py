@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -74,16 +73,9 @@ def check_data_flags(args) -> None:
     if args.idx_dir is not None and not args.idx_dir.is_dir():
         raise UsageError(f"--idx-dir {args.idx_dir}: no such directory")
     if args.idx_dir is None and args.dataset not in data.DATASETS:
-        if not _tfds_knows(args.dataset):
+        if not data.tfds_knows(args.dataset):
             raise UsageError(f"--dataset {args.dataset!r}: unknown dataset "
                              f"(try {', '.join(data.DATASETS)})")
-
-
-def _tfds_knows(name: str) -> bool:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow_datasets as tfds
-
-    return name in tfds.list_builders()
 
 
 def load_data(args, log: Callable[[str], None] = print) -> data.Dataset:
@@ -93,8 +85,8 @@ def load_data(args, log: Callable[[str], None] = print) -> data.Dataset:
     except data.DatasetUnavailable as e:
         if args.dataset != "mnist" or args.idx_dir is not None:
             raise UsageError(str(e)) from None
-        log(f"note: MNIST cannot be downloaded ({e}); using the offline sample "
-            f"{data.SAMPLE!r} instead (5,000 real MNIST digits)")
+        log(f"note: {e}; using the offline sample {data.SAMPLE!r} instead "
+            "(5,000 real MNIST digits)")
         ds = data.load(data.SAMPLE, None, args.train_limit)
     except data.DataError as e:
         raise UsageError(str(e)) from None

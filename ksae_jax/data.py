@@ -145,19 +145,31 @@ def network_reachable(host: tuple[str, int] = _TFDS_HOST, timeout: float = 3.0) 
         return False
 
 
+def _import_tfds():
+    """tensorflow_datasets, imported only where data is loaded, with TF's log noise off."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import absl.logging
+    import tensorflow_datasets as tfds
+
+    absl.logging.set_verbosity(absl.logging.ERROR)
+    return tfds
+
+
+def tfds_knows(name: str) -> bool:
+    return name in _import_tfds().list_builders()
+
+
 def load_tfds(name: str, data_dir: str | None = None) -> Dataset:
     """A 28x28 grayscale TFDS image dataset (mnist, fashion_mnist, kmnist, ...).
 
     Downloads and prepares it on first use. Raises DatasetUnavailable at once (instead
     of TFDS's minutes of retries) when it is not prepared and the network is unreachable.
     """
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow_datasets as tfds
-
+    tfds = _import_tfds()
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except Exception as e:  # TFDS raises its own DatasetNotFoundError types
-        raise DataError(f"unknown TFDS dataset {name!r}: {e}") from None
+        raise DataError(f"unknown TFDS dataset {name!r} ({type(e).__name__})") from None
     if not builder.is_prepared():
         if not network_reachable():
             raise DatasetUnavailable(

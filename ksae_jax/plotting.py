@@ -38,7 +38,8 @@ def image_rows(rows, row_labels, title: str = "", scale: str = "fixed") -> Figur
                 ax.imshow(img, cmap="gray", vmin=lim[0], vmax=lim[1] if lim[1] > lim[0] else lim[0] + 1)
         axes[r, 0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=10)
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, y=1.0)
+    fig.subplots_adjust(wspace=0.05, hspace=0.1)
     return fig
 
 

@@ -1,0 +1,47 @@
+"""Shared fixtures: small real-format datasets written to temporary folders."""
+import gzip
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+import pytest
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """An IDX file (unsigned bytes) holding `array`."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
+        int(d).to_bytes(4, "big") for d in array.shape)
+    return header + np.ascontiguousarray(array, np.uint8).tobytes()
+
+
+def write_idx_dir(path, n_train=120, n_test=40, seed=0, compress=True):
+    rng = np.random.default_rng(seed)
+    arrays = {
+        "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+        "train-labels-idx1-ubyte": rng.integers(0, 10, n_train, dtype=np.uint8),
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
+        "t10k-labels-idx1-ubyte": rng.integers(0, 10, n_test, dtype=np.uint8),
+    }
+    for stem, a in arrays.items():
+        raw = idx_bytes(a)
+        if compress:
+            (path / (stem + ".gz")).write_bytes(gzip.compress(raw))
+        else:
+            (path / stem).write_bytes(raw)
+    return arrays
+
+
+@pytest.fixture
+def idx_dir(tmp_path):
+    d = tmp_path / "idx"
+    d.mkdir()
+    arrays = write_idx_dir(d)
+    return d, arrays
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """Real MNIST digits (the offline sample), uint8 (N, 28, 28)."""
+    from ksae_jax import data
+    return data.load_mnist_sample()

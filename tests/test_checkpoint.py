@@ -1,0 +1,115 @@
+"""Params files: round trip, refusal of unsafe or damaged files, atomic writes."""
+import os
+import pickle
+
+import jax
+import numpy as np
+import pytest
+
+import ksae_jax
+from ksae_jax import checkpoint, train
+from ksae_jax.checkpoint import ParamsFileError
+from ksae_jax.config import ModelConfig, SweepConfig
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, digits):
+    cfg = SweepConfig(ks=(5, 20), epochs=1, batch_size=100)
+    r = train.train_sweep(cfg, digits.x_train[:300], digits.x_test[:100], progress=False)
+    path = tmp_path_factory.mktemp("run") / "params.pkl"
+    checkpoint.save_params(path, config=cfg.to_dict(), ks=cfg.ks, params=r.params,
+                           metrics={"test_mse": r.history["test_mse"]})
+    return path, cfg, r
+
+
+def test_round_trip_gives_identical_reconstructions(saved, digits):
+    path, cfg, r = saved
+    ae = ksae_jax.load(path)
+    in_memory = ksae_jax.Autoencoder(cfg, cfg.ks, r.params)
+    assert ae.ks == (5, 20) and ae.config == cfg
+    x = digits.x_test[:16]
+    for i, k in enumerate(cfg.ks):
+        np.testing.assert_array_equal(ae.reconstruct(x, k), in_memory.reconstruct(x, k))
+        p = jax.tree.map(lambda a: a[i], r.params)
+        want = ksae_jax.apply(cfg.model, p, x.astype(np.float32) / 255, k, k).recon
+        np.testing.assert_allclose(ae.reconstruct(x, k), want, rtol=1e-5, atol=1e-6)
+        code = ae.encode(x, k)
+        assert (np.count_nonzero(code, axis=1) <= k).all()
+        np.testing.assert_array_equal(ae.decode(code, k), ae.reconstruct(x, k))
+    assert ae.encode(x, 5, n_active=15).shape == (16, 256)
+
+
+def test_loaded_model_checks_its_inputs(saved):
+    ae = ksae_jax.load(saved[0])
+    with pytest.raises(ValueError, match="no model for k=7"):
+        ae.reconstruct(np.zeros((2, 28, 28), np.uint8), 7)
+    with pytest.raises(ValueError, match=r"shape \(N, 28, 28\)"):
+        ae.encode(np.zeros((2, 784), np.float32), 5)
+    with pytest.raises(ValueError, match="dtype"):
+        ae.encode(np.zeros((2, 28, 28), np.int64), 5)
+    with pytest.raises(ValueError, match=r"code must have shape \(N, 256\)"):
+        ae.decode(np.zeros((2, 10)), 5)
+    assert ae.reconstruct(np.zeros((28, 28), np.uint8), 5).shape == (1, 28, 28)
+
+
+class _RunsShell:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path):
+    marker = tmp_path / "pwned"
+    bad = tmp_path / "params.pkl"
+    bad.write_bytes(pickle.dumps({"format": checkpoint.PARAMS_FORMAT, "version": 1,
+                                  "params": _RunsShell(marker)}))
+    with pytest.raises(ParamsFileError, match=r"refused to load (posix|os)\.system"):
+        ksae_jax.load(bad)
+    assert not marker.exists()
+    pickle.loads(bad.read_bytes())  # the plain unpickler would have run it: the test can fail
+    assert marker.exists()
+
+
+def test_damaged_files_give_one_clear_error(saved, tmp_path):
+    good = saved[0].read_bytes()
+    cases = {
+        "truncated.pkl": good[: len(good) // 2],
+        "empty.pkl": b"",
+        "garbage.pkl": b"not a pickle at all",
+    }
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ParamsFileError, match=name):
+            ksae_jax.load(tmp_path / name)
+    with pytest.raises(ParamsFileError, match="file not found"):
+        ksae_jax.load(tmp_path / "missing.pkl")
+
+
+def test_wrong_version_or_format_is_refused(saved, tmp_path):
+    payload = checkpoint.read_pickle(saved[0])
+    for change, match in [({"version": 99}, "version 99 is not supported"),
+                          ({"format": "other"}, "not a ksae_jax params file")]:
+        path = tmp_path / "p.pkl"
+        checkpoint.write_pickle(path, {**payload, **change})
+        with pytest.raises(ParamsFileError, match=match):
+            ksae_jax.load(path)
+    wrong_cfg = {**payload, "config": SweepConfig(model=ModelConfig("mlp"), ks=(5, 20)).to_dict()}
+    checkpoint.write_pickle(tmp_path / "p.pkl", wrong_cfg)
+    with pytest.raises(ParamsFileError, match="do not match"):
+        ksae_jax.load(tmp_path / "p.pkl")
+
+
+def test_atomic_write_leaves_old_file_on_failure(tmp_path):
+    path = tmp_path / "out.json"
+    checkpoint.write_json(path, {"a": 1})
+
+    def failing(f):
+        f.write(b'{"half": ')
+        raise RuntimeError("disk on fire")
+
+    with pytest.raises(RuntimeError):
+        checkpoint.atomic_write(path, failing)
+    assert path.read_text() == '{\n "a": 1\n}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]  # no temporary left behind

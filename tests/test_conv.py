@@ -1,0 +1,77 @@
+"""Convolutions with PyTorch semantics against direct NumPy definitions; the original's shapes."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ksae_jax import conv
+
+
+def numpy_conv2d(x, w, b, s, p):
+    """torch Conv2d by its definition; x NHWC, w (out, in, k, k)."""
+    n, h, wd, c = x.shape
+    o, _, k, _ = w.shape
+    xp = np.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+    ho, wo = (h + 2 * p - k) // s + 1, (wd + 2 * p - k) // s + 1
+    y = np.zeros((n, ho, wo, o)) + b
+    for oy in range(ho):
+        for ox in range(wo):
+            patch = xp[:, oy * s:oy * s + k, ox * s:ox * s + k, :]  # (n, k, k, c)
+            y[:, oy, ox] += np.einsum("nijc,ocij->no", patch, w)
+    return y
+
+
+def numpy_conv_transpose2d(x, w, b, s, p, op):
+    """torch ConvTranspose2d by its definition: every input pixel scatters w (in, out, k, k)."""
+    n, h, wd, c = x.shape
+    _, o, k, _ = w.shape
+    ho, wo = (h - 1) * s - 2 * p + k + op, (wd - 1) * s - 2 * p + k + op
+    full = np.zeros((n, (h - 1) * s + k + op, (wd - 1) * s + k + op, o))
+    for iy in range(h):
+        for ix in range(wd):
+            full[:, iy * s:iy * s + k, ix * s:ix * s + k] += np.einsum("nc,coij->nijo", x[:, iy, ix], w)
+    return full[:, p:p + ho, p:p + wo] + b
+
+
+# (in size, c_in, c_out, k, stride, padding, output_padding) of every conv layer of the original
+ENCODER = [(28, 1, 16, 3, 2, 1), (14, 16, 32, 3, 2, 1), (7, 32, 64, 5, 2, 1)]
+DECODER = [(3, 64, 32, 5, 2, 1, 0), (7, 32, 16, 3, 2, 1, 1), (14, 16, 1, 3, 2, 1, 1)]
+
+
+def _random(shape, seed):
+    return np.asarray(jax.random.normal(jax.random.key(seed), shape), np.float64)
+
+
+@pytest.mark.parametrize("size,c_in,c_out,k,s,p", ENCODER + [(9, 3, 4, 4, 3, 2)])
+def test_conv2d_matches_definition(size, c_in, c_out, k, s, p):
+    x, w, b = _random((2, size, size, c_in), 0), _random((c_out, c_in, k, k), 1), _random((c_out,), 2)
+    got = conv.conv2d_ref(jnp.float32(x), jnp.float32(w), jnp.float32(b), s, p)
+    want = numpy_conv2d(x, w, b, s, p)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("size,c_in,c_out,k,s,p,op", DECODER + [(4, 3, 2, 4, 3, 2, 1)])
+def test_conv_transpose2d_matches_definition(size, c_in, c_out, k, s, p, op):
+    x, w, b = _random((2, size, size, c_in), 0), _random((c_in, c_out, k, k), 1), _random((c_out,), 2)
+    got = conv.conv_transpose2d_ref(jnp.float32(x), jnp.float32(w), jnp.float32(b), s, p, op)
+    want = numpy_conv_transpose2d(x, w, b, s, p, op)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+
+
+def test_conv_transpose_is_the_adjoint_of_conv():
+    """<conv(u), v> == <u, conv_transpose(v)> with the same weight (PyTorch's definition)."""
+    for size, c_in, c_out, k, s, p, op in DECODER:
+        w = jnp.float32(_random((c_in, c_out, k, k), 3))
+        v = jnp.float32(_random((2, size, size, c_in), 4))
+        out = conv.conv_transpose2d_ref(v, w, jnp.zeros(c_out), s, p, op)
+        u = jnp.float32(_random(out.shape, 5))
+        lhs = jnp.vdot(conv.conv2d_ref(u, w, jnp.zeros(c_in), s, p), v)
+        rhs = jnp.vdot(u, out)
+        np.testing.assert_allclose(lhs, rhs, rtol=1e-4)
+
+
+def test_output_sizes_match_the_original():
+    sizes = [conv.conv_out_size(n, k, s, p) for n, _, _, k, s, p in ENCODER]
+    assert sizes == [14, 7, 3]
+    sizes = [conv.conv_transpose_out_size(n, k, s, p, op) for n, _, _, k, s, p, op in DECODER]
+    assert sizes == [7, 14, 28]

@@ -1,0 +1,87 @@
+"""Models: the original conv network's shapes and size; the paper's MLP; functional API."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ksae_jax import model
+from ksae_jax.config import ModelConfig
+
+
+def test_conv_layer_shapes_match_the_original():
+    cfg = ModelConfig("conv")
+    params = model.init_params(cfg, jax.random.key(0))
+    x = jnp.full((3, 28, 28), 0.5)
+    out = model.apply(cfg, params, x, 25, 25)
+    # the original's 8 activations (NCHW there, NHWC here)
+    assert [a.shape for a in out.acts] == [
+        (3, 14, 14, 16), (3, 7, 7, 32), (3, 3, 3, 64), (3, 256),
+        (3, 576), (3, 7, 7, 32), (3, 14, 14, 16), (3, 28, 28)]
+    assert out.recon.shape == (3, 28, 28)
+    shapes = jax.tree.map(np.shape, params)
+    assert shapes["enc1"]["weight"] == (16, 1, 3, 3)       # torch Conv2d layout
+    assert shapes["dec2"]["weight"] == (64, 32, 5, 5)      # torch ConvTranspose2d layout
+    assert shapes["enc4"]["weight"] == (256, 576)          # torch Linear layout
+    # 408k parameters, counted layer by layer from the original's definition
+    expected = (16 * 9 + 16) + (32 * 16 * 9 + 32) + (64 * 32 * 25 + 64) + (576 * 256 + 256) \
+        + (256 * 576 + 576) + (64 * 32 * 25 + 32) + (32 * 16 * 9 + 16) + (16 * 9 + 1)
+    assert model.count_params(params) == expected == 407_809
+
+
+def test_init_follows_torch_default_bounds():
+    params = model.init_params(ModelConfig("conv"), jax.random.key(0))
+    for name, fan_in in [("enc1", 9), ("enc3", 800), ("enc4", 576), ("dec2", 32 * 25), ("dec4", 9)]:
+        w = np.asarray(params[name]["weight"])
+        bound = 1 / np.sqrt(fan_in)
+        assert np.abs(w).max() <= bound and np.abs(w).max() > 0.9 * bound
+
+
+def test_code_is_k_sparse_and_outputs_nonnegative():
+    cfg = ModelConfig("conv")
+    params = model.init_params(cfg, jax.random.key(1))
+    x = jax.random.uniform(jax.random.key(2), (4, 28, 28))
+    out = model.apply(cfg, params, x, 10, 10)
+    assert (np.count_nonzero(np.asarray(out.code), axis=1) <= 10).all()
+    assert (np.asarray(out.recon) >= 0).all()
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_mlp(tied):
+    cfg = ModelConfig("mlp", hidden=50, tied=tied)
+    params = model.init_params(cfg, jax.random.key(0))
+    x = jax.random.uniform(jax.random.key(1), (4, 28, 28))
+    out = model.apply(cfg, params, x, 5, 5)
+    np.testing.assert_array_equal(np.count_nonzero(np.asarray(out.code), axis=1), 5)
+    assert out.recon.shape == (4, 28, 28)
+    code = model.encode(cfg, params, x, 5, 5)
+    w_dec = params["enc"]["weight"] if tied else params["dec"]["weight"].T
+    b_dec = params["dec_bias"] if tied else params["dec"]["bias"]
+    np.testing.assert_allclose(out.recon.reshape(4, -1), code @ w_dec + b_dec, rtol=1e-5, atol=1e-6)
+    assert ("dec" in params) == (not tied)
+
+
+def test_bce_output_is_sigmoid_of_logits():
+    cfg = ModelConfig("conv", loss="bce")
+    params = model.init_params(cfg, jax.random.key(0))
+    out = model.apply(cfg, params, jnp.full((2, 28, 28), 0.3), 5, 5)
+    np.testing.assert_allclose(out.recon, jax.nn.sigmoid(out.logits), rtol=1e-6)
+
+
+def test_module_and_functional_paths_agree():
+    cfg = ModelConfig("conv")
+    m = model.build(cfg, nnx.Rngs(params=jax.random.key(3)))
+    params = nnx.to_pure_dict(nnx.state(m, nnx.Param))
+    x = jax.random.uniform(jax.random.key(4), (2, 28, 28))
+    np.testing.assert_array_equal(m(x, 7, 7).recon, model.apply(cfg, params, x, 7, 7).recon)
+    np.testing.assert_array_equal(params["enc1"]["weight"],
+                                  model.init_params(cfg, jax.random.key(3))["enc1"]["weight"])
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="arch"):
+        ModelConfig("resnet")
+    with pytest.raises(ValueError, match="tied"):
+        ModelConfig("conv", tied=True)
+    with pytest.raises(ValueError, match="hidden"):
+        ModelConfig("mlp", hidden=0)
