@@ -21,16 +21,47 @@ def make_optimizer(lr: float) -> optax.GradientTransformation:
     return optax.adam(lr, b1=0.9, b2=0.999, eps=1e-8)
 
 
+def loop_over_models(f: Callable) -> Callable:
+    """f, batched under vmap by running it once per model (an unrolled loop) instead of by
+    vmap's batching rules.
+
+    vmap turns a convolution with per-model weights into a grouped convolution, which
+    XLA:CPU runs several times slower than the models' convolutions one after another.
+    Without vmap this is f itself.
+    """
+    g = jax.custom_batching.custom_vmap(f)
+
+    @g.def_vmap
+    def _rule(axis_size, in_batched, *args):
+        outs = [f(*jax.tree.map(lambda a, b: a[m] if b else a, list(args), list(in_batched)))
+                for m in range(axis_size)]
+        out = jax.tree.map(lambda *o: jnp.stack(o), *outs)
+        return out, jax.tree.map(lambda _: True, out)
+
+    return g
+
+
 def train_step(params, opt_state, batch: dict, k, l1, *, cfg: ModelConfig,
-               tx: optax.GradientTransformation, max_k: int):
-    """One Adam step of one model. batch: {"x": (B, 28, 28) float, "w": (B,) weights}."""
-    grad_fn = jax.value_and_grad(ksae_loss, has_aux=True)
-    (_, metrics), grads = grad_fn(params, batch["x"], batch["w"], k, l1, cfg=cfg, max_k=max_k)
+               tx: optax.GradientTransformation, max_k: int, batching: str = "vmap"):
+    """One Adam step of one model. batch: {"x": (B, 28, 28) float, "w": (B,) weights}.
+
+    batching: how a vmapped sweep batches the gradient: "vmap" (vmap's rules) or "loop"
+    (one model after another, see loop_over_models); the result is the same.
+    """
+    grad_fn = jax.value_and_grad(functools.partial(ksae_loss, cfg=cfg, max_k=max_k), has_aux=True)
+    if batching == "loop":
+        grad_fn = loop_over_models(grad_fn)
+    (_, metrics), grads = grad_fn(params, batch["x"], batch["w"], k, l1)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, metrics
 
 
 # ---------------------------------------------------------------- models of a sweep
+
+def default_batching(cfg: ModelConfig) -> str:
+    """"loop" for the conv network (see loop_over_models), "vmap" for the MLP's matmuls."""
+    return "loop" if cfg.arch == "conv" else "vmap"
+
 
 def init_models(cfg: SweepConfig, seeds=None):
     """Stacked (leading model axis) params and Adam states, one model per k.
@@ -65,13 +96,14 @@ def gather_batch(images: jax.Array, order: jax.Array, i, batch_size: int) -> dic
     return {"x": x, "w": (idx >= 0).astype(jnp.float32)}
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "lr", "batch_size", "max_k"),
+@functools.partial(jax.jit, static_argnames=("cfg", "lr", "batch_size", "max_k", "batching"),
                    donate_argnames=("params", "opt_state", "sums"))
 def sweep_step(params, opt_state, sums, images, order, i, ks, l1s, *, cfg: ModelConfig,
-               lr: float, batch_size: int, max_k: int):
+               lr: float, batch_size: int, max_k: int, batching: str = "vmap"):
     """One step of every model; sums accumulates per-model (loss, mse) x batch size."""
     batch = gather_batch(images, order, i, batch_size)
-    step = functools.partial(train_step, cfg=cfg, tx=make_optimizer(lr), max_k=max_k)
+    step = functools.partial(train_step, cfg=cfg, tx=make_optimizer(lr), max_k=max_k,
+                             batching=batching)
     params, opt_state, metrics = jax.vmap(step, in_axes=(0, 0, None, 0, 0))(
         params, opt_state, batch, ks, l1s)
     n = batch["w"].sum()
@@ -79,19 +111,22 @@ def sweep_step(params, opt_state, sums, images, order, i, ks, l1s, *, cfg: Model
     return params, opt_state, sums
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "batch_size", "max_k"))
-def _eval_sums(params, images, order, i, ks, *, cfg: ModelConfig, batch_size: int, max_k: int):
+@functools.partial(jax.jit, static_argnames=("cfg", "batch_size", "max_k", "batching"))
+def _eval_sums(params, images, order, i, ks, *, cfg: ModelConfig, batch_size: int, max_k: int,
+               batching: str):
     batch = gather_batch(images, order, i, batch_size)
 
     def sse(p, k):
         out = model.apply(cfg, p, batch["x"], k, max_k)
         return jnp.sum(jnp.square(out.recon - batch["x"]) * batch["w"][:, None, None])
 
-    return jax.vmap(sse)(params, ks)
+    return jax.vmap(loop_over_models(sse) if batching == "loop" else sse)(params, ks)
 
 
-def evaluate(cfg: ModelConfig, params, images, ks, *, batch_size: int = 1000, max_k=None):
+def evaluate(cfg: ModelConfig, params, images, ks, *, batch_size: int = 1000, max_k=None,
+             batching: str | None = None):
     """True mean squared error per model over all of `images` (uint8, N x 28 x 28)."""
+    batching = batching or default_batching(cfg)
     images = jnp.asarray(images)
     ks = jnp.asarray(ks, jnp.int32)
     max_k = int(np.max(ks)) if max_k is None else max_k
@@ -100,7 +135,7 @@ def evaluate(cfg: ModelConfig, params, images, ks, *, batch_size: int = 1000, ma
     total = jnp.zeros(ks.shape, jnp.float32)
     for i in range(order.shape[0] // batch_size):
         total = total + _eval_sums(params, images, order, i, ks, cfg=cfg, batch_size=batch_size,
-                                   max_k=max_k)
+                                   max_k=max_k, batching=batching)
     return np.asarray(total) / (n * images.shape[1] * images.shape[2])
 
 
@@ -136,8 +171,9 @@ def train_sweep(cfg: SweepConfig, train_images: np.ndarray, test_images: np.ndar
     l1s = jnp.full(len(cfg.ks), cfg.l1, jnp.float32)
     data_key = jax.random.key(cfg.seed)
     params, opt_state = init_models(cfg)
+    batching = cfg.batching if cfg.batching != "auto" else default_batching(cfg.model)
     step = functools.partial(sweep_step, cfg=cfg.model, lr=cfg.lr, batch_size=cfg.batch_size,
-                             max_k=cfg.max_k)
+                             max_k=cfg.max_k, batching=batching)
     history = {"train_loss": [], "train_mse": [], "test_mse": []}
     compile_seconds = 0.0
     bar = tqdm(total=cfg.epochs * n_batches, disable=not progress, unit="step",
@@ -158,7 +194,8 @@ def train_sweep(cfg: SweepConfig, train_images: np.ndarray, test_images: np.ndar
         history["train_mse"].append(epoch_sums[:, 1].tolist())
         if test_images is not None:
             history["test_mse"].append(
-                evaluate(cfg.model, params, test_images, cfg.ks, max_k=cfg.max_k).tolist())
+                evaluate(cfg.model, params, test_images, cfg.ks, max_k=cfg.max_k,
+                         batching=batching).tolist())
         bar.set_postfix(loss=f"{epoch_sums[:, 0].mean():.4f}")
         if on_epoch is not None:
             on_epoch(epoch, params, opt_state, history)

@@ -75,3 +75,41 @@ def test_output_sizes_match_the_original():
     assert sizes == [14, 7, 3]
     sizes = [conv.conv_transpose_out_size(n, k, s, p, op) for n, _, _, k, s, p, op in DECODER]
     assert sizes == [7, 14, 28]
+
+
+def _rel_close(got, want, rtol=1e-5):
+    got, want = np.asarray(got), np.asarray(want)
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * np.abs(want).max())
+
+
+CONV_CASES = ENCODER + [(9, 3, 4, 4, 3, 2), (12, 2, 3, 3, 1, 1), (5, 3, 2, 3, 2, 0)]
+CONVT_CASES = DECODER + [(4, 3, 2, 4, 3, 2, 1), (6, 2, 3, 3, 1, 1, 0), (10, 3, 2, 5, 2, 2, 1)]
+
+
+@pytest.mark.parametrize("size,c_in,c_out,k,s,p", CONV_CASES)
+def test_fast_conv2d_equals_reference_forward_and_gradient(size, c_in, c_out, k, s, p):
+    x, w, b = (jnp.float32(_random(shape, i)) for i, shape in
+               enumerate([(3, size, size, c_in), (c_out, c_in, k, k), (c_out,)]))
+    _rel_close(conv.conv2d(x, w, b, s, p), conv.conv2d_ref(x, w, b, s, p))
+    ct = jnp.float32(_random(conv.conv2d_ref(x, w, b, s, p).shape, 9))
+    grads = [jax.grad(lambda *a: jnp.vdot(f(*a, s, p), ct), argnums=(0, 1, 2))(x, w, b)
+             for f in (conv.conv2d, conv.conv2d_ref)]
+    for g_fast, g_ref in zip(*grads):
+        _rel_close(g_fast, g_ref)
+
+
+@pytest.mark.parametrize("size,c_in,c_out,k,s,p,op", CONVT_CASES)
+def test_fast_conv_transpose2d_equals_reference_forward_and_gradient(size, c_in, c_out, k, s, p, op):
+    x, w, b = (jnp.float32(_random(shape, i)) for i, shape in
+               enumerate([(3, size, size, c_in), (c_in, c_out, k, k), (c_out,)]))
+    _rel_close(conv.conv_transpose2d(x, w, b, s, p, op), conv.conv_transpose2d_ref(x, w, b, s, p, op))
+    ct = jnp.float32(_random(conv.conv_transpose2d_ref(x, w, b, s, p, op).shape, 9))
+    grads = [jax.grad(lambda *a: jnp.vdot(f(*a, s, p, op), ct), argnums=(0, 1, 2))(x, w, b)
+             for f in (conv.conv_transpose2d, conv.conv_transpose2d_ref)]
+    for g_fast, g_ref in zip(*grads):
+        _rel_close(g_fast, g_ref)
+
+
+def test_both_fast_paths_are_exercised():
+    assert conv._is_tiny(jnp.zeros((1, 7, 7, 1)), 3) and conv._is_tiny(jnp.zeros((1, 3, 3, 1)), 7)
+    assert not conv._is_tiny(jnp.zeros((1, 14, 14, 1)), 7)

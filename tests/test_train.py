@@ -92,3 +92,18 @@ def test_k_schedule_moves_from_k_start_to_each_k():
 def test_sweep_config_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SweepConfig(**kwargs)
+
+
+def test_loop_and_vmap_batching_agree(images):
+    runs = [train.train_sweep(SweepConfig(ks=(3, 12), epochs=1, batch_size=50, batching=b),
+                              images, images[:20], progress=False) for b in ("loop", "vmap")]
+    for a, b in zip(jax.tree.leaves(runs[0].params), jax.tree.leaves(runs[1].params)):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(runs[0].history["test_mse"], runs[1].history["test_mse"], rtol=1e-5)
+
+
+def test_loop_over_models_is_the_function_itself_without_vmap():
+    f = train.loop_over_models(lambda a, b: a * b + 1)
+    np.testing.assert_array_equal(f(jnp.arange(3.0), 2.0), jnp.arange(3.0) * 2 + 1)
+    batched = jax.vmap(f, in_axes=(0, None))(jnp.ones((4, 3)), jnp.float32(2))
+    np.testing.assert_array_equal(batched, jnp.full((4, 3), 3.0))
