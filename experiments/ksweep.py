@@ -88,6 +88,7 @@ def main(argv=None):
         "train_mse": result.history["train_mse"],
         "test_mse": {"per_epoch": result.history["test_mse"], "final": final},
         "dataset": ds.name,
+        "data_source": str(args.idx_dir) if args.idx_dir else ds.name,
         "n_train": int(len(ds.x_train)),
         "n_test": int(len(ds.x_test)),
         "seconds": result.seconds,

@@ -110,7 +110,7 @@ def load_idx_dir(directory: str | os.PathLike, name: str | None = None) -> Datas
             raise DataError(f"{py}: expected a 1-D array of labels, got shape {y.shape}")
         if len(x) != len(y):
             raise DataError(f"{px} holds {len(x)} images but {py} holds {len(y)} labels")
-    return Dataset(name or f"idx:{directory}", arrays["x_train"], arrays["y_train"].astype(np.int64),
+    return Dataset(name or directory.resolve().name, arrays["x_train"], arrays["y_train"].astype(np.int64),
                    arrays["x_test"], arrays["y_test"].astype(np.int64))
 
 

@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from ksae_jax import conv
@@ -19,6 +20,10 @@ from ksae_jax.topk import sparsify
 
 IMAGE_SHAPE = (28, 28)
 N_PIXELS = IMAGE_SHAPE[0] * IMAGE_SHAPE[1]
+# The original's layers: (c_in, c_out, kernel, stride, padding[, output_padding])
+ENCODER_CONVS = ((1, 16, 3, 2, 1), (16, 32, 3, 2, 1), (32, 64, 5, 2, 1))       # 28 -> 14 -> 7 -> 3
+DECODER_CONVS = ((64, 32, 5, 2, 1, 0), (32, 16, 3, 2, 1, 1), (16, 1, 3, 2, 1, 1))  # 3 -> 7 -> 14 -> 28
+BOTTLENECK = (64, 3, 3)  # channels, height, width between the convs and the Linear layers
 
 
 def _torch_uniform(rngs: nnx.Rngs, shape: tuple[int, ...], fan_in: int) -> nnx.Param:
@@ -76,14 +81,11 @@ class ConvKSAE(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.loss = cfg.loss
-        self.enc1 = Conv2d(1, 16, 3, 2, 1, rngs=rngs)     # 28 -> 14
-        self.enc2 = Conv2d(16, 32, 3, 2, 1, rngs=rngs)    # 14 -> 7
-        self.enc3 = Conv2d(32, 64, 5, 2, 1, rngs=rngs)    # 7 -> 3
-        self.enc4 = Linear(576, cfg.hidden, rngs=rngs)
-        self.dec1 = Linear(cfg.hidden, 576, rngs=rngs)
-        self.dec2 = ConvTranspose2d(64, 32, 5, 2, 1, rngs=rngs)                     # 3 -> 7
-        self.dec3 = ConvTranspose2d(32, 16, 3, 2, 1, output_padding=1, rngs=rngs)   # 7 -> 14
-        self.dec4 = ConvTranspose2d(16, 1, 3, 2, 1, output_padding=1, rngs=rngs)    # 14 -> 28
+        flat = int(np.prod(BOTTLENECK))  # 576
+        self.enc1, self.enc2, self.enc3 = (Conv2d(*spec, rngs=rngs) for spec in ENCODER_CONVS)
+        self.enc4 = Linear(flat, cfg.hidden, rngs=rngs)
+        self.dec1 = Linear(cfg.hidden, flat, rngs=rngs)
+        self.dec2, self.dec3, self.dec4 = (ConvTranspose2d(*spec, rngs=rngs) for spec in DECODER_CONVS)
 
     def encode_dense(self, x):
         """Images (B, 28, 28) -> (dense code (B, H), encoder conv activations)."""
@@ -96,7 +98,7 @@ class ConvKSAE(nnx.Module):
     def decode_all(self, code):
         """Code (B, H) -> (reconstruction, logits, decoder activations)."""
         d1 = jax.nn.relu(self.dec1(code))
-        d2 = jax.nn.relu(self.dec2(d1.reshape(-1, 64, 3, 3).transpose(0, 2, 3, 1)))
+        d2 = jax.nn.relu(self.dec2(d1.reshape(-1, *BOTTLENECK).transpose(0, 2, 3, 1)))
         d3 = jax.nn.relu(self.dec3(d2))
         logits = self.dec4(d3)[..., 0]
         recon = jax.nn.sigmoid(logits) if self.loss == "bce" else jax.nn.relu(logits)
@@ -176,3 +178,19 @@ def decode(cfg: ModelConfig, params: dict, code: jax.Array) -> jax.Array:
 
 def count_params(params: dict) -> int:
     return sum(int(p.size) for p in jax.tree.leaves(params))
+
+
+def forward_flops(cfg: ModelConfig) -> int:
+    """Multiply-add FLOPs (2 per MAC) of one image's forward pass, counted from the layer
+    shapes (dense code: the top-k does not shrink the matmuls as computed)."""
+    if cfg.arch == "mlp":
+        return 2 * 2 * N_PIXELS * cfg.hidden
+    macs, size = 0, IMAGE_SHAPE[0]
+    for c_in, c_out, k, s, p in ENCODER_CONVS:
+        size = conv.conv_out_size(size, k, s, p)
+        macs += size * size * c_out * c_in * k * k
+    macs += 2 * int(np.prod(BOTTLENECK)) * cfg.hidden
+    for c_in, c_out, k, s, p, op in DECODER_CONVS:
+        macs += size * size * c_in * c_out * k * k  # every input pixel scatters a k x k patch
+        size = conv.conv_transpose_out_size(size, k, s, p, op)
+    return 2 * macs

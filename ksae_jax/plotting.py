@@ -23,7 +23,8 @@ def image_rows(rows, row_labels, title: str = "", scale: str = "fixed") -> Figur
     scale: "fixed" shows pixels on [0, 1]; "each" stretches every image to its own range.
     """
     n_rows, n_cols = len(rows), max(len(r) for r in rows)
-    fig = Figure(figsize=(1.1 * n_cols + 1.2, 1.1 * n_rows + (0.5 if title else 0.1)))
+    fig = Figure(figsize=(1.1 * n_cols + 1.2, 1.1 * n_rows + (0.5 if title else 0.1)),
+                 layout="compressed")
     axes = fig.subplots(n_rows, n_cols, squeeze=False)
     for r, (images, label) in enumerate(zip(rows, row_labels)):
         for c in range(n_cols):
@@ -38,8 +39,7 @@ def image_rows(rows, row_labels, title: str = "", scale: str = "fixed") -> Figur
                 ax.imshow(img, cmap="gray", vmin=lim[0], vmax=lim[1] if lim[1] > lim[0] else lim[0] + 1)
         axes[r, 0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=10)
     if title:
-        fig.suptitle(title, y=1.0)
-    fig.subplots_adjust(wspace=0.05, hspace=0.1)
+        fig.suptitle(title)
     return fig
 
 

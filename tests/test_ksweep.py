@@ -57,7 +57,7 @@ def test_idx_dir_run(idx_dir, tmp_path):
                  "--epochs", "1", "--batch-size", "60", "--l1", "0", "--no-progress",
                  "--out", str(out)])
     m = json.loads((out / "metrics.json").read_text())
-    assert m["dataset"] == f"idx:{path}" and m["n_train"] == 120
+    assert m["dataset"] == "idx" and m["data_source"] == str(path) and m["n_train"] == 120
     assert set(p.name for p in out.iterdir()) == expected_files([3])
 
 

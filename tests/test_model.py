@@ -85,3 +85,11 @@ def test_config_validation():
         ModelConfig("conv", tied=True)
     with pytest.raises(ValueError, match="hidden"):
         ModelConfig("mlp", hidden=0)
+
+
+def test_forward_flops_counts_the_layers():
+    # conv: 1,724,544 multiply-adds, summed by hand from the original's layer shapes
+    macs = 14 * 14 * 16 * 9 + 7 * 7 * 32 * 16 * 9 + 3 * 3 * 64 * 32 * 25 + 2 * 576 * 256 \
+        + 3 * 3 * 64 * 32 * 25 + 7 * 7 * 32 * 16 * 9 + 14 * 14 * 16 * 9
+    assert model.forward_flops(ModelConfig("conv")) == 2 * macs == 3_449_088
+    assert model.forward_flops(ModelConfig("mlp", hidden=1000)) == 2 * 2 * 784 * 1000
