@@ -11,6 +11,7 @@ import numpy as np
 from ksae_jax import model
 from ksae_jax.checkpoint import ParamsFileError, load_params_file
 from ksae_jax.config import SweepConfig, check_k
+from ksae_jax.topk import top_k_mask
 
 _CHUNK = 2000  # images per jitted call: bounds activation memory for large inputs
 
@@ -37,6 +38,12 @@ def _encode(params, x, k, *, cfg, max_k):
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _decode(params, code, *, cfg):
     return model.decode(cfg, params, code)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_k"))
+def _unit_counts(params, x, k, *, cfg, max_k):
+    dense, _ = model.bind(cfg, params).encode_dense(x)
+    return top_k_mask(dense, k, max_k).sum(axis=0)
 
 
 def _chunked(fn, x: np.ndarray) -> np.ndarray:
@@ -88,8 +95,10 @@ class Autoencoder:
         return self.decode(self.encode(images, k), k)
 
     def unit_usage(self, images, k: int) -> np.ndarray:
-        """How many of `images` activate each code unit (0: a dead unit on these images)."""
-        return (self.encode(images, k) != 0).sum(axis=0)
+        """For each code unit, on how many of `images` it is among the top k (0: dead)."""
+        p, x = self.params_for(k), as_images(images)
+        return sum(np.asarray(_unit_counts(p, x[i:i + _CHUNK], jnp.int32(k), cfg=self.model_config,
+                                           max_k=k)) for i in range(0, len(x), _CHUNK))
 
     def decoder_features(self, images, k: int, n: int = 100):
         """What each of the n most used units draws alone: decode(a e_j) - decode(0).
@@ -98,10 +107,10 @@ class Autoencoder:
         unit indices, usage counts of all units).
         """
         code = self.encode(images, k)
-        counts = (code != 0).sum(axis=0)
+        counts = self.unit_usage(images, k)
         units = np.argsort(-counts, kind="stable")[:n]
-        sums = np.abs(code).sum(axis=0)
-        scale = np.where(counts > 0, sums / np.maximum(counts, 1), 1.0)
+        active = (code != 0).sum(axis=0)
+        scale = np.where(active > 0, np.abs(code).sum(axis=0) / np.maximum(active, 1), 1.0)
         one_hot = np.zeros((len(units), code.shape[1]), np.float32)
         one_hot[np.arange(len(units)), units] = scale[units]
         base = self.decode(np.zeros((1, code.shape[1]), np.float32), k)

@@ -63,6 +63,23 @@ def feature_grid(features, title: str, n_cols: int = 10) -> Figure:
     return fig
 
 
+def feature_panels(features_by_k: dict, title: str = "", n_cols: int = 10) -> Figure:
+    """One grid of decoder features per k, side by side (the paper's filter pictures)."""
+    n = len(features_by_k)
+    n_rows = max(-(-len(f) // n_cols) for f in features_by_k.values())
+    fig = Figure(figsize=(n * (0.5 * n_cols + 0.3), 0.5 * n_rows + 0.8), layout="compressed")
+    for sub, (k, feats) in zip(np.atleast_1d(fig.subfigures(1, n)), features_by_k.items()):
+        axes = sub.subplots(n_rows, n_cols, squeeze=False)
+        for i, ax in enumerate(axes.flat):
+            ax.set_axis_off()
+            if i < len(feats):
+                ax.imshow(feats[i], cmap="gray")
+        sub.suptitle(f"k = {k}")
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
 def loss_curves(ks, train_loss, test_mse, title: str = "") -> Figure:
     """Train loss (MSE + L1) and test MSE per epoch, one line per k."""
     fig = Figure(figsize=(10, 4))

@@ -89,11 +89,18 @@ def sequential_order(n: int, batch_size: int) -> jax.Array:
     return jnp.asarray(np.where(idx < n, idx, -1))
 
 
-def gather_batch(images: jax.Array, order: jax.Array, i, batch_size: int) -> dict:
-    """Batch i of `order` from device-resident uint8 images, scaled to [0, 1]."""
+def gather_batch(images: jax.Array, order: jax.Array, i, batch_size: int,
+                 labels: jax.Array | None = None) -> dict:
+    """Batch i of `order` from device-resident uint8 images, scaled to [0, 1].
+
+    "w" is 1 for real examples and 0 for the padding of a last, partial batch.
+    """
     idx = jax.lax.dynamic_slice(order, (i * batch_size,), (batch_size,))
-    x = images[jnp.maximum(idx, 0)].astype(jnp.float32) / 255.0
-    return {"x": x, "w": (idx >= 0).astype(jnp.float32)}
+    safe = jnp.maximum(idx, 0)
+    batch = {"x": images[safe].astype(jnp.float32) / 255.0, "w": (idx >= 0).astype(jnp.float32)}
+    if labels is not None:
+        batch["y"] = labels[safe]
+    return batch
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "lr", "batch_size", "max_k", "batching"),
