@@ -85,17 +85,18 @@ def child_jax(spec: dict) -> dict:
         n = len(ds.x_train)
         order = train.epoch_order(jax.random.key(0), n, cfg.batch_size)
         ks_arr, l1s = jnp.asarray(ks, jnp.int32), jnp.full(len(ks), cfg.l1)
-        sums = jnp.zeros((len(ks), 2))
-        args = (params, opt_state, sums, images, order, 0, ks_arr, l1s)
+        sums, dead = jnp.zeros((len(ks), 2)), jnp.full(len(ks), -1, jnp.int32)
+        args = (params, opt_state, sums, dead, images, order, 0, 0, ks_arr, l1s)
         t = time.perf_counter()
         step = train.sweep_step.lower(*args, **static).compile()
         out["compile_s"] += time.perf_counter() - t
-        params, opt_state, sums = step(*args)  # warm-up (first-call allocations), not timed
+        params, opt_state, sums, dead = step(*args)  # warm-up (first-call allocations), untimed
         jax.block_until_ready(sums)
         n_steps = spec.get("steps") or -(-n // cfg.batch_size)
         t = time.perf_counter()
         for i in range(n_steps):
-            params, opt_state, sums = step(params, opt_state, sums, images, order, i, ks_arr, l1s)
+            params, opt_state, sums, dead = step(params, opt_state, sums, dead, images, order, i,
+                                                 i, ks_arr, l1s)
         jax.block_until_ready(sums)
         out["train_s"] += time.perf_counter() - t
         out["steps"] += n_steps

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from ksae_jax import cli, plotting
@@ -35,9 +36,7 @@ def parse_args(argv):
     p.add_argument("--loss", choices=("mse", "bce"), default="mse")
     cli.add_data_flags(p)
     p.add_argument("--seed", type=cli.int_value, default=1)
-    p.add_argument("--out", type=Path, default=Path("runs/ksweep"))
-    p.add_argument("--overwrite", action="store_true", help="replace results in a non-empty --out")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    cli.add_run_flags(p, default_out="runs/ksweep")
     return p.parse_args(argv)
 
 
@@ -72,37 +71,50 @@ def main(argv=None):
     args = parse_args(argv)
     cfg = make_config(args)
     cli.check_data_flags(args)
-    out = cli.prepare_out_dir(args.out, args.overwrite)
+    out = cli.output_dir(args, default="runs/ksweep")
     ds = cli.load_data(args)
     if cfg.batch_size > len(ds.x_train):
         raise cli.UsageError(f"--batch-size {cfg.batch_size} is larger than the training set "
                              f"({len(ds.x_train)} images)")
     print(f"dataset {ds.name}: {len(ds.x_train)} train / {len(ds.x_test)} test images; "
           f"{cfg.model.arch} model, ks {list(cfg.ks)}, {cfg.epochs} epochs")
+    source = str(args.idx_dir) if args.idx_dir else ds.name
+    run_info = {"data": {"dataset": ds.name, "source": source, "n_train": len(ds.x_train)}}
+    result = cli.train(cfg, ds, out, args, run_info)
 
-    result = train_sweep(cfg, ds.x_train, ds.x_test, progress=not args.no_progress)
+    healthy = [i for i, k in enumerate(cfg.ks) if k not in result.diverged]
     final = [h[-1] for h in result.history["test_mse"]]
     metrics = {
         "ks": list(cfg.ks),
         "train_loss": result.history["train_loss"],
         "train_mse": result.history["train_mse"],
         "test_mse": {"per_epoch": result.history["test_mse"], "final": final},
+        "diverged": {str(k): v for k, v in result.diverged.items()},
         "dataset": ds.name,
-        "data_source": str(args.idx_dir) if args.idx_dir else ds.name,
+        "data_source": source,
         "n_train": int(len(ds.x_train)),
         "n_test": int(len(ds.x_test)),
         "seconds": result.seconds,
         "compile_seconds": result.compile_seconds,
         "config": cfg.to_dict(),
     }
-    save_params(out / "params.pkl", config=cfg.to_dict(), ks=cfg.ks, params=result.params,
-                metrics=metrics, extra={"dataset": ds.name})
     write_json(out / "metrics.json", metrics)
-    ae = Autoencoder(cfg, cfg.ks, result.params, metrics)
-    write_figures(out, ae, ds.x_train, ds.x_test, result.history, ds.name)
+    if not healthy:
+        raise cli.RunFailed("every model diverged: no params.pkl written")
+    ks = tuple(cfg.ks[i] for i in healthy)  # diverged models are not written as results
+    params = jax.tree.map(lambda a: a[np.asarray(healthy)], result.params)
+    save_params(out / "params.pkl", config=cfg.to_dict(), ks=ks, params=params, metrics=metrics,
+                extra={"dataset": ds.name})
+    ae = Autoencoder(cfg, ks, params, metrics)
+    history = {name: [result.history[name][i] for i in healthy] for name in ("train_loss", "test_mse")}
+    write_figures(out, ae, ds.x_train, ds.x_test, history, ds.name)
 
     print(f"\n{'k':>5} {'train loss':>11} {'train MSE':>10} {'test MSE':>10}")
     for i, k in enumerate(cfg.ks):
+        if k in result.diverged:
+            w = result.diverged[k]
+            print(f"{k:>5}  diverged at epoch {w['epoch']} step {w['step']} (not saved)")
+            continue
         print(f"{k:>5} {result.history['train_loss'][i][-1]:>11.5f} "
               f"{result.history['train_mse'][i][-1]:>10.5f} {final[i]:>10.5f}")
     print(f"wall time {result.seconds:.1f} s ({result.compile_seconds:.1f} s compile + first step); "

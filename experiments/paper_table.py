@@ -20,7 +20,6 @@ from ksae_jax import classify, cli, plotting
 from ksae_jax.checkpoint import save_params, write_bytes, write_json
 from ksae_jax.config import ModelConfig, SweepConfig
 from ksae_jax.inference import Autoencoder
-from ksae_jax.train import train_sweep
 
 PAPER_MNIST = {"raw pixels": 7.2, "k = 10": 2.1, "k = 25": 1.35, "k = 40": 1.5,
                "k = 25 fine-tuned": 1.1}  # test error %, as recalled from the paper
@@ -44,9 +43,7 @@ def parse_args(argv):
     p.add_argument("--ft-epochs", type=cli.positive_int, default=10)
     p.add_argument("--ft-lr", type=cli.positive_float, default=1e-4)
     p.add_argument("--seed", type=cli.int_value, default=1)
-    p.add_argument("--out", type=Path, default=Path("runs/paper_table"))
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
+    cli.add_run_flags(p, default_out="runs/paper_table")
     return p.parse_args(argv)
 
 
@@ -83,7 +80,7 @@ def main(argv=None):
     args = parse_args(argv)
     cfg = make_config(args)
     cli.check_data_flags(args)
-    out = cli.prepare_out_dir(args.out, args.overwrite)
+    out = cli.output_dir(args, default="runs/paper_table")
     ds = cli.load_data(args)
     if cfg.batch_size > len(ds.x_train):
         raise cli.UsageError(f"--batch-size {cfg.batch_size} is larger than the training set "
@@ -92,7 +89,10 @@ def main(argv=None):
     progress = not args.no_progress
     print(f"dataset {ds.name}: {len(ds.x_train)} train / {len(ds.x_test)} test; ks {list(cfg.ks)}")
 
-    result = train_sweep(cfg, ds.x_train, ds.x_test, progress=progress)
+    run_info = {"data": {"dataset": ds.name, "n_train": len(ds.x_train)}}
+    result = cli.train(cfg, ds, out, args, run_info)
+    if result.diverged:
+        raise cli.RunFailed(f"autoencoders diverged: {result.diverged}; try a smaller --lr")
     ae = Autoencoder(cfg, cfg.ks, result.params)
     n_active = [min(int(round(args.alpha * k)), cfg.model.hidden) for k in cfg.ks]
     common = dict(epochs=args.cls_epochs, lr=1e-3, batch_size=100, seed=cfg.seed, progress=progress)

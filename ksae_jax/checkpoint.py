@@ -13,6 +13,8 @@ import numpy as np
 
 PARAMS_FORMAT = "ksae_jax.params"
 PARAMS_VERSION = 1
+CHECKPOINT_FORMAT = "ksae_jax.checkpoint"
+CHECKPOINT_VERSION = 1
 
 # Exactly what numpy arrays, dtypes and scalars need (numpy 1.x and 2.x module names).
 _ALLOWED_GLOBALS = frozenset({
@@ -139,16 +141,60 @@ def save_params(path, *, config: dict, ks, params: dict, metrics: dict | None = 
     return write_pickle(path, payload)
 
 
-def load_params_file(path) -> dict:
-    """The payload of a params.pkl after checking its format and version."""
+def _read_versioned(path, fmt: str, version: int, keys, what: str) -> dict:
     payload = read_pickle(path)
-    if not isinstance(payload, dict) or payload.get("format") != PARAMS_FORMAT:
-        raise ParamsFileError(f"{path}: not a ksae_jax params file")
-    version = payload.get("version")
-    if version != PARAMS_VERSION:
-        raise ParamsFileError(f"{path}: format version {version!r} is not supported "
-                              f"(this ksae_jax reads version {PARAMS_VERSION})")
-    for key in ("config", "ks", "params"):
+    if not isinstance(payload, dict) or payload.get("format") != fmt:
+        raise ParamsFileError(f"{path}: not a ksae_jax {what}")
+    if payload.get("version") != version:
+        raise ParamsFileError(f"{path}: format version {payload.get('version')!r} is not "
+                              f"supported (this ksae_jax reads version {version})")
+    for key in keys:
         if key not in payload:
             raise ParamsFileError(f"{path}: missing {key!r}")
     return payload
+
+
+def load_params_file(path) -> dict:
+    """The payload of a params.pkl after checking its format and version."""
+    return _read_versioned(path, PARAMS_FORMAT, PARAMS_VERSION, ("config", "ks", "params"),
+                           "params file")
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def save_checkpoint(path, *, config: dict, epoch: int, params, opt_state, history: dict,
+                    diverged_at, seconds: float) -> Path:
+    """Everything needed to continue a sweep after `epoch` completed epochs.
+
+    The data order of epoch e is drawn from (config seed, e), so the epoch count is the
+    whole RNG state. opt_state is stored as its list of leaves.
+    """
+    import jax
+
+    payload = {
+        "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": config,
+        "epoch": int(epoch), "rng": {"seed": config.get("seed"), "next_epoch": int(epoch)},
+        "params": jax.tree.map(np.asarray, params),
+        "opt_state": [np.asarray(leaf) for leaf in jax.tree.leaves(opt_state)],
+        "history": history, "diverged_at": np.asarray(diverged_at), "seconds": float(seconds),
+    }
+    return write_pickle(path, payload)
+
+
+def load_checkpoint(path) -> dict:
+    return _read_versioned(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION,
+                           ("config", "epoch", "params", "opt_state", "history", "diverged_at",
+                            "seconds"), "checkpoint")
+
+
+def config_diff(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """'field: saved vs current' for every leaf that differs between two nested dicts."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_diff(a, b, f"{prefix}{key}.")
+        elif (list(a) if isinstance(a, (list, tuple)) else a) != \
+                (list(b) if isinstance(b, (list, tuple)) else b):
+            out.append(f"{prefix}{key}: {a!r} in the checkpoint, {b!r} now")
+    return out

@@ -17,6 +17,13 @@ class UsageError(Exception):
     """A mistake in the command line or its inputs: reported in one line, exit code 2."""
 
 
+class RunFailed(Exception):
+    """A run that could not produce its result (e.g. diverged): one line, exit code 1."""
+
+
+CHECKPOINT = "checkpoint.pkl"
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, but a bad flag ends with one line and exit code 2."""
 
@@ -68,6 +75,18 @@ def add_data_flags(p: argparse.ArgumentParser, default: str = "mnist") -> None:
                    help="use only the first N training images")
 
 
+def add_run_flags(p: argparse.ArgumentParser, default_out: str) -> None:
+    """--out, --overwrite, --resume, --on-nan, --no-progress."""
+    p.add_argument("--out", type=Path, default=None, help=f"output folder (default {default_out})")
+    p.add_argument("--overwrite", action="store_true", help="replace results in a non-empty --out")
+    p.add_argument("--resume", type=Path, default=None, metavar="DIR",
+                   help="continue the run in DIR from its last checkpoint (same flags as before)")
+    p.add_argument("--on-nan", choices=("stop", "continue"), default="stop",
+                   help="when a model's loss becomes NaN/Inf: stop (default) or freeze that "
+                        "model and train the others on")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def check_data_flags(args) -> None:
     """Cheap checks before anything is loaded or trained."""
     if args.idx_dir is not None and not args.idx_dir.is_dir():
@@ -110,14 +129,47 @@ def prepare_out_dir(path: Path, overwrite: bool) -> Path:
     return path
 
 
+def output_dir(args, default: str) -> Path:
+    """--out (prepared, refused if non-empty without --overwrite), or the --resume folder."""
+    if args.resume is None:
+        return prepare_out_dir(args.out or Path(default), args.overwrite)
+    folder = args.resume
+    if args.out is not None and args.out.resolve() != folder.resolve():
+        raise UsageError(f"--resume {folder} continues in that folder; drop --out {args.out}")
+    if not (folder / CHECKPOINT).is_file():
+        raise UsageError(f"--resume {folder}: no {CHECKPOINT} there (nothing to resume)")
+    for stale in folder.glob(".*.tmp"):  # partial writes of the interrupted run
+        stale.unlink()
+    return folder
+
+
+def train(cfg, ds, out: Path, args, run_info: dict):
+    """train_sweep with a checkpoint in `out` after every epoch, resuming when asked."""
+    from ksae_jax.train import CheckpointMismatch, Diverged, train_sweep
+
+    try:
+        return train_sweep(cfg, ds.x_train, ds.x_test, progress=not args.no_progress,
+                           checkpoint=out / CHECKPOINT, resume=args.resume is not None,
+                           on_nan=args.on_nan, run_info=run_info)
+    except CheckpointMismatch as e:
+        raise UsageError(f"--resume {e}") from None
+    except Diverged as e:
+        raise RunFailed(f"{e}; try a smaller --lr, or --on-nan continue") from None
+
+
 def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
     """Runs an experiment's main; user mistakes become one line on stderr and exit code 2."""
-    prog = Path(sys.argv[0]).stem if argv is None else "experiment"
+    prog = main.__module__.rsplit(".", 1)[-1]
+    if prog == "__main__":
+        prog = Path(sys.argv[0]).stem
     try:
         code = main(argv)
     except (UsageError, ParamsFileError, data.DataError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(USAGE_ERROR)
+    except RunFailed as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         sys.exit(130)

@@ -103,19 +103,38 @@ def gather_batch(images: jax.Array, order: jax.Array, i, batch_size: int,
     return batch
 
 
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "lr", "batch_size", "max_k", "batching"),
-                   donate_argnames=("params", "opt_state", "sums"))
-def sweep_step(params, opt_state, sums, images, order, i, ks, l1s, *, cfg: ModelConfig,
-               lr: float, batch_size: int, max_k: int, batching: str = "vmap"):
-    """One step of every model; sums accumulates per-model (loss, mse) x batch size."""
+                   donate_argnames=("params", "opt_state", "sums", "diverged_at"))
+def sweep_step(params, opt_state, sums, diverged_at, images, order, i, step_index, ks, l1s, *,
+               cfg: ModelConfig, lr: float, batch_size: int, max_k: int, batching: str = "vmap"):
+    """One step of every model of a sweep, on batch i of `order`.
+
+    A model whose loss or new parameters are not finite keeps its previous (finite) state
+    from then on; diverged_at records the global step at which that happened (-1: never).
+    sums accumulates per-model (loss, mse) x batch size over the healthy models.
+    """
     batch = gather_batch(images, order, i, batch_size)
     step = functools.partial(train_step, cfg=cfg, tx=make_optimizer(lr), max_k=max_k,
                              batching=batching)
-    params, opt_state, metrics = jax.vmap(step, in_axes=(0, 0, None, 0, 0))(
-        params, opt_state, batch, ks, l1s)
+
+    def guarded(params, opt_state, k, l1, dead_at):
+        new_params, new_opt_state, metrics = step(params, opt_state, batch, k, l1)
+        finite = jnp.isfinite(metrics["loss"]) & _all_finite(new_params)
+        keep = finite & (dead_at < 0)
+        select = functools.partial(jax.tree.map, lambda new, old: jnp.where(keep, new, old))
+        dead_at = jnp.where((dead_at < 0) & ~finite, step_index, dead_at)
+        return select(new_params, params), select(new_opt_state, opt_state), metrics, keep, dead_at
+
+    params, opt_state, metrics, keep, diverged_at = jax.vmap(
+        guarded, in_axes=(0, 0, 0, 0, 0))(params, opt_state, ks, l1s, diverged_at)
     n = batch["w"].sum()
-    sums = sums + n * jnp.stack([metrics["loss"], metrics["mse"]], axis=-1)
-    return params, opt_state, sums
+    new = n * jnp.stack([metrics["loss"], metrics["mse"]], axis=-1)
+    sums = sums + jnp.where(keep[:, None], new, 0.0)
+    return params, opt_state, sums, diverged_at
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "batch_size", "max_k", "batching"))
@@ -159,54 +178,137 @@ def k_at(cfg: SweepConfig, epoch_float: float) -> np.ndarray:
 
 class SweepResult(NamedTuple):
     params: dict          # stacked numpy params, leading axis = model (one per k)
-    history: dict         # per-model, per-epoch metrics (lists)
-    seconds: float        # wall time of the epoch loop (compilation included)
+    history: dict         # per-model, per-epoch metrics (lists; None after a divergence)
+    seconds: float        # wall time of the epoch loop (compilation included; all sessions)
     compile_seconds: float
+    diverged: dict        # k -> {"epoch": e, "step": s} (1-based) of models that diverged
+
+
+class Diverged(RuntimeError):
+    """A model's loss or parameters became non-finite and on_nan="stop"."""
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint was made with another configuration than the one resuming it."""
+
+
+def check_images(images, name: str) -> np.ndarray:
+    """uint8 (N, 28, 28), as the training and evaluation loops take them."""
+    a = np.asarray(images)
+    if a.ndim != 3 or a.shape[1:] != model.IMAGE_SHAPE or a.dtype != np.uint8 or len(a) == 0:
+        raise ValueError(f"{name} must be a non-empty uint8 array of shape (N, 28, 28), got "
+                         f"{a.dtype} {a.shape}")
+    return a
+
+
+def _where_diverged(cfg: SweepConfig, diverged_at: np.ndarray, n_batches: int) -> dict:
+    return {k: {"epoch": int(g) // n_batches + 1, "step": int(g) % n_batches + 1}
+            for k, g in zip(cfg.ks, diverged_at) if g >= 0}
+
+
+def _restore(cfg: SweepConfig, path, run_info: dict) -> dict:
+    from ksae_jax.checkpoint import config_diff, load_checkpoint
+
+    ckpt = load_checkpoint(path)
+    diff = config_diff(ckpt["config"], {**cfg.to_dict(), **run_info})
+    if diff:
+        raise CheckpointMismatch(f"{path}: made with a different config: " + "; ".join(diff))
+    params_like, opt_like = jax.eval_shape(lambda: init_models(cfg))
+    want = jax.tree.map(lambda s: s.shape, params_like)
+    opt_leaves, treedef = jax.tree.flatten(opt_like)
+    if (jax.tree.map(np.shape, ckpt["params"]) != want
+            or [np.shape(a) for a in ckpt["opt_state"]] != [s.shape for s in opt_leaves]):
+        raise CheckpointMismatch(f"{path}: its arrays do not match the configured models")
+    ckpt["opt_state"] = jax.tree.unflatten(treedef, [jnp.asarray(a) for a in ckpt["opt_state"]])
+    ckpt["params"] = jax.tree.map(jnp.asarray, ckpt["params"])
+    return ckpt
 
 
 def train_sweep(cfg: SweepConfig, train_images: np.ndarray, test_images: np.ndarray | None = None,
-                *, progress: bool = True, on_epoch: Callable | None = None) -> SweepResult:
+                *, progress: bool = True, checkpoint=None, resume: bool = False,
+                on_nan: str = "stop", run_info: dict | None = None) -> SweepResult:
     """Trains every k of `cfg` side by side in one compiled program.
 
-    train_images/test_images: uint8 arrays (N, 28, 28). on_epoch(epoch, params, opt_state,
-    history) is called after each epoch (e.g. to checkpoint).
+    train_images/test_images: uint8 arrays (N, 28, 28).
+    checkpoint: a file written (atomically) after every epoch; with resume=True training
+      continues from it and ends with the same parameters as an uninterrupted run.
+    on_nan: "stop" raises Diverged at the end of the epoch in which a model's loss became
+      non-finite (the checkpoint of the previous epoch is kept); "continue" freezes that
+      model at its last finite state and trains the others on.
+    run_info: extra settings (e.g. the data used) stored in the checkpoint and required
+      to match on resume.
     """
+    from ksae_jax.checkpoint import save_checkpoint
+
+    if on_nan not in ("stop", "continue"):
+        raise ValueError(f"on_nan must be 'stop' or 'continue', got {on_nan!r}")
+    if resume and checkpoint is None:
+        raise ValueError("resume=True needs a checkpoint path")
+    train_images = check_images(train_images, "train_images")
+    if test_images is not None:
+        test_images = check_images(test_images, "test_images")
+    run_info = run_info or {}
     t0 = time.perf_counter()
     images = jax.device_put(jnp.asarray(train_images))
     n = images.shape[0]
     n_batches = -(-n // cfg.batch_size)
-    l1s = jnp.full(len(cfg.ks), cfg.l1, jnp.float32)
+    n_models = len(cfg.ks)
+    l1s = jnp.full(n_models, cfg.l1, jnp.float32)
     data_key = jax.random.key(cfg.seed)
-    params, opt_state = init_models(cfg)
+    if resume:
+        ckpt = _restore(cfg, checkpoint, run_info)
+        params, opt_state, history = ckpt["params"], ckpt["opt_state"], ckpt["history"]
+        first_epoch, seconds_before = ckpt["epoch"], ckpt["seconds"]
+        diverged_at = jnp.asarray(ckpt["diverged_at"], jnp.int32)
+    else:
+        params, opt_state = init_models(cfg)
+        history = {"train_loss": [], "train_mse": [], "test_mse": []}
+        first_epoch, seconds_before = 0, 0.0
+        diverged_at = jnp.full(n_models, -1, jnp.int32)
     batching = cfg.batching if cfg.batching != "auto" else default_batching(cfg.model)
     step = functools.partial(sweep_step, cfg=cfg.model, lr=cfg.lr, batch_size=cfg.batch_size,
                              max_k=cfg.max_k, batching=batching)
-    history = {"train_loss": [], "train_mse": [], "test_mse": []}
     compile_seconds = 0.0
-    bar = tqdm(total=cfg.epochs * n_batches, disable=not progress, unit="step",
-               desc=f"{len(cfg.ks)} models")
-    for epoch in range(cfg.epochs):
+    bar = tqdm(total=cfg.epochs * n_batches, initial=first_epoch * n_batches,
+               disable=not progress, unit="step", desc=f"{n_models} models")
+    for epoch in range(first_epoch, cfg.epochs):
         order = epoch_order(jax.random.fold_in(data_key, epoch), n, cfg.batch_size)
-        sums = jnp.zeros((len(cfg.ks), 2), jnp.float32)
+        sums = jnp.zeros((n_models, 2), jnp.float32)
+        dead_before = np.asarray(diverged_at)
         for i in range(n_batches):
             ks_now = jnp.asarray(k_at(cfg, epoch + i / n_batches), jnp.int32)
             tc = time.perf_counter()
-            params, opt_state, sums = step(params, opt_state, sums, images, order, i, ks_now, l1s)
-            if epoch == 0 and i == 0:
+            params, opt_state, sums, diverged_at = step(
+                params, opt_state, sums, diverged_at, images, order, i, epoch * n_batches + i,
+                ks_now, l1s)
+            if epoch == first_epoch and i == 0:
                 jax.block_until_ready(sums)
                 compile_seconds = time.perf_counter() - tc
             bar.update()
+        dead = np.asarray(diverged_at)
+        newly = (dead >= 0) & (dead_before < 0)
+        if on_nan == "stop" and newly.any():
+            bar.close()
+            where = _where_diverged(cfg, np.where(newly, dead, -1), n_batches)
+            lines = ", ".join(f"k={k} at epoch {w['epoch']} step {w['step']}" for k, w in where.items())
+            kept = f"; the checkpoint of epoch {epoch} is kept" if checkpoint and epoch else ""
+            raise Diverged(f"non-finite loss: {lines}{kept}")
+        alive = dead < 0
         epoch_sums = np.asarray(sums) / n
-        history["train_loss"].append(epoch_sums[:, 0].tolist())
-        history["train_mse"].append(epoch_sums[:, 1].tolist())
+        history["train_loss"].append([float(v) if a else None for v, a in zip(epoch_sums[:, 0], alive)])
+        history["train_mse"].append([float(v) if a else None for v, a in zip(epoch_sums[:, 1], alive)])
         if test_images is not None:
-            history["test_mse"].append(
-                evaluate(cfg.model, params, test_images, cfg.ks, max_k=cfg.max_k,
-                         batching=batching).tolist())
-        bar.set_postfix(loss=f"{epoch_sums[:, 0].mean():.4f}")
-        if on_epoch is not None:
-            on_epoch(epoch, params, opt_state, history)
+            mse = evaluate(cfg.model, params, test_images, cfg.ks, max_k=cfg.max_k, batching=batching)
+            history["test_mse"].append([float(v) if a else None for v, a in zip(mse, alive)])
+        healthy = epoch_sums[alive, 0]
+        bar.set_postfix(loss=f"{healthy.mean():.4f}" if healthy.size else "diverged")
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, config={**cfg.to_dict(), **run_info}, epoch=epoch + 1,
+                            params=params, opt_state=opt_state, history=history,
+                            diverged_at=diverged_at,
+                            seconds=seconds_before + time.perf_counter() - t0)
     bar.close()
-    history = {k: np.asarray(v).T.tolist() for k, v in history.items() if v}  # per model
-    params = jax.tree.map(np.asarray, params)
-    return SweepResult(params, history, time.perf_counter() - t0, compile_seconds)
+    per_model = {k: [list(e) for e in zip(*v)] for k, v in history.items() if v}
+    return SweepResult(jax.tree.map(np.asarray, params), per_model,
+                       seconds_before + time.perf_counter() - t0, compile_seconds,
+                       _where_diverged(cfg, np.asarray(diverged_at), n_batches))

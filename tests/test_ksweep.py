@@ -17,7 +17,7 @@ TINY = ["--ks", "5", "12", "--epochs", "2", "--batch-size", "100", "--train-limi
 
 
 def expected_files(ks):
-    files = {"params.pkl", "metrics.json", "loss_curves.png", "compare_ks.png"}
+    files = {"params.pkl", "metrics.json", "checkpoint.pkl", "loss_curves.png", "compare_ks.png"}
     for k in ks:
         files |= {f"recon_k{k}_train.png", f"recon_k{k}_test.png", f"features_k{k}.png"}
     return files
@@ -101,3 +101,15 @@ def test_real_command_line_has_no_traceback():
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1] == "ksweep: error: k must be positive, got k=-4"
     assert "Traceback" not in r.stderr
+
+
+def test_unwritable_out_and_bad_on_nan(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    for flags, message in [(["--out", str(blocker / "sub")], "not writable"),
+                           (["--out", str(blocker)], "exists and is not a directory"),
+                           (["--on-nan", "ignore"], "invalid choice: 'ignore'")]:
+        with pytest.raises(SystemExit) as e:
+            cli.run(ksweep.main, ["--dataset", "mnist-sample", "--no-progress"] + flags)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and err.count("\n") == 1, err

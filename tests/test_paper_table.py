@@ -10,7 +10,8 @@ def test_tiny_paper_table_writes_every_output(tmp_path):
                       "--hidden", "64", "--epochs", "2", "--k-start", "30", "--cls-epochs", "2",
                       "--finetune", "--ft-epochs", "1", "--batch-size", "100", "--no-progress",
                       "--out", str(out)])
-    assert {p.name for p in out.iterdir()} == {"table.md", "table.json", "features.png", "params.pkl"}
+    assert {p.name for p in out.iterdir()} == {"table.md", "table.json", "features.png", "params.pkl",
+                                               "checkpoint.pkl"}
     t = json.loads((out / "table.json").read_text())
     names = [r["name"] for r in t["rows"]]
     assert names == ["raw pixels", "k = 5", "k = 10", "k = 5 fine-tuned", "k = 10 fine-tuned"]

@@ -1,0 +1,189 @@
+"""Crashes, resume, divergence: runs survive kills, files are never half written."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ksae_jax import checkpoint, cli, train
+from ksae_jax.config import SweepConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = ["--dataset", "mnist-sample", "--train-limit", "1200", "--ks", "5", "20", "--epochs", "3",
+       "--batch-size", "100", "--no-progress"]
+
+
+def ksweep(args, env=None, **kw):
+    return subprocess.Popen([sys.executable, str(ROOT / "tests" / "slow_ksweep.py"), *RUN, *args],
+                            cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def finish(proc, timeout=300):
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err
+    return out
+
+
+def wait_for(condition, proc, timeout=120):
+    t = time.time()
+    while not condition():
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.time() - t < timeout, "timed out"
+        time.sleep(0.02)
+
+
+def assert_no_partial_files(folder: Path):
+    """Every file under its final name is complete: it parses or loads."""
+    for f in folder.iterdir():
+        if f.name.startswith("."):
+            continue  # a temporary file of an interrupted write, never a result
+        if f.suffix == ".json":
+            json.loads(f.read_text())
+        elif f.name == "checkpoint.pkl":
+            checkpoint.load_checkpoint(f)
+        elif f.suffix == ".pkl":
+            checkpoint.load_params_file(f)
+        elif f.suffix == ".png":
+            assert f.read_bytes().endswith(b"IEND\xaeB`\x82"), f
+
+
+def params_of(folder: Path):
+    return jax.tree.leaves(checkpoint.load_params_file(folder / "params.pkl")["params"])
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "run"
+    finish(ksweep(["--out", str(out)]))
+    return out
+
+
+def test_killed_mid_epoch_then_resumed_equals_uninterrupted(reference, tmp_path):
+    out = tmp_path / "run"
+    proc = ksweep(["--out", str(out)], env={"KSAE_TEST_STEP_DELAY": "0.1"})
+    wait_for(lambda: (out / "checkpoint.pkl").exists(), proc)
+    time.sleep(0.4)  # into epoch 2 (12 steps of >= 0.1 s)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert_no_partial_files(out)
+    assert checkpoint.load_checkpoint(out / "checkpoint.pkl")["epoch"] in (1, 2)
+    assert not (out / "params.pkl").exists()
+    finish(ksweep(["--resume", str(out)]))
+    for a, b in zip(params_of(out), params_of(reference)):
+        np.testing.assert_array_equal(a, b)  # bit for bit
+    m, ref = (json.loads((d / "metrics.json").read_text()) for d in (out, reference))
+    assert m["test_mse"] == ref["test_mse"] and m["train_loss"] == ref["train_loss"]
+
+
+def test_killed_while_writing_a_checkpoint(reference, tmp_path):
+    out = tmp_path / "run"
+    proc = ksweep(["--out", str(out)], env={"KSAE_TEST_SLOW_WRITE": "60"})
+    wait_for(lambda: (out / "checkpoint.pkl").exists() and any(out.glob(".checkpoint.pkl.*.tmp")),
+             proc)
+    time.sleep(0.2)  # the temporary file is now half written
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert_no_partial_files(out)
+    assert checkpoint.load_checkpoint(out / "checkpoint.pkl")["epoch"] == 1  # the previous one
+    finish(ksweep(["--resume", str(out)]))
+    assert not list(out.glob(".*.tmp"))
+    for a, b in zip(params_of(out), params_of(reference)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_resume_with_another_config_is_refused(reference, capsys):
+    with pytest.raises(SystemExit) as e:
+        from experiments import ksweep as ks
+        cli.run(ks.main, RUN[:-5] + ["--epochs", "4", "--batch-size", "100", "--lr", "0.002",
+                                     "--no-progress", "--resume", str(reference)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "epochs: 3 in the checkpoint, 4 now" in err and "lr: 0.001 in the checkpoint, 0.002 now" in err
+
+
+def test_resume_needs_a_checkpoint(tmp_path, capsys):
+    from experiments import ksweep as ks
+    with pytest.raises(SystemExit) as e:
+        cli.run(ks.main, RUN + ["--resume", str(tmp_path)])
+    assert e.value.code == 2 and "no checkpoint.pkl there" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- non-finite losses
+
+@pytest.fixture
+def images():
+    return np.random.default_rng(0).integers(0, 256, (200, 28, 28), dtype=np.uint8)
+
+
+def _blow_up_model_1(monkeypatch):
+    init = train.init_models
+
+    def init_with_a_huge_model(cfg, seeds=None):
+        params, opt_state = init(cfg, seeds)
+        params["enc4"]["weight"] = params["enc4"]["weight"].at[1].multiply(1e30)
+        return params, opt_state
+
+    monkeypatch.setattr(train, "init_models", init_with_a_huge_model)
+
+
+def test_diverging_model_is_frozen_and_the_others_train_on(images, monkeypatch):
+    _blow_up_model_1(monkeypatch)
+    cfg = SweepConfig(ks=(5, 20), epochs=2, batch_size=100)
+    r = train.train_sweep(cfg, images, images[:50], progress=False, on_nan="continue")
+    assert r.diverged == {20: {"epoch": 1, "step": 1}}
+    assert r.history["train_loss"][1] == [None, None] and None not in r.history["train_loss"][0]
+    for leaf in jax.tree.leaves(r.params):
+        assert np.isfinite(leaf).all()  # never NaN params
+    huge = train.init_models(cfg)[0]  # the patched init: model 1 stays exactly there
+    np.testing.assert_array_equal(r.params["enc4"]["weight"][1], huge["enc4"]["weight"][1])
+    assert not np.array_equal(r.params["enc4"]["weight"][0], huge["enc4"]["weight"][0])
+
+
+def test_divergence_stops_the_run_and_keeps_the_last_finite_checkpoint(images, monkeypatch, tmp_path):
+    cfg = SweepConfig(ks=(5, 20), epochs=3, batch_size=100)
+    ckpt = tmp_path / "checkpoint.pkl"
+    real_step = train.sweep_step
+
+    def poison_epoch_2(params, *args, **kw):
+        step_index = args[6]
+        if step_index == 2:  # first step of epoch 2: model 0 turns non-finite
+            params = jax.tree.map(lambda a: a.at[0].set(jnp.nan), params)
+        return real_step(params, *args, **kw)
+
+    monkeypatch.setattr(train, "sweep_step", poison_epoch_2)
+    with pytest.raises(train.Diverged, match="k=5 at epoch 2 step 1; the checkpoint of epoch 1 is kept"):
+        train.train_sweep(cfg, images, None, progress=False, checkpoint=ckpt)
+    saved = checkpoint.load_checkpoint(ckpt)
+    assert saved["epoch"] == 1
+    for leaf in jax.tree.leaves(saved["params"]):
+        assert np.isfinite(leaf).all()
+
+
+def test_cli_reports_divergence_in_one_line(tmp_path, capsys):
+    from experiments import ksweep as ks
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        cli.run(ks.main, RUN[:-5] + ["--epochs", "2", "--batch-size", "100", "--lr", "1e30",
+                                     "--no-progress", "--out", str(out)])
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ksweep: error: non-finite loss: k=5 at epoch 1 step ") and "\n" not in err
+    assert not (out / "params.pkl").exists()
+
+
+def test_training_entry_points_check_their_arrays(images):
+    cfg = SweepConfig(ks=(5,), epochs=1, batch_size=100)
+    with pytest.raises(ValueError, match=r"train_images must be a non-empty uint8 array of shape \(N, 28, 28\), got float64"):
+        train.train_sweep(cfg, images / 255.0)
+    with pytest.raises(ValueError, match="test_images"):
+        train.train_sweep(cfg, images, images[:, :14])
+    with pytest.raises(ValueError, match="on_nan"):
+        train.train_sweep(cfg, images, on_nan="ignore")
