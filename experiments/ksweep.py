@@ -70,12 +70,7 @@ def write_figures(out: Path, ae: Autoencoder, x_train, x_test, history, dataset:
 def main(argv=None):
     args = parse_args(argv)
     cfg = make_config(args)
-    cli.check_data_flags(args)
-    out = cli.output_dir(args, default="runs/ksweep")
-    ds = cli.load_data(args)
-    if cfg.batch_size > len(ds.x_train):
-        raise cli.UsageError(f"--batch-size {cfg.batch_size} is larger than the training set "
-                             f"({len(ds.x_train)} images)")
+    out, ds = cli.prepare_run(args, cfg, default_out="runs/ksweep")
     print(f"dataset {ds.name}: {len(ds.x_train)} train / {len(ds.x_test)} test images; "
           f"{cfg.model.arch} model, ks {list(cfg.ks)}, {cfg.epochs} epochs")
     source = str(args.idx_dir) if args.idx_dir else ds.name

@@ -79,12 +79,7 @@ def markdown(table: dict) -> str:
 def main(argv=None):
     args = parse_args(argv)
     cfg = make_config(args)
-    cli.check_data_flags(args)
-    out = cli.output_dir(args, default="runs/paper_table")
-    ds = cli.load_data(args)
-    if cfg.batch_size > len(ds.x_train):
-        raise cli.UsageError(f"--batch-size {cfg.batch_size} is larger than the training set "
-                             f"({len(ds.x_train)} images)")
+    out, ds = cli.prepare_run(args, cfg, default_out="runs/paper_table")
     t0 = time.perf_counter()
     progress = not args.no_progress
     print(f"dataset {ds.name}: {len(ds.x_train)} train / {len(ds.x_test)} test; ks {list(cfg.ks)}")

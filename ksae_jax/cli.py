@@ -143,6 +143,17 @@ def output_dir(args, default: str) -> Path:
     return folder
 
 
+def prepare_run(args, cfg, default_out: str):
+    """Checks the data flags, prepares the output folder, loads the data: (out, dataset)."""
+    check_data_flags(args)
+    out = output_dir(args, default=default_out)
+    ds = load_data(args)
+    if cfg.batch_size > len(ds.x_train):
+        raise UsageError(f"--batch-size {cfg.batch_size} is larger than the training set "
+                         f"({len(ds.x_train)} images)")
+    return out, ds
+
+
 def train(cfg, ds, out: Path, args, run_info: dict):
     """train_sweep with a checkpoint in `out` after every epoch, resuming when asked."""
     from ksae_jax.train import CheckpointMismatch, Diverged, train_sweep
