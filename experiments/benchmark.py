@@ -68,7 +68,7 @@ def child_jax(spec: dict) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from ksae_jax import data, model, train
+    from ksae_jax import data, train
     from ksae_jax.config import ModelConfig, SweepConfig
 
     ds = data.load_idx_dir(spec["idx_dir"]).limit_train(spec.get("train_limit"))
@@ -105,7 +105,6 @@ def child_jax(spec: dict) -> dict:
         evaluate()  # compile
         out["eval_s"] += _timed(evaluate)
     out.update(n_models=len(spec["ks"]), images=out["steps"] // len(groups) * spec["batch"],
-               train_flops=3 * model.forward_flops(ModelConfig(spec["arch"])),
                peak_rss_mb=_peak_rss_mb())
     return out
 
@@ -116,7 +115,9 @@ def child_torch_mlp(spec: dict) -> dict:
 
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(1)
-    x = torch.from_numpy(_read_idx(Path(spec["idx_dir"]) / "train-images-idx3-ubyte.gz")
+    from ksae_jax.data import read_idx
+
+    x = torch.from_numpy(read_idx(Path(spec["idx_dir"]) / "train-images-idx3-ubyte.gz")
                          .reshape(-1, 784).astype(np.float32) / 255)
     if spec.get("train_limit"):
         x = x[:spec["train_limit"]]
@@ -142,12 +143,13 @@ def child_torch_mlp(spec: dict) -> dict:
         step(x[perm[i * batch:(i + 1) * batch]])
     train_s = time.perf_counter() - t
     return {"train_s": train_s, "eval_s": 0.0, "compile_s": 0.0, "steps": n_steps, "n_models": 1,
-            "images": n_steps * batch, "train_flops": 3 * 2 * 2 * 784 * 1000,
-            "peak_rss_mb": _peak_rss_mb()}
+            "images": n_steps * batch, "peak_rss_mb": _peak_rss_mb()}
 
 
 def child_torch_conv(spec: dict) -> dict:
     """The original's loop (shared/peers/seed_torch.py), five ks one after another."""
+    import contextlib
+    import io
     import runpy
 
     argv = ["seed_torch.py", "--idx-dir", spec["idx_dir"], "--epochs", "1",
@@ -155,9 +157,6 @@ def child_torch_conv(spec: dict) -> dict:
     if spec.get("train_limit"):
         argv += ["--limit", str(spec["train_limit"])]
     sys.argv = argv
-    import contextlib
-    import io
-
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         runpy.run_path(spec["script"], run_name="__main__")
@@ -167,8 +166,8 @@ def child_torch_conv(spec: dict) -> dict:
     n = result["n_train"]
     return {"train_s": result["total_s"], "eval_s": 0.0, "compile_s": 0.0, "per_k_s": per_k,
             "steps": len(spec["ks"]) * -(-n // spec["batch"]), "n_models": len(spec["ks"]),
-            "images": n, "train_flops": 3 * 3_449_088, "peak_rss_mb": _peak_rss_mb(),
-            "includes_eval": True, "test_mse": result["test_mse"]}
+            "images": n, "peak_rss_mb": _peak_rss_mb(), "includes_eval": True,
+            "test_mse": result["test_mse"]}
 
 
 CHILDREN = {"peak": child_matmul_peak, "jax": child_jax, "torch-mlp": child_torch_mlp,
@@ -184,11 +183,6 @@ def run_child(kind: str, spec: dict, timeout: float) -> dict:
 
 
 # ---------------------------------------------------------------- data and machine
-
-def _read_idx(path: Path) -> np.ndarray:
-    from ksae_jax.data import read_idx
-    return read_idx(path)
-
 
 def synthetic_idx_dir(n_train: int, n_test: int) -> Path:
     """Random MNIST-format files (speed does not depend on the pixels)."""
@@ -230,12 +224,17 @@ def _versions() -> dict:
 
 # ---------------------------------------------------------------- report
 
-def _row(name: str, r: dict, peak: float) -> dict:
-    """Adds throughput: model-images per second (images x models / s) and FLOP rates."""
+def _row(name: str, arch: str, r: dict, peak: float) -> dict:
+    """Adds throughput (images x models / s) and the FLOP rate: training is counted as 3x
+    the forward FLOPs of the layer shapes (forward + two gradient products)."""
+    from ksae_jax.config import ModelConfig
+    from ksae_jax.model import forward_flops
+
     model_images_per_s = r["images"] * r["n_models"] / r["train_s"]
-    gflops = r["train_flops"] * model_images_per_s / 1e9
-    return {"name": name, **r, "model_images_per_s": model_images_per_s, "gflops": gflops,
-            "peak_fraction": gflops / peak}
+    train_flops = 3 * forward_flops(ModelConfig(arch))
+    gflops = train_flops * model_images_per_s / 1e9
+    return {"name": name, **r, "train_flops_per_image": train_flops,
+            "model_images_per_s": model_images_per_s, "gflops": gflops, "peak_fraction": gflops / peak}
 
 
 def markdown(results: dict) -> str:
@@ -317,18 +316,19 @@ def main(argv=None):
         plan = [p for p in plan if p[0].startswith(("(a)", "(d)"))]
     if has_torch and args.torch_script.is_file():
         plan.append(("(c) PyTorch original loop (seed_torch.py), 5 ks", "torch-conv",
-                     dict(base, ks=list(CONV_KS), script=str(args.torch_script))))
+                     dict(base, arch="conv", ks=list(CONV_KS), script=str(args.torch_script))))
     elif has_torch:
         notes.append(f"(c) skipped: {args.torch_script} not found")
     else:
         notes.append("PyTorch runs skipped: torch is not installed (pip install torch==2.13.0)")
     if has_torch:
-        plan.append(("(d) PyTorch mlp 784-1000-784, k = 25", "torch-mlp", dict(base, ks=[MLP_K], l1=1e-4)))
+        plan.append(("(d) PyTorch mlp 784-1000-784, k = 25", "torch-mlp",
+                     dict(base, arch="mlp", ks=[MLP_K], l1=1e-4)))
 
     runs = []
     for name, kind, spec in plan:
         print(f"running {name} ...", flush=True)
-        r = _row(name, run_child(kind, spec, timeout), peak["gflops"])
+        r = _row(name, spec["arch"], run_child(kind, spec, timeout), peak["gflops"])
         runs.append(r)
         print(f"  train {r['train_s']:.2f} s, {r['model_images_per_s']:.0f} images/s x models, "
               f"{r['gflops']:.0f} GFLOP/s, compile {r['compile_s']:.1f} s, peak RSS "

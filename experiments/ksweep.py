@@ -15,7 +15,6 @@ from ksae_jax import cli, plotting
 from ksae_jax.checkpoint import save_params, write_json
 from ksae_jax.config import DEFAULT_KS, ModelConfig, SweepConfig
 from ksae_jax.inference import Autoencoder
-from ksae_jax.train import train_sweep
 
 N_SHOW = 9  # images per reconstruction figure, as the original
 

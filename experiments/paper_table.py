@@ -5,12 +5,12 @@
 Trains tied 784-1000 k-sparse autoencoders (linear units, k scheduled down from k_start)
 for every k in one vmapped run, then softmax classifiers on raw pixels and on each
 model's alpha*k-sparse codes (optionally fine-tuned with the encoder), and writes
-table.md, table.json and features.png to --out.
+table.md, table.json, features.png and the autoencoders' params.pkl (plus the training
+checkpoint.pkl) to --out.
 """
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp

@@ -44,6 +44,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], A
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; results are ordinary files
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -58,6 +59,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], A
     finally:
         os.close(dir_fd)
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_bytes(path, data: bytes) -> Path:

@@ -41,19 +41,31 @@ def loop_over_models(f: Callable) -> Callable:
     return g
 
 
-def train_step(params, opt_state, batch: dict, k, l1, *, cfg: ModelConfig,
+def train_step(params, opt_state, batch: dict, k, l1, active=True, *, cfg: ModelConfig,
                tx: optax.GradientTransformation, max_k: int, batching: str = "vmap"):
     """One Adam step of one model. batch: {"x": (B, 28, 28) float, "w": (B,) weights}.
 
-    batching: how a vmapped sweep batches the gradient: "vmap" (vmap's rules) or "loop"
-    (one model after another, see loop_over_models); the result is the same.
+    The parameters are left unchanged when `active` is False or the loss or a gradient is
+    not finite (metrics["finite"] says which); the optimizer state of such a step is not
+    meant to be used again. batching: how a vmapped sweep batches the gradient: "vmap"
+    (vmap's rules) or "loop" (one model after another, see loop_over_models); the result
+    is the same.
     """
     grad_fn = jax.value_and_grad(functools.partial(ksae_loss, cfg=cfg, max_k=max_k), has_aux=True)
     if batching == "loop":
         grad_fn = loop_over_models(grad_fn)
     (_, metrics), grads = grad_fn(params, batch["x"], batch["w"], k, l1)
+    finite = jnp.isfinite(metrics["loss"]) & _all_finite(grads)
     updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, metrics
+    # masking only the parameter update keeps every buffer updated in place; selecting
+    # between old and new optimizer states as well doubled the MLP step time (fresh buffers)
+    keep = finite & active
+    params = jax.tree.map(lambda p, u: p + jnp.where(keep, u, 0), params, updates)
+    return params, opt_state, {**metrics, "finite": finite}
+
+
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
 
 
 # ---------------------------------------------------------------- models of a sweep
@@ -103,37 +115,25 @@ def gather_batch(images: jax.Array, order: jax.Array, i, batch_size: int,
     return batch
 
 
-def _all_finite(tree) -> jax.Array:
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
-
-
 @functools.partial(jax.jit, static_argnames=("cfg", "lr", "batch_size", "max_k", "batching"),
                    donate_argnames=("params", "opt_state", "sums", "diverged_at"))
 def sweep_step(params, opt_state, sums, diverged_at, images, order, i, step_index, ks, l1s, *,
                cfg: ModelConfig, lr: float, batch_size: int, max_k: int, batching: str = "vmap"):
     """One step of every model of a sweep, on batch i of `order`.
 
-    A model whose loss or new parameters are not finite keeps its previous (finite) state
-    from then on; diverged_at records the global step at which that happened (-1: never).
+    A model whose loss or gradients are not finite keeps its last finite parameters from
+    then on; diverged_at records the global step at which that happened (-1: never).
     sums accumulates per-model (loss, mse) x batch size over the healthy models.
     """
     batch = gather_batch(images, order, i, batch_size)
     step = functools.partial(train_step, cfg=cfg, tx=make_optimizer(lr), max_k=max_k,
                              batching=batching)
-
-    def guarded(params, opt_state, k, l1, dead_at):
-        new_params, new_opt_state, metrics = step(params, opt_state, batch, k, l1)
-        finite = jnp.isfinite(metrics["loss"]) & _all_finite(new_params)
-        keep = finite & (dead_at < 0)
-        select = functools.partial(jax.tree.map, lambda new, old: jnp.where(keep, new, old))
-        dead_at = jnp.where((dead_at < 0) & ~finite, step_index, dead_at)
-        return select(new_params, params), select(new_opt_state, opt_state), metrics, keep, dead_at
-
-    params, opt_state, metrics, keep, diverged_at = jax.vmap(
-        guarded, in_axes=(0, 0, 0, 0, 0))(params, opt_state, ks, l1s, diverged_at)
-    n = batch["w"].sum()
-    new = n * jnp.stack([metrics["loss"], metrics["mse"]], axis=-1)
-    sums = sums + jnp.where(keep[:, None], new, 0.0)
+    alive = diverged_at < 0
+    params, opt_state, metrics = jax.vmap(step, in_axes=(0, 0, None, 0, 0, 0))(
+        params, opt_state, batch, ks, l1s, alive)
+    diverged_at = jnp.where(alive & ~metrics["finite"], step_index, diverged_at)
+    new = batch["w"].sum() * jnp.stack([metrics["loss"], metrics["mse"]], axis=-1)
+    sums = sums + jnp.where((alive & metrics["finite"])[:, None], new, 0.0)
     return params, opt_state, sums, diverged_at
 
 

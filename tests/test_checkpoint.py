@@ -113,3 +113,12 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
         checkpoint.atomic_write(path, failing)
     assert path.read_text() == '{\n "a": 1\n}\n'
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]  # no temporary left behind
+
+
+def test_written_files_get_ordinary_permissions(tmp_path):
+    mask = os.umask(0o022)
+    try:
+        path = checkpoint.write_json(tmp_path / "m.json", {})
+    finally:
+        os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o644
