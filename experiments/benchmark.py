@@ -78,7 +78,7 @@ def child_jax(spec: dict) -> dict:
     for ks in groups:
         cfg = SweepConfig(model=ModelConfig(spec["arch"]), ks=tuple(ks), batch_size=spec["batch"],
                           l1=spec["l1"], batching=spec.get("batching", "auto"))
-        batching = cfg.batching if cfg.batching != "auto" else train.default_batching(cfg.model)
+        batching = train.batching_of(cfg)
         static = dict(cfg=cfg.model, lr=cfg.lr, batch_size=cfg.batch_size, max_k=cfg.max_k,
                       batching=batching)
         params, opt_state = train.init_models(cfg)

@@ -75,6 +75,11 @@ def default_batching(cfg: ModelConfig) -> str:
     return "loop" if cfg.arch == "conv" else "vmap"
 
 
+def batching_of(cfg: SweepConfig) -> str:
+    """The sweep's batching, with "auto" resolved for its architecture."""
+    return default_batching(cfg.model) if cfg.batching == "auto" else cfg.batching
+
+
 def init_models(cfg: SweepConfig, seeds=None):
     """Stacked (leading model axis) params and Adam states, one model per k.
 
@@ -88,17 +93,19 @@ def init_models(cfg: SweepConfig, seeds=None):
     return params, opt_state
 
 
+def _pad_to_batches(idx: jax.Array, batch_size: int) -> jax.Array:
+    """idx padded with -1 (no example) up to a whole number of batches."""
+    pad = -len(idx) % batch_size
+    return jnp.concatenate([idx.astype(jnp.int32), jnp.full(pad, -1, jnp.int32)])
+
+
 def epoch_order(key: jax.Array, n: int, batch_size: int) -> jax.Array:
     """A random permutation of range(n), padded with -1 up to whole batches."""
-    n_batches = -(-n // batch_size)
-    perm = jax.random.permutation(key, n).astype(jnp.int32)
-    return jnp.concatenate([perm, jnp.full(n_batches * batch_size - n, -1, jnp.int32)])
+    return _pad_to_batches(jax.random.permutation(key, n), batch_size)
 
 
 def sequential_order(n: int, batch_size: int) -> jax.Array:
-    n_batches = -(-n // batch_size)
-    idx = np.arange(n_batches * batch_size, dtype=np.int32)
-    return jnp.asarray(np.where(idx < n, idx, -1))
+    return _pad_to_batches(jnp.arange(n), batch_size)
 
 
 def gather_batch(images: jax.Array, order: jax.Array, i, batch_size: int,
@@ -245,11 +252,11 @@ def train_sweep(cfg: SweepConfig, train_images: np.ndarray, test_images: np.ndar
     if resume and checkpoint is None:
         raise ValueError("resume=True needs a checkpoint path")
     train_images = check_images(train_images, "train_images")
-    if test_images is not None:
-        test_images = check_images(test_images, "test_images")
+    if test_images is not None:  # on the device once, not at every epoch's evaluation
+        test_images = jax.device_put(check_images(test_images, "test_images"))
     run_info = run_info or {}
     t0 = time.perf_counter()
-    images = jax.device_put(jnp.asarray(train_images))
+    images = jax.device_put(train_images)
     n = images.shape[0]
     n_batches = -(-n // cfg.batch_size)
     n_models = len(cfg.ks)
@@ -265,7 +272,7 @@ def train_sweep(cfg: SweepConfig, train_images: np.ndarray, test_images: np.ndar
         history = {"train_loss": [], "train_mse": [], "test_mse": []}
         first_epoch, seconds_before = 0, 0.0
         diverged_at = jnp.full(n_models, -1, jnp.int32)
-    batching = cfg.batching if cfg.batching != "auto" else default_batching(cfg.model)
+    batching = batching_of(cfg)
     step = functools.partial(sweep_step, cfg=cfg.model, lr=cfg.lr, batch_size=cfg.batch_size,
                              max_k=cfg.max_k, batching=batching)
     compile_seconds = 0.0
@@ -294,12 +301,16 @@ def train_sweep(cfg: SweepConfig, train_images: np.ndarray, test_images: np.ndar
             kept = f"; the checkpoint of epoch {epoch} is kept" if checkpoint and epoch else ""
             raise Diverged(f"non-finite loss: {lines}{kept}")
         alive = dead < 0
+
+        def record(name, values):  # None for the models that diverged
+            history[name].append([float(v) if a else None for v, a in zip(values, alive)])
+
         epoch_sums = np.asarray(sums) / n
-        history["train_loss"].append([float(v) if a else None for v, a in zip(epoch_sums[:, 0], alive)])
-        history["train_mse"].append([float(v) if a else None for v, a in zip(epoch_sums[:, 1], alive)])
+        record("train_loss", epoch_sums[:, 0])
+        record("train_mse", epoch_sums[:, 1])
         if test_images is not None:
-            mse = evaluate(cfg.model, params, test_images, cfg.ks, max_k=cfg.max_k, batching=batching)
-            history["test_mse"].append([float(v) if a else None for v, a in zip(mse, alive)])
+            record("test_mse", evaluate(cfg.model, params, test_images, cfg.ks, max_k=cfg.max_k,
+                                        batching=batching))
         healthy = epoch_sums[alive, 0]
         bar.set_postfix(loss=f"{healthy.mean():.4f}" if healthy.size else "diverged")
         if checkpoint is not None:
