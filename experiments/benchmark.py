@@ -63,47 +63,41 @@ def _timed(fn) -> float:
 
 def child_jax(spec: dict) -> dict:
     """One ksae_jax configuration: compile time, train epoch time, test evaluation time."""
-    import functools
-
     import jax
     import jax.numpy as jnp
 
-    from ksae_jax import data, train
+    from ksae_jax import train
     from ksae_jax.config import ModelConfig, SweepConfig
+    from ksae_jax.data import images
+    from ksae_jax.data.feed import ArrayRows, DeviceFeeder
+    from ksae_jax.evaluate import EvalSet, evaluate
 
-    ds = data.load_idx_dir(spec["idx_dir"]).limit_train(spec.get("train_limit"))
-    images = jax.device_put(jnp.asarray(ds.x_train))
+    ds = images.load_idx_dir(spec["idx_dir"]).limit_train(spec.get("train_limit"))
+    rows, test = ArrayRows(ds.x_train, 1 / 255), EvalSet(ArrayRows(ds.x_test, 1 / 255), 1000)
     groups = [spec["ks"]] if spec["mode"] == "sweep" else [[k] for k in spec["ks"]]
     out = {"compile_s": 0.0, "train_s": 0.0, "eval_s": 0.0, "steps": 0}
     for ks in groups:
         cfg = SweepConfig(model=ModelConfig(spec["arch"]), ks=tuple(ks), batch_size=spec["batch"],
                           l1=spec["l1"], batching=spec.get("batching", "auto"))
-        batching = train.batching_of(cfg)
-        static = dict(cfg=cfg.model, lr=cfg.lr, batch_size=cfg.batch_size, max_k=cfg.max_k,
-                      batching=batching)
-        params, opt_state = train.init_models(cfg)
-        n = len(ds.x_train)
-        order = train.epoch_order(jax.random.key(0), n, cfg.batch_size)
-        ks_arr, l1s = jnp.asarray(ks, jnp.int32), jnp.full(len(ks), cfg.l1)
-        sums, dead = jnp.zeros((len(ks), 2)), jnp.full(len(ks), -1, jnp.int32)
-        args = (params, opt_state, sums, dead, images, order, 0, 0, ks_arr, l1s)
+        run_cfg = train.resolved(cfg, rows.n)
+        state = train.init_state(cfg)
+        batches = DeviceFeeder(rows, cfg.batch_size, cfg.seed).batches()
+        ks_arr, sums = jnp.asarray(ks, jnp.int32), jnp.zeros((len(ks), 3))
         t = time.perf_counter()
-        step = train.sweep_step.lower(*args, **static).compile()
+        step = train.sweep_step.lower(state, sums, next(batches), ks_arr, jnp.int32(0),
+                                      cfg=run_cfg).compile()
         out["compile_s"] += time.perf_counter() - t
-        params, opt_state, sums, dead = step(*args)  # warm-up (first-call allocations), untimed
+        state, sums = step(state, sums, next(batches), ks_arr, jnp.int32(0))  # warm-up, untimed
         jax.block_until_ready(sums)
-        n_steps = spec.get("steps") or -(-n // cfg.batch_size)
+        n_steps = spec.get("steps") or -(-rows.n // cfg.batch_size)
         t = time.perf_counter()
         for i in range(n_steps):
-            params, opt_state, sums, dead = step(params, opt_state, sums, dead, images, order, i,
-                                                 i, ks_arr, l1s)
+            state, sums = step(state, sums, next(batches), ks_arr, jnp.int32(i))
         jax.block_until_ready(sums)
         out["train_s"] += time.perf_counter() - t
         out["steps"] += n_steps
-        evaluate = functools.partial(train.evaluate, cfg.model, params, ds.x_test, ks,
-                                     batching=batching)
-        evaluate()  # compile
-        out["eval_s"] += _timed(evaluate)
+        evaluate(run_cfg, state.params, test)  # compile
+        out["eval_s"] += _timed(lambda: evaluate(run_cfg, state.params, test))
     out.update(n_models=len(spec["ks"]), images=out["steps"] // len(groups) * spec["batch"],
                peak_rss_mb=_peak_rss_mb())
     return out
@@ -115,7 +109,7 @@ def child_torch_mlp(spec: dict) -> dict:
 
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(1)
-    from ksae_jax.data import read_idx
+    from ksae_jax.data.images import read_idx
 
     x = torch.from_numpy(read_idx(Path(spec["idx_dir"]) / "train-images-idx3-ubyte.gz")
                          .reshape(-1, 784).astype(np.float32) / 255)
@@ -228,7 +222,7 @@ def _row(name: str, arch: str, r: dict, peak: float) -> dict:
     """Adds throughput (images x models / s) and the FLOP rate: training is counted as 3x
     the forward FLOPs of the layer shapes (forward + two gradient products)."""
     from ksae_jax.config import ModelConfig
-    from ksae_jax.model import forward_flops
+    from ksae_jax.models.images import forward_flops
 
     model_images_per_s = r["images"] * r["n_models"] / r["train_s"]
     train_flops = 3 * forward_flops(ModelConfig(arch))

@@ -29,14 +29,13 @@ def parse_args(argv):
     p = cli.Parser(prog="python -m experiments.paper_table", description=__doc__.split("\n\n")[0])
     cli.add_data_flags(p)
     p.add_argument("--ks", type=cli.int_value, nargs="*", default=[10, 25, 40, 70])
-    p.add_argument("--epochs", type=cli.positive_int, default=30, help="autoencoder epochs")
+    cli.add_budget_flags(p, batch_size=100)
     p.add_argument("--k-start", type=cli.positive_int, default=None,
                    help="k at the start of training, lowered linearly to each k over the first "
-                        "half of the epochs (default max(100, largest k))")
+                        "half of the budget (default max(100, largest k))")
     p.add_argument("--alpha", type=cli.positive_float, default=3.0,
                    help="classification features keep alpha*k units (default 3)")
     p.add_argument("--hidden", type=cli.positive_int, default=1000)
-    p.add_argument("--batch-size", type=cli.positive_int, default=100)
     p.add_argument("--lr", type=cli.positive_float, default=1e-3)
     p.add_argument("--cls-epochs", type=cli.positive_int, default=30, help="classifier epochs")
     p.add_argument("--finetune", action="store_true", help="also fine-tune encoder + classifier")
@@ -47,22 +46,24 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+AE_EPOCHS = 30  # autoencoder budget when neither --steps nor --epochs is given
+
+
 def make_config(args) -> SweepConfig:
     ks = tuple(args.ks)
     k_start = args.k_start or min(args.hidden, max((100,) + ks))
-    try:
-        return SweepConfig(model=ModelConfig("mlp", hidden=args.hidden, tied=True), ks=ks,
-                           epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, l1=0.0,
-                           seed=args.seed, k_start=k_start, k_anneal_epochs=args.epochs / 2)
-    except ValueError as e:
-        raise cli.UsageError(str(e)) from None
+    epochs = args.epochs or (None if args.steps else AE_EPOCHS)
+    return cli.make_config(SweepConfig, model=ModelConfig("mlp", hidden=args.hidden, tied=True),
+                           ks=ks, epochs=epochs, steps=args.steps, batch_size=args.batch_size,
+                           lr=args.lr, l1=0.0, seed=args.seed, k_start=k_start, k_anneal_frac=0.5,
+                           batching=args.batching, eval_every=args.eval_every)
 
 
 def markdown(table: dict) -> str:
     lines = [f"# k-sparse features under a linear classifier: {table['dataset']}", "",
              f"{table['n_train']} training / {table['n_test']} test images. Tied "
              f"784-{table['config']['model']['hidden']} k-sparse autoencoders (linear units, "
-             f"pure k-sparse), {table['config']['epochs']} epochs, k scheduled from "
+             f"pure k-sparse), {table['budget']}, k scheduled from "
              f"{table['config']['k_start']}; classification features keep alpha*k units "
              f"(alpha = {table['alpha']}); softmax classifier {table['cls_epochs']} epochs.", "",
              "| features | test error % | dead units % | test recon MSE |",
@@ -79,13 +80,16 @@ def markdown(table: dict) -> str:
 def main(argv=None):
     args = parse_args(argv)
     cfg = make_config(args)
-    out, ds = cli.prepare_run(args, cfg, default_out="runs/paper_table")
+    ds = cli.load_data(args)
+    cli.check_batch_size(cfg, len(ds.x_train))
+    out = cli.output_dir(args, default="runs/paper_table")
     t0 = time.perf_counter()
     progress = not args.no_progress
     print(f"dataset {ds.name}: {len(ds.x_train)} train / {len(ds.x_test)} test; ks {list(cfg.ks)}")
 
     run_info = {"data": {"dataset": ds.name, "n_train": len(ds.x_train)}}
-    result = cli.train(cfg, ds, out, args, run_info)
+    budget = cli.announce(cfg, len(ds.x_train))
+    result = cli.train(cfg, ds.x_train, ds.x_test, out, args, run_info)
     if result.diverged:
         raise cli.RunFailed(f"autoencoders diverged: {result.diverged}; try a smaller --lr")
     ae = Autoencoder(cfg, cfg.ks, result.params)
@@ -105,7 +109,7 @@ def main(argv=None):
 
     usage = [ae.unit_usage(ds.x_train, k) for k in cfg.ks]
     dead = [100.0 * float(np.mean(u == 0)) for u in usage]
-    mse = [h[-1] for h in result.history["test_mse"]]
+    mse = [h[-1] for h in result.history["eval_mse"]]
     rows = [{"name": "raw pixels", "test_error_pct": float(raw_err), "dead_units_pct": None,
              "recon_mse": None}]
     rows += [{"name": f"k = {k}", "test_error_pct": float(e), "dead_units_pct": d, "recon_mse": m}
@@ -122,7 +126,8 @@ def main(argv=None):
     plotting.save(plotting.feature_panels(feats, f"{ds.name}: 100 most used decoder features per k"),
                   out / "features.png")
     table = {"dataset": ds.name, "n_train": len(ds.x_train), "n_test": len(ds.x_test),
-             "config": cfg.to_dict(), "alpha": args.alpha, "n_active": n_active,
+             "config": cfg.to_dict(), "budget": f"{budget['steps']} steps ({budget['epochs']:.3g} epochs)",
+             "alpha": args.alpha, "n_active": n_active,
              "cls_epochs": args.cls_epochs, "finetune": args.finetune,
              "ft_epochs": args.ft_epochs if args.finetune else None, "rows": rows,
              "seconds": time.perf_counter() - t0}

@@ -10,10 +10,10 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from ksae_jax import model
+from ksae_jax import models
 from ksae_jax.config import ModelConfig
+from ksae_jax.data.feed import EpochOrder, gather
 from ksae_jax.topk import sparsify
-from ksae_jax.train import epoch_order, gather_batch, sequential_order
 
 N_CLASSES = 10
 
@@ -27,8 +27,18 @@ def features(x, enc_params, n_active, *, cfg: ModelConfig | None, max_k: int):
     """Classifier inputs: raw pixels (cfg None), or the code with n_active units kept."""
     if cfg is None:
         return x.reshape(x.shape[0], -1)
-    dense, _ = model.bind(cfg, enc_params).encode_dense(x)
+    dense, _ = models.bind(cfg, enc_params).encode_dense(x)
     return sparsify(dense, n_active, max_k)
+
+
+def _padded(order: np.ndarray, batch_size: int) -> jax.Array:
+    return jnp.asarray(np.concatenate([order, np.full(-len(order) % batch_size, -1)]), jnp.int32)
+
+
+def gather_batch(images, labels, order, i, batch_size: int) -> dict:
+    """Batch i of `order` (padded with -1): pixels in [0, 1], labels, weights."""
+    batch = gather(images, order, i, 1 / 255, batch_size=batch_size)
+    return {**batch, "y": labels[jnp.maximum(jax.lax.dynamic_slice(order, (i * batch_size,), (batch_size,)), 0)]}
 
 
 def _logits(params, x, n_active, *, cfg, max_k):
@@ -54,7 +64,7 @@ def _split(state: dict, finetune: bool):
 def classifier_step(state, opt_state, images, labels, order, i, n_active, *, cfg, max_k: int,
                     lr: float, batch_size: int, finetune: bool):
     """One Adam step of every model's classifier (and encoder when finetune)."""
-    batch = gather_batch(images, order, i, batch_size, labels)
+    batch = gather_batch(images, labels, order, i, batch_size)
     tx = optax.adam(lr)
 
     def one(state, opt_state, n_active):
@@ -82,10 +92,9 @@ def fit(state: dict, images, labels, n_active, *, cfg: ModelConfig | None, max_k
     n_batches = -(-n // batch_size)
     step = functools.partial(classifier_step, cfg=cfg, max_k=max_k, lr=lr, batch_size=batch_size,
                              finetune=finetune)
-    key = jax.random.key(seed)
     with tqdm(total=epochs * n_batches, disable=not progress, desc=desc, unit="step") as bar:
         for epoch in range(epochs):
-            order = epoch_order(jax.random.fold_in(key, epoch), n, batch_size)
+            order = _padded(EpochOrder(n, seed, epoch).rows(0, n), batch_size)
             for i in range(n_batches):
                 state, opt_state = step(state, opt_state, images, labels, order, i, n_active)
                 bar.update()
@@ -94,7 +103,7 @@ def fit(state: dict, images, labels, n_active, *, cfg: ModelConfig | None, max_k
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_k", "batch_size"))
 def _n_errors(state, images, labels, order, i, n_active, *, cfg, max_k, batch_size):
-    batch = gather_batch(images, order, i, batch_size, labels)
+    batch = gather_batch(images, labels, order, i, batch_size)
 
     def one(params, n_active):
         pred = jnp.argmax(_logits(params, batch["x"], n_active, cfg=cfg, max_k=max_k), axis=-1)
@@ -109,7 +118,7 @@ def error_rate(state: dict, images, labels, n_active, *, cfg: ModelConfig | None
     images, labels = jnp.asarray(images), jnp.asarray(labels, jnp.int32)
     n_active = jnp.asarray(n_active, jnp.int32)
     n = images.shape[0]
-    order = sequential_order(n, batch_size)
+    order = _padded(np.arange(n), batch_size)
     errors = sum(_n_errors(state, images, labels, order, i, n_active, cfg=cfg, max_k=max_k,
                            batch_size=batch_size) for i in range(-(-n // batch_size)))
     return 100.0 * np.asarray(errors) / n

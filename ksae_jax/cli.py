@@ -1,4 +1,5 @@
-"""Shared command-line plumbing: one-line errors with exit code 2, data loading, output folders."""
+"""Shared command-line plumbing of every experiment: flags, one-line errors with exit code 2,
+data loading, output folders, the training call and the result files."""
 from __future__ import annotations
 
 import argparse
@@ -7,8 +8,9 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from ksae_jax import data
+from ksae_jax import batching
 from ksae_jax.checkpoint import ParamsFileError
+from ksae_jax.data import images as image_data
 
 USAGE_ERROR = 2
 
@@ -66,13 +68,45 @@ def positive_float(text: str) -> float:
 
 
 def add_data_flags(p: argparse.ArgumentParser, default: str = "mnist") -> None:
+    """Image data: --dataset, --idx-dir, --train-limit."""
     p.add_argument("--dataset", default=default,
-                   help=f"TFDS name ({', '.join(data.TFDS_DATASETS)}, ...) or {data.SAMPLE!r} "
-                        f"(offline, 5,000 real MNIST digits); default {default}")
+                   help=f"one of {', '.join(image_data.DATASETS)} (TFDS, downloaded on first use; "
+                        f"{image_data.SAMPLE!r}: 5,000 real MNIST digits, offline); default {default}")
     p.add_argument("--idx-dir", type=Path, default=None,
                    help="folder with the four MNIST-format IDX files (overrides --dataset)")
     p.add_argument("--train-limit", type=positive_int, default=None, metavar="N",
                    help="use only the first N training images")
+
+
+def add_budget_flags(p: argparse.ArgumentParser, batch_size: int | None) -> None:
+    """--steps or --epochs (exclusive), --batch-size, --eval-every."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--steps", type=positive_int, default=None, help="optimizer steps")
+    g.add_argument("--epochs", type=positive_int, default=None, help="passes over the training data")
+    p.add_argument("--batch-size", type=positive_int, default=batch_size,
+                   help=f"rows per step (default {batch_size or 'see above'})")
+    p.add_argument("--eval-every", type=positive_int, default=None, metavar="STEPS",
+                   help="steps between evaluations and checkpoints (default: every epoch, or 10 "
+                        "per run when that is more than 20 epochs or less than one)")
+
+
+def add_auxk_flags(p: argparse.ArgumentParser, aux_coef: float) -> None:
+    """AuxK (dead-latent revival): --aux-coef, --aux-k, --dead-tokens."""
+    p.add_argument("--aux-coef", type=nonneg_float, default=aux_coef,
+                   help=f"weight of the AuxK loss (0: off; default {aux_coef:g})")
+    p.add_argument("--aux-k", type=positive_int, default=None,
+                   help="dead units that reconstruct the residual (default: input width / 2)")
+    p.add_argument("--dead-tokens", type=positive_int, default=None,
+                   help="a unit is dead after this many training rows without firing "
+                        "(default min(10M, one pass over the data))")
+
+
+def make_config(build: Callable, *args, **kw):
+    """A config from the flags; its ValueError becomes a one-line usage error."""
+    try:
+        return build(*args, **kw)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def add_run_flags(p: argparse.ArgumentParser, default_out: str) -> None:
@@ -84,30 +118,38 @@ def add_run_flags(p: argparse.ArgumentParser, default_out: str) -> None:
     p.add_argument("--on-nan", choices=("stop", "continue"), default="stop",
                    help="when a model's loss becomes NaN/Inf: stop (default) or freeze that "
                         "model and train the others on")
+    p.add_argument("--batching", choices=("auto", "loop", "vmap"), default="auto",
+                   help="how the models share the compiled step (auto: loop for conv on CPU, "
+                        "vmap elsewhere)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def check_data_flags(args) -> None:
-    """Cheap checks before anything is loaded or trained."""
+    """Cheap checks before anything is loaded or trained (no TFDS import for a bad name)."""
     if args.idx_dir is not None and not args.idx_dir.is_dir():
         raise UsageError(f"--idx-dir {args.idx_dir}: no such directory")
-    if args.idx_dir is None and args.dataset not in data.DATASETS:
-        if not data.tfds_knows(args.dataset):
-            raise UsageError(f"--dataset {args.dataset!r}: unknown dataset "
-                             f"(try {', '.join(data.DATASETS)})")
+    if args.idx_dir is None and args.dataset not in image_data.DATASETS:
+        raise UsageError(f"--dataset {args.dataset!r}: unknown dataset (choose from "
+                         f"{', '.join(image_data.DATASETS)}, or give --idx-dir)")
 
 
-def load_data(args, log: Callable[[str], None] = print) -> data.Dataset:
+FALLBACK_NOTE = (
+    "using the offline sample {sample!r} instead (5,000 real MNIST digits). For full MNIST run "
+    "once on a machine with network (TFDS downloads it on first use); for Fashion-MNIST offline: "
+    "apt-get install dataset-fashion-mnist, then --idx-dir /usr/share/datasets/fashion-mnist")
+
+
+def load_data(args, log: Callable[[str], None] = print) -> image_data.Dataset:
     """The dataset the flags ask for; the default MNIST falls back to the offline sample."""
+    check_data_flags(args)
     try:
-        ds = data.load(args.dataset, args.idx_dir, args.train_limit)
-    except data.DatasetUnavailable as e:
+        ds = image_data.load(args.dataset, args.idx_dir, args.train_limit)
+    except image_data.DatasetUnavailable as e:
         if args.dataset != "mnist" or args.idx_dir is not None:
             raise UsageError(str(e)) from None
-        log(f"note: {e}; using the offline sample {data.SAMPLE!r} instead "
-            "(5,000 real MNIST digits)")
-        ds = data.load(data.SAMPLE, None, args.train_limit)
-    except data.DataError as e:
+        log(f"note: {e}; " + FALLBACK_NOTE.format(sample=image_data.SAMPLE))
+        ds = image_data.load(image_data.SAMPLE, None, args.train_limit)
+    except image_data.DataError as e:
         raise UsageError(str(e)) from None
     return ds
 
@@ -143,29 +185,52 @@ def output_dir(args, default: str) -> Path:
     return folder
 
 
-def prepare_run(args, cfg, default_out: str):
-    """Checks the data flags, prepares the output folder, loads the data: (out, dataset)."""
-    check_data_flags(args)
-    out = output_dir(args, default=default_out)
-    ds = load_data(args)
-    if cfg.batch_size > len(ds.x_train):
+def check_batch_size(cfg, n_train: int) -> None:
+    if cfg.batch_size > n_train:
         raise UsageError(f"--batch-size {cfg.batch_size} is larger than the training set "
-                         f"({len(ds.x_train)} images)")
-    return out, ds
+                         f"({n_train} rows)")
 
 
-def train(cfg, ds, out: Path, args, run_info: dict):
-    """train_sweep with a checkpoint in `out` after every epoch, resuming when asked."""
+def announce(cfg, n_train: int, log: Callable[[str], None] = print) -> dict:
+    """Prints the run's budget and batching; returns them for metrics.json."""
+    import jax
+
+    from ksae_jax.train import make_budget
+
+    budget = make_budget(cfg, n_train)
+    how = batching.resolve(cfg)
+    unit = "images" if cfg.model.is_image else "vectors"
+    log(f"budget: {budget.describe(cfg.batch_size, unit)}; evaluation every {budget.eval_every} steps")
+    log(f"batching: {how} ({len(cfg.ks)} {cfg.model.arch} models on {jax.default_backend()}"
+        f"{'' if cfg.batching == 'auto' else ', as asked'})")
+    return {"steps": budget.steps, "epochs": budget.epochs, "steps_per_epoch": budget.steps_per_epoch,
+            "eval_every": budget.eval_every, "batching": how}
+
+
+def train(cfg, train_data, test_data, out: Path, args, run_info: dict, **kw):
+    """train_sweep with a checkpoint in `out` at every evaluation, resuming when asked."""
     from ksae_jax.train import CheckpointMismatch, Diverged, train_sweep
 
     try:
-        return train_sweep(cfg, ds.x_train, ds.x_test, progress=not args.no_progress,
+        return train_sweep(cfg, train_data, test_data, progress=not args.no_progress,
                            checkpoint=out / CHECKPOINT, resume=args.resume is not None,
-                           on_nan=args.on_nan, run_info=run_info)
+                           on_nan=args.on_nan, run_info=run_info, **kw)
     except CheckpointMismatch as e:
         raise UsageError(f"--resume {e}") from None
     except Diverged as e:
         raise RunFailed(f"{e}; try a smaller --lr, or --on-nan continue") from None
+
+
+def healthy_models(cfg, result):
+    """(config of the models that did not diverge, their params); RunFailed if none did."""
+    import jax
+    import numpy as np
+
+    keep = [i for i, k in enumerate(cfg.ks) if k not in result.diverged]
+    if not keep:
+        raise RunFailed("every model diverged (non-finite loss or parameters): no params.pkl "
+                        "written; try a smaller --lr")
+    return cfg.select(keep), jax.tree.map(lambda a: a[np.asarray(keep)], result.params)
 
 
 def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
@@ -175,7 +240,7 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
         prog = Path(sys.argv[0]).stem
     try:
         code = main(argv)
-    except (UsageError, ParamsFileError, data.DataError) as e:
+    except (UsageError, ParamsFileError, image_data.DataError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(USAGE_ERROR)
     except RunFailed as e:

@@ -80,16 +80,15 @@ def feature_panels(features_by_k: dict, title: str = "", n_cols: int = 10) -> Fi
     return fig
 
 
-def loss_curves(ks, train_loss, test_mse, title: str = "") -> Figure:
-    """Train loss (MSE + L1) and test MSE per epoch, one line per k."""
-    fig = Figure(figsize=(10, 4))
+def loss_curves(ks, steps, train_loss, test_mse, title: str = "") -> Figure:
+    """Train loss (MSE + L1) and test MSE at every evaluation step, one line per k."""
+    fig = Figure(figsize=(10, 4), layout="constrained")
     ax_train, ax_test = fig.subplots(1, 2)
-    epochs = np.arange(1, len(train_loss[0]) + 1)
     for k, tr, te in zip(ks, train_loss, test_mse):
-        ax_train.plot(epochs, tr, marker="o", ms=3, label=f"k = {k}")
-        ax_test.plot(epochs, te, marker="o", ms=3, label=f"k = {k}")
+        ax_train.plot(steps, tr, marker="o", ms=3, label=f"k = {k}")
+        ax_test.plot(steps, te, marker="o", ms=3, label=f"k = {k}")
     for ax, name in ((ax_train, "train loss (MSE + L1)"), (ax_test, "test MSE")):
-        ax.set_xlabel("epoch")
+        ax.set_xlabel("step")
         ax.set_ylabel(name)
         ax.set_yscale("log")
         ax.grid(alpha=0.3)

@@ -43,5 +43,5 @@ def idx_dir(tmp_path):
 @pytest.fixture(scope="session")
 def digits():
     """Real MNIST digits (the offline sample), uint8 (N, 28, 28)."""
-    from ksae_jax import data
+    from ksae_jax.data import images as data
     return data.load_mnist_sample()

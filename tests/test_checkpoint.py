@@ -18,7 +18,7 @@ def saved(tmp_path_factory, digits):
     r = train.train_sweep(cfg, digits.x_train[:300], digits.x_test[:100], progress=False)
     path = tmp_path_factory.mktemp("run") / "params.pkl"
     checkpoint.save_params(path, config=cfg.to_dict(), ks=cfg.ks, params=r.params,
-                           metrics={"test_mse": r.history["test_mse"]})
+                           metrics={"test_mse": r.history["eval_mse"]})
     return path, cfg, r
 
 
@@ -89,14 +89,15 @@ def test_damaged_files_give_one_clear_error(saved, tmp_path):
 
 def test_wrong_version_or_format_is_refused(saved, tmp_path):
     payload = checkpoint.read_pickle(saved[0])
+    del payload["sha256"]
     for change, match in [({"version": 99}, "version 99 is not supported"),
                           ({"format": "other"}, "not a ksae_jax params file")]:
         path = tmp_path / "p.pkl"
-        checkpoint.write_pickle(path, {**payload, **change})
+        checkpoint.write_pickle(path, checkpoint.with_digest({**payload, **change}))
         with pytest.raises(ParamsFileError, match=match):
             ksae_jax.load(path)
     wrong_cfg = {**payload, "config": SweepConfig(model=ModelConfig("mlp"), ks=(5, 20)).to_dict()}
-    checkpoint.write_pickle(tmp_path / "p.pkl", wrong_cfg)
+    checkpoint.write_pickle(tmp_path / "p.pkl", checkpoint.with_digest(wrong_cfg))
     with pytest.raises(ParamsFileError, match="do not match"):
         ksae_jax.load(tmp_path / "p.pkl")
 

@@ -3,7 +3,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ksae_jax import classify, model
+from ksae_jax import classify
+from ksae_jax import models as model
 from ksae_jax.config import ModelConfig
 
 

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ksae_jax import conv
+from ksae_jax.models import conv
 
 
 def numpy_conv2d(x, w, b, s, p):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import idx_bytes, write_idx_dir
-from ksae_jax import data
+from ksae_jax.data import images as data
 
 
 def test_idx_dir_round_trip(idx_dir):

@@ -9,7 +9,8 @@ import pytest
 
 import ksae_jax
 from experiments import ksweep
-from ksae_jax import cli, data
+from ksae_jax import checkpoint, cli, train
+from ksae_jax.data import images as data
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--ks", "5", "12", "--epochs", "2", "--batch-size", "100", "--train-limit", "300",
@@ -39,8 +40,9 @@ def test_tiny_run_writes_every_output(tmp_path, monkeypatch, capsys):
     m = json.loads((out / "metrics.json").read_text())
     assert m["dataset"] == "mnist-sample" and m["ks"] == [5, 12]
     assert (m["n_train"], m["n_test"]) == (300, 1000)
-    assert np.shape(m["train_loss"]) == (2, 2) and np.shape(m["test_mse"]["per_epoch"]) == (2, 2)
-    assert m["test_mse"]["final"] == [h[-1] for h in m["test_mse"]["per_epoch"]]
+    assert np.shape(m["train_loss"]) == (2, 2) and np.shape(m["test_mse"]["per_eval"]) == (2, 2)
+    assert m["test_mse"]["final"] == [h[-1] for h in m["test_mse"]["per_eval"]]
+    assert (m["steps"], m["epochs"], m["step"], m["batching"]) == (6, 2.0, [3, 6], "loop")
     assert m["seconds"] > 0
 
     ae = ksae_jax.load(out / "params.pkl")
@@ -48,6 +50,28 @@ def test_tiny_run_writes_every_output(tmp_path, monkeypatch, capsys):
     recon = ae.reconstruct(digits.x_test[:50], 12)
     mse = np.mean((recon - digits.x_test[:50] / 255.0) ** 2)
     assert mse == pytest.approx(m["test_mse"]["final"][1], rel=0.3)
+
+
+def test_default_budget_is_the_originals_and_the_samples_is_stated():
+    assert ksweep.default_budget("mnist") == {"steps": None, "epochs": 9, "batch_size": 600}
+    cfg = ksweep.SweepConfig(**ksweep.default_budget("fashion_mnist"))
+    assert train.make_budget(cfg, 60_000).steps == 900  # the original's 9 x 100 steps
+    assert ksweep.default_budget(data.SAMPLE) == {"steps": 700, "epochs": None, "batch_size": 200}
+    assert "700 steps of batch 200" in ksweep.__doc__
+    assert ksweep.default_budget(data.SAMPLE, epochs=3) == {"steps": None, "epochs": 3, "batch_size": 200}
+    assert ksweep.default_budget("mnist", steps=5, batch_size=7) == {"steps": 5, "epochs": None,
+                                                                    "batch_size": 7}
+
+
+def test_steps_flag_makes_exactly_that_many_steps(tmp_path):
+    out = tmp_path / "run"
+    ksweep.main(["--dataset", "mnist-sample", "--train-limit", "300", "--ks", "4", "--arch", "mlp",
+                 "--hidden", "32", "--steps", "5", "--batch-size", "100", "--no-progress",
+                 "--out", str(out)])
+    ckpt = checkpoint.load_checkpoint(out / "checkpoint.pkl")
+    assert ckpt["step"] == 5
+    m = json.loads((out / "metrics.json").read_text())
+    assert (m["steps"], m["epochs"], m["step"]) == (5, 5 / 3, [3, 5])
 
 
 def test_idx_dir_run(idx_dir, tmp_path):
@@ -67,10 +91,12 @@ def test_idx_dir_run(idx_dir, tmp_path):
     (["--ks"], "ks is empty"),
     (["--ks", "2.5"], "expected an integer, got '2.5'"),
     (["--batch-size", "0"], "expected a positive integer, got 0"),
-    (["--batch-size", "5000"], "larger than the training set (4000 images)"),
+    (["--batch-size", "5000"], "larger than the training set (4000 rows)"),
+    (["--steps", "5", "--epochs", "2"], "not allowed with argument"),
+    (["--steps", "0"], "expected a positive integer, got 0"),
     (["--lr", "-1"], "expected a finite number >= 0, got -1"),
     (["--l1", "-0.1"], "expected a finite number >= 0, got -0.1"),
-    (["--dataset", "no_such_set"], "unknown dataset"),
+    (["--dataset", "no_such_set"], "unknown dataset (choose from mnist, fashion_mnist"),
     (["--idx-dir", "/no/such/dir"], "no such directory"),
     (["--arch", "rnn"], "invalid choice: 'rnn'"),
 ])

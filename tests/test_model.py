@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ksae_jax import model
+from ksae_jax import models as model
+from ksae_jax.models.images import count_params, forward_flops
 from ksae_jax.config import ModelConfig
 
 
@@ -26,7 +27,7 @@ def test_conv_layer_shapes_match_the_original():
     # 408k parameters, counted layer by layer from the original's definition
     expected = (16 * 9 + 16) + (32 * 16 * 9 + 32) + (64 * 32 * 25 + 64) + (576 * 256 + 256) \
         + (256 * 576 + 576) + (64 * 32 * 25 + 32) + (32 * 16 * 9 + 16) + (16 * 9 + 1)
-    assert model.count_params(params) == expected == 407_809
+    assert count_params(params) == expected == 407_809
 
 
 def test_init_follows_torch_default_bounds():
@@ -91,5 +92,5 @@ def test_forward_flops_counts_the_layers():
     # conv: 1,724,544 multiply-adds, summed by hand from the original's layer shapes
     macs = 14 * 14 * 16 * 9 + 7 * 7 * 32 * 16 * 9 + 3 * 3 * 64 * 32 * 25 + 2 * 576 * 256 \
         + 3 * 3 * 64 * 32 * 25 + 7 * 7 * 32 * 16 * 9 + 14 * 14 * 16 * 9
-    assert model.forward_flops(ModelConfig("conv")) == 2 * macs == 3_449_088
-    assert model.forward_flops(ModelConfig("mlp", hidden=1000)) == 2 * 2 * 784 * 1000
+    assert forward_flops(ModelConfig("conv")) == 2 * macs == 3_449_088
+    assert forward_flops(ModelConfig("mlp", hidden=1000)) == 2 * 2 * 784 * 1000

@@ -20,7 +20,8 @@ def test_tiny_paper_table_writes_every_output(tmp_path):
     for r in t["rows"][1:3]:
         assert 0 <= r["dead_units_pct"] <= 100 and 0 < r["recon_mse"] < 0.2
     assert t["n_active"] == [15, 30] and t["config"]["k_start"] == 30
-    assert t["config"]["model"] == {"arch": "mlp", "hidden": 64, "tied": True, "loss": "mse"}
+    assert {k: t["config"]["model"][k] for k in ("arch", "hidden", "tied", "loss")} == \
+        {"arch": "mlp", "hidden": 64, "tied": True, "loss": "mse"}
     md = (out / "table.md").read_text()
     assert "| k = 10 fine-tuned |" in md and "| raw pixels |" in md
     assert (out / "features.png").read_bytes()[:4] == b"\x89PNG"

@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import idx_bytes
-from ksae_jax import data
+from ksae_jax.data import images as data
 from ksae_jax.topk import keep_top_k
 from test_topk import numpy_keep_top_k
 

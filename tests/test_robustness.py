@@ -16,8 +16,8 @@ from ksae_jax import checkpoint, cli, train
 from ksae_jax.config import SweepConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-RUN = ["--dataset", "mnist-sample", "--train-limit", "1200", "--ks", "5", "20", "--epochs", "3",
-       "--batch-size", "100", "--no-progress"]
+RUN = ["--dataset", "mnist-sample", "--train-limit", "1200", "--ks", "5", "20", "--steps", "30",
+       "--eval-every", "10", "--batch-size", "100", "--no-progress"]  # a step budget of 2.5 epochs
 
 
 def ksweep(args, env=None, **kw):
@@ -70,11 +70,11 @@ def test_killed_mid_epoch_then_resumed_equals_uninterrupted(reference, tmp_path)
     out = tmp_path / "run"
     proc = ksweep(["--out", str(out)], env={"KSAE_TEST_STEP_DELAY": "0.1"})
     wait_for(lambda: (out / "checkpoint.pkl").exists(), proc)
-    time.sleep(0.4)  # into epoch 2 (12 steps of >= 0.1 s)
+    time.sleep(0.4)  # into the second segment (10 steps of >= 0.1 s)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert_no_partial_files(out)
-    assert checkpoint.load_checkpoint(out / "checkpoint.pkl")["epoch"] in (1, 2)
+    assert checkpoint.load_checkpoint(out / "checkpoint.pkl")["step"] in (10, 20)
     assert not (out / "params.pkl").exists()
     finish(ksweep(["--resume", str(out)]))
     for a, b in zip(params_of(out), params_of(reference)):
@@ -92,7 +92,7 @@ def test_killed_while_writing_a_checkpoint(reference, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert_no_partial_files(out)
-    assert checkpoint.load_checkpoint(out / "checkpoint.pkl")["epoch"] == 1  # the previous one
+    assert checkpoint.load_checkpoint(out / "checkpoint.pkl")["step"] == 10  # the previous one
     finish(ksweep(["--resume", str(out)]))
     assert not list(out.glob(".*.tmp"))
     for a, b in zip(params_of(out), params_of(reference)):
@@ -102,11 +102,11 @@ def test_killed_while_writing_a_checkpoint(reference, tmp_path):
 def test_resume_with_another_config_is_refused(reference, capsys):
     with pytest.raises(SystemExit) as e:
         from experiments import ksweep as ks
-        cli.run(ks.main, RUN[:-5] + ["--epochs", "4", "--batch-size", "100", "--lr", "0.002",
-                                     "--no-progress", "--resume", str(reference)])
+        cli.run(ks.main, RUN[:-7] + ["--steps", "40", "--eval-every", "10", "--batch-size", "100",
+                                     "--lr", "0.002", "--no-progress", "--resume", str(reference)])
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert "epochs: 3 in the checkpoint, 4 now" in err and "lr: 0.001 in the checkpoint, 0.002 now" in err
+    assert "steps: 30 in the checkpoint, 40 now" in err and "lr: 0.001 in the checkpoint, 0.002 now" in err
 
 
 def test_resume_needs_a_checkpoint(tmp_path, capsys):
@@ -124,14 +124,14 @@ def images():
 
 
 def _blow_up_model_1(monkeypatch):
-    init = train.init_models
+    init = train.init_state
 
-    def init_with_a_huge_model(cfg, seeds=None):
-        params, opt_state = init(cfg, seeds)
-        params["enc4"]["weight"] = params["enc4"]["weight"].at[1].multiply(1e30)
-        return params, opt_state
+    def init_with_a_huge_model(cfg, rows=None):
+        state = init(cfg, rows)
+        state.params["enc4"]["weight"] = state.params["enc4"]["weight"].at[1].multiply(1e30)
+        return state
 
-    monkeypatch.setattr(train, "init_models", init_with_a_huge_model)
+    monkeypatch.setattr(train, "init_state", init_with_a_huge_model)
 
 
 def test_diverging_model_is_frozen_and_the_others_train_on(images, monkeypatch):
@@ -139,10 +139,11 @@ def test_diverging_model_is_frozen_and_the_others_train_on(images, monkeypatch):
     cfg = SweepConfig(ks=(5, 20), epochs=2, batch_size=100)
     r = train.train_sweep(cfg, images, images[:50], progress=False, on_nan="continue")
     assert r.diverged == {20: {"epoch": 1, "step": 1}}
+    assert r.history["step"] == [2, 4]
     assert r.history["train_loss"][1] == [None, None] and None not in r.history["train_loss"][0]
     for leaf in jax.tree.leaves(r.params):
         assert np.isfinite(leaf).all()  # never NaN params
-    huge = train.init_models(cfg)[0]  # the patched init: model 1 stays exactly there
+    huge = train.init_state(cfg).params  # the patched init: model 1 stays exactly there
     np.testing.assert_array_equal(r.params["enc4"]["weight"][1], huge["enc4"]["weight"][1])
     assert not np.array_equal(r.params["enc4"]["weight"][0], huge["enc4"]["weight"][0])
 
@@ -152,18 +153,18 @@ def test_divergence_stops_the_run_and_keeps_the_last_finite_checkpoint(images, m
     ckpt = tmp_path / "checkpoint.pkl"
     real_step = train.sweep_step
 
-    def poison_epoch_2(params, *args, **kw):
-        step_index = args[6]
-        if step_index == 2:  # first step of epoch 2: model 0 turns non-finite
-            params = jax.tree.map(lambda a: a.at[0].set(jnp.nan), params)
-        return real_step(params, *args, **kw)
+    def poison_epoch_2(state, sums, batch, ks, step, **kw):
+        if int(step) == 2:  # first step of epoch 2: model 0 turns non-finite
+            params = jax.tree.map(lambda a: a.at[0].set(jnp.nan), state.params)
+            state = state._replace(params=params)
+        return real_step(state, sums, batch, ks, step, **kw)
 
     monkeypatch.setattr(train, "sweep_step", poison_epoch_2)
-    with pytest.raises(train.Diverged, match="k=5 at epoch 2 step 1; the checkpoint of epoch 1 is kept"):
+    with pytest.raises(train.Diverged, match=r"k=5 at step 3 \(epoch 2\); the previous checkpoint is kept"):
         train.train_sweep(cfg, images, None, progress=False, checkpoint=ckpt)
     saved = checkpoint.load_checkpoint(ckpt)
-    assert saved["epoch"] == 1
-    for leaf in jax.tree.leaves(saved["params"]):
+    assert saved["step"] == 2
+    for leaf in saved["state"]:
         assert np.isfinite(leaf).all()
 
 
@@ -171,19 +172,19 @@ def test_cli_reports_divergence_in_one_line(tmp_path, capsys):
     from experiments import ksweep as ks
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as e:
-        cli.run(ks.main, RUN[:-5] + ["--epochs", "2", "--batch-size", "100", "--lr", "1e30",
+        cli.run(ks.main, RUN[:-7] + ["--epochs", "2", "--batch-size", "100", "--lr", "1e30",
                                      "--no-progress", "--out", str(out)])
     assert e.value.code == 1
     err = capsys.readouterr().err.strip()
-    assert err.startswith("ksweep: error: non-finite loss: k=5 at epoch 1 step ") and "\n" not in err
+    assert err.startswith("ksweep: error: non-finite loss: k=5 at step ") and "\n" not in err
     assert not (out / "params.pkl").exists()
 
 
 def test_training_entry_points_check_their_arrays(images):
     cfg = SweepConfig(ks=(5,), epochs=1, batch_size=100)
-    with pytest.raises(ValueError, match=r"train_images must be a non-empty uint8 array of shape \(N, 28, 28\), got float64"):
+    with pytest.raises(ValueError, match=r"train must be a non-empty uint8 array of shape \(N, 28, 28\), got float64"):
         train.train_sweep(cfg, images / 255.0)
-    with pytest.raises(ValueError, match="test_images"):
+    with pytest.raises(ValueError, match="test must be"):
         train.train_sweep(cfg, images, images[:, :14])
     with pytest.raises(ValueError, match="on_nan"):
         train.train_sweep(cfg, images, on_nan="ignore")

@@ -1,11 +1,13 @@
-"""Training: the vmapped sweep equals one-k-at-a-time training; padding and metrics are exact."""
+"""Training: the sweep equals one-k-at-a-time training; padding, budgets, schedule and metrics."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ksae_jax import train
+from ksae_jax import batching, models, optim, train
 from ksae_jax.config import ModelConfig, SweepConfig
+from ksae_jax.data.feed import ArrayRows
+from ksae_jax.evaluate import EvalSet, evaluate
 
 
 @pytest.fixture(scope="module")
@@ -15,20 +17,18 @@ def images():
 
 
 @pytest.mark.parametrize("arch", ["conv", "mlp"])
-def test_vmapped_sweep_equals_each_k_alone(images, arch):
+def test_sweep_equals_each_k_alone(images, arch):
     base = dict(model=ModelConfig(arch, hidden=64 if arch == "mlp" else None), epochs=2,
                 batch_size=50, seed=3)
     ks = (3, 12)
     sweep = train.train_sweep(SweepConfig(ks=ks, **base), images, images[:20], progress=False)
     for i, k in enumerate(ks):
-        # max_k differs between the runs (12 vs k), which must not matter
+        # the top-k width differs between the runs (12 vs k), which must not matter
         alone = train.train_sweep(SweepConfig(ks=(k,), **base), images, images[:20], progress=False)
         for a, b in zip(jax.tree.leaves(sweep.params), jax.tree.leaves(alone.params)):
             np.testing.assert_allclose(a[i], b[0], rtol=2e-5, atol=2e-6)
-        np.testing.assert_allclose(sweep.history["train_loss"][i], alone.history["train_loss"][0],
-                                   rtol=1e-5)
-        np.testing.assert_allclose(sweep.history["test_mse"][i], alone.history["test_mse"][0],
-                                   rtol=1e-5)
+        for name in ("train_loss", "eval_mse"):
+            np.testing.assert_allclose(sweep.history[name][i], alone.history[name][0], rtol=1e-5)
 
 
 def test_training_reduces_the_loss(digits):
@@ -36,31 +36,34 @@ def test_training_reduces_the_loss(digits):
     r = train.train_sweep(cfg, digits.x_train[:600], digits.x_test[:200], progress=False)
     for losses in r.history["train_loss"]:
         assert losses[-1] < 0.8 * losses[0]
-    untrained = train.evaluate(cfg.model, train.init_models(cfg)[0], digits.x_test[:200], cfg.ks)
-    assert (np.array([h[-1] for h in r.history["test_mse"]]) < 0.8 * untrained).all()
+    untrained = evaluate(cfg, train.init_state(cfg).params,
+                         EvalSet(ArrayRows(digits.x_test[:200], 1 / 255))).mse
+    assert (np.array([h[-1] for h in r.history["eval_mse"]]) < 0.8 * untrained).all()
 
 
 def test_evaluate_is_the_true_mean_over_the_test_set(images):
     cfg = SweepConfig(ks=(4, 9), batch_size=50)
-    params, _ = train.init_models(cfg)
-    from ksae_jax import model
-    got = train.evaluate(cfg.model, params, images, cfg.ks, batch_size=48)  # 130 = 2*48 + 34
+    params = train.init_state(cfg).params
+    got = evaluate(cfg, params, EvalSet(ArrayRows(images, 1 / 255), batch_size=48))  # 130 = 2*48 + 34
     x = images.astype(np.float32) / 255
     for i, k in enumerate(cfg.ks):
         p = jax.tree.map(lambda a: a[i], params)
-        recon = model.apply(cfg.model, p, jnp.asarray(x), k, k).recon
-        np.testing.assert_allclose(got[i], np.mean((np.asarray(recon) - x) ** 2), rtol=1e-5)
+        out = models.apply(cfg.model, p, jnp.asarray(x), k, k)
+        np.testing.assert_allclose(got.mse[i], np.mean((np.asarray(out.recon) - x) ** 2), rtol=1e-5)
+        np.testing.assert_allclose(got.l0[i], np.count_nonzero(np.asarray(out.code)) / len(x), rtol=1e-6)
+        np.testing.assert_array_equal(got.counts[i], np.count_nonzero(np.asarray(out.code), axis=0))
+    assert got.fvu.shape == (2,) and (got.fvu > 0).all()
 
 
 def test_padded_batch_equals_the_unpadded_batch(images):
-    """The last, partial batch is padded to a full one with zero weights: same gradient."""
-    cfg = ModelConfig("conv")
-    from ksae_jax.model import init_params
-    params = init_params(cfg, jax.random.key(0))
-    tx = train.make_optimizer(1e-3)
+    """The last, partial batch is padded to a full one with zero weights: same step."""
+    cfg = SweepConfig(ks=(5,), l1=1e-4)
+    params = models.init_params(cfg.model, jax.random.key(0))
+    opt = optim.make_optimizer(cfg).init(params)
+    since = jnp.zeros(cfg.model.hidden, jnp.int32)
     x = jnp.asarray(images[:30], jnp.float32) / 255
-    step = jax.jit(lambda b: train.train_step(params, tx.init(params), b, 5, 1e-4, cfg=cfg, tx=tx,
-                                              max_k=5))
+    step = jax.jit(lambda b: train.train_step(params, opt, since, 5, 1e-3, 1e-4, True, b, 0,
+                                              cfg=train.resolved(cfg, 30), max_k=5))
     small = step({"x": x, "w": jnp.ones(30)})
     padded = step({"x": jnp.concatenate([x, jnp.ones((20, 28, 28))]),
                    "w": jnp.concatenate([jnp.ones(30), jnp.zeros(20)])})
@@ -68,27 +71,59 @@ def test_padded_batch_equals_the_unpadded_batch(images):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
-def test_epoch_order_is_a_padded_permutation():
-    order = np.asarray(train.epoch_order(jax.random.key(0), 130, 50))
-    assert order.shape == (150,)
-    np.testing.assert_array_equal(np.sort(order[order >= 0]), np.arange(130))
-    assert (order[130:] == -1).all()
+def test_adam_matches_pytorch_bias_correction():
+    """PyTorch computes 1 - b^t in float64; ours in float32 via expm1/log1p must agree."""
+    tx = optim.scale_by_adam()
+    p = {"w": jnp.zeros(3)}
+    state = tx.init(p)
+    g = {"w": jnp.array([1e-3, -2.0, 5.0])}
+    m = v = np.zeros(3)
+    for t in range(1, 7):
+        direction, state = tx.update(g, state)
+        m = 0.9 * m + 0.1 * np.float64(g["w"])
+        v = 0.999 * v + 0.001 * np.float64(g["w"]) ** 2
+        want = (m / (1 - 0.9 ** t)) / (np.sqrt(v / (1 - 0.999 ** t)) + 1e-8)
+        np.testing.assert_allclose(direction["w"], want, rtol=1e-6)  # optax: 2e-5 at t = 1
+
+
+def test_budget_in_steps_or_epochs():
+    per_epoch = -(-60_000 // 600)
+    b = train.make_budget(SweepConfig(), 60_000)  # the original: 9 epochs of 600
+    assert (b.steps, b.steps_per_epoch, b.eval_every, b.epochs) == (900, per_epoch, 100, 9.0)
+    b = train.make_budget(SweepConfig(steps=1000, batch_size=100), 4000)
+    assert (b.steps, b.steps_per_epoch, b.eval_every) == (1000, 40, 100)  # 25 epochs: 10 evals
+    b = train.make_budget(SweepConfig(steps=5, batch_size=100), 130)
+    assert (b.steps, b.eval_every, b.segment_ends(0), b.segment_ends(2)) == (5, 2, [2, 4, 5], [4, 5])
+    assert train.make_budget(SweepConfig(epochs=2, batch_size=50), 130).steps == 6
+    with pytest.raises(ValueError, match="steps or epochs, not both"):
+        SweepConfig(steps=5, epochs=2)
+
+
+def test_run_makes_exactly_the_budgeted_steps(images, tmp_path):
+    from ksae_jax.checkpoint import load_checkpoint
+    cfg = SweepConfig(model=ModelConfig("mlp", hidden=32), ks=(3,), steps=5, batch_size=50)
+    r = train.train_sweep(cfg, images, progress=False, checkpoint=tmp_path / "c.pkl")
+    ckpt = load_checkpoint(tmp_path / "c.pkl")
+    state = jax.tree.unflatten(jax.tree.structure(train.init_state(cfg)), ckpt["state"])
+    assert ckpt["step"] == 5 and int(state.opt_state.count[0]) == 5
+    assert r.history["step"] == [3, 5] and r.budget.steps == 5  # every epoch of 3 steps
 
 
 def test_k_schedule_moves_from_k_start_to_each_k():
-    cfg = SweepConfig(model=ModelConfig("mlp"), ks=(10, 40), epochs=4, k_start=100,
-                      k_anneal_epochs=2)
-    np.testing.assert_array_equal(train.k_at(cfg, 0), [100, 100])
-    np.testing.assert_array_equal(train.k_at(cfg, 1), [55, 70])
-    np.testing.assert_array_equal(train.k_at(cfg, 2), [10, 40])
-    np.testing.assert_array_equal(train.k_at(cfg, 3.5), [10, 40])
-    assert cfg.max_k == 100
+    cfg = SweepConfig(model=ModelConfig("mlp"), ks=(10, 40), steps=400, k_start=100,
+                      k_anneal_frac=0.5)
+    np.testing.assert_array_equal(train.k_at(cfg, 0, 400), [100, 100])
+    np.testing.assert_array_equal(train.k_at(cfg, 100, 400), [55, 70])
+    np.testing.assert_array_equal(train.k_at(cfg, 200, 400), [10, 40])
+    np.testing.assert_array_equal(train.k_at(cfg, 350, 400), [10, 40])
+    assert cfg.max_k == 100 and cfg.max_ks == (100, 100)
 
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(ks=()), "empty"), (dict(ks=(0,)), "k must be positive"), (dict(ks=(300,)), "larger"),
     (dict(ks=(5, 5)), "repeated"), (dict(batch_size=0), "batch_size"), (dict(lr=-1.0), "lr"),
-    (dict(l1=-1e-4), "l1"), (dict(ks=(2.5,)), "integer")])
+    (dict(l1=-1e-4), "l1"), (dict(ks=(2.5,)), "integer"), (dict(steps=0), "steps"),
+    (dict(lr=(1e-3,)), "one value per k"), (dict(init_seeds=(1, 2)), "one seed per k")])
 def test_sweep_config_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SweepConfig(**kwargs)
@@ -99,11 +134,36 @@ def test_loop_and_vmap_batching_agree(images):
                               images, images[:20], progress=False) for b in ("loop", "vmap")]
     for a, b in zip(jax.tree.leaves(runs[0].params), jax.tree.leaves(runs[1].params)):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
-    np.testing.assert_allclose(runs[0].history["test_mse"], runs[1].history["test_mse"], rtol=1e-5)
+    np.testing.assert_allclose(runs[0].history["eval_mse"], runs[1].history["eval_mse"], rtol=1e-5)
 
 
-def test_loop_over_models_is_the_function_itself_without_vmap():
-    f = train.loop_over_models(lambda a, b: a * b + 1)
-    np.testing.assert_array_equal(f(jnp.arange(3.0), 2.0), jnp.arange(3.0) * 2 + 1)
-    batched = jax.vmap(f, in_axes=(0, None))(jnp.ones((4, 3)), jnp.float32(2))
-    np.testing.assert_array_equal(batched, jnp.full((4, 3), 3.0))
+def test_auto_batching_is_chosen_by_arch_and_backend():
+    assert batching.choose("conv", "cpu") == "loop"
+    assert batching.choose("conv", "gpu") == "vmap" and batching.choose("conv", "tpu") == "vmap"
+    assert batching.choose("mlp", "cpu") == "vmap"
+    assert batching.resolve(SweepConfig(batching="vmap")) == "vmap"
+
+
+def test_over_models_gives_each_model_its_own_static_width():
+    cfg = SweepConfig(model=ModelConfig("mlp"), ks=(2, 7))
+    seen = []
+
+    def fn(a, b, *, max_k):
+        seen.append(max_k)
+        return a * b + max_k
+
+    out = batching.over_models(fn, cfg, "loop", (jnp.arange(2.0),), (jnp.float32(10),))
+    np.testing.assert_array_equal(out, [0 * 10 + 2, 1 * 10 + 7])
+    assert seen == [2, 7]
+    out = batching.over_models(fn, cfg, "vmap", (jnp.arange(2.0),), (jnp.float32(10),))
+    np.testing.assert_array_equal(out, [7, 17])  # one program: the largest width
+
+
+def test_per_model_learning_rates_and_seeds(images):
+    base = dict(model=ModelConfig("mlp", hidden=32), steps=3, batch_size=50)
+    both = train.train_sweep(SweepConfig(ks=(3, 4), lr=(1e-3, 3e-3), init_seeds=(5, 6), **base),
+                             images, progress=False)
+    second = train.train_sweep(SweepConfig(ks=(4,), lr=3e-3, init_seeds=(6,), **base), images,
+                               progress=False)
+    for a, b in zip(jax.tree.leaves(both.params), jax.tree.leaves(second.params)):
+        np.testing.assert_allclose(a[1], b[0], rtol=2e-5, atol=2e-6)

@@ -1,4 +1,5 @@
-"""Datasets as uint8 arrays (N, 28, 28) with labels: TFDS, IDX files, or an offline MNIST sample."""
+"""Image datasets as uint8 arrays (N, 28, 28) with labels: TFDS, IDX files, or an offline
+MNIST sample."""
 from __future__ import annotations
 
 import gzip
@@ -154,10 +155,6 @@ def _import_tfds():
 
     absl.logging.set_verbosity(absl.logging.ERROR)
     return tfds
-
-
-def tfds_knows(name: str) -> bool:
-    return name in _import_tfds().list_builders()
 
 
 def load_tfds(name: str, data_dir: str | None = None) -> Dataset:

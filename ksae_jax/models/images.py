@@ -1,4 +1,5 @@
-"""The k-sparse autoencoders as Flax NNX modules, plus a pure functional interface.
+"""The image k-sparse autoencoders (the original conv network, Makhzani & Frey's MLP) as
+Flax NNX modules.
 
 Parameters follow PyTorch's layouts and names (`weight`, `bias`; Linear weight is
 (out, in), Conv2d (out, in, kh, kw), ConvTranspose2d (in, out, kh, kw)) and PyTorch's
@@ -6,7 +7,6 @@ default initialisation, so the conv network is the original's, parameter for par
 """
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import jax
@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ksae_jax import conv
 from ksae_jax.config import ModelConfig
+from ksae_jax.models import conv
 from ksae_jax.topk import sparsify
 
 IMAGE_SHAPE = (28, 28)
@@ -139,41 +139,6 @@ class MlpKSAE(nnx.Module):
         code = sparsify(dense, k, max_k)
         recon, logits, _ = self.decode_all(code)
         return Output(recon, logits, code, (code,))
-
-
-_MODELS = {"conv": ConvKSAE, "mlp": MlpKSAE}
-
-
-def build(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
-    return _MODELS[cfg.arch](cfg, rngs=rngs)
-
-
-def init_params(cfg: ModelConfig, key: jax.Array) -> dict:
-    """Fresh parameters as a plain nested dict of arrays (vmappable over keys)."""
-    return nnx.to_pure_dict(nnx.state(build(cfg, nnx.Rngs(params=key)), nnx.Param))
-
-
-@functools.lru_cache(maxsize=None)
-def graphdef(cfg: ModelConfig):
-    return nnx.graphdef(nnx.eval_shape(lambda: build(cfg, nnx.Rngs(0))))
-
-
-def bind(cfg: ModelConfig, params: dict) -> nnx.Module:
-    """The module for `params` (use inside jitted functions of the params pytree)."""
-    return nnx.merge(graphdef(cfg), params)
-
-
-def apply(cfg: ModelConfig, params: dict, x: jax.Array, k, max_k: int) -> Output:
-    return bind(cfg, params)(x, k, max_k)
-
-
-def encode(cfg: ModelConfig, params: dict, x: jax.Array, k, max_k: int) -> jax.Array:
-    dense, _ = bind(cfg, params).encode_dense(x)
-    return sparsify(dense, k, max_k)
-
-
-def decode(cfg: ModelConfig, params: dict, code: jax.Array) -> jax.Array:
-    return bind(cfg, params).decode_all(code)[0]
 
 
 def count_params(params: dict) -> int:

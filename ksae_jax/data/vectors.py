@@ -1,0 +1,177 @@
+"""Vector data (N, d) for the TopK SAEs: one .npy file (memory-mapped, never read whole), a
+folder of .npy shards of equal d (in name order), or an array passed from Python. Checked on
+opening: 2-D, a float dtype, non-empty, complete, finite (or non-finite rows dropped)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from ksae_jax.data.images import DataError
+
+SCAN_ROWS = 65536      # rows per chunk of the checking scan
+MAX_EVAL_ROWS = 65536  # the held-out tail is at most this long
+
+
+class VectorSource:
+    """Rows of one or more (n_i, d) float arrays, read as one (N, d) float32 array.
+
+    `skip` holds sorted physical rows left out (non-finite ones, when asked); row i of the
+    source is the i-th row not skipped. `view(start, stop)` is a range of rows.
+    """
+
+    def __init__(self, parts: list, names: list[str], skip: np.ndarray | None = None,
+                 start: int = 0, stop: int | None = None, scale: float = 1.0):
+        self.parts, self.names = parts, names
+        self.offsets = np.concatenate([[0], np.cumsum([len(p) for p in parts])]).astype(np.int64)
+        self.skip = np.zeros(0, np.int64) if skip is None else skip
+        total = int(self.offsets[-1]) - len(self.skip)
+        self.start, self.stop = start, total if stop is None else stop
+        self.n = self.stop - self.start
+        self.d = int(parts[0].shape[1])
+        self.row_shape = (self.d,)
+        self.scale = float(scale)
+        self.nbytes = self.n * self.d * 4
+
+    @property
+    def name(self) -> str:
+        return self.names[0] if len(self.names) == 1 else f"{Path(self.names[0]).parent}/"
+
+    def view(self, start: int, stop: int, scale: float | None = None) -> "VectorSource":
+        return VectorSource(self.parts, self.names, self.skip, self.start + start,
+                            self.start + stop, self.scale if scale is None else scale)
+
+    def physical(self, rows: np.ndarray) -> np.ndarray:
+        """Physical row numbers of logical rows (skipping self.skip)."""
+        rows = np.asarray(rows, np.int64) + self.start
+        if len(self.skip):
+            rows = rows + np.searchsorted(self.skip - np.arange(len(self.skip)), rows, side="right")
+        return rows
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """float32 rows (logical numbers, best sorted: reads follow the files)."""
+        phys = self.physical(rows)
+        part = np.searchsorted(self.offsets, phys, side="right") - 1
+        out = np.empty((len(phys), self.d), np.float32)
+        for p in np.unique(part):
+            sel = part == p
+            out[sel] = self.parts[p][phys[sel] - self.offsets[p]]
+        return out
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        return self.take(np.arange(start, stop))
+
+    def all(self) -> np.ndarray:
+        return self.read(0, self.n)
+
+
+def _open_npy(path: Path):
+    try:
+        a = np.load(path, mmap_mode="r", allow_pickle=False)
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except (ValueError, OSError, EOFError) as e:
+        raise DataError(f"{path}: not a readable .npy file (truncated or corrupt?): {e}") from None
+    if not isinstance(a, np.ndarray):
+        raise DataError(f"{path}: not a single .npy array")
+    return a
+
+
+def _check_array(a, name: str, d: int | None = None) -> None:
+    if a.ndim != 2:
+        raise DataError(f"{name}: expected a 2-D array (N, d), got shape {a.shape}")
+    if a.dtype.kind != "f":
+        raise DataError(f"{name}: expected float vectors, got dtype {a.dtype}")
+    if a.shape[0] == 0 or a.shape[1] == 0:
+        raise DataError(f"{name}: empty array of shape {a.shape}")
+    if d is not None and a.shape[1] != d:
+        raise DataError(f"{name}: rows of width {a.shape[1]}, but the first shard has d = {d}")
+
+
+def open_vectors(data, *, skip_nonfinite: bool = False, log=print) -> VectorSource:
+    """A checked VectorSource from a .npy path, a folder of .npy shards, or an array."""
+    if isinstance(data, (str, os.PathLike)):
+        path = Path(data)
+        if path.is_dir():
+            files = sorted(path.glob("*.npy"))
+            if not files:
+                raise DataError(f"{path}: no .npy files in this folder")
+        elif path.exists():
+            files = [path]
+        else:
+            raise DataError(f"{path}: no such file or folder")
+        parts, names = [_open_npy(f) for f in files], [str(f) for f in files]
+    else:
+        parts, names = [np.asarray(data)], ["array"]
+    for a, name in zip(parts, names):
+        _check_array(a, name, parts[0].shape[1] if a is not parts[0] else None)
+    source = VectorSource(parts, names)
+    bad = nonfinite_rows(source)
+    if len(bad):
+        where = _locate(source, int(bad[0]))
+        if not skip_nonfinite:
+            raise DataError(f"{where}: {len(bad)} row(s) hold NaN or Inf (the first shown); "
+                            "pass --skip-nonfinite to drop them")
+        if len(bad) == source.n:
+            raise DataError(f"{source.name}: every row holds NaN or Inf")
+        log(f"note: dropped {len(bad)} row(s) holding NaN or Inf (the first: {where})")
+        source = VectorSource(parts, names, skip=bad)
+    return source
+
+
+def _locate(source: VectorSource, phys: int) -> str:
+    p = int(np.searchsorted(source.offsets, phys, side="right")) - 1
+    return f"{source.names[p]} row {phys - int(source.offsets[p])}"
+
+
+def nonfinite_rows(source: VectorSource) -> np.ndarray:
+    """Physical rows holding NaN or Inf, by a chunked scan (one read of the data)."""
+    bad = []
+    for p, a in enumerate(source.parts):
+        for i in range(0, len(a), SCAN_ROWS):
+            chunk = np.asarray(a[i:i + SCAN_ROWS])
+            rows = np.flatnonzero(~np.isfinite(chunk).all(axis=1))
+            if len(rows):
+                bad.append(rows + i + source.offsets[p])
+    return np.concatenate(bad) if bad else np.zeros(0, np.int64)
+
+
+def mean_sq_norm(source: VectorSource) -> float:
+    """Mean squared L2 norm of the rows (float64 sums over chunks)."""
+    total = 0.0
+    for i in range(0, source.n, SCAN_ROWS):
+        chunk = source.read(i, min(i + SCAN_ROWS, source.n)).astype(np.float64)
+        total += float(np.einsum("ij,ij->", chunk, chunk))
+    return total / source.n
+
+
+class Split(NamedTuple):
+    train: VectorSource
+    eval: VectorSource
+
+
+def split(source: VectorSource, eval_source: VectorSource | None = None,
+          eval_frac: float = 0.05, normalize: bool = False) -> Split:
+    """Training rows and held-out rows: eval_source, or else the last eval_frac of the data
+    (at most MAX_EVAL_ROWS). With normalize, both are scaled by one constant (from the
+    training rows) so that the training rows' mean squared norm is d."""
+    if eval_source is None:
+        n_eval = min(int(round(eval_frac * source.n)), MAX_EVAL_ROWS)
+        if not 0 < n_eval < source.n:
+            raise DataError(f"{source.name}: {source.n} rows leave no held-out set at eval "
+                            f"fraction {eval_frac} (give --eval-data, or more rows)")
+        train, held = source.view(0, source.n - n_eval), source.view(source.n - n_eval, source.n)
+    else:
+        if eval_source.d != source.d:
+            raise DataError(f"{eval_source.name}: rows of width {eval_source.d}, but the "
+                            f"training data have d = {source.d}")
+        train, held = source, eval_source
+    if normalize:
+        msn = mean_sq_norm(train)
+        if not msn > 0:
+            raise DataError(f"{source.name}: every training row is zero; --normalize cannot scale it")
+        scale = (source.d / msn) ** 0.5
+        train, held = train.view(0, train.n, scale), held.view(0, held.n, scale)
+    return Split(train, held)

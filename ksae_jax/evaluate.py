@@ -1,0 +1,78 @@
+"""Held-out metrics of every model of a sweep: MSE, FVU, L0 and how often each code unit fires."""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ksae_jax import batching, models
+from ksae_jax.config import SweepConfig
+from ksae_jax.data.feed import Rows, gather
+
+
+class EvalResult(NamedTuple):
+    """Per-model metrics over a whole held-out set (arrays with a leading model axis)."""
+
+    mse: np.ndarray         # mean squared error per element (images: pixels in [0, 1])
+    fvu: np.ndarray         # sum of squared error / total variance of the held-out set
+    l0: np.ndarray          # mean number of non-zero code units per row
+    dead_frac: np.ndarray   # fraction of units that never fire on the set
+    counts: np.ndarray      # (models, hidden): rows on which each unit fires
+    n: int                  # rows in the set
+
+
+class EvalSet:
+    """Held-out rows put on the device once, with their total variance (FVU's denominator)."""
+
+    def __init__(self, rows: Rows, batch_size: int = 1024, put=jax.device_put):
+        self.rows, self.batch_size, self.n = rows, min(batch_size, rows.n), rows.n
+        host = rows.all()
+        self.data = put(host)
+        self.order = jnp.asarray(np.concatenate(
+            [np.arange(self.n), np.full(-self.n % self.batch_size, -1)]).astype(np.int32))
+        flat = host.reshape(self.n, -1).astype(np.float64) * rows.scale
+        self.total_variance = float(((flat - flat.mean(axis=0)) ** 2).sum())
+        self.n_elements = int(flat.size)
+
+
+def _sums(params, k, batch, *, cfg: SweepConfig, max_k: int):
+    """Squared error, per-unit firing counts and non-zero count of one model on one batch."""
+    x, w = batch["x"], batch["w"]
+    out = models.apply(cfg.model, params, x, k, max_k)
+    sse = jnp.sum(jnp.square(out.recon - x).reshape(x.shape[0], -1).sum(-1) * w)
+    if cfg.model.is_image:
+        counts = jnp.sum((out.code != 0) * w[:, None], axis=0)
+    else:
+        on = (out.values > 0) * w[:, None]
+        counts = jnp.zeros(cfg.model.hidden).at[out.indices.reshape(-1)].add(on.reshape(-1))
+    return sse, counts
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "batch_size", "how"))
+def _eval_batch(params, data, order, i, scale, ks, *, cfg: SweepConfig, batch_size: int,
+                how: str):
+    batch = gather(data, order, i, scale, batch_size=batch_size)
+    fn = functools.partial(_sums, cfg=cfg)
+    return batching.over_models(fn, cfg, how, (params, ks), (batch,))
+
+
+def evaluate(cfg: SweepConfig, params, evalset: EvalSet, ks=None) -> EvalResult:
+    """Every model's metrics over all of `evalset` (models keep their own k, or `ks`)."""
+    how = batching.resolve(cfg)
+    ks = jnp.asarray(cfg.ks if ks is None else ks, jnp.int32)
+    sse = jnp.zeros(len(cfg.ks))
+    counts = jnp.zeros((len(cfg.ks), cfg.model.hidden))
+    for i in range(evalset.order.shape[0] // evalset.batch_size):
+        s, c = _eval_batch(params, evalset.data, evalset.order, i, evalset.rows.scale, ks,
+                           cfg=cfg, batch_size=evalset.batch_size, how=how)
+        sse, counts = sse + s, counts + c
+    sse, counts = np.asarray(sse, np.float64), np.asarray(counts)
+    # images: MSE on pixels in [0, 1], as the original; vectors: in the data's own units
+    unit = 1.0 if cfg.model.is_image else evalset.rows.scale ** 2
+    return EvalResult(mse=sse / evalset.n_elements / unit,
+                      fvu=sse / max(evalset.total_variance, 1e-30),
+                      l0=counts.sum(axis=1) / evalset.n, dead_frac=(counts == 0).mean(axis=1),
+                      counts=counts, n=evalset.n)

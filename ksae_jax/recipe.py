@@ -1,0 +1,54 @@
+"""The TopK SAE recipe's pieces, each a small pure function the train step calls in a visible
+order: unit-norm decoder rows, the gradient projection that keeps them so, dead-latent
+counters, and the geometric median that initialises b_dec."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+COUNTER_CAP = 2 ** 30  # counters saturate here (int32), far above any dead_tokens
+
+
+def unit_norm_rows(W: jax.Array, eps: float = 1e-12) -> jax.Array:
+    """W with every row scaled to unit L2 norm."""
+    return W / jnp.maximum(jnp.linalg.norm(W, axis=-1, keepdims=True), eps)
+
+
+def remove_parallel_component(W: jax.Array, grad: jax.Array) -> jax.Array:
+    """grad minus, for each row, its component along that (unit) row of W: the step then
+    moves each decoder row along the sphere, to first order."""
+    return grad - jnp.sum(grad * W, axis=-1, keepdims=True) * W
+
+
+def update_dead_counters(since_fired: jax.Array, fired: jax.Array, n_rows) -> jax.Array:
+    """Training vectors since each unit last fired: reset where it fired, else + n_rows."""
+    grown = jnp.minimum(since_fired + n_rows.astype(since_fired.dtype), COUNTER_CAP)
+    return jnp.where(fired, 0, grown)
+
+
+def dead_mask(since_fired: jax.Array, dead_tokens: int) -> jax.Array:
+    """Units that have not fired in the last dead_tokens training vectors."""
+    return since_fired > dead_tokens
+
+
+@jax.jit
+def geometric_median(points: jax.Array, max_iter: int = 100, tol: float = 1e-5) -> jax.Array:
+    """The point minimising the sum of Euclidean distances to `points` (N, d), by Weiszfeld's
+    iteration from the mean (a point that lands on a sample is kept away by a tiny floor)."""
+    points = points.astype(jnp.float32)
+
+    def step(state):
+        guess, _, i = state
+        dist = jnp.maximum(jnp.linalg.norm(points - guess, axis=1), 1e-8)
+        weights = 1.0 / dist
+        new = (weights @ points) / weights.sum()
+        return new, jnp.linalg.norm(new - guess), i + 1
+
+    def going(state):
+        _, moved, i = state
+        return (moved > tol) & (i < max_iter)
+
+    start = points.mean(axis=0)
+    median, _, _ = lax.while_loop(going, step, (start, jnp.asarray(jnp.inf, jnp.float32), 0))
+    return median
