@@ -1,4 +1,5 @@
-"""Figures (matplotlib, no display needed): reconstructions, loss curves, decoder features."""
+"""Figures (matplotlib, no display needed): reconstructions, loss curves and decoder features
+of the image models; FVU, dead latents and firing frequencies of the vector SAEs."""
 from __future__ import annotations
 
 import io
@@ -93,6 +94,77 @@ def loss_curves(ks, steps, train_loss, test_mse, title: str = "") -> Figure:
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+# ---------------------------------------------------------------- TopK SAEs on vectors
+
+def fvu_vs_k(ks, fvu, dead_frac, title: str = "", baseline: dict | None = None) -> Figure:
+    """Held-out FVU against k (log-log), with the dead-latent percentage beside it.
+    baseline: optional {label: (ks, fvu)} drawn as dashed lines (e.g. a run without AuxK)."""
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    ax_fvu, ax_dead = fig.subplots(1, 2)
+    ax_fvu.plot(ks, fvu, marker="o", label="this run")
+    for label, (bks, bfvu) in (baseline or {}).items():
+        ax_fvu.plot(bks, bfvu, marker="s", ls="--", label=label)
+    ax_fvu.set(xscale="log", yscale="log", xlabel="k", ylabel="held-out FVU")
+    ax_fvu.set_xticks(list(ks), [str(k) for k in ks])
+    ax_fvu.grid(alpha=0.3, which="both")
+    ax_fvu.legend(fontsize=8)
+    ax_dead.bar([str(k) for k in ks], 100 * np.asarray(dead_frac))
+    ax_dead.set(xlabel="k", ylabel="dead latents % (never fire on the held-out set)")
+    ax_dead.grid(alpha=0.3, axis="y")
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def firing_histograms(ks, counts, n_rows: int, title: str = "") -> Figure:
+    """Histogram of log10 firing frequency of the latents, one panel per k (dead latents are
+    counted apart, at the left edge)."""
+    fig = Figure(figsize=(3 * len(ks) + 1, 3), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(ks), sharey=True))
+    for ax, k, c in zip(axes, ks, counts):
+        freq = np.asarray(c) / n_rows
+        alive = freq[freq > 0]
+        ax.hist(np.log10(alive), bins=40, color="C0")
+        ax.set(title=f"k = {k}  ({int((freq == 0).sum())} dead)", xlabel="log10 firing frequency")
+    axes[0].set_ylabel("latents")
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def training_curves(ks, steps, train_rec, window_dead, title: str = "") -> Figure:
+    """Training FVU and the fraction of latents dead by the training window, per k."""
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    ax_fvu, ax_dead = fig.subplots(1, 2)
+    for k, fvu, dead in zip(ks, train_rec, window_dead):
+        ax_fvu.plot(steps, fvu, marker="o", ms=3, label=f"k = {k}")
+        ax_dead.plot(steps, 100 * np.asarray(dead, float), marker="o", ms=3, label=f"k = {k}")
+    ax_fvu.set(xlabel="step", ylabel="training FVU", yscale="log")
+    ax_dead.set(xlabel="step", ylabel="dead latents % (training window)")
+    for ax in (ax_fvu, ax_dead):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def recovery_vs_k(ks, mmcs, recovered, dead_frac, title: str = "") -> Figure:
+    """Synthetic ground truth: MMCS, the fraction of features recovered and dead latents, per k."""
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    ax = fig.subplots()
+    labels = [str(k) for k in ks]
+    ax.plot(labels, mmcs, marker="o", label="MMCS")
+    ax.plot(labels, recovered, marker="s", label="features recovered (cos >= 0.9)")
+    ax.plot(labels, dead_frac, marker="^", label="dead latents")
+    ax.set(xlabel="k", ylim=(-0.02, 1.02))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)
     return fig

@@ -109,10 +109,13 @@ def fits_on_device(rows: Rows, device: jax.Device | None = None) -> bool:
 
 @functools.partial(jax.jit, static_argnames=("batch_size",))
 def gather(data: jax.Array, order: jax.Array, i, scale, *, batch_size: int) -> dict:
-    """Batch i of `order` (padded with -1) from device-resident rows, as float32 * scale."""
+    """Batch i of `order` (padded with -1) from device-resident rows, as float32 * scale
+    (padding rows are zeros, as the host feeder's)."""
     idx = jax.lax.dynamic_slice(order, (i * batch_size,), (batch_size,))
+    real = idx >= 0
     x = data[jnp.maximum(idx, 0)].astype(jnp.float32) * scale
-    return {"x": x, "w": (idx >= 0).astype(jnp.float32)}
+    x = jnp.where(real.reshape(-1, *(1,) * (x.ndim - 1)), x, 0.0)  # padding rows are zeros
+    return {"x": x, "w": real.astype(jnp.float32)}
 
 
 class DeviceFeeder:

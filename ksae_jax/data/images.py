@@ -46,6 +46,16 @@ class Dataset(NamedTuple):
             return self
         return self._replace(x_train=self.x_train[:n], y_train=self.y_train[:n])
 
+    def hold_out(self, n: int, seed: int = 0) -> tuple["Dataset", np.ndarray, np.ndarray]:
+        """(the dataset without n training images drawn at random with `seed`, those images,
+        their labels): a validation split from the training set."""
+        if not 0 < n < len(self.x_train):
+            raise DataError(f"{self.name}: cannot hold out {n} of {len(self.x_train)} training images")
+        pick = np.random.default_rng(seed).permutation(len(self.x_train))
+        val, keep = np.sort(pick[:n]), np.sort(pick[n:])
+        rest = self._replace(x_train=self.x_train[keep], y_train=self.y_train[keep])
+        return rest, self.x_train[val], self.y_train[val]
+
 
 # ---------------------------------------------------------------- IDX files (MNIST format)
 

@@ -1,0 +1,166 @@
+"""Train a TopK sparse autoencoder for every k of a sweep on (N, d) vectors, in one compiled
+run; write params, metrics and figures.
+
+    python -m experiments.sae --data acts.npy --latents 8192 --ks 8 16 32 64 --steps 2000
+    python -m experiments.sae --data shards/ --eval-data held_out.npy --normalize --multi-topk
+
+--data: one .npy (memory-mapped, never read whole), or a folder of .npy shards of equal d
+(in name order). Held out: --eval-data, or the last --eval-frac of the data (at most 65,536
+rows). The recipe (Gao et al. 2024): decoder rows kept at unit norm, b_dec initialised at the
+geometric median, Adam eps 6.25e-10 and lr 2e-4 / sqrt(latents / 2^14), AuxK on the latents
+that have not fired for --dead-tokens training vectors.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ksae_jax import cli, plotting
+from ksae_jax.checkpoint import save_params, write_json
+from ksae_jax.config import sae_config
+from ksae_jax.data import feed, vectors
+from ksae_jax.inference import VectorSAE
+
+HIST_BINS = np.linspace(-7, 0, 29)  # log10 firing frequency
+
+
+def add_sae_flags(p, ks=(16, 32, 64, 128), latents=None) -> None:
+    """The model, budget, recipe and run flags every vector experiment shares."""
+    p.add_argument("--latents", type=cli.positive_int, default=latents,
+                   help=f"latents n (default {latents or '8 x d'})")
+    p.add_argument("--ks", type=cli.int_value, nargs="*", default=list(ks),
+                   help=f"k values, all trained in one compiled run (default {' '.join(map(str, ks))})")
+    cli.add_budget_flags(p, batch_size=4096)
+    p.add_argument("--lr", type=cli.positive_float, default=None,
+                   help="Adam learning rate (default 2e-4 / sqrt(latents / 2^14))")
+    p.add_argument("--warmup-steps", type=cli.positive_int, default=0)
+    p.add_argument("--clip-norm", type=cli.positive_float, default=None,
+                   help="clip each model's gradient to this global norm")
+    p.add_argument("--normalize", action="store_true",
+                   help="scale the inputs by one constant so that their mean squared norm is d")
+    cli.add_auxk_flags(p, aux_coef=1 / 32)
+    p.add_argument("--multi-topk", action="store_true", help="add FVU at 4k with weight 1/8")
+    p.add_argument("--decoder", choices=("auto", "sparse", "dense"), default="auto",
+                   help="sparse (gather/scatter custom VJPs) or dense products (default: by k / n)")
+    p.add_argument("--feeder", choices=("auto", "device", "host"), default="auto",
+                   help="data on the device, or read by a background thread (default: by size)")
+    p.add_argument("--seed", type=cli.int_value, default=0)
+
+
+def parse_args(argv):
+    p = cli.Parser(prog="python -m experiments.sae", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=Path, required=True, help=".npy file or folder of .npy shards")
+    p.add_argument("--eval-data", type=Path, default=None, help="held-out .npy (or folder)")
+    p.add_argument("--eval-frac", type=cli.positive_float, default=0.05,
+                   help="held out from the end of --data when no --eval-data (default 0.05)")
+    p.add_argument("--skip-nonfinite", action="store_true",
+                   help="drop rows holding NaN or Inf instead of refusing the data")
+    add_sae_flags(p)
+    cli.add_run_flags(p, default_out="runs/sae")
+    return p.parse_args(argv)
+
+
+def make_config(args, d: int):
+    extra = {} if args.lr is None else {"lr": args.lr}
+    return cli.make_config(
+        sae_config, d, tuple(args.ks), latents=args.latents, decoder=args.decoder,
+        steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
+        warmup_steps=args.warmup_steps, clip_norm=args.clip_norm, normalize=args.normalize,
+        aux_coef=args.aux_coef, aux_k=args.aux_k, dead_tokens=args.dead_tokens,
+        multi_topk=args.multi_topk, batching=args.batching, eval_every=args.eval_every, **extra)
+
+
+def open_data(args) -> vectors.Split:
+    """The training and held-out vectors the flags name, checked (DataError: exit 2)."""
+    if args.eval_frac >= 1:
+        raise cli.UsageError(f"--eval-frac must be below 1, got {args.eval_frac}")
+    source = vectors.open_vectors(args.data, skip_nonfinite=args.skip_nonfinite)
+    held = None if args.eval_data is None else vectors.open_vectors(
+        args.eval_data, skip_nonfinite=args.skip_nonfinite)
+    return vectors.split(source, held, args.eval_frac, args.normalize)
+
+
+def run(args, data: vectors.Split, out: Path, run_info: dict, name: str = "vectors"):
+    """Trains the sweep on `data` and writes params.pkl, metrics.json and the figures.
+    Returns (config, result, metrics)."""
+    cfg = make_config(args, data.train.d)
+    cli.check_batch_size(cfg, data.train.n)
+    mode = args.feeder if args.feeder != "auto" else (
+        "device" if feed.fits_on_device(data.train) else "host")
+    print(f"data {name}: {data.train.n:,} training / {data.eval.n:,} held-out vectors of d = "
+          f"{data.train.d}; {cfg.model.hidden:,} latents, ks {list(cfg.ks)}; batches "
+          f"{'from the device' if mode == 'device' else 'read by a background thread'}"
+          f"{f'; inputs scaled by {data.train.scale:.4g}' if cfg.normalize else ''}")
+    plan = cli.announce(cfg, data.train.n)
+    result = cli.train(cfg, data.train, data.eval, out, args, run_info, feeder=mode)
+    metrics = sweep_metrics(cfg, result, plan, data)
+    write_json(out / "metrics.json", metrics)
+    kept, params = cli.healthy_models(cfg, result)
+    save_params(out / "params.pkl", config=kept.to_dict(), ks=kept.ks, params=params,
+                metrics=metrics, extra={"input_scale": data.train.scale, "data": name})
+    write_figures(out, cfg, result, metrics, VectorSAE(kept, kept.ks, params, metrics, data.train.scale))
+    print_table(cfg, metrics)
+    print(f"wall time {result.seconds:.1f} s ({result.compile_seconds:.1f} s compile + first step); "
+          f"outputs in {out}")
+    return cfg, result, metrics
+
+
+def sweep_metrics(cfg, result, plan: dict, data: vectors.Split) -> dict:
+    f, h = result.final, result.history
+    freq = f.counts / f.n
+    hist = [np.histogram(np.log10(row[row > 0]), HIST_BINS)[0].tolist() for row in freq]
+    return {
+        "ks": list(cfg.ks), **plan,
+        "fvu": f.fvu.tolist(), "mse": f.mse.tolist(), "l0": f.l0.tolist(),
+        "dead_frac": f.dead_frac.tolist(),
+        "dead_frac_window": [d[-1] for d in h["window_dead_frac"]],
+        "firing_log10_hist": {"bin_edges": HIST_BINS.tolist(), "counts": hist},
+        "history": {"step": h["step"], "train_fvu": h["train_rec"], "eval_fvu": h["eval_fvu"],
+                    "window_dead_frac": h["window_dead_frac"]},
+        "diverged": {str(k): v for k, v in result.diverged.items()},
+        "n_train": data.train.n, "n_eval": data.eval.n, "d": data.train.d,
+        "input_scale": data.train.scale, "seconds": result.seconds,
+        "compile_seconds": result.compile_seconds, "config": cfg.to_dict(),
+    }
+
+
+def write_figures(out: Path, cfg, result, metrics: dict, sae: VectorSAE) -> None:
+    ks = list(cfg.ks)
+    plotting.save(plotting.fvu_vs_k(ks, metrics["fvu"], metrics["dead_frac"]), out / "fvu_vs_k.png")
+    plotting.save(plotting.firing_histograms(ks, result.final.counts, result.final.n),
+                  out / "firing_freq.png")
+    h = metrics["history"]
+    plotting.save(plotting.training_curves(ks, h["step"], h["train_fvu"], h["window_dead_frac"]),
+                  out / "training_curves.png")
+    if cfg.model.d_in == 28 * 28:  # vectors that are images: decoder rows as tiles
+        tiles = {}
+        for i, k in enumerate(sae.ks):
+            top = np.argsort(-result.final.counts[cfg.ks.index(k)], kind="stable")[:100]
+            tiles[k] = sae.decoder_directions(k)[top].reshape(-1, 28, 28)
+        plotting.save(plotting.feature_panels(tiles, "decoder rows of the 100 most used latents"),
+                      out / "decoder_tiles.png")
+
+
+def print_table(cfg, metrics: dict) -> None:
+    print(f"\n{'k':>5} {'FVU':>8} {'MSE':>10} {'L0':>7} {'dead (held-out)':>16} {'dead (window)':>14}")
+    for i, k in enumerate(cfg.ks):
+        if str(k) in metrics["diverged"]:
+            print(f"{k:>5}  diverged (not saved)")
+            continue
+        print(f"{k:>5} {metrics['fvu'][i]:>8.4f} {metrics['mse'][i]:>10.4g} {metrics['l0'][i]:>7.2f} "
+              f"{100 * metrics['dead_frac'][i]:>15.2f}% {100 * metrics['dead_frac_window'][i]:>13.2f}%")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    make_config(args, 1 << 16)  # flag mistakes end the run before any data is read
+    data = open_data(args)
+    out = cli.output_dir(args, default="runs/sae")
+    source = {"data": str(args.data), "eval_data": str(args.eval_data) if args.eval_data else None,
+              "eval_frac": args.eval_frac, "n_train": data.train.n}
+    run(args, data, out, {"data": source}, name=str(args.data))
+
+
+if __name__ == "__main__":
+    cli.run(main)
