@@ -30,9 +30,11 @@ def firing_probs(n_features: int, mean_active: float, decay: float) -> np.ndarra
 def generate(n: int, *, d: int = 256, n_features: int = 512, mean_active: float = 5.0,
              decay: float = 0.99, noise: float = 0.0, correlation: float = 0.0,
              seed: int = 0, chunk: int = 65536) -> Synthetic:
-    """n vectors (see the module docstring). correlation > 0: the copula's correlation matrix
-    is that of random Gaussian factors, scaled so that off-diagonal entries have roughly
-    this magnitude."""
+    """n vectors (see the module docstring). correlation in [0, 1): the share of each feature's
+    latent Gaussian that comes from 8 factors shared by all features (random loadings), so
+    that two features' firing correlates with coefficient correlation * cos(their loadings)."""
+    if not 0 <= correlation < 1:
+        raise ValueError(f"correlation must lie in [0, 1), got {correlation}")
     rng = np.random.default_rng(seed)
     features = rng.standard_normal((n_features, d))
     features /= np.linalg.norm(features, axis=1, keepdims=True)
@@ -40,7 +42,8 @@ def generate(n: int, *, d: int = 256, n_features: int = 512, mean_active: float 
     factors = None
     if correlation > 0:
         n_factors = 8
-        factors = rng.standard_normal((n_features, n_factors)) * np.sqrt(correlation / n_factors)
+        factors = rng.standard_normal((n_features, n_factors))
+        factors *= np.sqrt(correlation) / np.linalg.norm(factors, axis=1, keepdims=True)
     thresholds = np.array([NormalDist().inv_cdf(p) for p in probs])  # P(z < t_i) = p_i
     out = np.empty((n, d), np.float32)
     for start in range(0, n, chunk):
@@ -49,7 +52,7 @@ def generate(n: int, *, d: int = 256, n_features: int = 512, mean_active: float 
             fires = rng.random((m, n_features)) < probs
         else:
             shared = rng.standard_normal((m, factors.shape[1])) @ factors.T
-            own = rng.standard_normal((m, n_features)) * np.sqrt(1 - (factors ** 2).sum(axis=1))
+            own = rng.standard_normal((m, n_features)) * np.sqrt(1 - correlation)
             fires = shared + own < thresholds
         coef = fires * rng.random((m, n_features))
         block = coef @ features

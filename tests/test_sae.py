@@ -1,0 +1,151 @@
+"""TopK SAEs on vectors: the recipe's pieces against references, training, sweeps, synthetic data."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ksae_jax import losses, models, recipe, sae_config, train
+from ksae_jax.data import synthetic
+from ksae_jax.evaluate import EvalSet, evaluate
+
+
+@pytest.fixture(scope="module")
+def syn():
+    return synthetic.generate(6000, d=32, n_features=48, mean_active=3, seed=1)
+
+
+def test_fvu_and_total_variance_match_numpy():
+    rng = np.random.default_rng(0)
+    x, r = rng.standard_normal((20, 7)), rng.standard_normal((20, 7))
+    w = np.ones(20)
+    w[15:] = 0  # padding rows do not count
+    denom = losses.total_variance(jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32))
+    got = losses.fvu(jnp.asarray(r, jnp.float32), jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32), denom)
+    xr, rr = x[:15], r[:15]
+    np.testing.assert_allclose(got, ((rr - xr) ** 2).sum() / ((xr - xr.mean(0)) ** 2).sum(), rtol=1e-5)
+
+
+def test_decoder_projection_and_renormalisation():
+    rng = np.random.default_rng(1)
+    W = recipe.unit_norm_rows(jnp.asarray(rng.standard_normal((10, 6)), jnp.float32))
+    np.testing.assert_allclose(np.linalg.norm(W, axis=1), 1, rtol=1e-6)
+    g = recipe.remove_parallel_component(W, jnp.asarray(rng.standard_normal((10, 6)), jnp.float32))
+    np.testing.assert_allclose(np.sum(np.asarray(g) * np.asarray(W), axis=1), 0, atol=1e-6)
+
+
+def test_dead_counters_advance_and_reset():
+    since = jnp.array([0, 5, 100, 7])
+    fired = jnp.array([False, True, False, False])
+    np.testing.assert_array_equal(recipe.update_dead_counters(since, fired, jnp.float32(10)), [10, 0, 110, 17])
+    np.testing.assert_array_equal(recipe.dead_mask(jnp.array([10, 0, 110, 17]), 16), [False, False, True, True])
+    big = recipe.update_dead_counters(jnp.array([recipe.COUNTER_CAP]), jnp.array([False]), jnp.float32(4096))
+    assert int(big[0]) == recipe.COUNTER_CAP  # saturates, never wraps
+
+
+def test_geometric_median_against_brute_force():
+    rng = np.random.default_rng(2)
+    pts = np.concatenate([rng.standard_normal((40, 2)), rng.standard_normal((5, 2)) * 50 + 200])
+    got = np.asarray(recipe.geometric_median(jnp.asarray(pts, jnp.float32)))
+    grid = np.stack(np.meshgrid(np.linspace(-2, 2, 401), np.linspace(-2, 2, 401)), -1).reshape(-1, 2)
+    cost = np.linalg.norm(pts[None] - grid[:, None], axis=-1).sum(1)
+    best = grid[cost.argmin()]
+    assert np.linalg.norm(got - best) < 0.02
+    assert np.linalg.norm(pts - got, axis=1).sum() <= cost.min() + 1e-3
+    assert np.linalg.norm(got - pts.mean(0)) > 10  # far from the mean: the outliers barely move it
+
+
+def _auxk_numpy(pre, dead, x, recon, W_dec, aux_k):
+    masked = np.where(dead[None], pre, -np.inf)
+    idx = np.argsort(-masked, axis=1, kind="stable")[:, :aux_k]
+    vals = np.maximum(np.take_along_axis(masked, idx, 1), 0)
+    vals = np.where(dead[idx], vals, 0)
+    e_hat = np.einsum("bk,bkd->bd", vals, W_dec[idx])
+    e = x - recon
+    scale = min(dead.sum() / aux_k, 1.0)
+    return scale * ((e_hat - e) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_auxk_matches_numpy_and_is_zero_without_dead_latents(sparse):
+    cfg = sae_config(12, (3,), latents=40, aux_k=6, decoder="sparse" if sparse else "dense",
+                     dead_tokens=10)
+    params = models.init_params(cfg.model, jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (16, 12))
+    batch = {"x": x, "w": jnp.ones(16)}
+    dead = jnp.zeros(40, bool).at[jnp.array([1, 5, 6, 20, 33])].set(True)
+    loss_fn = jax.jit(lambda d: losses.sae_loss(params, batch, 3, 0.0, d, cfg=cfg, max_k=3))
+    with_dead, m = loss_fn(dead)
+    without, m0 = loss_fn(jnp.zeros(40, bool))
+    np.testing.assert_allclose(without, m0["rec"], rtol=1e-6)  # AuxK adds exactly 0
+    out = models.apply(cfg.model, params, x, 3, 3)
+    p = jax.tree.map(np.asarray, params)
+    pre = (np.asarray(x) - p["b_dec"]) @ p["W_enc"].T + p["b_enc"]
+    want = _auxk_numpy(pre, np.asarray(dead), np.asarray(x), np.asarray(out.recon), p["W_dec"], 6)
+    np.testing.assert_allclose(with_dead - m["rec"], cfg.aux_coef * want, rtol=1e-4)
+    assert want > 0
+
+
+def test_training_keeps_decoder_rows_unit_norm_and_reduces_fvu(syn):
+    cfg = sae_config(32, (3, 6), latents=96, steps=60, batch_size=256, eval_every=30)
+    r = train.train_sweep(cfg, syn.x[:5000], syn.x[5000:], progress=False)
+    np.testing.assert_allclose(np.linalg.norm(r.params["W_dec"], axis=-1), 1, rtol=1e-5)
+    rows = train.as_rows(cfg, syn.x[:5000], "train")
+    untrained = evaluate(cfg, train.init_state(cfg, rows).params,
+                         EvalSet(train.as_rows(cfg, syn.x[5000:], "test"))).fvu
+    assert (np.array([f[-1] for f in r.history["eval_fvu"]]) < 0.7 * untrained).all()
+    assert r.history["eval_fvu"][1][-1] < r.history["eval_fvu"][0][-1]  # larger k, lower FVU
+    assert r.final.l0.tolist() == pytest.approx([3, 6], abs=0.2)
+    median = recipe.geometric_median(jnp.asarray(syn.x[:5000][np.sort(
+        np.random.default_rng(0).permutation(5000)[:train.MEDIAN_ROWS])]))
+    init = train.init_state(cfg, train.as_rows(cfg, syn.x[:5000], "train"))
+    np.testing.assert_allclose(init.params["b_dec"][1], median, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("batching", ["vmap", "loop"])
+def test_sae_sweep_equals_each_k_alone(syn, batching):
+    base = dict(latents=64, steps=12, batch_size=200, dead_tokens=400, batching=batching,
+                multi_topk=True)
+    sweep = train.train_sweep(sae_config(32, (2, 5), **base), syn.x[:4000], syn.x[4000:],
+                              progress=False)
+    for i, k in enumerate((2, 5)):
+        alone = train.train_sweep(sae_config(32, (k,), **base), syn.x[:4000], syn.x[4000:],
+                                  progress=False)
+        for a, b in zip(jax.tree.leaves(sweep.params), jax.tree.leaves(alone.params)):
+            np.testing.assert_allclose(a[i], b[0], rtol=1e-4, atol=1e-6)
+        np.testing.assert_array_equal(sweep.since_fired[i], alone.since_fired[0])
+
+
+def test_sparse_and_dense_training_agree(syn):
+    runs = [train.train_sweep(sae_config(32, (4,), latents=64, steps=10, batch_size=200,
+                                         decoder=dec, dead_tokens=300),
+                              syn.x[:4000], syn.x[4000:], progress=False) for dec in ("sparse", "dense")]
+    np.testing.assert_allclose(runs[0].history["eval_fvu"], runs[1].history["eval_fvu"], rtol=1e-3)
+    for a, b in zip(jax.tree.leaves(runs[0].params), jax.tree.leaves(runs[1].params)):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+
+
+def test_synthetic_generator_statistics():
+    s = synthetic.generate(40_000, d=64, n_features=128, mean_active=5, seed=0)
+    assert s.x.shape == (40_000, 64) and s.features.shape == (128, 64)
+    np.testing.assert_allclose(np.linalg.norm(s.features, axis=1), 1, rtol=1e-5)
+    assert s.probs.sum() == pytest.approx(5) and s.probs[0] / s.probs[1] == pytest.approx(1 / 0.99)
+    corr = synthetic.generate(40_000, d=64, n_features=128, mean_active=5, seed=0, correlation=0.5)
+    assert corr.x.shape == s.x.shape
+    mmcs, rec, best = synthetic.recovery(np.concatenate([s.features, -s.features]), s.features)
+    assert mmcs == pytest.approx(1) and rec == 1 and best.shape == (128,)
+    with pytest.raises(ValueError, match="probability above 1"):
+        synthetic.firing_probs(10, 20, 0.99)
+
+
+def test_synthetic_mean_number_of_active_features():
+    rng_counts = []
+    p = synthetic.firing_probs(512, 5.0, 0.99)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        rng_counts.append((rng.random((1000, 512)) < p).sum(axis=1).mean())
+    assert np.mean(rng_counts) == pytest.approx(5, rel=0.02)
+    s = synthetic.generate(2000, d=512, n_features=512, mean_active=5, seed=3)
+    # with G = d the features are linearly independent: solve for the coefficients exactly
+    coef = np.linalg.solve(s.features.T.astype(np.float64), s.x.T.astype(np.float64)).T
+    assert (np.abs(coef) > 1e-4).sum(axis=1).mean() == pytest.approx(5, rel=0.1)
+    assert coef.min() > -1e-4 and coef.max() < 1 + 1e-4

@@ -1,0 +1,164 @@
+"""The vector experiments end to end on tiny configs: outputs, loading, exports, errors, resume."""
+import json
+
+import numpy as np
+import pytest
+
+import ksae_jax
+from experiments import activations, sae, synthetic
+from ksae_jax import checkpoint, cli
+from ksae_jax.data import synthetic as synth
+
+SAE_OUTPUTS = {"params.pkl", "metrics.json", "checkpoint.pkl", "fvu_vs_k.png", "firing_freq.png",
+               "training_curves.png"}
+
+
+@pytest.fixture(scope="module")
+def acts(tmp_path_factory):
+    d = tmp_path_factory.mktemp("acts")
+    s = synth.generate(5000, d=24, n_features=40, mean_active=3, seed=2)
+    np.save(d / "train.npy", s.x[:4500] * 7 + 3)  # not centred, not unit scale
+    np.save(d / "test.npy", s.x[4500:] * 7 + 3)
+    return d
+
+
+TINY = ["--latents", "64", "--ks", "2", "5", "--steps", "12", "--batch-size", "256",
+        "--eval-every", "6", "--no-progress"]
+
+
+def test_tiny_sae_run_writes_every_output_and_loads_back(acts, tmp_path):
+    out = tmp_path / "run"
+    sae.main(["--data", str(acts / "train.npy"), "--eval-data", str(acts / "test.npy"),
+              "--normalize", "--multi-topk", "--out", str(out)] + TINY)
+    assert {p.name for p in out.iterdir()} == SAE_OUTPUTS
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["ks"] == [2, 5] and m["steps"] == 12 and m["config"]["multi_topk"]
+    for key in ("fvu", "mse", "l0", "dead_frac", "dead_frac_window"):
+        assert len(m[key]) == 2
+    assert m["l0"][0] <= 2 and m["fvu"][1] < m["fvu"][0] < 1.5
+    assert m["input_scale"] != 1.0 and m["history"]["step"] == [6, 12]
+    model = ksae_jax.load(out / "params.pkl")
+    x = np.load(acts / "test.npy")
+    recon = model.reconstruct(x, 5)
+    fvu = ((recon - x) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+    assert fvu == pytest.approx(m["fvu"][1], rel=1e-3)  # the scale is applied inside
+    values, idx = model.encode_topk(x[:10], 5)
+    dense = model.encode(x[:10], 5)
+    assert values.shape == idx.shape == (10, 5)
+    np.testing.assert_allclose(np.take_along_axis(dense, idx, 1), values, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model.decode(dense, 5), model.reconstruct(x[:10], 5), rtol=1e-5)
+    assert model.encode(x[0], 2).shape == (1, 64) and model.encode(x[:0], 2).shape == (0, 64)
+
+
+def test_export_to_sparsify_layout_reconstructs_the_same(acts, tmp_path):
+    out = tmp_path / "run"
+    sae.main(["--data", str(acts / "train.npy"), "--normalize", "--out", str(out)] + TINY)
+    model = ksae_jax.load(out / "params.pkl")
+    exported = ksae_jax.export_sparsify(out / "params.pkl", 5, tmp_path / "sp")
+    from safetensors.numpy import load_file
+    t = load_file(str(exported / "sae.safetensors"))
+    cfg = json.loads((exported / "cfg.json").read_text())
+    assert {n: a.shape for n, a in t.items()} == {"encoder.weight": (64, 24), "encoder.bias": (64,),
+                                                  "W_dec": (64, 24), "b_dec": (24,)}
+    assert all(a.dtype == np.float32 for a in t.values())
+    assert (cfg["d_in"], cfg["num_latents"], cfg["k"], cfg["activation"]) == (24, 64, 5, "topk")
+    x = np.load(acts / "test.npy")[:50]
+    # sparsify's forward: top k of ReLU(W (x - b_dec) + b), decoded by rows of W_dec, + b_dec
+    pre = np.maximum((x - t["b_dec"]) @ t["encoder.weight"].T + t["encoder.bias"], 0)
+    idx = np.argsort(-pre, axis=1, kind="stable")[:, :5]
+    recon = np.einsum("bk,bkd->bd", np.take_along_axis(pre, idx, 1), t["W_dec"][idx]) + t["b_dec"]
+    np.testing.assert_allclose(recon, model.reconstruct(x, 5), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="no model for k=3"):
+        ksae_jax.export_sparsify(model, 3, tmp_path / "sp3")
+
+
+def test_sparsify_loads_the_export(acts, tmp_path):
+    """The round trip through sparsify itself, where it is installed (a benchmark peer, not a
+    dependency); the layout and its arithmetic are checked above either way."""
+    sparsify = pytest.importorskip("sparsify")
+    import torch
+    out = tmp_path / "run"
+    sae.main(["--data", str(acts / "train.npy"), "--normalize", "--out", str(out)] + TINY)
+    model = ksae_jax.load(out / "params.pkl")
+    coder = sparsify.SparseCoder.load_from_disk(ksae_jax.export_sparsify(model, 5, tmp_path / "sp"))
+    x = np.load(acts / "test.npy")[:50]
+    with torch.no_grad():
+        enc = coder.encode(torch.from_numpy(x))
+        got = coder.decode(enc.top_acts, enc.top_indices).numpy()
+    np.testing.assert_allclose(got, model.reconstruct(x, 5), rtol=1e-4, atol=1e-4)
+
+
+def test_safetensors_export_round_trip(acts, tmp_path, digits):
+    out = tmp_path / "run"
+    sae.main(["--data", str(acts / "train.npy"), "--out", str(out)] + TINY)
+    model = ksae_jax.load(out / "params.pkl")
+    again = ksae_jax.load(ksae_jax.export_safetensors(out / "params.pkl", tmp_path / "st"))
+    x = np.load(acts / "test.npy")[:20]
+    np.testing.assert_array_equal(again.reconstruct(x, 2), model.reconstruct(x, 2))
+    assert again.ks == model.ks and again.input_scale == model.input_scale
+
+
+def test_interrupted_sae_run_resumes_to_the_same_params(acts, tmp_path, monkeypatch):
+    args = ["--data", str(acts / "train.npy"), "--out"] + TINY
+    sae.main(args[:2] + args[2:3] + [str(tmp_path / "ref")] + args[3:])
+    real = checkpoint.save_checkpoint
+
+    def save_then_die(path, **kw):
+        real(path, **kw)
+        raise KeyboardInterrupt  # as if killed right after the first checkpoint
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
+    out = tmp_path / "cut"
+    with pytest.raises(SystemExit) as e:
+        cli.run(sae.main, args[:3] + [str(out)] + args[3:])
+    assert e.value.code == 130 and checkpoint.load_checkpoint(out / "checkpoint.pkl")["step"] == 6
+    monkeypatch.setattr(checkpoint, "save_checkpoint", real)
+    sae.main(["--data", str(acts / "train.npy"), "--resume", str(out)] + TINY)
+    a = checkpoint.load_params_file(out / "params.pkl")["params"]
+    b = checkpoint.load_params_file(tmp_path / "ref" / "params.pkl")["params"]
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name])
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda p: np.save(p, np.zeros((10, 3, 2), np.float32)), "expected a 2-D array"),
+    (lambda p: np.save(p, np.zeros((10, 3), np.int64)), "expected float vectors, got dtype int64"),
+    (lambda p: np.save(p, np.zeros((0, 3), np.float32)), "empty array"),
+    (lambda p: np.save(p, np.full((10, 3), np.nan, np.float32)), "row 0: 10 row(s) hold NaN or Inf"),
+    (lambda p: p.write_bytes(b"\x93NUMPY truncated"), "not a readable .npy file"),
+])
+def test_bad_data_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, make, message):
+    data = tmp_path / "bad.npy"
+    make(data)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        cli.run(sae.main, ["--data", str(data), "--out", str(out)] + TINY)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and "bad.npy" in err and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+def test_skip_nonfinite_drops_rows(acts, tmp_path, capsys):
+    x = np.load(acts / "train.npy")
+    x[[3, 50]] = np.inf
+    np.save(tmp_path / "x.npy", x)
+    sae.main(["--data", str(tmp_path / "x.npy"), "--skip-nonfinite", "--out", str(tmp_path / "o")] + TINY)
+    assert "dropped 2 row(s) holding NaN or Inf" in capsys.readouterr().out
+    m = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert m["n_train"] + m["n_eval"] == len(x) - 2
+
+
+def test_synthetic_and_activations_experiments_run(tmp_path):
+    out = tmp_path / "syn"
+    synthetic.main(["--rows", "3000", "--eval-rows", "500", "--d", "16", "--features", "24",
+                    "--mean-active", "2", "--latents", "48", "--ks", "2", "4", "--steps", "8",
+                    "--batch-size", "256", "--no-progress", "--out", str(out)])
+    m = json.loads((out / "metrics.json").read_text())
+    assert len(m["mmcs"]) == len(m["recovered_frac"]) == len(m["dead_frac"]) == 2
+    assert 0 < m["mmcs"][0] <= 1 and (out / "mmcs_vs_k.png").exists()
+    acts_out = tmp_path / "acts"
+    activations.main(["--dataset", "mnist-sample", "--train-limit", "600", "--width", "32",
+                      "--epochs", "1", "--no-progress", "--out", str(acts_out)])
+    tr, te = np.load(acts_out / "train.npy"), np.load(acts_out / "test.npy")
+    assert tr.shape == (600, 32) and te.shape == (1000, 32) and tr.dtype == np.float32
+    assert (tr >= 0).all() and json.loads((acts_out / "info.json").read_text())["test_error_pct"] < 90
