@@ -251,9 +251,9 @@ def train_sweep(cfg: SweepConfig, train, test=None, *, progress: bool = True, ch
       evaluation point.
     checkpoint: a file written (atomically) at every evaluation point; with resume=True
       training continues from it and ends with the same parameters as an uninterrupted run.
-    on_nan: "stop" raises Diverged at the evaluation point after a model's loss became
-      non-finite (the previous checkpoint is kept); "continue" freezes that model at its
-      last finite state and trains the others on.
+    on_nan: "stop" raises Diverged at the evaluation point after a model's loss, parameters
+      or outputs became non-finite (the previous checkpoint is kept); "continue" freezes
+      that model and trains the others on.
     run_info: extra settings (e.g. the data used) stored in the checkpoint and required to
       match on resume. feeder: "auto", "device" or "host" (see data.feed).
     """
@@ -265,56 +265,95 @@ def train_sweep(cfg: SweepConfig, train, test=None, *, progress: bool = True, ch
         raise ValueError("resume=True needs a checkpoint path")
     rows = as_rows(cfg, train, "train")
     evalset = None if test is None else EvalSet(as_rows(cfg, test, "test"))
+    probe = evalset or EvalSet(_head(rows, PROBE_ROWS))  # every model's outputs must be finite
     run_info = run_info or {}
-    t0 = time.perf_counter()
-    budget = make_budget(cfg, rows.n)
-    run_cfg = resolved(cfg, rows.n)
+    clock = _Clock()
+    budget, run_cfg = make_budget(cfg, rows.n), resolved(cfg, rows.n)
     if resume:
         ckpt = _restore(cfg, checkpoint, run_info)
-        state, history, start, before = ckpt["state"], ckpt["history"], ckpt["step"], ckpt["seconds"]
+        state, history, start, clock.before = ckpt["state"], ckpt["history"], ckpt["step"], ckpt["seconds"]
     else:
-        state, history, start, before = init_state(cfg, rows), _fresh_history(), 0, 0.0
+        state, history, start = init_state(cfg, rows), _fresh_history(), 0
     batches = make_feeder(rows, cfg.batch_size, cfg.seed, mode=feeder).batches(start)
     step_fn = functools.partial(sweep_step, cfg=run_cfg)
-    compile_seconds, final = 0.0, None
     bar = tqdm(total=budget.steps, initial=start, disable=not progress, unit="step",
                desc=f"{len(cfg.ks)} models")
+    final = None
     for end in budget.segment_ends(start):
-        sums = jnp.zeros((len(cfg.ks), 3), jnp.float32)
-        dead_before = np.asarray(state.diverged_at)
-        for s in range(start, end):
-            tc = time.perf_counter()
-            state, sums = step_fn(state, sums, next(batches), jnp.asarray(k_at(cfg, s, budget.steps)),
-                                  jnp.int32(s))
-            if compile_seconds == 0.0:
-                jax.block_until_ready(sums)
-                compile_seconds = time.perf_counter() - tc
-            bar.update()
-        start = end
-        dead = np.asarray(state.diverged_at)
-        newly = (dead >= 0) & (dead_before < 0)
-        if on_nan == "stop" and newly.any():
-            bar.close()
-            where = _divergence(cfg, np.where(newly, dead, -1), budget.steps_per_epoch)
-            lines = ", ".join(f"k={k} at step {w['step']} (epoch {w['epoch']})" for k, w in where.items())
-            kept = "; the previous checkpoint is kept" if checkpoint and history["step"] else ""
-            raise Diverged(f"non-finite loss: {lines}{kept}")
-        final = None if evalset is None else evaluate(run_cfg, state.params, evalset)
+        healthy_before = np.asarray(state.diverged_at) < 0
+        state, sums = _train_segment(step_fn, state, batches, cfg, budget, start, end, clock, bar)
+        final = evaluate(run_cfg, state.params, probe)
+        state = _flag_nonfinite(state, final, end)
+        if on_nan == "stop":
+            _stop_if_diverged(cfg, state, healthy_before, budget, bool(checkpoint and history["step"]), bar)
         window = np.asarray(recipe.dead_mask(state.since_fired, run_cfg.dead_tokens)).mean(axis=1)
-        _record(history, end, np.asarray(sums), final, window, dead < 0)
+        _record(history, end, np.asarray(sums), final if evalset else None, window,
+                np.asarray(state.diverged_at) < 0)
         bar.set_postfix(_postfix(cfg, history))
         if checkpoint is not None:
             save_checkpoint(checkpoint, config={**cfg.to_dict(), **run_info}, step=end,
-                            state=state, history=history,
-                            seconds=before + time.perf_counter() - t0)
+                            state=state, history=history, seconds=clock.seconds())
+        start = end
     bar.close()
     batches.close()
     per_model = {k: [list(e) for e in zip(*v)] if k != "step" else list(v)
                  for k, v in history.items() if v}
-    return SweepResult(jax.tree.map(np.asarray, state.params), per_model,
-                       before + time.perf_counter() - t0, compile_seconds,
+    return SweepResult(jax.tree.map(np.asarray, state.params), per_model, clock.seconds(),
+                       clock.compile_seconds,
                        _divergence(cfg, np.asarray(state.diverged_at), budget.steps_per_epoch),
-                       budget, final, np.asarray(state.since_fired))
+                       budget, final if evalset else None, np.asarray(state.since_fired))
+
+
+PROBE_ROWS = 1024  # rows whose outputs are checked for NaN/Inf when no held-out set is given
+
+
+class _Clock:
+    """Wall time of a run (earlier sessions of a resumed run included) and its compile time."""
+
+    def __init__(self):
+        self.t0, self.before, self.compile_seconds = time.perf_counter(), 0.0, 0.0
+
+    def seconds(self) -> float:
+        return self.before + time.perf_counter() - self.t0
+
+
+def _head(rows: Rows, n: int) -> Rows:
+    return rows.view(0, min(n, rows.n)) if hasattr(rows, "view") else ArrayRows(
+        rows.all()[:n], rows.scale)
+
+
+def _train_segment(step_fn, state, batches, cfg, budget, start: int, end: int, clock: _Clock, bar):
+    """Steps start..end-1 of the budget; sums of (loss, rec) x rows and rows, per model."""
+    sums = jnp.zeros((len(cfg.ks), 3), jnp.float32)
+    for s in range(start, end):
+        tc = time.perf_counter()
+        state, sums = step_fn(state, sums, next(batches), jnp.asarray(k_at(cfg, s, budget.steps)),
+                              jnp.int32(s))
+        if clock.compile_seconds == 0.0:
+            jax.block_until_ready(sums)
+            clock.compile_seconds = time.perf_counter() - tc
+        bar.update()
+    return state, sums
+
+
+def _flag_nonfinite(state: TrainState, result: EvalResult, step: int) -> TrainState:
+    """Marks as diverged (at the segment's last step) the healthy models whose outputs are
+    not finite, though their parameters are (e.g. weights near float32's limit)."""
+    bad = ~np.isfinite(result.mse) & (np.asarray(state.diverged_at) < 0)
+    if not bad.any():
+        return state
+    return state._replace(diverged_at=jnp.where(jnp.asarray(bad), step - 1, state.diverged_at))
+
+
+def _stop_if_diverged(cfg, state, healthy_before, budget: Budget, kept: bool, bar) -> None:
+    newly = healthy_before & (np.asarray(state.diverged_at) >= 0)
+    if not newly.any():
+        return
+    bar.close()
+    where = _divergence(cfg, np.where(newly, np.asarray(state.diverged_at), -1), budget.steps_per_epoch)
+    lines = ", ".join(f"k={k} at step {w['step']} (epoch {w['epoch']})" for k, w in where.items())
+    raise Diverged(f"non-finite loss or outputs: {lines}"
+                   f"{'; the previous checkpoint is kept' if kept else ''}")
 
 
 def _postfix(cfg: SweepConfig, history: dict) -> dict:

@@ -176,7 +176,7 @@ def test_cli_reports_divergence_in_one_line(tmp_path, capsys):
                                      "--no-progress", "--out", str(out)])
     assert e.value.code == 1
     err = capsys.readouterr().err.strip()
-    assert err.startswith("ksweep: error: non-finite loss: k=5 at step ") and "\n" not in err
+    assert err.startswith("ksweep: error: non-finite loss or outputs: k=5 at step ") and "\n" not in err
     assert not (out / "params.pkl").exists()
 
 
