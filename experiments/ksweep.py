@@ -81,17 +81,19 @@ def write_figures(out: Path, ae: Autoencoder, x_train, x_test, history, dataset:
 
 def main(argv=None):
     args = parse_args(argv)
+    cli.start_devices(args)
     make_config(args, "mnist")  # flag mistakes end the run before any data is read
     ds = cli.load_data(args)
     cfg = make_config(args, ds.name)
     cli.check_batch_size(cfg, len(ds.x_train))
+    mesh = cli.device_mesh(args, cfg)
     out = cli.output_dir(args, default="runs/ksweep")
     print(f"dataset {ds.name}: {len(ds.x_train)} train / {len(ds.x_test)} test images; "
           f"{cfg.model.arch} model, ks {list(cfg.ks)}")
-    plan = cli.announce(cfg, len(ds.x_train))
+    plan = cli.announce(cfg, len(ds.x_train), mesh)
     source = str(args.idx_dir) if args.idx_dir else ds.name
     run_info = {"data": {"dataset": ds.name, "source": source, "n_train": len(ds.x_train)}}
-    result = cli.train(cfg, ds.x_train, ds.x_test, out, args, run_info)
+    result = cli.train(cfg, ds.x_train, ds.x_test, out, args, run_info, mesh=mesh)
 
     h = result.history
     metrics = {

@@ -79,6 +79,9 @@ def markdown(table: dict) -> str:
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.distributed:
+        raise cli.UsageError("--distributed: the paper table's classifiers run in one process "
+                             "(its autoencoders can still use --mesh over local devices)")
     cfg = make_config(args)
     ds = cli.load_data(args)
     cli.check_batch_size(cfg, len(ds.x_train))
@@ -88,8 +91,9 @@ def main(argv=None):
     print(f"dataset {ds.name}: {len(ds.x_train)} train / {len(ds.x_test)} test; ks {list(cfg.ks)}")
 
     run_info = {"data": {"dataset": ds.name, "n_train": len(ds.x_train)}}
-    budget = cli.announce(cfg, len(ds.x_train))
-    result = cli.train(cfg, ds.x_train, ds.x_test, out, args, run_info)
+    mesh = cli.device_mesh(args, cfg)
+    budget = cli.announce(cfg, len(ds.x_train), mesh)
+    result = cli.train(cfg, ds.x_train, ds.x_test, out, args, run_info, mesh=mesh)
     if result.diverged:
         raise cli.RunFailed(f"autoencoders diverged: {result.diverged}; try a smaller --lr")
     ae = Autoencoder(cfg, cfg.ks, result.params)

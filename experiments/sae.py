@@ -86,14 +86,16 @@ def run(args, data: vectors.Split, out: Path, run_info: dict, name: str = "vecto
     Returns (config, result, metrics)."""
     cfg = make_config(args, data.train.d)
     cli.check_batch_size(cfg, data.train.n)
+    mesh = cli.device_mesh(args, cfg)
+    import jax
     mode = args.feeder if args.feeder != "auto" else (
-        "device" if feed.fits_on_device(data.train) else "host")
+        "device" if feed.fits_on_device(data.train) and jax.process_count() == 1 else "host")
     print(f"data {name}: {data.train.n:,} training / {data.eval.n:,} held-out vectors of d = "
           f"{data.train.d}; {cfg.model.hidden:,} latents, ks {list(cfg.ks)}; batches "
           f"{'from the device' if mode == 'device' else 'read by a background thread'}"
           f"{f'; inputs scaled by {data.train.scale:.4g}' if cfg.normalize else ''}")
-    plan = cli.announce(cfg, data.train.n)
-    result = cli.train(cfg, data.train, data.eval, out, args, run_info, feeder=mode)
+    plan = cli.announce(cfg, data.train.n, mesh)
+    result = cli.train(cfg, data.train, data.eval, out, args, run_info, mesh=mesh, feeder=mode)
     metrics = sweep_metrics(cfg, result, plan, data)
     write_json(out / "metrics.json", metrics)
     kept, params = cli.healthy_models(cfg, result)
@@ -154,6 +156,7 @@ def print_table(cfg, metrics: dict) -> None:
 
 def main(argv=None):
     args = parse_args(argv)
+    cli.start_devices(args)
     make_config(args, 1 << 16)  # flag mistakes end the run before any data is read
     data = open_data(args)
     out = cli.output_dir(args, default="runs/sae")

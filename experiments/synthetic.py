@@ -40,6 +40,7 @@ DEFAULT_STEPS = 3000
 
 def main(argv=None):
     args = parse_args(argv)
+    cli.start_devices(args)
     if args.steps is None and args.epochs is None:
         args.steps = DEFAULT_STEPS
     sae.make_config(args, args.d)

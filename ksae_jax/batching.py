@@ -7,6 +7,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from ksae_jax import sharding
 from ksae_jax.config import SweepConfig
 
 
@@ -17,9 +18,12 @@ def choose(arch: str, platform: str) -> str:
 
 
 def resolve(cfg: SweepConfig, platform: str | None = None) -> str:
-    """The sweep's batching, with "auto" resolved for its arch and the default backend."""
+    """The sweep's batching, with "auto" resolved for its arch and the default backend; vmap
+    whenever a mesh splits the models over devices (each device runs its own models)."""
     if cfg.batching != "auto":
         return cfg.batching
+    if sharding.axis_size("model") > 1:
+        return "vmap"
     return choose(cfg.model.arch, platform or jax.default_backend())
 
 

@@ -39,9 +39,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], A
     """Writes a file so that it is never seen half written under its final name.
 
     `write(f)` fills a temporary file in the same folder; it is flushed and fsynced,
-    then renamed over `path` (an atomic step), and the folder entry is fsynced.
+    then renamed over `path` (an atomic step), and the folder entry is fsynced. In a
+    multi-host run only process 0 writes.
     """
     path = Path(path)
+    from ksae_jax.sharding import is_writer
+    if not is_writer():
+        return path
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; results are ordinary files

@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from ksae_jax import batching
+from ksae_jax import batching, sharding
 from ksae_jax.checkpoint import ParamsFileError
 from ksae_jax.data import images as image_data
 
@@ -122,6 +122,17 @@ def add_run_flags(p: argparse.ArgumentParser, default_out: str) -> None:
                    help="how the models share the compiled step (auto: loop for conv on CPU, "
                         "vmap elsewhere)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("devices and hosts")
+    g.add_argument("--mesh", default=None, metavar="AXES",
+                   help="device mesh, e.g. data=2,model=4 (axes data, model, latent; product = "
+                        "device count; default: every device on model when there are at least "
+                        "as many models, else on data)")
+    g.add_argument("--distributed", action="store_true",
+                   help="one process of a multi-host run (jax.distributed.initialize)")
+    g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="--distributed: process 0's address (default: from the environment)")
+    g.add_argument("--num-processes", type=positive_int, default=None)
+    g.add_argument("--process-id", type=int_value, default=None)
 
 
 def check_data_flags(args) -> None:
@@ -191,30 +202,61 @@ def check_batch_size(cfg, n_train: int) -> None:
                          f"({n_train} rows)")
 
 
-def announce(cfg, n_train: int, log: Callable[[str], None] = print) -> dict:
+def announce(cfg, n_train: int, mesh=None, log: Callable[[str], None] = print) -> dict:
     """Prints the run's budget and batching; returns them for metrics.json."""
     import jax
 
     from ksae_jax.train import make_budget
 
     budget = make_budget(cfg, n_train)
-    how = batching.resolve(cfg)
+    with sharding.use(mesh):
+        how = batching.resolve(cfg)
     unit = "images" if cfg.model.is_image else "vectors"
     log(f"budget: {budget.describe(cfg.batch_size, unit)}; evaluation every {budget.eval_every} steps")
     log(f"batching: {how} ({len(cfg.ks)} {cfg.model.arch} models on {jax.default_backend()}"
         f"{'' if cfg.batching == 'auto' else ', as asked'})")
     return {"steps": budget.steps, "epochs": budget.epochs, "steps_per_epoch": budget.steps_per_epoch,
-            "eval_every": budget.eval_every, "batching": how}
+            "eval_every": budget.eval_every, "batching": how,
+            "mesh": dict(mesh.shape) if mesh is not None else None,
+            "processes": jax.process_count()}
 
 
-def train(cfg, train_data, test_data, out: Path, args, run_info: dict, **kw):
+def start_devices(args) -> None:
+    """First thing a multi-host run does: join the other processes (--distributed)."""
+    if not getattr(args, "distributed", False):
+        return
+    try:
+        sharding.initialize(args.coordinator, args.num_processes, args.process_id)
+    except (RuntimeError, ValueError) as e:
+        raise UsageError(f"--distributed: {e}") from None
+
+
+def device_mesh(args, cfg, log: Callable[[str], None] = print):
+    """The mesh the flags ask for (None on one device without --mesh), checked and printed."""
+    import jax
+
+    n = jax.device_count()
+    if args.mesh is None and n == 1:
+        return None
+    try:
+        axes = sharding.parse_mesh(args.mesh) if args.mesh else sharding.default_axes(n, len(cfg.ks))
+        sharding.check_axes(axes, n, cfg)
+    except ValueError as e:
+        raise UsageError(f"--mesh: {e}") from None
+    hosts = f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""
+    log(f"mesh: {sharding.format_axes(axes)} over {n} {jax.devices()[0].platform} devices{hosts}")
+    return sharding.make_mesh(axes)
+
+
+def train(cfg, train_data, test_data, out: Path, args, run_info: dict, mesh=None, **kw):
     """train_sweep with a checkpoint in `out` at every evaluation, resuming when asked."""
     from ksae_jax.train import CheckpointMismatch, Diverged, train_sweep
 
+    progress = not args.no_progress and sharding.is_writer()
     try:
-        return train_sweep(cfg, train_data, test_data, progress=not args.no_progress,
+        return train_sweep(cfg, train_data, test_data, progress=progress,
                            checkpoint=out / CHECKPOINT, resume=args.resume is not None,
-                           on_nan=args.on_nan, run_info=run_info, **kw)
+                           on_nan=args.on_nan, run_info=run_info, mesh=mesh, **kw)
     except CheckpointMismatch as e:
         raise UsageError(f"--resume {e}") from None
     except Diverged as e:

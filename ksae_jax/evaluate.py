@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ksae_jax import batching, models
+from ksae_jax import batching, models, sharding
 from ksae_jax.config import SweepConfig
 from ksae_jax.data.feed import Rows, gather
 
@@ -31,7 +31,7 @@ class EvalSet:
         self.rows, self.batch_size, self.n = rows, min(batch_size, rows.n), rows.n
         host = rows.all()
         self.data = put(host)
-        self.order = jnp.asarray(np.concatenate(
+        self.order = put(np.concatenate(
             [np.arange(self.n), np.full(-self.n % self.batch_size, -1)]).astype(np.int32))
         flat = host.reshape(self.n, -1).astype(np.float64) * rows.scale
         self.total_variance = float(((flat - flat.mean(axis=0)) ** 2).sum())
@@ -62,14 +62,14 @@ def _eval_batch(params, data, order, i, scale, ks, *, cfg: SweepConfig, batch_si
 def evaluate(cfg: SweepConfig, params, evalset: EvalSet, ks=None) -> EvalResult:
     """Every model's metrics over all of `evalset` (models keep their own k, or `ks`)."""
     how = batching.resolve(cfg)
-    ks = jnp.asarray(cfg.ks if ks is None else ks, jnp.int32)
-    sse = jnp.zeros(len(cfg.ks))
-    counts = jnp.zeros((len(cfg.ks), cfg.model.hidden))
+    ks = np.asarray(cfg.ks if ks is None else ks, np.int32)
+    sse = counts = 0
     for i in range(evalset.order.shape[0] // evalset.batch_size):
-        s, c = _eval_batch(params, evalset.data, evalset.order, i, evalset.rows.scale, ks,
+        s, c = _eval_batch(params, evalset.data, evalset.order, np.int32(i),
+                           np.float32(evalset.rows.scale), ks,
                            cfg=cfg, batch_size=evalset.batch_size, how=how)
         sse, counts = sse + s, counts + c
-    sse, counts = np.asarray(sse, np.float64), np.asarray(counts)
+    sse, counts = sharding.to_host(sse).astype(np.float64), sharding.to_host(counts)
     # images: MSE on pixels in [0, 1], as the original; vectors: in the data's own units
     unit = 1.0 if cfg.model.is_image else evalset.rows.scale ** 2
     return EvalResult(mse=sse / evalset.n_elements / unit,

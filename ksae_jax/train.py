@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from ksae_jax import batching, models, optim, recipe
+from ksae_jax import batching, models, optim, recipe, sharding
 from ksae_jax.config import SweepConfig
 from ksae_jax.data.feed import ArrayRows, Rows, make_feeder
 from ksae_jax.evaluate import EvalResult, EvalSet, evaluate
@@ -75,6 +75,7 @@ def sweep_step(state: TrainState, sums: jax.Array, batch: dict, ks, step, *, cfg
     are not finite keeps its last finite parameters from then on; diverged_at records the
     step. sums accumulates per-model (loss, rec) x real rows, and the real rows.
     """
+    batch = sharding.constrain(batch, {k: sharding.batch_spec(v.ndim) for k, v in batch.items()})
     alive = state.diverged_at < 0
     per_model = (state.params, state.opt_state, state.since_fired, ks,
                  jnp.asarray(cfg.lrs, jnp.float32), jnp.full(len(cfg.ks), cfg.l1, jnp.float32),
@@ -86,7 +87,8 @@ def sweep_step(state: TrainState, sums: jax.Array, batch: dict, ks, step, *, cfg
     n = batch["w"].sum()
     new = jnp.stack([m["loss"] * n, m["rec"] * n, jnp.full_like(m["loss"], n)], axis=-1)
     sums = sums + jnp.where((alive & m["finite"])[:, None], new, 0.0)
-    return TrainState(params, opt_state, since_fired, diverged_at), sums
+    state = TrainState(params, opt_state, since_fired, diverged_at)
+    return sharding.constrain(state, sharding.state_specs(state)), sums
 
 
 # ---------------------------------------------------------------- budget and schedule
@@ -243,7 +245,7 @@ def _divergence(cfg: SweepConfig, diverged_at: np.ndarray, per_epoch: int) -> di
 
 def train_sweep(cfg: SweepConfig, train, test=None, *, progress: bool = True, checkpoint=None,
                 resume: bool = False, on_nan: str = "stop", run_info: dict | None = None,
-                feeder: str = "auto") -> SweepResult:
+                feeder: str = "auto", mesh=None) -> SweepResult:
     """Trains every k of `cfg` side by side in one compiled program.
 
     train/test: uint8 images (N, 28, 28) for conv/mlp; for topk a float (N, d) array, a
@@ -256,55 +258,107 @@ def train_sweep(cfg: SweepConfig, train, test=None, *, progress: bool = True, ch
       that model and trains the others on.
     run_info: extra settings (e.g. the data used) stored in the checkpoint and required to
       match on resume. feeder: "auto", "device" or "host" (see data.feed).
+    mesh: a jax.sharding.Mesh with axes data/model/latent (see sharding), or None.
     """
-    from ksae_jax.checkpoint import save_checkpoint
-
     if on_nan not in ("stop", "continue"):
         raise ValueError(f"on_nan must be 'stop' or 'continue', got {on_nan!r}")
     if resume and checkpoint is None:
         raise ValueError("resume=True needs a checkpoint path")
-    rows = as_rows(cfg, train, "train")
-    evalset = None if test is None else EvalSet(as_rows(cfg, test, "test"))
-    probe = evalset or EvalSet(_head(rows, PROBE_ROWS))  # every model's outputs must be finite
-    run_info = run_info or {}
-    clock = _Clock()
-    budget, run_cfg = make_budget(cfg, rows.n), resolved(cfg, rows.n)
-    if resume:
-        ckpt = _restore(cfg, checkpoint, run_info)
-        state, history, start, clock.before = ckpt["state"], ckpt["history"], ckpt["step"], ckpt["seconds"]
-    else:
-        state, history, start = init_state(cfg, rows), _fresh_history(), 0
-    batches = make_feeder(rows, cfg.batch_size, cfg.seed, mode=feeder).batches(start)
-    step_fn = functools.partial(sweep_step, cfg=run_cfg)
-    bar = tqdm(total=budget.steps, initial=start, disable=not progress, unit="step",
-               desc=f"{len(cfg.ks)} models")
-    final = None
-    for end in budget.segment_ends(start):
-        healthy_before = np.asarray(state.diverged_at) < 0
-        state, sums = _train_segment(step_fn, state, batches, cfg, budget, start, end, clock, bar)
-        final = evaluate(run_cfg, state.params, probe)
-        state = _flag_nonfinite(state, final, end)
-        if on_nan == "stop":
-            _stop_if_diverged(cfg, state, healthy_before, budget, bool(checkpoint and history["step"]), bar)
-        window = np.asarray(recipe.dead_mask(state.since_fired, run_cfg.dead_tokens)).mean(axis=1)
-        _record(history, end, np.asarray(sums), final if evalset else None, window,
-                np.asarray(state.diverged_at) < 0)
-        bar.set_postfix(_postfix(cfg, history))
-        if checkpoint is not None:
-            save_checkpoint(checkpoint, config={**cfg.to_dict(), **run_info}, step=end,
-                            state=state, history=history, seconds=clock.seconds())
-        start = end
-    bar.close()
-    batches.close()
-    per_model = {k: [list(e) for e in zip(*v)] if k != "step" else list(v)
-                 for k, v in history.items() if v}
-    return SweepResult(jax.tree.map(np.asarray, state.params), per_model, clock.seconds(),
-                       clock.compile_seconds,
-                       _divergence(cfg, np.asarray(state.diverged_at), budget.steps_per_epoch),
-                       budget, final if evalset else None, np.asarray(state.since_fired))
+    with sharding.use(mesh):
+        run = _Run(cfg, train, test, checkpoint if resume else None, run_info or {}, feeder, mesh)
+        return run.loop(progress, checkpoint, on_nan)
 
 
 PROBE_ROWS = 1024  # rows whose outputs are checked for NaN/Inf when no held-out set is given
+
+
+class _Run:
+    """One call of train_sweep: data, placement, budget, state; `loop` trains."""
+
+    def __init__(self, cfg, train, test, resume_from, run_info, feeder, mesh):
+        self.cfg, self.run_info, self.clock = cfg, run_info, _Clock()
+        rows = as_rows(cfg, train, "train")
+        replicated = functools.partial(sharding.put, spec=sharding.P(), mesh=mesh)
+        self.evalset = None if test is None else EvalSet(as_rows(cfg, test, "test"), put=replicated)
+        self.probe = self.evalset or EvalSet(_head(rows, PROBE_ROWS), put=replicated)
+        self.budget, self.run_cfg = make_budget(cfg, rows.n), resolved(cfg, rows.n)
+        if resume_from is not None:
+            ckpt = _restore(cfg, resume_from, run_info)
+            state, self.history, self.start = ckpt["state"], ckpt["history"], ckpt["step"]
+            self.clock.before = ckpt["seconds"]
+        else:
+            state, self.history, self.start = init_state(cfg, rows), _fresh_history(), 0
+        self.mesh = mesh
+        self.state = sharding.put_state(state, mesh)
+        local = _process_rows(cfg.batch_size)
+        self.batches = make_feeder(rows, cfg.batch_size, cfg.seed, mode=feeder, local=local,
+                                   put=sharding.batch_putter(mesh, local),
+                                   put_order=replicated).batches(self.start)
+
+    def loop(self, progress: bool, checkpoint, on_nan: str) -> SweepResult:
+        from ksae_jax.checkpoint import save_checkpoint
+
+        cfg, budget, history = self.cfg, self.budget, self.history
+        step_fn = functools.partial(sweep_step, cfg=self.run_cfg)
+        bar = tqdm(total=budget.steps, initial=self.start, disable=not progress, unit="step",
+                   desc=f"{len(cfg.ks)} models")
+        final, start = None, self.start
+        for end in budget.segment_ends(start):
+            healthy_before = sharding.to_host(self.state.diverged_at) < 0
+            state, sums = _train_segment(step_fn, self.state, self.batches, cfg, budget, start,
+                                         end, self.clock, bar, self.zero_sums())
+            final = evaluate(self.run_cfg, state.params, self.probe)
+            self.state = state = self._flag_nonfinite(state, final, end)
+            diverged_at = sharding.to_host(state.diverged_at)
+            if on_nan == "stop":
+                _stop_if_diverged(cfg, diverged_at, healthy_before, budget,
+                                  bool(checkpoint and history["step"]), bar)
+            dead = recipe.dead_mask(sharding.to_host(state.since_fired), self.run_cfg.dead_tokens)
+            _record(history, end, sharding.to_host(sums), final if self.evalset else None,
+                    dead.mean(axis=1), diverged_at < 0)
+            bar.set_postfix(_postfix(cfg, history))
+            if checkpoint is not None:
+                save_checkpoint(checkpoint, config={**cfg.to_dict(), **self.run_info}, step=end,
+                                state=sharding.to_host(state), history=history,
+                                seconds=self.clock.seconds())
+            start = end
+        bar.close()
+        self.batches.close()
+        return self._result(final)
+
+    def zero_sums(self) -> jax.Array:
+        """Per-model (loss x rows, rec x rows, rows) accumulators for one segment."""
+        with sharding.use(self.mesh):
+            spec = sharding.leaf_spec((), 2)
+        return sharding.put(np.zeros((len(self.cfg.ks), 3), np.float32), spec, self.mesh)
+
+    def _flag_nonfinite(self, state: TrainState, result: EvalResult, step: int) -> TrainState:
+        """Marks as diverged (at the segment's last step) the healthy models whose outputs
+        are not finite, though their parameters are (e.g. weights near float32's limit)."""
+        diverged_at = sharding.to_host(state.diverged_at)
+        bad = ~np.isfinite(result.mse) & (diverged_at < 0)
+        if not bad.any():
+            return state
+        with sharding.use(self.mesh):
+            spec = sharding.leaf_spec((), 1)
+        return state._replace(diverged_at=sharding.put(np.where(bad, step - 1, diverged_at)
+                                                       .astype(np.int32), spec, self.mesh))
+
+    def _result(self, final) -> SweepResult:
+        host = sharding.to_host(self.state)
+        per_model = {k: [list(e) for e in zip(*v)] if k != "step" else list(v)
+                     for k, v in self.history.items() if v}
+        return SweepResult(host.params, per_model, self.clock.seconds(), self.clock.compile_seconds,
+                           _divergence(self.cfg, host.diverged_at, self.budget.steps_per_epoch),
+                           self.budget, final if self.evalset else None, host.since_fired)
+
+
+def _process_rows(batch_size: int) -> tuple[int, int] | None:
+    """This process's rows of every global batch when several processes share a run."""
+    if jax.process_count() == 1:
+        return None
+    per = batch_size // jax.process_count()
+    return jax.process_index() * per, (jax.process_index() + 1) * per
 
 
 class _Clock:
@@ -322,13 +376,12 @@ def _head(rows: Rows, n: int) -> Rows:
         rows.all()[:n], rows.scale)
 
 
-def _train_segment(step_fn, state, batches, cfg, budget, start: int, end: int, clock: _Clock, bar):
+def _train_segment(step_fn, state, batches, cfg, budget, start: int, end: int, clock: _Clock, bar,
+                   sums):
     """Steps start..end-1 of the budget; sums of (loss, rec) x rows and rows, per model."""
-    sums = jnp.zeros((len(cfg.ks), 3), jnp.float32)
     for s in range(start, end):
         tc = time.perf_counter()
-        state, sums = step_fn(state, sums, next(batches), jnp.asarray(k_at(cfg, s, budget.steps)),
-                              jnp.int32(s))
+        state, sums = step_fn(state, sums, next(batches), k_at(cfg, s, budget.steps), np.int32(s))
         if clock.compile_seconds == 0.0:
             jax.block_until_ready(sums)
             clock.compile_seconds = time.perf_counter() - tc
@@ -336,21 +389,13 @@ def _train_segment(step_fn, state, batches, cfg, budget, start: int, end: int, c
     return state, sums
 
 
-def _flag_nonfinite(state: TrainState, result: EvalResult, step: int) -> TrainState:
-    """Marks as diverged (at the segment's last step) the healthy models whose outputs are
-    not finite, though their parameters are (e.g. weights near float32's limit)."""
-    bad = ~np.isfinite(result.mse) & (np.asarray(state.diverged_at) < 0)
-    if not bad.any():
-        return state
-    return state._replace(diverged_at=jnp.where(jnp.asarray(bad), step - 1, state.diverged_at))
-
-
-def _stop_if_diverged(cfg, state, healthy_before, budget: Budget, kept: bool, bar) -> None:
-    newly = healthy_before & (np.asarray(state.diverged_at) >= 0)
+def _stop_if_diverged(cfg, diverged_at: np.ndarray, healthy_before, budget: Budget, kept: bool,
+                      bar) -> None:
+    newly = healthy_before & (diverged_at >= 0)
     if not newly.any():
         return
     bar.close()
-    where = _divergence(cfg, np.where(newly, np.asarray(state.diverged_at), -1), budget.steps_per_epoch)
+    where = _divergence(cfg, np.where(newly, diverged_at, -1), budget.steps_per_epoch)
     lines = ", ".join(f"k={k} at step {w['step']} (epoch {w['epoch']})" for k, w in where.items())
     raise Diverged(f"non-finite loss or outputs: {lines}"
                    f"{'; the previous checkpoint is kept' if kept else ''}")

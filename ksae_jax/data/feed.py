@@ -1,9 +1,10 @@
 """Batches for the training loop.
 
 The order of rows in each epoch is a pure function of (seed, epoch): chunks of consecutive
-rows in a random order, grouped into buffers, rows shuffled within each buffer. Data held in
-memory uses one-row chunks and one buffer (a uniform permutation); memory-mapped data uses
-larger chunks so that a buffer's rows lie in a few regions of the file. Step s is batch
+rows in a random order, grouped into buffers, rows shuffled within each buffer. Data that
+fit in one buffer use one-row chunks (a uniform permutation, the same for both feeders);
+larger data use chunks of 1,024 rows and buffers of 262,144, so that the rows of a buffer
+lie in a few regions of a memory-mapped file. Step s is batch
 s % steps_per_epoch of epoch s // steps_per_epoch, so a resumed run sees the same batches.
 
 Two feeders turn the order into device batches {"x": float32 (B, ...), "w": (B,)} (w = 0
@@ -124,9 +125,9 @@ class DeviceFeeder:
     mode = "device"
 
     def __init__(self, rows: Rows, batch_size: int, seed: int,
-                 put: Callable = jax.device_put):
-        self.rows, self.batch_size, self.seed = rows, batch_size, seed
-        self.data = put(rows.all())
+                 put: Callable = jax.device_put, put_order: Callable = jax.device_put):
+        self.rows, self.batch_size, self.seed, self.put_order = rows, batch_size, seed, put_order
+        self.data = put_order(rows.all())  # the rows, whole on every device
         self.steps_per_epoch = -(-rows.n // batch_size)
 
     def epoch_order(self, epoch: int) -> np.ndarray:
@@ -139,8 +140,8 @@ class DeviceFeeder:
         while True:
             e, i = divmod(step, self.steps_per_epoch)
             if e != epoch:
-                epoch, order = e, jnp.asarray(self.epoch_order(e))
-            yield gather(self.data, order, i, self.rows.scale, batch_size=self.batch_size)
+                epoch, order = e, self.put_order(self.epoch_order(e))
+            yield gather(self.data, order, i, np.float32(self.rows.scale), batch_size=self.batch_size)
             step += 1
 
 
@@ -160,6 +161,8 @@ class HostFeeder:
         self.prefetch, self.chunk_rows, self.buffer_rows = prefetch, chunk_rows, buffer_rows
         self.local = local or (0, batch_size)
         self.steps_per_epoch = -(-rows.n // batch_size)
+        if buffer_rows is None or rows.n <= buffer_rows:  # one buffer: the device feeder's order
+            self.chunk_rows, self.buffer_rows = 1, None
 
     def host_batch(self, order: EpochOrder, i: int) -> dict:
         idx = batch_rows(order, i, self.batch_size)[slice(*self.local)]
@@ -206,11 +209,14 @@ class HostFeeder:
 
 
 def make_feeder(rows: Rows, batch_size: int, seed: int, *, mode: str = "auto",
-                put: Callable = jax.device_put, **host_kw):
+                put: Callable = jax.device_put, put_order: Callable = jax.device_put,
+                local: tuple[int, int] | None = None, **host_kw):
     """A DeviceFeeder when the data fit comfortably on the device (or mode="device"), else a
-    HostFeeder (mode="host")."""
+    HostFeeder (mode="host", and always when several processes each feed their `local`
+    rows of every batch). put: how a host batch goes to the device(s); put_order: how
+    whole arrays do (device-resident rows and epoch orders)."""
     if mode == "auto":
-        mode = "device" if fits_on_device(rows) and not host_kw.get("local") else "host"
+        mode = "device" if fits_on_device(rows) and local is None else "host"
     if mode == "device":
-        return DeviceFeeder(rows, batch_size, seed, put)
-    return HostFeeder(rows, batch_size, seed, put, **host_kw)
+        return DeviceFeeder(rows, batch_size, seed, put, put_order)
+    return HostFeeder(rows, batch_size, seed, put, local=local, **host_kw)

@@ -1,0 +1,205 @@
+"""Scale out with JAX's own sharding. A device mesh with named axes:
+
+- `data`: the batch is split across devices; the compiler averages the gradients;
+- `model`: the models of a sweep (the leading axis of the state) are split across devices;
+- `latent` (TopK SAEs): W_enc, b_enc, W_dec and the dead counters are split along the
+  latents, and the top-k is taken per shard, then over the candidates (exact).
+
+The train step stays the same pure function: the state and batches are placed with
+NamedShardings, the step constrains its outputs to the same placement, and GSPMD partitions
+the rest. Several hosts: `initialize` starts jax.distributed; each process then feeds its
+own slice of every batch and only process 0 writes files.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+AXES = ("data", "model", "latent")
+LATENT_LEAVES = ("W_enc", "b_enc", "W_dec", "since_fired")  # leaves with a latent axis (dim 1)
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """"data=2,model=4" -> {"data": 2, "model": 4}; ValueError naming what is wrong."""
+    axes = {}
+    for part in text.split(","):
+        name, sep, size = part.strip().partition("=")
+        if not sep or name not in AXES:
+            raise ValueError(f"mesh axis {part.strip()!r}: expected NAME=SIZE with NAME one of {AXES}")
+        if name in axes:
+            raise ValueError(f"mesh axis {name!r} is given twice")
+        if not size.isdigit() or int(size) < 1:
+            raise ValueError(f"mesh axis {name}: size must be a positive integer, got {size!r}")
+        axes[name] = int(size)
+    return axes
+
+
+def default_axes(n_devices: int, n_models: int) -> dict[str, int]:
+    """Every device on `model` when the sweep has at least as many models as devices (and
+    they divide evenly), else every device on `data`."""
+    if n_models >= n_devices and n_models % n_devices == 0:
+        return {"model": n_devices}
+    return {"data": n_devices}
+
+
+def check_axes(axes: dict[str, int], n_devices: int, cfg) -> None:
+    """Raises ValueError when the mesh does not fit the devices or the sweep."""
+    if math.prod(axes.values()) != n_devices:
+        raise ValueError(f"mesh {format_axes(axes)} has {math.prod(axes.values())} devices; "
+                         f"there are {n_devices}")
+    if len(cfg.ks) % axes.get("model", 1):
+        raise ValueError(f"model={axes['model']} does not divide the {len(cfg.ks)} models")
+    if cfg.batch_size % axes.get("data", 1):
+        raise ValueError(f"data={axes['data']} does not divide the batch size {cfg.batch_size}")
+    if axes.get("latent", 1) > 1:
+        if cfg.model.arch != "topk":
+            raise ValueError("the latent axis splits TopK SAEs only (arch topk)")
+        if cfg.model.hidden % axes["latent"]:
+            raise ValueError(f"latent={axes['latent']} does not divide the {cfg.model.hidden} latents")
+
+
+def format_axes(axes: dict[str, int]) -> str:
+    return ",".join(f"{k}={v}" for k, v in axes.items())
+
+
+def make_mesh(axes: dict[str, int]) -> jax.sharding.Mesh:
+    names = tuple(a for a in AXES if a in axes)
+    return jax.make_mesh(tuple(axes[a] for a in names), names,
+                         axis_types=(AxisType.Auto,) * len(names))
+
+
+@contextlib.contextmanager
+def use(mesh: jax.sharding.Mesh | None):
+    """The mesh as JAX's context mesh while a run traces and runs (None: no mesh)."""
+    if mesh is None:
+        yield
+        return
+    with jax.set_mesh(mesh):
+        yield
+
+
+def axis_size(name: str) -> int:
+    """Size of a mesh axis in the context mesh (1 when there is none)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return 1 if mesh.empty or name not in mesh.axis_names else mesh.shape[name]
+
+
+def _axis(name: str):
+    return name if axis_size(name) > 1 else None
+
+
+# ---------------------------------------------------------------- placements
+
+def leaf_spec(path, ndim: int) -> P:
+    """The PartitionSpec of one leaf of the train state (leading axis = model)."""
+    names = {str(getattr(k, "key", getattr(k, "name", ""))) for k in path}
+    latent = _axis("latent") if names & set(LATENT_LEAVES) and ndim >= 2 else None
+    rest = [latent] + [None] * (ndim - 2) if ndim >= 2 else []
+    return P(_axis("model"), *rest) if ndim else P()
+
+
+def state_specs(state):
+    return jax.tree_util.tree_map_with_path(lambda p, a: leaf_spec(p, np.ndim(a)), state)
+
+
+def batch_spec(ndim: int) -> P:
+    return P(_axis("data"), *([None] * (ndim - 1)))
+
+
+def constrain(tree, specs):
+    """with_sharding_constraint under a context mesh of more than one device; else tree."""
+    if jax.sharding.get_abstract_mesh().empty:
+        return tree
+    return jax.tree.map(lax.with_sharding_constraint, tree, specs)
+
+
+def put(array, spec: P, mesh) -> jax.Array:
+    """A host array placed on the mesh (every process passes the whole array)."""
+    array = np.asarray(array)
+    if mesh is None:
+        return jax.device_put(array)
+    sharding = NamedSharding(mesh, spec)
+    return jax.make_array_from_callback(array.shape, sharding, lambda idx: array[idx])
+
+
+def put_state(state, mesh):
+    if mesh is None:
+        return jax.device_put(state)
+    with use(mesh):
+        specs = state_specs(state)
+    return jax.tree.map(lambda a, s: put(a, s, mesh), jax.device_get(state), specs)
+
+
+def batch_putter(mesh, local: tuple[int, int] | None = None):
+    """How a feeder puts a batch on the mesh: the whole batch, or (several processes) this
+    process's rows [start, stop) of every global batch."""
+    if mesh is None:
+        return jax.device_put
+
+    def put_batch(batch: dict) -> dict:
+        with use(mesh):
+            specs = {k: batch_spec(np.ndim(v)) for k, v in batch.items()}
+        if local is None:
+            return {k: put(v, specs[k], mesh) for k, v in batch.items()}
+        return {k: jax.make_array_from_process_local_data(NamedSharding(mesh, specs[k]), v)
+                for k, v in batch.items()}
+
+    return put_batch
+
+
+def to_host(tree):
+    """numpy copies of (possibly sharded, possibly multi-process) arrays, on every process."""
+    leaves = jax.tree.leaves(tree)
+    if all(getattr(a, "is_fully_addressable", True) for a in leaves):
+        return jax.tree.map(np.asarray, tree)
+    from jax.experimental import multihost_utils
+    return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+
+
+# ---------------------------------------------------------------- exact top-k over latent shards
+
+def latent_top_k(x: jax.Array, k: int, local_top_k) -> tuple[jax.Array, jax.Array]:
+    """top-k along the last axis of x when that axis is split over the `latent` mesh axis:
+    each shard's local top-k, then the top-k of the gathered candidates. Candidates come in
+    shard order, each shard's in value-then-index order, so ties still go to the lower
+    global index: the result equals lax.top_k on the whole array."""
+    if axis_size("latent") == 1:
+        return local_top_k(x, k)
+    lead = x.shape[:-1]
+
+    def per_shard(xs):
+        vals, idx = local_top_k(xs, min(k, xs.shape[-1]))
+        offset = lax.axis_index("latent") * xs.shape[-1]
+        vals = lax.all_gather(vals, "latent", axis=vals.ndim - 1, tiled=True)
+        idx = lax.all_gather(idx + offset, "latent", axis=idx.ndim - 1, tiled=True)
+        best, pos = lax.top_k(vals, k)
+        return best, jnp.take_along_axis(idx, pos, axis=-1)
+
+    spec = P(*([None] * len(lead)), "latent")
+    out = P(*([None] * (len(lead) + 1)))
+    return jax.shard_map(per_shard, in_specs=spec, out_specs=(out, out), axis_names={"latent"},
+                         check_vma=False)(x)
+
+
+# ---------------------------------------------------------------- several hosts
+
+def initialize(coordinator: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None) -> None:
+    """jax.distributed.initialize, with CPU collectives (gloo) for hosts without GPUs.
+    Arguments left None come from the environment variables JAX reads (or the cluster)."""
+    if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS", "") == "cpu":
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                               process_id=process_id)
+
+
+def is_writer() -> bool:
+    """Whether this process writes files (process 0 of a multi-host run)."""
+    return jax.process_index() == 0
