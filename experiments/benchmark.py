@@ -1,356 +1,78 @@
-"""Speed: ksae_jax's vmapped k sweep vs one k at a time vs the original PyTorch loop.
+"""Speed, measured in child processes (each with its own peak memory) on the same data and
+thread count.
 
-    python -m experiments.benchmark            # full: one epoch of 60,000 images per run
-    python -m experiments.benchmark --quick    # smoke test: a few steps, synthetic data
+    python -m experiments.benchmark                # the image suite (conv, MLP; vs PyTorch)
+    python -m experiments.benchmark --suite sae    # TopK SAEs vs EleutherAI's sparsify
+    python -m experiments.benchmark --suite all --quick   # smoke test of both, a few steps
 
-Every run is a child process (its own peak memory); compile time is measured apart
-(ahead-of-time lower + compile) and excluded from the epoch times. The PyTorch runs need
-torch (`pip install torch==2.13.0`) and are skipped without it. Writes results.json and
-results.md to --out.
+PyTorch peers run when torch (and, for the SAE suite, eai-sparsify) are installed:
+`pip install torch==2.13.0 eai-sparsify`. Writes results.json/results.md (images) and
+sae.json/sae.md (SAEs) to --out (default benchmarks/).
 """
 from __future__ import annotations
 
-import gzip
 import importlib.util
 import json
 import os
-import platform
-import re
-import resource
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
-
-from ksae_jax import cli
+from ksae_jax import bench, cli
 from ksae_jax.checkpoint import write_bytes, write_json
 
+from experiments import bench_images, bench_sae
+
 ROOT = Path(__file__).resolve().parents[1]
-FASHION = Path("/usr/share/datasets/fashion-mnist")
-SEED_TORCH = ROOT.parent / "shared" / "peers" / "seed_torch.py"
-CONV_KS = (5, 10, 25, 50, 100)
-MLP_K = 25
-
-
-# ---------------------------------------------------------------- child processes
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def child_matmul_peak(_spec) -> dict:
-    """Best float32 GFLOP/s of a 2048^3 matmul (the machine's practical peak for JAX)."""
-    import jax
-    import jax.numpy as jnp
-
-    n = 2048
-    a, b = (jax.random.normal(jax.random.key(i), (n, n)) for i in (0, 1))
-    mm = jax.jit(jnp.matmul)
-    mm(a, b).block_until_ready()
-    best = min(_timed(lambda: mm(a, b).block_until_ready()) for _ in range(10))
-    return {"gflops": 2 * n ** 3 / best / 1e9, "device": str(jax.devices()[0]),
-            "backend": jax.default_backend()}
-
-
-def _timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
-
-
-def child_jax(spec: dict) -> dict:
-    """One ksae_jax configuration: compile time, train epoch time, test evaluation time."""
-    import jax
-    import jax.numpy as jnp
-
-    from ksae_jax import train
-    from ksae_jax.config import ModelConfig, SweepConfig
-    from ksae_jax.data import images
-    from ksae_jax.data.feed import ArrayRows, DeviceFeeder
-    from ksae_jax.evaluate import EvalSet, evaluate
-
-    ds = images.load_idx_dir(spec["idx_dir"]).limit_train(spec.get("train_limit"))
-    rows, test = ArrayRows(ds.x_train, 1 / 255), EvalSet(ArrayRows(ds.x_test, 1 / 255), 1000)
-    groups = [spec["ks"]] if spec["mode"] == "sweep" else [[k] for k in spec["ks"]]
-    out = {"compile_s": 0.0, "train_s": 0.0, "eval_s": 0.0, "steps": 0}
-    for ks in groups:
-        cfg = SweepConfig(model=ModelConfig(spec["arch"]), ks=tuple(ks), batch_size=spec["batch"],
-                          l1=spec["l1"], batching=spec.get("batching", "auto"))
-        run_cfg = train.resolved(cfg, rows.n)
-        state = train.init_state(cfg)
-        batches = DeviceFeeder(rows, cfg.batch_size, cfg.seed).batches()
-        ks_arr, sums = jnp.asarray(ks, jnp.int32), jnp.zeros((len(ks), 3))
-        t = time.perf_counter()
-        step = train.sweep_step.lower(state, sums, next(batches), ks_arr, jnp.int32(0),
-                                      cfg=run_cfg).compile()
-        out["compile_s"] += time.perf_counter() - t
-        state, sums = step(state, sums, next(batches), ks_arr, jnp.int32(0))  # warm-up, untimed
-        jax.block_until_ready(sums)
-        n_steps = spec.get("steps") or -(-rows.n // cfg.batch_size)
-        t = time.perf_counter()
-        for i in range(n_steps):
-            state, sums = step(state, sums, next(batches), ks_arr, jnp.int32(i))
-        jax.block_until_ready(sums)
-        out["train_s"] += time.perf_counter() - t
-        out["steps"] += n_steps
-        evaluate(run_cfg, state.params, test)  # compile
-        out["eval_s"] += _timed(lambda: evaluate(run_cfg, state.params, test))
-    out.update(n_models=len(spec["ks"]), images=out["steps"] // len(groups) * spec["batch"],
-               peak_rss_mb=_peak_rss_mb())
-    return out
-
-
-def child_torch_mlp(spec: dict) -> dict:
-    """A PyTorch MLP k-sparse autoencoder loop written like the original's (per-step item())."""
-    import torch
-
-    torch.set_num_threads(spec["threads"])
-    torch.manual_seed(1)
-    from ksae_jax.data.images import read_idx
-
-    x = torch.from_numpy(read_idx(Path(spec["idx_dir"]) / "train-images-idx3-ubyte.gz")
-                         .reshape(-1, 784).astype(np.float32) / 255)
-    if spec.get("train_limit"):
-        x = x[:spec["train_limit"]]
-    enc, dec = torch.nn.Linear(784, 1000), torch.nn.Linear(1000, 784)
-    opt = torch.optim.Adam(list(enc.parameters()) + list(dec.parameters()), lr=1e-3)
-    k, batch = spec["ks"][0], spec["batch"]
-
-    def step(img):
-        opt.zero_grad()
-        h = enc(img)
-        vals, idx = torch.topk(h, k)
-        code = torch.zeros_like(h).scatter(1, idx, vals)
-        loss = torch.mean((dec(code) - img) ** 2) + spec["l1"] * code.abs().mean()
-        loss.backward()
-        opt.step()
-        return loss.item()
-
-    step(x[:batch])  # warm-up
-    n_steps = spec.get("steps") or -(-len(x) // batch)
-    perm = torch.randperm(len(x))
-    t = time.perf_counter()
-    for i in range(n_steps):
-        step(x[perm[i * batch:(i + 1) * batch]])
-    train_s = time.perf_counter() - t
-    return {"train_s": train_s, "eval_s": 0.0, "compile_s": 0.0, "steps": n_steps, "n_models": 1,
-            "images": n_steps * batch, "peak_rss_mb": _peak_rss_mb()}
-
-
-def child_torch_conv(spec: dict) -> dict:
-    """The original's loop (shared/peers/seed_torch.py), five ks one after another."""
-    import contextlib
-    import io
-    import runpy
-
-    argv = ["seed_torch.py", "--idx-dir", spec["idx_dir"], "--epochs", "1",
-            "--ks", *map(str, spec["ks"]), "--threads", str(spec["threads"])]
-    if spec.get("train_limit"):
-        argv += ["--limit", str(spec["train_limit"])]
-    sys.argv = argv
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        runpy.run_path(spec["script"], run_name="__main__")
-    lines = buf.getvalue().strip().splitlines()
-    result = json.loads(lines[-1])
-    per_k = [float(m) for m in re.findall(r"time=([\d.]+)s", buf.getvalue())]
-    n = result["n_train"]
-    return {"train_s": result["total_s"], "eval_s": 0.0, "compile_s": 0.0, "per_k_s": per_k,
-            "steps": len(spec["ks"]) * -(-n // spec["batch"]), "n_models": len(spec["ks"]),
-            "images": n, "peak_rss_mb": _peak_rss_mb(), "includes_eval": True,
-            "test_mse": result["test_mse"]}
-
-
-CHILDREN = {"peak": child_matmul_peak, "jax": child_jax, "torch-mlp": child_torch_mlp,
-            "torch-conv": child_torch_conv}
-
-
-def run_child(kind: str, spec: dict, timeout: float) -> dict:
-    cmd = [sys.executable, "-m", "experiments.benchmark", "--child", kind, json.dumps(spec)]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    if r.returncode != 0:
-        raise RuntimeError(f"benchmark child {kind} failed:\n{r.stderr[-3000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
-
-
-# ---------------------------------------------------------------- data and machine
-
-def synthetic_idx_dir(n_train: int, n_test: int) -> Path:
-    """Random MNIST-format files (speed does not depend on the pixels)."""
-    d = Path(tempfile.mkdtemp(prefix="ksae_bench_"))
-    rng = np.random.default_rng(0)
-    for stem, shape in (("train-images-idx3-ubyte", (n_train, 28, 28)),
-                        ("train-labels-idx1-ubyte", (n_train,)),
-                        ("t10k-images-idx3-ubyte", (n_test, 28, 28)),
-                        ("t10k-labels-idx1-ubyte", (n_test,))):
-        a = rng.integers(0, 256 if len(shape) == 3 else 10, shape, dtype=np.uint8)
-        header = bytes([0, 0, 8, a.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in a.shape)
-        (d / (stem + ".gz")).write_bytes(gzip.compress(header + a.tobytes(), compresslevel=1))
-    return d
-
-
-def describe_machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "platform": platform.platform()}
-
-
-def _versions() -> dict:
-    import importlib.metadata as md
-    out = {}
-    for pkg in ("jax", "jaxlib", "flax", "optax", "torch"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
-
-
-# ---------------------------------------------------------------- report
-
-def _row(name: str, arch: str, r: dict, peak: float) -> dict:
-    """Adds throughput (images x models / s) and the FLOP rate: training is counted as 3x
-    the forward FLOPs of the layer shapes (forward + two gradient products)."""
-    from ksae_jax.config import ModelConfig
-    from ksae_jax.models.images import forward_flops
-
-    model_images_per_s = r["images"] * r["n_models"] / r["train_s"]
-    train_flops = 3 * forward_flops(ModelConfig(arch))
-    gflops = train_flops * model_images_per_s / 1e9
-    return {"name": name, **r, "train_flops_per_image": train_flops,
-            "model_images_per_s": model_images_per_s, "gflops": gflops, "peak_fraction": gflops / peak}
-
-
-def markdown(results: dict) -> str:
-    m = results["machine"]
-    lines = [
-        "# ksae_jax benchmark",
-        "",
-        f"Machine: {m['cpu']}, {m['cores']} cores, JAX device {results['peak']['device']}; "
-        f"{', '.join(f'{k} {v}' for k, v in results['versions'].items())}.",
-        f"Data: {results['data']}; {results['images_per_run']} training images per model per run, "
-        f"batch {results['batch']}. Matmul peak measured here: {results['peak']['gflops']:.0f} GFLOP/s "
-        "(float32 2048^3).",
-        "",
-        "| run | models | train s | test-eval s | compile s | images/s x models | GFLOP/s | % of peak | peak RSS MB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in results["runs"]:
-        lines.append(
-            f"| {r['name']} | {r['n_models']} | {r['train_s']:.2f} | {r['eval_s']:.2f} | "
-            f"{r['compile_s']:.1f} | {r['model_images_per_s']:.0f} | {r['gflops']:.0f} | "
-            f"{100 * r['peak_fraction']:.0f}% | {r['peak_rss_mb']:.0f} |")
-    lines += ["", "Ratios (time for the same work; < 1 means ksae_jax is faster):", ""]
-    for name, v in results["ratios"].items():
-        lines.append(f"- {name}: {v:.2f}")
-    for note in results["notes"]:
-        lines.append(f"- {note}")
-    return "\n".join(lines) + "\n"
+SUITES = {"images": (bench_images, "results"), "sae": (bench_sae, "sae")}
+CHILDREN = {**bench_images.CHILDREN, **bench_sae.CHILDREN}
 
 
 def parse_args(argv):
     p = cli.Parser(prog="python -m experiments.benchmark", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="smoke test: 3 steps per run, synthetic data")
+    p.add_argument("--suite", choices=("images", "sae", "all"), default="images")
+    p.add_argument("--quick", action="store_true", help="smoke test: a few steps, synthetic data")
     p.add_argument("--idx-dir", type=Path, default=None,
-                   help=f"MNIST-format data (default {FASHION} if present, else synthetic)")
-    p.add_argument("--torch-script", type=Path, default=SEED_TORCH,
-                   help="the original-style PyTorch loop (default shared/peers/seed_torch.py)")
-    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch runs")
+                   help=f"images: MNIST-format data (default {bench_images.FASHION} if present, "
+                        "else synthetic)")
+    p.add_argument("--torch-script", type=Path, default=bench_images.SEED_TORCH,
+                   help="images: the original-style PyTorch loop (default shared/peers/seed_torch.py)")
+    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch peers")
+    p.add_argument("--sae-steps", type=cli.positive_int, default=15,
+                   help="SAE suite: steps per run, the first 3 untimed (default 15)")
     p.add_argument("--out", type=Path, default=None,
-                   help="folder for results.json/results.md (default benchmarks/, "
-                        "runs/benchmark-quick with --quick)")
+                   help="output folder (default benchmarks/, runs/benchmark-quick with --quick)")
     return p.parse_args(argv)
+
+
+def child(kind: str, spec: dict, timeout: float) -> dict:
+    return bench.run_child("experiments.benchmark", kind, spec, timeout, ROOT)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    out = args.out or (ROOT / ("runs/benchmark-quick" if args.quick else "benchmarks"))
-    out.mkdir(parents=True, exist_ok=True)
     if args.idx_dir is not None and not args.idx_dir.is_dir():
         raise cli.UsageError(f"--idx-dir {args.idx_dir}: no such directory")
-    if args.quick:
-        idx_dir, data_name = synthetic_idx_dir(1800, 1000), "synthetic (quick)"
-    elif args.idx_dir or FASHION.is_dir():
-        idx_dir = args.idx_dir or FASHION
-        data_name = str(idx_dir)
-    else:
-        idx_dir, data_name = synthetic_idx_dir(60_000, 10_000), "synthetic 60,000 + 10,000"
-    batch, threads = 600, os.cpu_count()
-    base = {"idx_dir": str(idx_dir), "batch": batch, "threads": threads,
-            "steps": 3 if args.quick else None, "train_limit": 1800 if args.quick else None}
-    timeout = 600 if args.quick else 3600
-    has_torch = importlib.util.find_spec("torch") is not None and not args.no_torch
-    notes = []
-
-    print("measuring the matmul peak ...", flush=True)
-    peak = run_child("peak", {}, timeout)
-    plan = [
-        ("(a) ksae_jax conv, 5 ks in one vmapped sweep", "jax",
-         dict(base, arch="conv", ks=list(CONV_KS), mode="sweep", l1=1e-4)),
-        ("(b) ksae_jax conv, 5 ks one after another", "jax",
-         dict(base, arch="conv", ks=list(CONV_KS), mode="sequential", l1=1e-4)),
-        ("ksae_jax conv, 5 ks vmapped with vmap's own batching", "jax",
-         dict(base, arch="conv", ks=list(CONV_KS), mode="sweep", l1=1e-4, batching="vmap")),
-        ("(d) ksae_jax mlp 784-1000-784, k = 25", "jax",
-         dict(base, arch="mlp", ks=[MLP_K], mode="sweep", l1=1e-4)),
-        ("ksae_jax mlp, 5 ks (10 25 40 70 100) in one vmapped sweep", "jax",
-         dict(base, arch="mlp", ks=[10, 25, 40, 70, 100], mode="sweep", l1=1e-4)),
-    ]
-    if args.quick:
-        plan = [p for p in plan if p[0].startswith(("(a)", "(d)"))]
-    if has_torch and args.torch_script.is_file():
-        plan.append(("(c) PyTorch original loop (seed_torch.py), 5 ks", "torch-conv",
-                     dict(base, arch="conv", ks=list(CONV_KS), script=str(args.torch_script))))
-    elif has_torch:
-        notes.append(f"(c) skipped: {args.torch_script} not found")
-    else:
-        notes.append("PyTorch runs skipped: torch is not installed (pip install torch==2.13.0)")
-    if has_torch:
-        plan.append(("(d) PyTorch mlp 784-1000-784, k = 25", "torch-mlp",
-                     dict(base, arch="mlp", ks=[MLP_K], l1=1e-4)))
-
-    runs = []
-    for name, kind, spec in plan:
-        print(f"running {name} ...", flush=True)
-        r = _row(name, spec["arch"], run_child(kind, spec, timeout), peak["gflops"])
-        runs.append(r)
-        print(f"  train {r['train_s']:.2f} s, {r['model_images_per_s']:.0f} images/s x models, "
-              f"{r['gflops']:.0f} GFLOP/s, compile {r['compile_s']:.1f} s, peak RSS "
-              f"{r['peak_rss_mb']:.0f} MB", flush=True)
-    by = {r["name"][:3]: r for r in runs}
-    ratios = {}
-    if "(c)" in by:
-        c = by["(c)"]["train_s"]  # includes the original's model init and test evaluation
-        for key, label in (("(a)", "a/c (vmapped sweep / PyTorch loop)"),
-                           ("(b)", "b/c (one k after another / PyTorch loop)")):
-            if key in by:
-                ratios[label] = (by[key]["train_s"] + by[key]["eval_s"]) / c
-        notes.append("a/c and b/c compare train + test evaluation (the PyTorch script times both); "
-                     "compile time excluded")
-    mlp = [r for r in runs if r["name"].startswith("(d)")]
-    if len(mlp) == 2:
-        ratios["mlp: ksae_jax / PyTorch"] = mlp[0]["train_s"] / mlp[1]["train_s"]
-    results = {"machine": describe_machine(), "versions": _versions(), "peak": peak,
-               "data": data_name, "images_per_run": runs[0]["images"], "batch": batch,
-               "quick": args.quick, "runs": runs, "ratios": ratios, "notes": notes}
-    write_json(out / "results.json", results)
-    write_bytes(out / "results.md", markdown(results).encode())
-    print(markdown(results))
-    print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
+    out = args.out or (ROOT / ("runs/benchmark-quick" if args.quick else "benchmarks"))
+    out.mkdir(parents=True, exist_ok=True)
+    args.threads = os.cpu_count()
+    args.torch = importlib.util.find_spec("torch") is not None and not args.no_torch
+    for name in (("images", "sae") if args.suite == "all" else (args.suite,)):
+        module, stem = SUITES[name]
+        results = {"machine": bench.describe_machine(), "versions": bench.versions(),
+                   "quick": args.quick, **module.run_suite(args, child)}
+        m = results["machine"]
+        text = (f"# ksae_jax benchmark\n\nMachine: {m['cpu']}, {m['cores']} cores; "
+                f"{', '.join(f'{k} {v}' for k, v in results['versions'].items())}.\n\n"
+                + module.markdown(results))
+        write_json(out / f"{stem}.json", results)
+        write_bytes(out / f"{stem}.md", text.encode())
+        print(text)
+        print(f"wrote {out / (stem + '.json')} and {out / (stem + '.md')}")
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "--child":
-        print(json.dumps(CHILDREN[sys.argv[2]](json.loads(sys.argv[3]) if len(sys.argv) > 3 else {})))
+        spec = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
+        print(json.dumps(CHILDREN[sys.argv[2]](spec)))
     else:
         cli.run(main)

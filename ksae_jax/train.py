@@ -41,6 +41,8 @@ def train_step(params, opt_state, since_fired, k, lr, l1, alive, batch, step, *,
 
     The parameters are left unchanged when `alive` is False or the loss or a gradient is
     not finite (metrics["finite"]); the optimizer state of such a step is not used again.
+    (An update that overflows from finite gradients shows in the model's outputs, which the
+    training loop checks at every evaluation point.)
     """
     dead = recipe.dead_mask(since_fired, cfg.dead_tokens)
     grad_fn = jax.value_and_grad(functools.partial(loss_fn(cfg), cfg=cfg, max_k=max_k),
@@ -51,14 +53,13 @@ def train_step(params, opt_state, since_fired, k, lr, l1, alive, batch, step, *,
         grads["W_dec"] = recipe.remove_parallel_component(params["W_dec"], grads["W_dec"])
     finite = jnp.isfinite(loss) & _all_finite(grads)
     direction, opt_state = optim.make_optimizer(cfg).update(grads, opt_state)
-    # only the parameters are selected; selecting between old and new optimizer states too
-    # forced fresh buffers (MLP step 20 -> 35 ms)
+    # the update is masked, not the result selected: every buffer stays updated in place
+    # (selecting between old and new states forced fresh buffers: MLP step 20 -> 35 ms)
+    keep = finite & alive
     rate = optim.learning_rate(lr, step, cfg.warmup_steps)
-    new = jax.tree.map(lambda p, u: p - rate * u, params, direction)
-    if topk:
-        new["W_dec"] = recipe.unit_norm_rows(new["W_dec"])
-    finite = finite & _all_finite(new)  # an update can overflow where the gradient did not
-    new = jax.tree.map(lambda a, b: jnp.where(finite & alive, a, b), new, params)
+    new = jax.tree.map(lambda p, u: p - jnp.where(keep, rate * u, 0.0), params, direction)
+    if topk:  # unit rows again; a frozen model's rows are left bit for bit
+        new["W_dec"] = jnp.where(keep, recipe.unit_norm_rows(new["W_dec"]), params["W_dec"])
     since_fired = recipe.update_dead_counters(since_fired, metrics["fired"], batch["w"].sum())
     return new, opt_state, since_fired, {"loss": loss, "rec": metrics["rec"], "finite": finite}
 
