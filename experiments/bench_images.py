@@ -31,7 +31,7 @@ def child_jax(spec: dict) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from ksae_jax import train
+    from ksae_jax import batching, train
     from ksae_jax.config import ModelConfig, SweepConfig
     from ksae_jax.data import images
     from ksae_jax.data.feed import ArrayRows, DeviceFeeder
@@ -45,7 +45,7 @@ def child_jax(spec: dict) -> dict:
         cfg = SweepConfig(model=ModelConfig(spec["arch"]), ks=tuple(ks), batch_size=spec["batch"],
                           l1=spec["l1"], batching=spec.get("batching", "auto"))
         run_cfg = train.resolved(cfg, rows.n)
-        state = train.init_state(cfg)
+        state = train.state_layout(train.init_state(cfg), batching.resolve(cfg))
         batches = DeviceFeeder(rows, cfg.batch_size, cfg.seed).batches()
         ks_arr, sums = jnp.asarray(ks, jnp.int32), jnp.zeros((len(ks), 3))
         t = time.perf_counter()

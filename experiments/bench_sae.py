@@ -40,7 +40,7 @@ def child_sae(spec: dict) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from ksae_jax import sae_config, train
+    from ksae_jax import batching, sae_config, train
     from ksae_jax.data import vectors
     from ksae_jax.data.feed import DeviceFeeder
     from ksae_jax.evaluate import EvalSet, evaluate
@@ -51,7 +51,7 @@ def child_sae(spec: dict) -> dict:
                      steps=spec["steps"], decoder=spec.get("decoder", "auto"),
                      batching=spec.get("batching", "auto"), dead_tokens=10_000_000)
     run_cfg = train.resolved(cfg, tr.n)
-    state = train.init_state(cfg, tr)
+    state = train.state_layout(train.init_state(cfg, tr), batching.resolve(cfg))
     batches = DeviceFeeder(tr, cfg.batch_size, cfg.seed).batches()
     ks, sums = np.asarray(cfg.ks, np.int32), jnp.zeros((len(cfg.ks), 3))
     t = time.perf_counter()
@@ -72,7 +72,7 @@ def child_sae(spec: dict) -> dict:
            final.dead_frac.tolist(), "peak_rss_mb": peak_rss_mb(), "ks": list(cfg.ks)}
     if spec.get("floor"):
         x = jnp.asarray(tr.read(0, spec["batch"]))
-        w = state.params["W_enc"][0]
+        w = batching.take(state.params, 0)["W_enc"]
         mm = jax.jit(lambda a, b: a @ b.T)
         mm(x, w).block_until_ready()
         out["floor_seconds"] = best_of(lambda: mm(x, w).block_until_ready(), 3)

@@ -56,7 +56,7 @@ def _eval_batch(params, data, order, i, scale, ks, *, cfg: SweepConfig, batch_si
                 how: str):
     batch = gather(data, order, i, scale, batch_size=batch_size)
     fn = functools.partial(_sums, cfg=cfg)
-    return batching.over_models(fn, cfg, how, (params, ks), (batch,))
+    return batching.stacked(batching.over_models(fn, cfg, how, (params, ks), (batch,)))
 
 
 def evaluate(cfg: SweepConfig, params, evalset: EvalSet, ks=None) -> EvalResult:

@@ -13,7 +13,7 @@ from jax import lax
 from ksae_jax import models
 from ksae_jax.config import SweepConfig
 from ksae_jax.models import sae
-from ksae_jax.topk import sparsify, top_k
+from ksae_jax.topk import sparsify
 
 MULTI_TOPK_FACTOR, MULTI_TOPK_WEIGHT = 4, 1 / 8
 
@@ -130,7 +130,7 @@ def sae_loss(params: dict, batch: dict, k, l1, dead, *, cfg: SweepConfig, max_k:
     width = max_k * (MULTI_TOPK_FACTOR if cfg.multi_topk else 1)
     sparse = sae.use_sparse(mc, width)
     pre = net.preacts(x)
-    top, idx = top_k(pre, width)
+    top, idx = net.select(pre, width)
     values = jax.nn.relu(net.kept_values(top, x, idx, sparse))
     rank = jnp.arange(width)
     main = jnp.where(rank[:max_k] < k, values[:, :max_k], 0.0)
@@ -144,7 +144,7 @@ def sae_loss(params: dict, batch: dict, k, l1, dead, *, cfg: SweepConfig, max_k:
                                         x, w, denom)
     if cfg.aux_coef:
         def select_dead(dead):
-            masked, ids = top_k(jnp.where(dead, pre, -jnp.inf), cfg.aux_k)
+            masked, ids = net.select(pre, cfg.aux_k, dead)
             vals = jax.nn.relu(net.kept_values(masked, x, ids, sparse))
             return jnp.where(dead[ids], vals, 0.0), ids
 

@@ -98,11 +98,15 @@ def _axis(name: str):
 # ---------------------------------------------------------------- placements
 
 def leaf_spec(path, ndim: int) -> P:
-    """The PartitionSpec of one leaf of the train state (leading axis = model)."""
+    """The PartitionSpec of one leaf of the train state: a leading model axis unless the leaf
+    is one model's (inside batching.Models), then the latent axis for latent-wide leaves."""
+    per_model = any(isinstance(k, jax.tree_util.FlattenedIndexKey) for k in path)
     names = {str(getattr(k, "key", getattr(k, "name", ""))) for k in path}
-    latent = _axis("latent") if names & set(LATENT_LEAVES) and ndim >= 2 else None
-    rest = [latent] + [None] * (ndim - 2) if ndim >= 2 else []
-    return P(_axis("model"), *rest) if ndim else P()
+    lead = () if per_model else (_axis("model"),)
+    rest = [None] * (ndim - len(lead))
+    if rest and names & set(LATENT_LEAVES):
+        rest[0] = _axis("latent")
+    return P(*lead, *rest)
 
 
 def state_specs(state):
@@ -165,17 +169,20 @@ def to_host(tree):
 
 # ---------------------------------------------------------------- exact top-k over latent shards
 
-def latent_top_k(x: jax.Array, k: int, local_top_k) -> tuple[jax.Array, jax.Array]:
-    """top-k along the last axis of x when that axis is split over the `latent` mesh axis:
-    each shard's local top-k, then the top-k of the gathered candidates. Candidates come in
-    shard order, each shard's in value-then-index order, so ties still go to the lower
+def latent_top_k(x: jax.Array, k: int, local_top_k, bias: jax.Array | None = None
+                 ) -> tuple[jax.Array, jax.Array]:
+    """top-k of x + bias along the last axis when that axis is split over the `latent` mesh
+    axis: each shard's local top-k, then the top-k of the gathered candidates. Candidates come
+    in shard order, each shard's in value-then-index order, so ties still go to the lower
     global index: the result equals lax.top_k on the whole array."""
+    if bias is None:
+        bias = jnp.zeros(x.shape[-1:], x.dtype)
     if axis_size("latent") == 1:
-        return local_top_k(x, k)
+        return local_top_k(x, k, bias)
     lead = x.shape[:-1]
 
-    def per_shard(xs):
-        vals, idx = local_top_k(xs, min(k, xs.shape[-1]))
+    def per_shard(xs, bs):
+        vals, idx = local_top_k(xs, min(k, xs.shape[-1]), bs)
         offset = lax.axis_index("latent") * xs.shape[-1]
         vals = lax.all_gather(vals, "latent", axis=vals.ndim - 1, tiled=True)
         idx = lax.all_gather(idx + offset, "latent", axis=idx.ndim - 1, tiled=True)
@@ -184,8 +191,8 @@ def latent_top_k(x: jax.Array, k: int, local_top_k) -> tuple[jax.Array, jax.Arra
 
     spec = P(*([None] * len(lead)), "latent")
     out = P(*([None] * (len(lead) + 1)))
-    return jax.shard_map(per_shard, in_specs=spec, out_specs=(out, out), axis_names={"latent"},
-                         check_vma=False)(x)
+    return jax.shard_map(per_shard, in_specs=(spec, P("latent")), out_specs=(out, out),
+                         axis_names={"latent"}, check_vma=False)(x, bias)
 
 
 # ---------------------------------------------------------------- several hosts

@@ -84,6 +84,7 @@ def sweep_step(state: TrainState, sums: jax.Array, batch: dict, ks, step, *, cfg
     params, opt_state, since_fired, m = batching.over_models(
         functools.partial(train_step, cfg=cfg), cfg, batching.resolve(cfg), per_model,
         (batch, step))
+    m = batching.stacked(m)
     diverged_at = jnp.where(alive & ~m["finite"], step, state.diverged_at)
     n = batch["w"].sum()
     new = jnp.stack([m["loss"] * n, m["rec"] * n, jnp.full_like(m["loss"], n)], axis=-1)
@@ -201,6 +202,14 @@ def init_state(cfg: SweepConfig, rows: Rows | None = None) -> TrainState:
                       jnp.full(n, -1, jnp.int32))
 
 
+def state_layout(state: TrainState, how: str) -> TrainState:
+    """The state as a batching works on it: per-model params, Adam states and counters for
+    "loop" (batching.Models), stacked for "vmap"; divergence steps stay stacked."""
+    n = len(state.diverged_at)
+    return state._replace(**{f: batching.layout(getattr(state, f), how, n)
+                             for f in ("params", "opt_state", "since_fired")})
+
+
 def _restore(cfg: SweepConfig, path, run_info: dict) -> dict:
     from ksae_jax.checkpoint import config_diff, load_checkpoint
 
@@ -290,7 +299,7 @@ class _Run:
         else:
             state, self.history, self.start = init_state(cfg, rows), _fresh_history(), 0
         self.mesh = mesh
-        self.state = sharding.put_state(state, mesh)
+        self.state = state_layout(sharding.put_state(state, mesh), batching.resolve(cfg))
         local = _process_rows(cfg.batch_size)
         self.batches = make_feeder(rows, cfg.batch_size, cfg.seed, mode=feeder, local=local,
                                    put=sharding.batch_putter(mesh, local),
@@ -314,18 +323,23 @@ class _Run:
             if on_nan == "stop":
                 _stop_if_diverged(cfg, diverged_at, healthy_before, budget,
                                   bool(checkpoint and history["step"]), bar)
-            dead = recipe.dead_mask(sharding.to_host(state.since_fired), self.run_cfg.dead_tokens)
+            dead = recipe.dead_mask(self.host(state.since_fired), self.run_cfg.dead_tokens)
             _record(history, end, sharding.to_host(sums), final if self.evalset else None,
                     dead.mean(axis=1), diverged_at < 0)
             bar.set_postfix(_postfix(cfg, history))
             if checkpoint is not None:
                 save_checkpoint(checkpoint, config={**cfg.to_dict(), **self.run_info}, step=end,
-                                state=sharding.to_host(state), history=history,
+                                state=self.host(state), history=history,
                                 seconds=self.clock.seconds())
             start = end
         bar.close()
         self.batches.close()
         return self._result(final)
+
+    @staticmethod
+    def host(tree):
+        """numpy copies, stacked on the model axis whatever the layout."""
+        return batching.stacked(sharding.to_host(tree))
 
     def zero_sums(self) -> jax.Array:
         """Per-model (loss x rows, rec x rows, rows) accumulators for one segment."""
@@ -346,7 +360,7 @@ class _Run:
                                                        .astype(np.int32), spec, self.mesh))
 
     def _result(self, final) -> SweepResult:
-        host = sharding.to_host(self.state)
+        host = self.host(self.state)
         per_model = {k: [list(e) for e in zip(*v)] if k != "step" else list(v)
                      for k, v in self.history.items() if v}
         return SweepResult(host.params, per_model, self.clock.seconds(), self.clock.compile_seconds,

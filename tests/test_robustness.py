@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ksae_jax import checkpoint, cli, train
+from ksae_jax import batching, checkpoint, cli, train
 from ksae_jax.config import SweepConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,7 +155,11 @@ def test_divergence_stops_the_run_and_keeps_the_last_finite_checkpoint(images, m
 
     def poison_epoch_2(state, sums, batch, ks, step, **kw):
         if int(step) == 2:  # first step of epoch 2: model 0 turns non-finite
-            params = jax.tree.map(lambda a: a.at[0].set(jnp.nan), state.params)
+            models = batching.split(batching.stacked(state.params), 2)
+            poisoned = (jax.tree.map(lambda a: a * jnp.nan, models[0]), models[1])
+            params = batching.Models(poisoned)
+            if not isinstance(state.params, batching.Models):
+                params = batching.stacked(params)
             state = state._replace(params=params)
         return real_step(state, sums, batch, ks, step, **kw)
 

@@ -140,7 +140,8 @@ def test_loop_and_vmap_batching_agree(images):
 def test_auto_batching_is_chosen_by_arch_and_backend():
     assert batching.choose("conv", "cpu") == "loop"
     assert batching.choose("conv", "gpu") == "vmap" and batching.choose("conv", "tpu") == "vmap"
-    assert batching.choose("mlp", "cpu") == "vmap"
+    assert batching.choose("mlp", "cpu") == "loop" and batching.choose("topk", "cpu") == "loop"
+    assert batching.choose("topk", "gpu") == "vmap"
     assert batching.resolve(SweepConfig(batching="vmap")) == "vmap"
 
 
@@ -150,12 +151,15 @@ def test_over_models_gives_each_model_its_own_static_width():
 
     def fn(a, b, *, max_k):
         seen.append(max_k)
-        return a * b + max_k
+        return (a * b + max_k,)
 
-    out = batching.over_models(fn, cfg, "loop", (jnp.arange(2.0),), (jnp.float32(10),))
-    np.testing.assert_array_equal(out, [0 * 10 + 2, 1 * 10 + 7])
-    assert seen == [2, 7]
-    out = batching.over_models(fn, cfg, "vmap", (jnp.arange(2.0),), (jnp.float32(10),))
+    (out,) = batching.over_models(fn, cfg, "loop", (jnp.arange(2.0),), (jnp.float32(10),))
+    assert isinstance(out, batching.Models) and seen == [2, 7]
+    np.testing.assert_array_equal(batching.stacked(out), [0 * 10 + 2, 1 * 10 + 7])
+    models = batching.split({"w": jnp.arange(6.0).reshape(2, 3)}, 2)
+    (out,) = batching.over_models(lambda p, *, max_k: (p["w"].sum(),), cfg, "loop", (models,))
+    np.testing.assert_array_equal(batching.stacked(out), [3, 12])
+    (out,) = batching.over_models(fn, cfg, "vmap", (jnp.arange(2.0),), (jnp.float32(10),))
     np.testing.assert_array_equal(out, [7, 17])  # one program: the largest width
 
 

@@ -25,7 +25,7 @@ class SaeOutput(NamedTuple):
     recon: jax.Array    # (B, d)
     values: jax.Array   # (B, K) kept activations (after ReLU; 0 beyond each model's k)
     indices: jax.Array  # (B, K) their latents
-    pre: jax.Array      # (B, n) pre-activations, without gradient (for AuxK's selection)
+    pre: jax.Array      # (B, n) encoder matmul without b_enc, without gradient (selection)
 
 
 def use_sparse(cfg: ModelConfig, k: int) -> bool:
@@ -47,10 +47,19 @@ class TopKSAE(nnx.Module):
         self.cfg = cfg
 
     def preacts(self, x):
-        """(B, n) pre-activations, as constants (selection only; values get their gradient
-        from `kept_values`)."""
-        p = lax.stop_gradient((self.W_enc[...], self.b_enc[...], self.b_dec[...]))
-        return (x - p[2]) @ p[0].T + p[1]
+        """(B, n) encoder matmul (x - b_dec) W_enc^T, b_enc not added (top_k adds it on the
+        fly), as a constant: it selects; the kept values get their gradient from
+        `kept_values`."""
+        W, b_dec = lax.stop_gradient((self.W_enc[...], self.b_dec[...]))
+        return (x - b_dec) @ W.T
+
+    def select(self, pre, k: int, dead=None):
+        """(values, indices) of the k largest pre-activations pre + b_enc of each row, among
+        the `dead` latents only when a mask is given."""
+        bias = lax.stop_gradient(self.b_enc[...])
+        if dead is not None:
+            bias = jnp.where(dead, bias, -jnp.inf)
+        return top_k(pre, k, bias)
 
     def kept_values(self, values, x, idx, sparse: bool):
         """Pre-activations at idx, differentiable in the encoder (sparse or dense backward)."""
@@ -67,7 +76,7 @@ class TopKSAE(nnx.Module):
         """Forward pass keeping max_k latents per vector, of which the first k (traced)."""
         sparse = use_sparse(self.cfg, max_k)
         pre = self.preacts(x)
-        top, idx = top_k(pre, max_k)
+        top, idx = self.select(pre, max_k)
         values = jax.nn.relu(self.kept_values(top, x, idx, sparse))
         values = jnp.where(jnp.arange(max_k) < k, values, 0.0)
         recon = self.decode_sparse(values, idx, sparse) + self.b_dec[...]
