@@ -1,12 +1,15 @@
 """Makhzani & Frey's result: k-sparse features vs raw pixels under a linear classifier.
 
     python -m experiments.paper_table --idx-dir /usr/share/datasets/fashion-mnist --finetune
+    python -m experiments.paper_table --quick          # the trend in a few minutes
 
-Trains tied 784-1000 k-sparse autoencoders (linear units, k scheduled down from k_start)
-for every k in one vmapped run, then softmax classifiers on raw pixels and on each
-model's alpha*k-sparse codes (optionally fine-tuned with the encoder), and writes
-table.md, table.json, features.png and the autoencoders' params.pkl (plus the training
-checkpoint.pkl) to --out.
+Protocol (the paper's): --val images (default 10,000) are drawn from the training set as a
+validation split; tied 784-1000 k-sparse autoencoders (linear units, k scheduled down from
+k_start over the first half of training) train on the rest, every k in one compiled run;
+softmax classifiers train on raw pixels and on each model's alpha*k-sparse codes (and,
+with --finetune, with the encoder), each keeping the epoch with the lowest validation error.
+The test set is read once, at the end. Writes table.md, table.json, features.png and the
+autoencoders' params.pkl (plus the training checkpoint.pkl) to --out.
 """
 from __future__ import annotations
 
@@ -19,10 +22,14 @@ import numpy as np
 from ksae_jax import classify, cli, plotting
 from ksae_jax.checkpoint import save_params, write_bytes, write_json
 from ksae_jax.config import ModelConfig, SweepConfig
+from ksae_jax.evaluate import EvalSet, evaluate
+from ksae_jax.data.feed import ArrayRows
 from ksae_jax.inference import Autoencoder
 
 PAPER_MNIST = {"raw pixels": 7.2, "k = 10": 2.1, "k = 25": 1.35, "k = 40": 1.5,
                "k = 25 fine-tuned": 1.1}  # test error %, as recalled from the paper
+AE_EPOCHS = 30        # autoencoder budget when neither --steps nor --epochs is given
+QUICK = {"train_limit": 20_000, "epochs": 5, "cls_epochs": 5, "ft_epochs": 2}
 
 
 def parse_args(argv):
@@ -30,23 +37,32 @@ def parse_args(argv):
     cli.add_data_flags(p)
     p.add_argument("--ks", type=cli.int_value, nargs="*", default=[10, 25, 40, 70])
     cli.add_budget_flags(p, batch_size=100)
+    p.add_argument("--val", type=cli.positive_int, default=None,
+                   help="validation images drawn from the training set (default 10,000, at most "
+                        "a sixth of it)")
     p.add_argument("--k-start", type=cli.positive_int, default=None,
                    help="k at the start of training, lowered linearly to each k over the first "
                         "half of the budget (default max(100, largest k))")
+    cli.add_auxk_flags(p, aux_coef=0.0)
     p.add_argument("--alpha", type=cli.positive_float, default=3.0,
                    help="classification features keep alpha*k units (default 3)")
     p.add_argument("--hidden", type=cli.positive_int, default=1000)
     p.add_argument("--lr", type=cli.positive_float, default=1e-3)
-    p.add_argument("--cls-epochs", type=cli.positive_int, default=30, help="classifier epochs")
+    p.add_argument("--cls-epochs", type=cli.positive_int, default=30,
+                   help="classifier epochs (the best on validation is kept)")
     p.add_argument("--finetune", action="store_true", help="also fine-tune encoder + classifier")
     p.add_argument("--ft-epochs", type=cli.positive_int, default=10)
     p.add_argument("--ft-lr", type=cli.positive_float, default=1e-4)
+    p.add_argument("--quick", action="store_true",
+                   help="the trend in minutes: 20,000 images, 5 autoencoder and 5 classifier epochs")
     p.add_argument("--seed", type=cli.int_value, default=1)
     cli.add_run_flags(p, default_out="runs/paper_table")
-    return p.parse_args(argv)
-
-
-AE_EPOCHS = 30  # autoencoder budget when neither --steps nor --epochs is given
+    args = p.parse_args(argv)
+    if args.quick:
+        for name, value in QUICK.items():
+            if getattr(args, name) in (None, p.get_default(name)):
+                setattr(args, name, value)
+    return args
 
 
 def make_config(args) -> SweepConfig:
@@ -56,22 +72,71 @@ def make_config(args) -> SweepConfig:
     return cli.make_config(SweepConfig, model=ModelConfig("mlp", hidden=args.hidden, tied=True),
                            ks=ks, epochs=epochs, steps=args.steps, batch_size=args.batch_size,
                            lr=args.lr, l1=0.0, seed=args.seed, k_start=k_start, k_anneal_frac=0.5,
+                           aux_coef=args.aux_coef, aux_k=args.aux_k, dead_tokens=args.dead_tokens,
                            batching=args.batching, eval_every=args.eval_every)
 
 
+def split_data(args, ds):
+    """(training images and labels, validation images and labels) from the training set."""
+    n_val = args.val or min(10_000, len(ds.x_train) // 6)
+    try:
+        rest, x_val, y_val = ds.hold_out(n_val, seed=args.seed)
+    except ValueError as e:
+        raise cli.UsageError(f"--val: {e}") from None
+    return rest, (x_val, y_val)
+
+
+def classifier_rows(args, cfg, ds, val, params, progress: bool) -> tuple[list, dict]:
+    """Rows of the raw-pixel and feature classifiers (fine-tuned too with --finetune), each
+    with validation and test error; and the classifier states (for the record)."""
+    n_active = [min(int(round(args.alpha * k)), cfg.model.hidden) for k in cfg.ks]
+    kw = dict(lr=1e-3, batch_size=100, seed=cfg.seed, progress=progress)
+    raw, raw_choice = classify.fit_on_validation(
+        {"cls": classify.init_linear(784, 1)}, ds.x_train, ds.y_train, [0], val, cfg=None,
+        max_k=1, epochs=args.cls_epochs, desc="raw-pixel classifier", **kw)
+    rows = [_row("raw pixels", raw_choice, 0, classify.error_rate(
+        raw, ds.x_test, ds.y_test, [0], cfg=None, max_k=1)[0])]
+    fkw = dict(cfg=cfg.model, max_k=max(n_active))
+    state = {"cls": classify.init_linear(cfg.model.hidden, len(cfg.ks)),
+             "enc": jax.tree.map(jnp.asarray, params)}
+    state, choice = classify.fit_on_validation(state, ds.x_train, ds.y_train, n_active, val,
+                                               epochs=args.cls_epochs, desc="feature classifiers",
+                                               **fkw, **kw)
+    test = classify.error_rate(state, ds.x_test, ds.y_test, n_active, **fkw)
+    rows += [_row(f"k = {k}", choice, i, test[i]) for i, k in enumerate(cfg.ks)]
+    choices = {"raw pixels": raw_choice, "features": choice, "n_active": n_active}
+    if args.finetune:
+        tuned, ft = classify.fit_on_validation(
+            state, ds.x_train, ds.y_train, n_active, val, finetune=True, epochs=args.ft_epochs,
+            desc="fine-tuning", **fkw, **dict(kw, lr=args.ft_lr))
+        test = classify.error_rate(tuned, ds.x_test, ds.y_test, n_active, **fkw)
+        rows += [_row(f"k = {k} fine-tuned", ft, i, test[i]) for i, k in enumerate(cfg.ks)]
+        choices["fine-tuned"] = ft
+    return rows, choices
+
+
+def _row(name: str, choice: dict, i: int, test_err) -> dict:
+    return {"name": name, "val_error_pct": float(choice["val_error_pct"][i]),
+            "test_error_pct": float(test_err), "epoch": int(choice["epoch"][i]),
+            "dead_units_pct": None, "recon_mse": None}
+
+
 def markdown(table: dict) -> str:
+    cfg = table["config"]
     lines = [f"# k-sparse features under a linear classifier: {table['dataset']}", "",
-             f"{table['n_train']} training / {table['n_test']} test images. Tied "
-             f"784-{table['config']['model']['hidden']} k-sparse autoencoders (linear units, "
-             f"pure k-sparse), {table['budget']}, k scheduled from "
-             f"{table['config']['k_start']}; classification features keep alpha*k units "
-             f"(alpha = {table['alpha']}); softmax classifier {table['cls_epochs']} epochs.", "",
-             "| features | test error % | dead units % | test recon MSE |",
-             "|---|---:|---:|---:|"]
+             f"{table['n_train']} training / {table['n_val']} validation (from the training set) / "
+             f"{table['n_test']} test images. Tied 784-{cfg['model']['hidden']} k-sparse "
+             f"autoencoders (linear units, pure k-sparse), {table['budget']}, k scheduled from "
+             f"{cfg['k_start']}{'; AuxK ' + str(cfg['aux_coef']) if cfg['aux_coef'] else ''}; "
+             f"classification features keep alpha*k units (alpha = {table['alpha']}); softmax "
+             f"classifiers up to {table['cls_epochs']} epochs, the epoch chosen on validation.", "",
+             "| features | validation error % | test error % | dead units % | test recon MSE |",
+             "|---|---:|---:|---:|---:|"]
     for r in table["rows"]:
         dead = "" if r["dead_units_pct"] is None else f"{r['dead_units_pct']:.1f}"
         mse = "" if r["recon_mse"] is None else f"{r['recon_mse']:.4f}"
-        lines.append(f"| {r['name']} | {r['test_error_pct']:.2f} | {dead} | {mse} |")
+        lines.append(f"| {r['name']} | {r['val_error_pct']:.2f} | {r['test_error_pct']:.2f} | "
+                     f"{dead} | {mse} |")
     lines += ["", f"Wall time {table['seconds'] / 60:.1f} min. Dead units: never among the top k "
               "on the training set."]
     return "\n".join(lines) + "\n"
@@ -83,64 +148,40 @@ def main(argv=None):
         raise cli.UsageError("--distributed: the paper table's classifiers run in one process "
                              "(its autoencoders can still use --mesh over local devices)")
     cfg = make_config(args)
-    ds = cli.load_data(args)
+    ds, val = split_data(args, cli.load_data(args))
     cli.check_batch_size(cfg, len(ds.x_train))
-    out = cli.output_dir(args, default="runs/paper_table")
-    t0 = time.perf_counter()
-    progress = not args.no_progress
-    print(f"dataset {ds.name}: {len(ds.x_train)} train / {len(ds.x_test)} test; ks {list(cfg.ks)}")
-
-    run_info = {"data": {"dataset": ds.name, "n_train": len(ds.x_train)}}
     mesh = cli.device_mesh(args, cfg)
+    out = cli.output_dir(args, default="runs/paper_table")
+    t0, progress = time.perf_counter(), not args.no_progress
+    print(f"dataset {ds.name}: {len(ds.x_train)} train / {len(val[0])} validation / "
+          f"{len(ds.x_test)} test; ks {list(cfg.ks)}")
     budget = cli.announce(cfg, len(ds.x_train), mesh)
-    result = cli.train(cfg, ds.x_train, ds.x_test, out, args, run_info, mesh=mesh)
+    run_info = {"data": {"dataset": ds.name, "n_train": len(ds.x_train), "n_val": len(val[0])}}
+    result = cli.train(cfg, ds.x_train, val[0], out, args, run_info, mesh=mesh)
     if result.diverged:
         raise cli.RunFailed(f"autoencoders diverged: {result.diverged}; try a smaller --lr")
+    rows, choices = classifier_rows(args, cfg, ds, val, result.params, progress)
     ae = Autoencoder(cfg, cfg.ks, result.params)
-    n_active = [min(int(round(args.alpha * k)), cfg.model.hidden) for k in cfg.ks]
-    common = dict(epochs=args.cls_epochs, lr=1e-3, batch_size=100, seed=cfg.seed, progress=progress)
-
-    raw = classify.fit({"cls": classify.init_linear(784, 1)}, ds.x_train, ds.y_train, [0],
-                       cfg=None, max_k=1, desc="raw-pixel classifier", **common)
-    raw_err = classify.error_rate(raw, ds.x_test, ds.y_test, [0], cfg=None, max_k=1)[0]
-
-    state = {"cls": classify.init_linear(cfg.model.hidden, len(cfg.ks)),
-             "enc": jax.tree.map(jnp.asarray, result.params)}
-    fkw = dict(cfg=cfg.model, max_k=max(n_active))
-    state = classify.fit(state, ds.x_train, ds.y_train, n_active, desc="feature classifiers",
-                         **fkw, **common)
-    feat_err = classify.error_rate(state, ds.x_test, ds.y_test, n_active, **fkw)
-
-    usage = [ae.unit_usage(ds.x_train, k) for k in cfg.ks]
-    dead = [100.0 * float(np.mean(u == 0)) for u in usage]
-    mse = [h[-1] for h in result.history["eval_mse"]]
-    rows = [{"name": "raw pixels", "test_error_pct": float(raw_err), "dead_units_pct": None,
-             "recon_mse": None}]
-    rows += [{"name": f"k = {k}", "test_error_pct": float(e), "dead_units_pct": d, "recon_mse": m}
-             for k, e, d, m in zip(cfg.ks, feat_err, dead, mse)]
-    if args.finetune:
-        tuned = classify.fit(state, ds.x_train, ds.y_train, n_active, finetune=True,
-                             epochs=args.ft_epochs, lr=args.ft_lr, batch_size=100, seed=cfg.seed,
-                             progress=progress, desc="fine-tuning", **fkw)
-        ft_err = classify.error_rate(tuned, ds.x_test, ds.y_test, n_active, **fkw)
-        rows += [{"name": f"k = {k} fine-tuned", "test_error_pct": float(e), "dead_units_pct": None,
-                  "recon_mse": None} for k, e in zip(cfg.ks, ft_err)]
-
+    test_mse = evaluate(cfg, jax.tree.map(jnp.asarray, result.params),
+                        EvalSet(ArrayRows(ds.x_test, 1 / 255))).mse
+    for i, k in enumerate(cfg.ks):
+        rows[1 + i].update(dead_units_pct=100.0 * float(np.mean(ae.unit_usage(ds.x_train, k) == 0)),
+                           recon_mse=float(test_mse[i]))
     feats = {k: ae.decoder_features(ds.x_test, k, n=100)[0] for k in cfg.ks}
     plotting.save(plotting.feature_panels(feats, f"{ds.name}: 100 most used decoder features per k"),
                   out / "features.png")
-    table = {"dataset": ds.name, "n_train": len(ds.x_train), "n_test": len(ds.x_test),
-             "config": cfg.to_dict(), "budget": f"{budget['steps']} steps ({budget['epochs']:.3g} epochs)",
-             "alpha": args.alpha, "n_active": n_active,
-             "cls_epochs": args.cls_epochs, "finetune": args.finetune,
-             "ft_epochs": args.ft_epochs if args.finetune else None, "rows": rows,
-             "seconds": time.perf_counter() - t0}
+    table = {"dataset": ds.name, "n_train": len(ds.x_train), "n_val": len(val[0]),
+             "n_test": len(ds.x_test), "config": cfg.to_dict(),
+             "budget": f"{budget['steps']} steps ({budget['epochs']:.3g} epochs)",
+             "alpha": args.alpha, "cls_epochs": args.cls_epochs, "finetune": args.finetune,
+             "ft_epochs": args.ft_epochs if args.finetune else None, "choices": choices,
+             "quick": args.quick, "rows": rows, "seconds": time.perf_counter() - t0}
     if ds.name == "mnist":
         table["paper_mnist_error_pct"] = PAPER_MNIST
     write_json(out / "table.json", table)
     write_bytes(out / "table.md", markdown(table).encode())
     save_params(out / "params.pkl", config=cfg.to_dict(), ks=cfg.ks, params=result.params,
-                metrics={"test_mse": mse, "table": rows}, extra={"dataset": ds.name})
+                metrics={"test_mse": test_mse.tolist(), "table": rows}, extra={"dataset": ds.name})
     print("\n" + markdown(table))
     print(f"outputs in {out}")
 

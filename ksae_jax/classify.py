@@ -1,7 +1,7 @@
 """Makhzani & Frey's evaluation: softmax classifiers on raw pixels or on k-sparse codes
-(alpha * k units kept), vmapped over models. A frozen-feature classifier is trained to
-convergence (full-batch L-BFGS, L2 weight chosen on a validation split); fine-tuning trains
-encoder and classifier together with Adam, starting from it."""
+(alpha * k units kept), vmapped over models, trained with Adam (on frozen codes, or with the
+encoder when fine-tuning), the epoch chosen on a validation split; and a small MLP classifier
+whose hidden activations serve as real vectors for the SAEs."""
 from __future__ import annotations
 
 import functools
@@ -44,101 +44,10 @@ def gather_batch(images, labels, order, i, batch_size: int) -> dict:
     return {**batch, "y": labels[jnp.maximum(idx, 0)]}
 
 
-# ---------------------------------------------------------------- frozen features, L-BFGS
-
-@functools.partial(jax.jit, static_argnames=("cfg", "max_k", "batch_size"))
-def _feature_batch(enc, images, order, i, n_active, *, cfg, max_k, batch_size):
-    x = gather(images, order, i, 1 / 255, batch_size=batch_size)["x"]
-    return jax.vmap(lambda p, n: features(x, p, n, cfg=cfg, max_k=max_k))(enc, n_active)
-
-
-def encode_all(enc, images, n_active, *, cfg: ModelConfig | None, max_k: int,
-               batch_size: int = 2000) -> jax.Array:
-    """(models, N, features): every model's classifier inputs for all images (uint8)."""
-    images = jnp.asarray(images)
-    n = images.shape[0]
-    n_active = jnp.asarray(n_active, jnp.int32)
-    order = _padded(np.arange(n), batch_size)
-    enc = enc if cfg is not None else jnp.zeros(n_active.shape)
-    parts = [_feature_batch(enc, images, order, i, n_active, cfg=cfg, max_k=max_k,
-                            batch_size=batch_size) for i in range(order.shape[0] // batch_size)]
-    return jnp.concatenate(parts, axis=1)[:, :n]
-
-
-def _objective(w, f, y, l2):
-    logits = f @ w["weight"].T + w["bias"]
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-    return ce + 0.5 * l2 * jnp.sum(jnp.square(w["weight"]))
-
-
-@functools.partial(jax.jit, static_argnames=("max_iter",))
-def _lbfgs(f, y, l2, max_iter: int):
-    w = {"weight": jnp.zeros((N_CLASSES, f.shape[1])), "bias": jnp.zeros(N_CLASSES)}
-    fun = functools.partial(_objective, f=f, y=y, l2=l2)
-    opt = optax.lbfgs()
-    value_and_grad = optax.value_and_grad_from_state(fun)
-
-    def step(carry, _):
-        w, state = carry
-        value, grad = value_and_grad(w, state=state)
-        updates, state = opt.update(grad, state, w, value=value, grad=grad, value_fn=fun)
-        return (optax.apply_updates(w, updates), state), None
-
-    (w, _), _ = jax.lax.scan(step, (w, opt.init(w)), None, length=max_iter)
-    return w
-
-
-def fit_lbfgs(feats, labels, l2, *, max_iter: int = 300) -> dict:
-    """Softmax regressions (mean cross-entropy + l2/2 |W|^2) fitted to convergence by
-    full-batch L-BFGS, one per leading index of feats (models x l2 values share a vmap).
-
-    feats: (M, N, F); l2: (M,). Returns {"weight": (M, 10, F), "bias": (M, 10)}.
-    """
-    y = jnp.asarray(labels, jnp.int32)
-    return jax.vmap(_lbfgs, in_axes=(0, None, 0, None))(jnp.asarray(feats), y,
-                                                        jnp.asarray(l2, jnp.float32), max_iter)
-
-
-@jax.jit
-def _n_wrong(w, f, y):
-    return jnp.sum(jnp.argmax(f @ w["weight"].T + w["bias"], axis=-1) != y)
-
-
-def feature_error(weights: dict, feats, labels) -> np.ndarray:
-    """Per-model classification error (%) of fitted weights on features (M, N, F)."""
-    y = jnp.asarray(labels, jnp.int32)
-    wrong = jax.vmap(_n_wrong, in_axes=(0, 0, None))(weights, jnp.asarray(feats), y)
-    return 100.0 * np.asarray(wrong) / len(labels)
-
-
-def feature_scale(feats) -> jax.Array:
-    """(M,) one factor per model that brings its features to unit root-mean-square (so that
-    one L2 grid suits every model; sparsity is kept)."""
-    rms = jnp.sqrt(jnp.mean(jnp.square(feats), axis=(1, 2)))
-    return 1.0 / jnp.maximum(rms, 1e-12)
-
-
-def select_l2(train_f, y_train, val_f, y_val, grid, *, max_iter: int = 300):
-    """For every model, the L2 weight of `grid` with the lowest validation error.
-
-    Returns (weights fitted with the chosen l2, chosen l2 (M,), validation errors (M, G)).
-    """
-    m, g = train_f.shape[0], len(grid)
-    val_err = np.zeros((m, g))
-    fits = []
-    for j, l2 in enumerate(grid):  # one vmap over models per l2 (bounds memory)
-        w = fit_lbfgs(train_f, y_train, np.full(m, l2), max_iter=max_iter)
-        val_err[:, j] = feature_error(w, val_f, y_val)
-        fits.append(w)
-    best = val_err.argmin(axis=1)
-    weights = jax.tree.map(lambda *ws: jnp.stack([ws[b][i] for i, b in enumerate(best)]), *fits)
-    return weights, np.asarray(grid)[best], val_err
-
-
-# ---------------------------------------------------------------- fine-tuning (Adam)
+# ---------------------------------------------------------------- training (Adam)
 
 def _logits(params, x, n_active, *, cfg, max_k):
-    f = features(x, params.get("enc"), n_active, cfg=cfg, max_k=max_k) * params.get("scale", 1.0)
+    f = features(x, params.get("enc"), n_active, cfg=cfg, max_k=max_k)
     return f @ params["cls"]["weight"].T + params["cls"]["bias"]
 
 
@@ -150,8 +59,9 @@ def _xent(trainable, frozen, batch, n_active, *, cfg, max_k):
 
 def _split(state: dict, finetune: bool):
     """(trainable, frozen): the classifier alone, or with the encoder when fine-tuning."""
-    frozen = {k: v for k, v in state.items() if k == "scale" or (k != "cls" and not finetune)}
-    return {k: v for k, v in state.items() if k not in frozen}, frozen
+    if finetune:
+        return state, {}
+    return {"cls": state["cls"]}, {k: v for k, v in state.items() if k != "cls"}
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_k", "lr", "batch_size", "finetune"),
@@ -171,12 +81,11 @@ def classifier_step(state, opt_state, images, labels, order, i, n_active, *, cfg
     return jax.vmap(one)(state, opt_state, n_active)
 
 
-def fit(state: dict, images, labels, n_active, *, cfg: ModelConfig | None, max_k: int,
-        epochs: int, lr: float, batch_size: int = 600, seed: int = 0, finetune: bool = False,
-        progress: bool = True, desc: str = "classifier") -> dict:
-    """Trains the classifiers in `state` ({"cls", "enc", optional "scale"}, leading model
-    axis) with Adam. Returns the new state; the arrays passed in are left intact."""
-    state = jax.tree.map(jnp.array, state)
+def _epochs(state: dict, images, labels, n_active, *, cfg, max_k: int, epochs: int, lr: float,
+            batch_size: int = 600, seed: int = 0, finetune: bool = False, progress: bool = True,
+            desc: str = "classifier"):
+    """Adam over the classifiers in `state`: yields (epoch, state) after every epoch."""
+    state = jax.tree.map(jnp.array, state)  # the caller's arrays stay intact (steps donate)
     images, labels = jnp.asarray(images), jnp.asarray(labels, jnp.int32)
     n_active = jnp.asarray(n_active, jnp.int32)
     tx = optax.adam(lr)
@@ -191,7 +100,41 @@ def fit(state: dict, images, labels, n_active, *, cfg: ModelConfig | None, max_k
             for i in range(n_batches):
                 state, opt_state = step(state, opt_state, images, labels, order, i, n_active)
                 bar.update()
+            yield epoch + 1, state
+
+
+def fit(state: dict, images, labels, n_active, *, cfg: ModelConfig | None, max_k: int,
+        epochs: int, lr: float, batch_size: int = 600, seed: int = 0, finetune: bool = False,
+        progress: bool = True, desc: str = "classifier") -> dict:
+    """Trains the classifiers in `state` ({"cls": ..., "enc": ...}, leading model axis) with
+    Adam for `epochs`; returns the new state (the arrays passed in are left intact)."""
+    for _, state in _epochs(state, images, labels, n_active, cfg=cfg, max_k=max_k, epochs=epochs,
+                            lr=lr, batch_size=batch_size, seed=seed, finetune=finetune,
+                            progress=progress, desc=desc):
+        pass
     return state
+
+
+def fit_on_validation(state: dict, images, labels, n_active, val, *, cfg: ModelConfig | None,
+                      max_k: int, **kw) -> tuple[dict, dict]:
+    """fit, keeping for each model the state of the epoch with the lowest error on `val`
+    ((images, labels) of a validation split, never the test set). Returns (state, choice):
+    choice["epoch"] and choice["val_error_pct"] per model."""
+    best = best_err = best_epoch = None
+    for epoch, state in _epochs(state, images, labels, n_active, cfg=cfg, max_k=max_k, **kw):
+        err = error_rate(state, *val, n_active, cfg=cfg, max_k=max_k)
+        if best is None:  # a copy: the next step donates (deletes) this epoch's buffers
+            best, best_err, best_epoch = jax.tree.map(jnp.copy, state), err, np.full(len(err), epoch)
+            continue
+        better = err < best_err
+        best = jax.tree.map(lambda new, old: jnp.where(_along(better, new), new, old), state, best)
+        best_err, best_epoch = np.where(better, err, best_err), np.where(better, epoch, best_epoch)
+    return best, {"epoch": best_epoch.tolist(), "val_error_pct": best_err.tolist()}
+
+
+def _along(mask: np.ndarray, like: jax.Array) -> jax.Array:
+    """A per-model mask broadcastable against an array with a leading model axis."""
+    return jnp.asarray(mask).reshape(-1, *([1] * (like.ndim - 1)))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_k", "batch_size"))
