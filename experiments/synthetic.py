@@ -4,9 +4,10 @@
     python -m experiments.synthetic --out runs/synthetic
 
 Default data: 512 unit features in d = 256; feature i fires with probability proportional to
-0.99^i, on average 5 per vector, magnitude uniform on [0, 1]. Reports, per k, the mean max
-cosine similarity of the true features with the decoder rows (MMCS), the fraction recovered
-at cosine >= 0.9 and the dead latents; figure mmcs_vs_k.png.
+0.99^i, on average 5 per vector, magnitude uniform on [0, 1]. Default SAEs: 1,024 latents,
+k = 3, 5, 8, 16, 3,000 steps of batch 1,024, AuxK with coefficient 1 over 64 steps. Reports,
+per k, the mean max cosine similarity of the true features with the decoder rows (MMCS), the
+fraction recovered at cosine >= 0.9 and the dead latents; figure mmcs_vs_k.png.
 """
 from __future__ import annotations
 
@@ -31,11 +32,14 @@ def parse_args(argv):
     p.add_argument("--data-seed", type=cli.int_value, default=0)
     sae.add_sae_flags(p, ks=(3, 5, 8, 16), latents=1024)
     cli.add_run_flags(p, default_out="runs/synthetic")
-    p.set_defaults(steps=None, batch_size=1024)
+    p.set_defaults(steps=None, batch_size=1024, aux_coef=AUX_COEF, dead_tokens=DEAD_TOKENS)
     return p.parse_args(argv)
 
 
 DEFAULT_STEPS = 3000
+# AuxK stronger than the LM recipe's (1/32 over one pass): on this data k = 5 then recovers
+# 99.8% of the features (MMCS 0.998) instead of 97.9% (0.984); without AuxK 72.9% (0.797)
+AUX_COEF, DEAD_TOKENS = 1.0, 65_536
 
 
 def main(argv=None):

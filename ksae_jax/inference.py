@@ -79,15 +79,7 @@ class _Models:
         raise NotImplementedError
 
     def _codes(self, code) -> np.ndarray:
-        hidden = self.model_config.hidden
-        c = np.asarray(code)
-        if c.ndim == 1 and c.shape[0] == hidden:
-            c = c[None]
-        if c.ndim != 2 or c.shape[1] != hidden:
-            raise ValueError(f"code must have shape (N, {hidden}) or ({hidden},), got {np.shape(code)}")
-        if c.dtype.kind not in "fiu" or not np.isfinite(c).all():
-            raise ValueError("code must hold finite numbers")
-        return c.astype(np.float32)
+        return _rows(code, self.model_config.hidden, "code", "fiu")
 
     def encode(self, x, k: int, n_active: int | None = None) -> np.ndarray:
         """k-sparse codes (N, hidden) with the model of k (n_active: units kept, default k;
@@ -147,17 +139,7 @@ class VectorSAE(_Models):
     (input_scale) before encoding and outputs scaled back, so callers never see it."""
 
     def _inputs(self, x) -> np.ndarray:
-        d = self.model_config.d_in
-        a = np.asarray(x)
-        if a.ndim == 1 and a.shape[0] == d:
-            a = a[None]
-        if a.ndim != 2 or a.shape[1] != d:
-            raise ValueError(f"inputs must have shape (N, {d}) or ({d},), got {a.shape}")
-        if a.dtype.kind != "f":
-            raise ValueError(f"inputs must be float vectors, got dtype {a.dtype}")
-        if not np.isfinite(a).all():
-            raise ValueError("inputs hold NaN or Inf")
-        return a.astype(np.float32) * np.float32(self.input_scale)
+        return _rows(x, self.model_config.d_in, "inputs", "f") * np.float32(self.input_scale)
 
     def encode_topk(self, x, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(values, indices), each (N, k): the kept latents of every vector."""
@@ -172,6 +154,20 @@ class VectorSAE(_Models):
     def decoder_directions(self, k: int) -> np.ndarray:
         """(n, d) unit decoder rows of the model of k (in normalised input space)."""
         return np.asarray(self.params_for(k)["W_dec"])
+
+
+def _rows(x, width: int, name: str, kinds: str) -> np.ndarray:
+    """(N, width) float32 from N rows or one row of `width` finite numbers of dtype kinds."""
+    a = np.asarray(x)
+    if a.ndim == 1 and a.shape[0] == width:
+        a = a[None]
+    if a.ndim != 2 or a.shape[1] != width:
+        raise ValueError(f"{name} must have shape (N, {width}) or ({width},), got {a.shape}")
+    if a.dtype.kind not in kinds:
+        raise ValueError(f"{name} must hold {'floats' if kinds == 'f' else 'numbers'}, got dtype {a.dtype}")
+    if not np.isfinite(a).all():
+        raise ValueError(f"{name} hold NaN or Inf")
+    return a.astype(np.float32)
 
 
 def as_images(images, name: str = "images") -> np.ndarray:

@@ -81,22 +81,25 @@ def feature_panels(features_by_k: dict, title: str = "", n_cols: int = 10) -> Fi
     return fig
 
 
-def loss_curves(ks, steps, train_loss, test_mse, title: str = "") -> Figure:
-    """Train loss (MSE + L1) and test MSE at every evaluation step, one line per k."""
+def _per_k_panels(ks, steps, left, right, labels: tuple[str, str], title: str, log_right=True):
+    """Two panels of one line per k against the step (training curves)."""
     fig = Figure(figsize=(10, 4), layout="constrained")
-    ax_train, ax_test = fig.subplots(1, 2)
-    for k, tr, te in zip(ks, train_loss, test_mse):
-        ax_train.plot(steps, tr, marker="o", ms=3, label=f"k = {k}")
-        ax_test.plot(steps, te, marker="o", ms=3, label=f"k = {k}")
-    for ax, name in ((ax_train, "train loss (MSE + L1)"), (ax_test, "test MSE")):
-        ax.set_xlabel("step")
-        ax.set_ylabel(name)
-        ax.set_yscale("log")
+    axes = fig.subplots(1, 2)
+    for k, a, b in zip(ks, left, right):
+        axes[0].plot(steps, a, marker="o", ms=3, label=f"k = {k}")
+        axes[1].plot(steps, b, marker="o", ms=3, label=f"k = {k}")
+    for ax, name, log in zip(axes, labels, (True, log_right)):
+        ax.set(xlabel="step", ylabel=name, yscale="log" if log else "linear")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)
     return fig
+
+
+def loss_curves(ks, steps, train_loss, test_mse, title: str = "") -> Figure:
+    """Train loss (MSE + L1) and test MSE at every evaluation step, one line per k."""
+    return _per_k_panels(ks, steps, train_loss, test_mse, ("train loss (MSE + L1)", "test MSE"), title)
 
 
 # ---------------------------------------------------------------- TopK SAEs on vectors
@@ -138,20 +141,10 @@ def firing_histograms(ks, counts, n_rows: int, title: str = "") -> Figure:
 
 
 def training_curves(ks, steps, train_rec, window_dead, title: str = "") -> Figure:
-    """Training FVU and the fraction of latents dead by the training window, per k."""
-    fig = Figure(figsize=(10, 4), layout="constrained")
-    ax_fvu, ax_dead = fig.subplots(1, 2)
-    for k, fvu, dead in zip(ks, train_rec, window_dead):
-        ax_fvu.plot(steps, fvu, marker="o", ms=3, label=f"k = {k}")
-        ax_dead.plot(steps, 100 * np.asarray(dead, float), marker="o", ms=3, label=f"k = {k}")
-    ax_fvu.set(xlabel="step", ylabel="training FVU", yscale="log")
-    ax_dead.set(xlabel="step", ylabel="dead latents % (training window)")
-    for ax in (ax_fvu, ax_dead):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    return fig
+    """Training FVU and the percentage of latents dead by the training window, per k."""
+    dead = [100 * np.asarray(d, float) for d in window_dead]
+    return _per_k_panels(ks, steps, train_rec, dead,
+                         ("training FVU", "dead latents % (training window)"), title, log_right=False)
 
 
 def recovery_vs_k(ks, mmcs, recovered, dead_frac, title: str = "") -> Figure:
