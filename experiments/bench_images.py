@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ksae_jax.bench import matmul_peak, peak_rss_mb, run_child, timed
+from ksae_jax.bench import matmul_peak, peak_rss_mb, timed
 
 ROOT = Path(__file__).resolve().parents[1]
 FASHION = Path("/usr/share/datasets/fashion-mnist")

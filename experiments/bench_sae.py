@@ -98,7 +98,7 @@ def run_config(c: dict, data: Path, steps: int, warmup: int, threads: int, child
     rows["a"] = child("sae", dict(base, ks=[c["k"]], floor=True), 3600)
     print(f"  (b) ksae_jax {len(SWEEP_KS)}-k sweep {SWEEP_KS} ...", flush=True)
     rows["b"] = child("sae", dict(base, ks=list(SWEEP_KS)), 3600)
-    print(f"  (e) ksae_jax one model, dense reference path ...", flush=True)
+    print("  (e) ksae_jax one model, dense reference path ...", flush=True)
     rows["e"] = child("sae", dict(base, ks=[c["k"]], decoder="dense"), 3600)
     if peer:
         print(f"  (c) sparsify, k = {c['k']} and the {len(SWEEP_KS)} ks one after another ...", flush=True)
