@@ -114,6 +114,7 @@ def fvu_vs_k(ks, fvu, dead_frac, title: str = "", baseline: dict | None = None) 
         ax_fvu.plot(bks, bfvu, marker="s", ls="--", label=label)
     ax_fvu.set(xscale="log", yscale="log", xlabel="k", ylabel="held-out FVU")
     ax_fvu.set_xticks(list(ks), [str(k) for k in ks])
+    ax_fvu.set_xticks([], minor=True)  # no "2 x 10^1" labels among the ks
     ax_fvu.grid(alpha=0.3, which="both")
     ax_fvu.legend(fontsize=8)
     ax_dead.bar([str(k) for k in ks], 100 * np.asarray(dead_frac))
