@@ -25,7 +25,7 @@ class Models(tuple):
 jax.tree_util.register_pytree_node(Models, lambda t: (tuple(t), None), lambda _, c: Models(c))
 
 
-def choose(arch: str, platform: str) -> str:
+def choose(platform: str) -> str:
     """"loop" on CPU, "vmap" on accelerators (whatever the arch).
 
     Measured on 2 CPU cores: vmap turns the conv network's per-model convolutions into
@@ -34,7 +34,6 @@ def choose(arch: str, platform: str) -> str:
     one after another, looped 1.0x) and batches an SAE's gathers and scatters (one
     16,384-latent model: 2.6 s vmapped, 1.4 s looped). GPUs and TPUs run the grouped and
     batched ops well."""
-    del arch
     return "loop" if platform == "cpu" else "vmap"
 
 
@@ -45,7 +44,7 @@ def resolve(cfg: SweepConfig, platform: str | None = None) -> str:
         return cfg.batching
     if sharding.axis_size("model") > 1:
         return "vmap"
-    return choose(cfg.model.arch, platform or jax.default_backend())
+    return choose(platform or jax.default_backend())
 
 
 def split(tree, n: int) -> Models:
