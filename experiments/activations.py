@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ksae_jax import classify, cli
-from ksae_jax.checkpoint import atomic_write, write_json
+from ksae_jax.files import atomic_write, write_json
 
 
 def parse_args(argv):

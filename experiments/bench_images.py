@@ -29,12 +29,10 @@ MLP_K = 25
 def child_jax(spec: dict) -> dict:
     """One ksae_jax configuration: compile time, train epoch time, test evaluation time."""
     import jax
-    import jax.numpy as jnp
 
-    from ksae_jax import batching, train
-    from ksae_jax.config import ModelConfig, SweepConfig
+    from ksae_jax import ImageModel, SweepConfig, prepare
     from ksae_jax.data import images
-    from ksae_jax.data.feed import ArrayRows, DeviceFeeder
+    from ksae_jax.data.feed import ArrayRows
     from ksae_jax.evaluate import EvalSet, evaluate
 
     ds = images.load_idx_dir(spec["idx_dir"]).limit_train(spec.get("train_limit"))
@@ -42,27 +40,24 @@ def child_jax(spec: dict) -> dict:
     groups = [spec["ks"]] if spec["mode"] == "sweep" else [[k] for k in spec["ks"]]
     out = {"compile_s": 0.0, "train_s": 0.0, "eval_s": 0.0, "steps": 0}
     for ks in groups:
-        cfg = SweepConfig(model=ModelConfig(spec["arch"]), ks=tuple(ks), batch_size=spec["batch"],
-                          l1=spec["l1"], batching=spec.get("batching", "auto"))
-        run_cfg = train.resolved(cfg, rows.n)
-        state = train.state_layout(train.init_state(cfg), batching.resolve(cfg))
-        batches = DeviceFeeder(rows, cfg.batch_size, cfg.seed).batches()
-        ks_arr, sums = jnp.asarray(ks, jnp.int32), jnp.zeros((len(ks), 3))
+        cfg = SweepConfig(model=ImageModel(spec["arch"], l1=spec["l1"]), ks=tuple(ks),
+                          batch_size=spec["batch"], batching=spec.get("batching", "auto"))
+        run = prepare(cfg, rows, feeder="device")
+        state, sums, ks_arr = run.state, run.zero_sums(), run.ks_at(0)
         t = time.perf_counter()
-        step = train.sweep_step.lower(state, sums, next(batches), ks_arr, jnp.int32(0),
-                                      cfg=run_cfg).compile()
+        step = run.compile(next(run.batches))
         out["compile_s"] += time.perf_counter() - t
-        state, sums = step(state, sums, next(batches), ks_arr, jnp.int32(0))  # warm-up, untimed
+        state, sums = step(state, sums, next(run.batches), ks_arr, np.int32(0))  # warm-up, untimed
         jax.block_until_ready(sums)
-        n_steps = spec.get("steps") or -(-rows.n // cfg.batch_size)
+        n_steps = spec.get("steps") or run.budget.steps_per_epoch
         t = time.perf_counter()
         for i in range(n_steps):
-            state, sums = step(state, sums, next(batches), ks_arr, jnp.int32(i))
+            state, sums = step(state, sums, next(run.batches), ks_arr, np.int32(i))
         jax.block_until_ready(sums)
         out["train_s"] += time.perf_counter() - t
         out["steps"] += n_steps
-        evaluate(run_cfg, state.params, test)  # compile
-        out["eval_s"] += timed(lambda: evaluate(run_cfg, state.params, test))
+        evaluate(run.run_cfg, state.params, test)  # compile
+        out["eval_s"] += timed(lambda: evaluate(run.run_cfg, state.params, test))
     out.update(n_models=len(spec["ks"]), images=out["steps"] // len(groups) * spec["batch"],
                peak_rss_mb=peak_rss_mb())
     return out
@@ -158,11 +153,11 @@ def synthetic_idx_dir(n_train: int, n_test: int) -> Path:
 def _row(name: str, arch: str, r: dict, peak: float) -> dict:
     """Adds throughput (images x models / s) and the FLOP rate: training is counted as 3x
     the forward FLOPs of the layer shapes (forward + two gradient products)."""
-    from ksae_jax.config import ModelConfig
+    from ksae_jax.config import ImageModel
     from ksae_jax.models.images import forward_flops
 
     model_images_per_s = r["images"] * r["n_models"] / r["train_s"]
-    train_flops = 3 * forward_flops(ModelConfig(arch))
+    train_flops = 3 * forward_flops(ImageModel(arch))
     gflops = train_flops * model_images_per_s / 1e9
     return {"name": name, **r, "train_flops_per_image": train_flops,
             "model_images_per_s": model_images_per_s, "gflops": gflops, "peak_fraction": gflops / peak}

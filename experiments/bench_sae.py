@@ -40,9 +40,8 @@ def child_sae(spec: dict) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from ksae_jax import batching, sae_config, train
+    from ksae_jax import batching, prepare, sae_config
     from ksae_jax.data import vectors
-    from ksae_jax.data.feed import DeviceFeeder
     from ksae_jax.evaluate import EvalSet, evaluate
 
     src = vectors.open_vectors(spec["data"])
@@ -50,22 +49,20 @@ def child_sae(spec: dict) -> dict:
     cfg = sae_config(src.d, tuple(spec["ks"]), latents=spec["latents"], batch_size=spec["batch"],
                      steps=spec["steps"], decoder=spec.get("decoder", "auto"),
                      batching=spec.get("batching", "auto"), dead_tokens=10_000_000)
-    run_cfg = train.resolved(cfg, tr.n)
-    state = train.state_layout(train.init_state(cfg, tr), batching.resolve(cfg))
-    batches = DeviceFeeder(tr, cfg.batch_size, cfg.seed).batches()
-    ks, sums = np.asarray(cfg.ks, np.int32), jnp.zeros((len(cfg.ks), 3))
+    run = prepare(cfg, tr, feeder="device")
+    state, sums, ks = run.state, run.zero_sums(), run.ks_at(0)
     t = time.perf_counter()
-    step = train.sweep_step.lower(state, sums, next(batches), ks, np.int32(0), cfg=run_cfg).compile()
+    step = run.compile(next(run.batches))
     compile_s = time.perf_counter() - t
     for i in range(spec["steps"]):
         if i == spec["warmup"]:
             jax.block_until_ready(sums)
             t = time.perf_counter()
-        state, sums = step(state, sums, next(batches), ks, np.int32(i))
+        state, sums = step(state, sums, next(run.batches), ks, np.int32(i))
     jax.block_until_ready(sums)
     timed_steps = spec["steps"] - spec["warmup"]
     seconds_per_step = (time.perf_counter() - t) / timed_steps
-    final = evaluate(run_cfg, state.params, EvalSet(held))
+    final = evaluate(run.run_cfg, state.params, EvalSet(held))
     out = {"seconds_per_step": seconds_per_step,
            "vectors_per_s": spec["batch"] * len(cfg.ks) / seconds_per_step,  # x models
            "compile_s": compile_s, "eval_fvu": final.fvu.tolist(), "dead_fraction_eval":

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from ksae_jax import bench, cli
-from ksae_jax.checkpoint import write_bytes, write_json
+from ksae_jax.files import write_bytes, write_json
 
 from experiments import bench_images, bench_sae
 

@@ -11,114 +11,111 @@ reach the original's quality in a few minutes on 2 CPU cores. --steps or --epoch
 """
 from __future__ import annotations
 
-from pathlib import Path
-
-from ksae_jax import cli, plotting
-from ksae_jax.checkpoint import save_params, write_json
-from ksae_jax.config import DEFAULT_EPOCHS, DEFAULT_KS, ModelConfig, SweepConfig
+from ksae_jax import cli, plotting, runner
+from ksae_jax.config import DEFAULT_EPOCHS, DEFAULT_KS, ImageModel, SweepConfig
 from ksae_jax.data.images import SAMPLE
-from ksae_jax.inference import Autoencoder
+from ksae_jax.files import write_json
 
 N_SHOW = 9  # images per reconstruction figure, as the original
 ORIGINAL = {"epochs": DEFAULT_EPOCHS, "batch_size": 600}
 SAMPLE_BUDGET = {"steps": 700, "batch_size": 200}
 
 
-def parse_args(argv):
-    p = cli.Parser(prog="python -m experiments.ksweep", description=__doc__.split("\n\n")[0])
-    p.add_argument("--ks", type=cli.int_value, nargs="*", default=list(DEFAULT_KS),
-                   help="k values, all trained in one compiled run (default 5 10 25 50 100)")
-    cli.add_budget_flags(p, batch_size=None)
-    p.add_argument("--lr", type=cli.positive_float, default=1e-3)
-    p.add_argument("--l1", type=cli.nonneg_float, default=1e-4,
-                   help="lambda of the L1 activation penalty (0: pure k-sparse)")
-    p.add_argument("--arch", choices=("conv", "mlp"), default="conv")
-    p.add_argument("--hidden", type=cli.positive_int, default=None,
-                   help="code width (default 256 conv, 1000 mlp)")
-    p.add_argument("--tied", action="store_true", help="mlp: decoder = encoder transposed")
-    p.add_argument("--loss", choices=("mse", "bce"), default="mse")
-    cli.add_auxk_flags(p, aux_coef=0.0)
-    cli.add_data_flags(p)
-    p.add_argument("--seed", type=cli.int_value, default=1)
-    cli.add_run_flags(p, default_out="runs/ksweep")
-    return p.parse_args(argv)
-
-
-def default_budget(dataset: str, steps=None, epochs=None, batch_size=None) -> dict:
+def default_budget(sample: bool, steps=None, epochs=None, batch_size=None) -> dict:
     """The budget flags with defaults filled in: the original's 9 epochs of batch 600, or on
     the offline sample 700 steps of batch 200 (9 of its epochs would be 63 steps)."""
-    base = SAMPLE_BUDGET if dataset == SAMPLE else ORIGINAL
+    base = SAMPLE_BUDGET if sample else ORIGINAL
     if steps is None and epochs is None:
         steps, epochs = base.get("steps"), base.get("epochs")
     return {"steps": steps, "epochs": epochs, "batch_size": batch_size or base["batch_size"]}
 
 
-def make_config(args, dataset: str) -> SweepConfig:
-    budget = default_budget(dataset, args.steps, args.epochs, args.batch_size)
-    return cli.make_config(
-        SweepConfig, model=ModelConfig(args.arch, args.hidden, args.tied, args.loss),
-        ks=tuple(args.ks), lr=args.lr, l1=args.l1, seed=args.seed, batching=args.batching,
-        eval_every=args.eval_every, aux_coef=args.aux_coef, aux_k=args.aux_k,
-        dead_tokens=args.dead_tokens, **budget)
+class KSweep(runner.Experiment):
+    name = "ksweep"
+    doc = __doc__
+
+    def add_flags(self, p):
+        p.add_argument("--ks", type=cli.int_value, nargs="*", default=list(DEFAULT_KS),
+                       help="k values, all trained in one compiled run (default 5 10 25 50 100)")
+        cli.add_budget_flags(p, batch_size=None)
+        p.add_argument("--lr", type=cli.positive_float, default=1e-3)
+        p.add_argument("--l1", type=cli.nonneg_float, default=1e-4,
+                       help="lambda of the L1 activation penalty (0: pure k-sparse)")
+        p.add_argument("--arch", choices=("conv", "mlp"), default="conv")
+        p.add_argument("--hidden", type=cli.positive_int, default=None,
+                       help="code width (default 256 conv, 1000 mlp)")
+        p.add_argument("--tied", action="store_true", help="mlp: decoder = encoder transposed")
+        p.add_argument("--loss", choices=("mse", "bce"), default="mse")
+        cli.add_auxk_flags(p, aux_coef=0.0)
+        cli.add_data_flags(p)
+        p.add_argument("--seed", type=cli.int_value, default=1)
+        cli.add_run_flags(p, default_out=self.default_out)
+
+    def check_flags(self, args):
+        cli.check_data_flags(args)
+
+    def describe(self, args):
+        return {"sample": args.idx_dir is None and args.dataset == SAMPLE}
+
+    def config(self, args, spec):
+        model = ImageModel(args.arch, args.hidden, args.tied, args.loss, args.l1)
+        return SweepConfig(
+            model=model, ks=tuple(args.ks), lr=args.lr, seed=args.seed, batching=args.batching,
+            eval_every=args.eval_every, aux_coef=args.aux_coef, aux_k=args.aux_k,
+            dead_tokens=args.dead_tokens,
+            **default_budget(spec["sample"], args.steps, args.epochs, args.batch_size))
+
+    def load(self, args):
+        ds = cli.load_data(args)
+        source = str(args.idx_dir) if args.idx_dir else ds.name
+        info = {"data": {"dataset": ds.name, "source": source, "n_train": len(ds.x_train)}}
+        return runner.Data(ds.x_train, ds.x_test, {"sample": ds.name == SAMPLE}, len(ds.x_train),
+                           info, ds.name, ds)
+
+    def summary(self, run_cfg, data, training):
+        ds = data.extra
+        return (f"dataset {ds.name}: {len(ds.x_train)} train / {len(ds.x_test)} test images; "
+                f"{run_cfg.model.arch} model, ks {list(run_cfg.ks)}")
+
+    def report(self, run):
+        cfg, result, ds = run.cfg, run.result, run.data.extra
+        h = result.history
+        metrics = {
+            "ks": list(cfg.ks), **run.plan, "step": h["step"],
+            "train_loss": h["train_loss"], "train_mse": h["train_rec"],
+            "test_mse": {"per_eval": h["eval_mse"], "final": [m[-1] for m in h["eval_mse"]]},
+            "dead_units_frac": [m[-1] for m in h["eval_dead_frac"]],
+            "diverged": {str(k): v for k, v in result.diverged.items()},
+            "dataset": ds.name, "data_source": run.data.info["data"]["source"],
+            "n_train": int(len(ds.x_train)), "n_test": int(len(ds.x_test)),
+            "seconds": result.seconds, "compile_seconds": result.compile_seconds,
+            "config": cfg.to_dict(),
+        }
+        write_json(run.out / "metrics.json", metrics)
+        runner.save(run, metrics, extra={"dataset": ds.name})
+        write_figures(run, result.models(metrics))
+        print_table(cfg, result, metrics)
+        print(f"wall time {result.seconds:.1f} s ({result.compile_seconds:.1f} s compile + first "
+              f"step); outputs in {run.out}")
 
 
-def write_figures(out: Path, ae: Autoencoder, x_train, x_test, history, dataset: str):
-    ks = ae.ks
-    for k in ks:
-        for split, x in (("train", x_train), ("test", x_test)):
+def write_figures(run, ae) -> None:
+    ds, h, out = run.data.extra, run.result.history, run.out
+    for k in ae.ks:
+        for split, x in (("train", ds.x_train), ("test", ds.x_test)):
             fig = plotting.reconstructions(x[:N_SHOW] / 255.0, ae.reconstruct(x[:N_SHOW], k),
-                                           f"{dataset} {split} images, k = {k}")
+                                           f"{ds.name} {split} images, k = {k}")
             plotting.save(fig, out / f"recon_k{k}_{split}.png")
-        feats, _, _ = ae.decoder_features(x_test, k, n=100)
+        feats, _, _ = ae.decoder_features(ds.x_test, k, n=100)
         plotting.save(plotting.feature_grid(feats, f"decoder features, k = {k} "
                                             "(100 most used units)"), out / f"features_k{k}.png")
-    recons = {k: ae.reconstruct(x_test[:10], k) for k in ks}
-    plotting.save(plotting.compare_ks(x_test[:10] / 255.0, recons, f"{dataset} test images"),
+    recons = {k: ae.reconstruct(ds.x_test[:10], k) for k in ae.ks}
+    plotting.save(plotting.compare_ks(ds.x_test[:10] / 255.0, recons, f"{ds.name} test images"),
                   out / "compare_ks.png")
-    plotting.save(plotting.loss_curves(ks, history["step"], history["train_loss"],
-                                       history["test_mse"], dataset), out / "loss_curves.png")
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    cli.start_devices(args)
-    make_config(args, "mnist")  # flag mistakes end the run before any data is read
-    ds = cli.load_data(args)
-    cfg = make_config(args, ds.name)
-    cli.check_batch_size(cfg, len(ds.x_train))
-    mesh = cli.device_mesh(args, cfg)
-    out = cli.output_dir(args, default="runs/ksweep")
-    print(f"dataset {ds.name}: {len(ds.x_train)} train / {len(ds.x_test)} test images; "
-          f"{cfg.model.arch} model, ks {list(cfg.ks)}")
-    plan = cli.announce(cfg, len(ds.x_train), mesh)
-    source = str(args.idx_dir) if args.idx_dir else ds.name
-    run_info = {"data": {"dataset": ds.name, "source": source, "n_train": len(ds.x_train)}}
-    result = cli.train(cfg, ds.x_train, ds.x_test, out, args, run_info, mesh=mesh)
-
-    h = result.history
-    metrics = {
-        "ks": list(cfg.ks), **plan, "step": h["step"],
-        "train_loss": h["train_loss"], "train_mse": h["train_rec"],
-        "test_mse": {"per_eval": h["eval_mse"], "final": [m[-1] for m in h["eval_mse"]]},
-        "dead_units_frac": [m[-1] for m in h["eval_dead_frac"]],
-        "diverged": {str(k): v for k, v in result.diverged.items()},
-        "dataset": ds.name, "data_source": source,
-        "n_train": int(len(ds.x_train)), "n_test": int(len(ds.x_test)),
-        "seconds": result.seconds, "compile_seconds": result.compile_seconds,
-        "config": cfg.to_dict(),
-    }
-    write_json(out / "metrics.json", metrics)
-    kept_cfg, params = cli.healthy_models(cfg, result)
-    save_params(out / "params.pkl", config=kept_cfg.to_dict(), ks=kept_cfg.ks, params=params,
-                metrics=metrics, extra={"dataset": ds.name})
-    ae = Autoencoder(kept_cfg, kept_cfg.ks, params, metrics)
-    keep = [cfg.ks.index(k) for k in kept_cfg.ks]
-    history = {"step": h["step"], "train_loss": [h["train_loss"][i] for i in keep],
-               "test_mse": [h["eval_mse"][i] for i in keep]}
-    write_figures(out, ae, ds.x_train, ds.x_test, history, ds.name)
-    print_table(cfg, result, metrics)
-    print(f"wall time {result.seconds:.1f} s ({result.compile_seconds:.1f} s compile + first step); "
-          f"outputs in {out}")
+    keep = [run.cfg.ks.index(k) for k in ae.ks]
+    plotting.save(plotting.loss_curves(ae.ks, h["step"], [h["train_loss"][i] for i in keep],
+                                       [h["eval_mse"][i] for i in keep], ds.name),
+                  out / "loss_curves.png")
 
 
 def print_table(cfg: SweepConfig, result, metrics: dict) -> None:
@@ -132,5 +129,9 @@ def print_table(cfg: SweepConfig, result, metrics: dict) -> None:
               f"{metrics['test_mse']['final'][i]:>10.5f} {100 * metrics['dead_units_frac'][i]:>10.1f}%")
 
 
+def main(argv=None) -> runner.Run:
+    return runner.execute(KSweep(), argv)
+
+
 if __name__ == "__main__":
-    cli.run(main)
+    runner.main(KSweep())

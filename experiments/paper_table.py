@@ -19,61 +19,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ksae_jax import classify, cli, plotting
-from ksae_jax.checkpoint import save_params, write_bytes, write_json
-from ksae_jax.config import ModelConfig, SweepConfig
-from ksae_jax.evaluate import EvalSet, evaluate
+from ksae_jax import classify, cli, plotting, runner
+from ksae_jax.config import ImageModel, SweepConfig
 from ksae_jax.data.feed import ArrayRows
-from ksae_jax.inference import Autoencoder
+from ksae_jax.evaluate import EvalSet, evaluate
+from ksae_jax.files import write_bytes, write_json
 
 PAPER_MNIST = {"raw pixels": 7.2, "k = 10": 2.1, "k = 25": 1.35, "k = 40": 1.5,
                "k = 25 fine-tuned": 1.1}  # test error %, as recalled from the paper
 AE_EPOCHS = 30        # autoencoder budget when neither --steps nor --epochs is given
 QUICK = {"train_limit": 20_000, "epochs": 5, "cls_epochs": 5, "ft_epochs": 2}
-
-
-def parse_args(argv):
-    p = cli.Parser(prog="python -m experiments.paper_table", description=__doc__.split("\n\n")[0])
-    cli.add_data_flags(p)
-    p.add_argument("--ks", type=cli.int_value, nargs="*", default=[10, 25, 40, 70])
-    cli.add_budget_flags(p, batch_size=100)
-    p.add_argument("--val", type=cli.positive_int, default=None,
-                   help="validation images drawn from the training set (default 10,000, at most "
-                        "a sixth of it)")
-    p.add_argument("--k-start", type=cli.positive_int, default=None,
-                   help="k at the start of training, lowered linearly to each k over the first "
-                        "half of the budget (default max(100, largest k))")
-    cli.add_auxk_flags(p, aux_coef=0.0)
-    p.add_argument("--alpha", type=cli.positive_float, default=3.0,
-                   help="classification features keep alpha*k units (default 3)")
-    p.add_argument("--hidden", type=cli.positive_int, default=1000)
-    p.add_argument("--lr", type=cli.positive_float, default=1e-3)
-    p.add_argument("--cls-epochs", type=cli.positive_int, default=30,
-                   help="classifier epochs (the best on validation is kept)")
-    p.add_argument("--finetune", action="store_true", help="also fine-tune encoder + classifier")
-    p.add_argument("--ft-epochs", type=cli.positive_int, default=10)
-    p.add_argument("--ft-lr", type=cli.positive_float, default=1e-4)
-    p.add_argument("--quick", action="store_true",
-                   help="the trend in minutes: 20,000 images, 5 autoencoder and 5 classifier epochs")
-    p.add_argument("--seed", type=cli.int_value, default=1)
-    cli.add_run_flags(p, default_out="runs/paper_table")
-    args = p.parse_args(argv)
-    if args.quick:
-        for name, value in QUICK.items():
-            if getattr(args, name) in (None, p.get_default(name)):
-                setattr(args, name, value)
-    return args
-
-
-def make_config(args) -> SweepConfig:
-    ks = tuple(args.ks)
-    k_start = args.k_start or min(args.hidden, max((100,) + ks))
-    epochs = args.epochs or (None if args.steps else AE_EPOCHS)
-    return cli.make_config(SweepConfig, model=ModelConfig("mlp", hidden=args.hidden, tied=True),
-                           ks=ks, epochs=epochs, steps=args.steps, batch_size=args.batch_size,
-                           lr=args.lr, l1=0.0, seed=args.seed, k_start=k_start, k_anneal_frac=0.5,
-                           aux_coef=args.aux_coef, aux_k=args.aux_k, dead_tokens=args.dead_tokens,
-                           batching=args.batching, eval_every=args.eval_every)
 
 
 def split_data(args, ds):
@@ -84,6 +39,101 @@ def split_data(args, ds):
     except ValueError as e:
         raise cli.UsageError(f"--val: {e}") from None
     return rest, (x_val, y_val)
+
+
+class PaperTable(runner.Experiment):
+    name = "paper_table"
+    doc = __doc__
+
+    def add_flags(self, p):
+        cli.add_data_flags(p)
+        p.add_argument("--ks", type=cli.int_value, nargs="*", default=[10, 25, 40, 70])
+        cli.add_budget_flags(p, batch_size=100)
+        p.add_argument("--val", type=cli.positive_int, default=None,
+                       help="validation images drawn from the training set (default 10,000, at "
+                            "most a sixth of it)")
+        p.add_argument("--k-start", type=cli.positive_int, default=None,
+                       help="k at the start of training, lowered linearly to each k over the "
+                            "first half of the budget (default max(100, largest k))")
+        cli.add_auxk_flags(p, aux_coef=0.0)
+        p.add_argument("--alpha", type=cli.positive_float, default=3.0,
+                       help="classification features keep alpha*k units (default 3)")
+        p.add_argument("--hidden", type=cli.positive_int, default=1000)
+        p.add_argument("--lr", type=cli.positive_float, default=1e-3)
+        p.add_argument("--cls-epochs", type=cli.positive_int, default=30,
+                       help="classifier epochs (the best on validation is kept)")
+        p.add_argument("--finetune", action="store_true", help="also fine-tune encoder + classifier")
+        p.add_argument("--ft-epochs", type=cli.positive_int, default=10)
+        p.add_argument("--ft-lr", type=cli.positive_float, default=1e-4)
+        p.add_argument("--quick", action="store_true",
+                       help="the trend in minutes: 20,000 images, 5 autoencoder and 5 classifier epochs")
+        p.add_argument("--seed", type=cli.int_value, default=1)
+        cli.add_run_flags(p, default_out=self.default_out)
+
+    def parse(self, argv):
+        p = self.parser()
+        args = p.parse_args(argv)
+        args.t0 = time.perf_counter()
+        if args.quick:
+            for name, value in QUICK.items():
+                if getattr(args, name) in (None, p.get_default(name)):
+                    setattr(args, name, value)
+        return args
+
+    def check_flags(self, args):
+        if args.distributed:
+            raise cli.UsageError("--distributed: the paper table's classifiers run in one process "
+                                 "(its autoencoders can still use --mesh over local devices)")
+        cli.check_data_flags(args)
+
+    def config(self, args, spec):
+        ks = tuple(args.ks)
+        k_start = args.k_start or min(args.hidden, max((100,) + ks))
+        epochs = args.epochs or (None if args.steps else AE_EPOCHS)
+        return SweepConfig(model=ImageModel("mlp", hidden=args.hidden, tied=True, l1=0.0),
+                           ks=ks, epochs=epochs, steps=args.steps, batch_size=args.batch_size,
+                           lr=args.lr, seed=args.seed, k_start=k_start, k_anneal_frac=0.5,
+                           aux_coef=args.aux_coef, aux_k=args.aux_k, dead_tokens=args.dead_tokens,
+                           batching=args.batching, eval_every=args.eval_every)
+
+    def load(self, args):
+        ds, val = split_data(args, cli.load_data(args))
+        info = {"data": {"dataset": ds.name, "n_train": len(ds.x_train), "n_val": len(val[0])}}
+        return runner.Data(ds.x_train, val[0], {}, len(ds.x_train), info, ds.name, (ds, val))
+
+    def summary(self, run_cfg, data, training):
+        ds, val = data.extra
+        return (f"dataset {ds.name}: {len(ds.x_train)} train / {len(val[0])} validation / "
+                f"{len(ds.x_test)} test; ks {list(run_cfg.ks)}")
+
+    def report(self, run):
+        args, cfg, result = run.args, run.cfg, run.result
+        (ds, val), out = run.data.extra, run.out
+        if result.diverged:
+            raise cli.RunFailed(f"autoencoders diverged: {result.diverged}; try a smaller --lr")
+        rows, choices = classifier_rows(args, cfg, ds, val, result.params, not args.no_progress)
+        ae = result.models()
+        test_mse = evaluate(cfg, jax.tree.map(jnp.asarray, result.params),
+                            EvalSet(ArrayRows(ds.x_test, 1 / 255))).mse
+        for i, k in enumerate(cfg.ks):
+            rows[1 + i].update(dead_units_pct=100.0 * float(np.mean(ae.unit_usage(ds.x_train, k) == 0)),
+                               recon_mse=float(test_mse[i]))
+        feats = {k: ae.decoder_features(ds.x_test, k, n=100)[0] for k in cfg.ks}
+        plotting.save(plotting.feature_panels(feats, f"{ds.name}: 100 most used decoder features per k"),
+                      out / "features.png")
+        table = {"dataset": ds.name, "n_train": len(ds.x_train), "n_val": len(val[0]),
+                 "n_test": len(ds.x_test), "config": cfg.to_dict(),
+                 "budget": f"{run.plan['steps']} steps ({run.plan['epochs']:.3g} epochs)",
+                 "alpha": args.alpha, "cls_epochs": args.cls_epochs, "finetune": args.finetune,
+                 "ft_epochs": args.ft_epochs if args.finetune else None, "choices": choices,
+                 "quick": args.quick, "rows": rows, "seconds": time.perf_counter() - args.t0}
+        if ds.name == "mnist":
+            table["paper_mnist_error_pct"] = PAPER_MNIST
+        write_json(out / "table.json", table)
+        write_bytes(out / "table.md", markdown(table).encode())
+        runner.save(run, {"test_mse": test_mse.tolist(), "table": rows}, extra={"dataset": ds.name})
+        print("\n" + markdown(table))
+        print(f"outputs in {out}")
 
 
 def classifier_rows(args, cfg, ds, val, params, progress: bool) -> tuple[list, dict]:
@@ -142,49 +192,9 @@ def markdown(table: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    if args.distributed:
-        raise cli.UsageError("--distributed: the paper table's classifiers run in one process "
-                             "(its autoencoders can still use --mesh over local devices)")
-    cfg = make_config(args)
-    ds, val = split_data(args, cli.load_data(args))
-    cli.check_batch_size(cfg, len(ds.x_train))
-    mesh = cli.device_mesh(args, cfg)
-    out = cli.output_dir(args, default="runs/paper_table")
-    t0, progress = time.perf_counter(), not args.no_progress
-    print(f"dataset {ds.name}: {len(ds.x_train)} train / {len(val[0])} validation / "
-          f"{len(ds.x_test)} test; ks {list(cfg.ks)}")
-    budget = cli.announce(cfg, len(ds.x_train), mesh)
-    run_info = {"data": {"dataset": ds.name, "n_train": len(ds.x_train), "n_val": len(val[0])}}
-    result = cli.train(cfg, ds.x_train, val[0], out, args, run_info, mesh=mesh)
-    if result.diverged:
-        raise cli.RunFailed(f"autoencoders diverged: {result.diverged}; try a smaller --lr")
-    rows, choices = classifier_rows(args, cfg, ds, val, result.params, progress)
-    ae = Autoencoder(cfg, cfg.ks, result.params)
-    test_mse = evaluate(cfg, jax.tree.map(jnp.asarray, result.params),
-                        EvalSet(ArrayRows(ds.x_test, 1 / 255))).mse
-    for i, k in enumerate(cfg.ks):
-        rows[1 + i].update(dead_units_pct=100.0 * float(np.mean(ae.unit_usage(ds.x_train, k) == 0)),
-                           recon_mse=float(test_mse[i]))
-    feats = {k: ae.decoder_features(ds.x_test, k, n=100)[0] for k in cfg.ks}
-    plotting.save(plotting.feature_panels(feats, f"{ds.name}: 100 most used decoder features per k"),
-                  out / "features.png")
-    table = {"dataset": ds.name, "n_train": len(ds.x_train), "n_val": len(val[0]),
-             "n_test": len(ds.x_test), "config": cfg.to_dict(),
-             "budget": f"{budget['steps']} steps ({budget['epochs']:.3g} epochs)",
-             "alpha": args.alpha, "cls_epochs": args.cls_epochs, "finetune": args.finetune,
-             "ft_epochs": args.ft_epochs if args.finetune else None, "choices": choices,
-             "quick": args.quick, "rows": rows, "seconds": time.perf_counter() - t0}
-    if ds.name == "mnist":
-        table["paper_mnist_error_pct"] = PAPER_MNIST
-    write_json(out / "table.json", table)
-    write_bytes(out / "table.md", markdown(table).encode())
-    save_params(out / "params.pkl", config=cfg.to_dict(), ks=cfg.ks, params=result.params,
-                metrics={"test_mse": test_mse.tolist(), "table": rows}, extra={"dataset": ds.name})
-    print("\n" + markdown(table))
-    print(f"outputs in {out}")
+def main(argv=None) -> runner.Run:
+    return runner.execute(PaperTable(), argv)
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    runner.main(PaperTable())

@@ -16,11 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ksae_jax import cli, plotting
-from ksae_jax.checkpoint import save_params, write_json
+from ksae_jax import cli, plotting, runner
 from ksae_jax.config import sae_config
-from ksae_jax.data import feed, vectors
-from ksae_jax.inference import VectorSAE
+from ksae_jax.data import vectors
+from ksae_jax.files import write_json
 
 HIST_BINS = np.linspace(-7, 0, 29)  # log10 firing frequency
 
@@ -48,72 +47,81 @@ def add_sae_flags(p, ks=(16, 32, 64, 128), latents=None) -> None:
     p.add_argument("--seed", type=cli.int_value, default=0)
 
 
-def parse_args(argv):
-    p = cli.Parser(prog="python -m experiments.sae", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", type=Path, required=True, help=".npy file or folder of .npy shards")
-    p.add_argument("--eval-data", type=Path, default=None, help="held-out .npy (or folder)")
-    p.add_argument("--eval-frac", type=cli.positive_float, default=0.05,
-                   help="held out from the end of --data when no --eval-data (default 0.05)")
-    p.add_argument("--skip-nonfinite", action="store_true",
-                   help="drop rows holding NaN or Inf instead of refusing the data")
-    add_sae_flags(p)
-    cli.add_run_flags(p, default_out="runs/sae")
-    return p.parse_args(argv)
+class Sae(runner.Experiment):
+    """TopK SAEs on the vectors of --data: the flags, config, report of every SAE experiment."""
+
+    name = "sae"
+    doc = __doc__
+
+    def add_flags(self, p):
+        p.add_argument("--data", type=Path, required=True, help=".npy file or folder of .npy shards")
+        p.add_argument("--eval-data", type=Path, default=None, help="held-out .npy (or folder)")
+        p.add_argument("--eval-frac", type=cli.positive_float, default=0.05,
+                       help="held out from the end of --data when no --eval-data (default 0.05)")
+        p.add_argument("--skip-nonfinite", action="store_true",
+                       help="drop rows holding NaN or Inf instead of refusing the data")
+        add_sae_flags(p)
+        cli.add_run_flags(p, default_out=self.default_out)
+
+    def check_flags(self, args):
+        if args.eval_frac >= 1:
+            raise cli.UsageError(f"--eval-frac must be below 1, got {args.eval_frac}")
+
+    def describe(self, args):
+        return {"d": vectors.open_vectors(args.data, scan=False).d}
+
+    def config(self, args, spec):
+        extra = {} if args.lr is None else {"lr": args.lr}
+        return sae_config(
+            spec["d"], tuple(args.ks), latents=args.latents, decoder=args.decoder,
+            multi_topk=args.multi_topk, normalize=args.normalize, steps=args.steps,
+            epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
+            warmup_steps=args.warmup_steps, clip_norm=args.clip_norm, aux_coef=args.aux_coef,
+            aux_k=args.aux_k, dead_tokens=args.dead_tokens, batching=args.batching,
+            eval_every=args.eval_every, **extra)
+
+    def load(self, args):
+        source = vectors.open_vectors(args.data, skip_nonfinite=args.skip_nonfinite)
+        held = None if args.eval_data is None else vectors.open_vectors(
+            args.eval_data, skip_nonfinite=args.skip_nonfinite)
+        data = vectors.split(source, held, args.eval_frac)
+        info = {"data": {"data": str(args.data),
+                         "eval_data": str(args.eval_data) if args.eval_data else None,
+                         "eval_frac": args.eval_frac, "n_train": data.train.n}}
+        return runner.Data(data.train, data.eval, {"d": data.train.d}, data.train.n, info,
+                           str(args.data))
+
+    def train_options(self, args, data):
+        return {"feeder": args.feeder}
+
+    def summary(self, run_cfg, data, training):
+        train, held, scale = data.train, data.test, training.input_scale
+        return (f"data {data.name}: {train.n:,} training / {held.n:,} held-out vectors of d = "
+                f"{train.d}; {run_cfg.model.hidden:,} latents, ks {list(run_cfg.ks)}; batches "
+                f"{'from the device' if training.feeder.mode == 'device' else 'read by a background thread'}"
+                f"{f'; inputs scaled by {scale:.4g}' if run_cfg.model.normalize else ''}")
+
+    def metrics(self, run) -> dict:
+        return sweep_metrics(run)
+
+    def report(self, run) -> dict:
+        metrics = self.metrics(run)
+        write_json(run.out / "metrics.json", metrics)
+        runner.save(run, metrics, extra={"data": run.data.name})
+        write_figures(run, metrics, run.result.models(metrics))
+        print_table(run.cfg, metrics)
+        print(f"wall time {run.result.seconds:.1f} s ({run.result.compile_seconds:.1f} s compile "
+              f"+ first step); outputs in {run.out}")
+        return metrics
 
 
-def make_config(args, d: int):
-    extra = {} if args.lr is None else {"lr": args.lr}
-    return cli.make_config(
-        sae_config, d, tuple(args.ks), latents=args.latents, decoder=args.decoder,
-        steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
-        warmup_steps=args.warmup_steps, clip_norm=args.clip_norm, normalize=args.normalize,
-        aux_coef=args.aux_coef, aux_k=args.aux_k, dead_tokens=args.dead_tokens,
-        multi_topk=args.multi_topk, batching=args.batching, eval_every=args.eval_every, **extra)
-
-
-def open_data(args) -> vectors.Split:
-    """The training and held-out vectors the flags name, checked (DataError: exit 2)."""
-    if args.eval_frac >= 1:
-        raise cli.UsageError(f"--eval-frac must be below 1, got {args.eval_frac}")
-    source = vectors.open_vectors(args.data, skip_nonfinite=args.skip_nonfinite)
-    held = None if args.eval_data is None else vectors.open_vectors(
-        args.eval_data, skip_nonfinite=args.skip_nonfinite)
-    return vectors.split(source, held, args.eval_frac, args.normalize)
-
-
-def run(args, data: vectors.Split, out: Path, run_info: dict, name: str = "vectors"):
-    """Trains the sweep on `data` and writes params.pkl, metrics.json and the figures.
-    Returns (config, result, metrics)."""
-    cfg = make_config(args, data.train.d)
-    cli.check_batch_size(cfg, data.train.n)
-    mesh = cli.device_mesh(args, cfg)
-    import jax
-    mode = args.feeder if args.feeder != "auto" else (
-        "device" if feed.fits_on_device(data.train) and jax.process_count() == 1 else "host")
-    print(f"data {name}: {data.train.n:,} training / {data.eval.n:,} held-out vectors of d = "
-          f"{data.train.d}; {cfg.model.hidden:,} latents, ks {list(cfg.ks)}; batches "
-          f"{'from the device' if mode == 'device' else 'read by a background thread'}"
-          f"{f'; inputs scaled by {data.train.scale:.4g}' if cfg.normalize else ''}")
-    plan = cli.announce(cfg, data.train.n, mesh)
-    result = cli.train(cfg, data.train, data.eval, out, args, run_info, mesh=mesh, feeder=mode)
-    metrics = sweep_metrics(cfg, result, plan, data)
-    write_json(out / "metrics.json", metrics)
-    kept, params = cli.healthy_models(cfg, result)
-    save_params(out / "params.pkl", config=kept.to_dict(), ks=kept.ks, params=params,
-                metrics=metrics, extra={"input_scale": data.train.scale, "data": name})
-    write_figures(out, cfg, result, metrics, VectorSAE(kept, kept.ks, params, metrics, data.train.scale))
-    print_table(cfg, metrics)
-    print(f"wall time {result.seconds:.1f} s ({result.compile_seconds:.1f} s compile + first step); "
-          f"outputs in {out}")
-    return cfg, result, metrics
-
-
-def sweep_metrics(cfg, result, plan: dict, data: vectors.Split) -> dict:
+def sweep_metrics(run: runner.Run) -> dict:
+    cfg, result, data = run.cfg, run.result, run.data
     f, h = result.final, result.history
     freq = f.counts / f.n
     hist = [np.histogram(np.log10(row[row > 0]), HIST_BINS)[0].tolist() for row in freq]
     return {
-        "ks": list(cfg.ks), **plan,
+        "ks": list(cfg.ks), **run.plan,
         "fvu": f.fvu.tolist(), "mse": f.mse.tolist(), "l0": f.l0.tolist(),
         "dead_frac": f.dead_frac.tolist(),
         "dead_frac_window": [d[-1] for d in h["window_dead_frac"]],
@@ -121,13 +129,14 @@ def sweep_metrics(cfg, result, plan: dict, data: vectors.Split) -> dict:
         "history": {"step": h["step"], "train_fvu": h["train_rec"], "eval_fvu": h["eval_fvu"],
                     "window_dead_frac": h["window_dead_frac"]},
         "diverged": {str(k): v for k, v in result.diverged.items()},
-        "n_train": data.train.n, "n_eval": data.eval.n, "d": data.train.d,
-        "input_scale": data.train.scale, "seconds": result.seconds,
+        "n_train": data.train.n, "n_eval": data.test.n, "d": data.train.d,
+        "input_scale": result.input_scale, "seconds": result.seconds,
         "compile_seconds": result.compile_seconds, "config": cfg.to_dict(),
     }
 
 
-def write_figures(out: Path, cfg, result, metrics: dict, sae: VectorSAE) -> None:
+def write_figures(run: runner.Run, metrics: dict, sae) -> None:
+    cfg, result, out = run.cfg, run.result, run.out
     ks = list(cfg.ks)
     plotting.save(plotting.fvu_vs_k(ks, metrics["fvu"], metrics["dead_frac"]), out / "fvu_vs_k.png")
     plotting.save(plotting.firing_histograms(ks, result.final.counts, result.final.n),
@@ -154,16 +163,9 @@ def print_table(cfg, metrics: dict) -> None:
               f"{100 * metrics['dead_frac'][i]:>15.2f}% {100 * metrics['dead_frac_window'][i]:>13.2f}%")
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    cli.start_devices(args)
-    make_config(args, 1 << 16)  # flag mistakes end the run before any data is read
-    data = open_data(args)
-    out = cli.output_dir(args, default="runs/sae")
-    source = {"data": str(args.data), "eval_data": str(args.eval_data) if args.eval_data else None,
-              "eval_frac": args.eval_frac, "n_train": data.train.n}
-    run(args, data, out, {"data": source}, name=str(args.data))
+def main(argv=None) -> runner.Run:
+    return runner.execute(Sae(), argv)
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    runner.main(Sae())

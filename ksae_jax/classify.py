@@ -13,9 +13,8 @@ import optax
 from tqdm.auto import tqdm
 
 from ksae_jax import models
-from ksae_jax.config import ModelConfig
+from ksae_jax.config import ImageModel
 from ksae_jax.data.feed import EpochOrder, gather
-from ksae_jax.topk import sparsify
 
 N_CLASSES = 10
 
@@ -25,12 +24,12 @@ def init_linear(n_in: int, n_models: int, n_classes: int = N_CLASSES) -> dict:
     return {"weight": jnp.zeros((n_models, n_classes, n_in)), "bias": jnp.zeros((n_models, n_classes))}
 
 
-def features(x, enc_params, n_active, *, cfg: ModelConfig | None, max_k: int):
+def features(x, enc_params, n_active, *, cfg: ImageModel | None, max_k: int):
     """Classifier inputs: raw pixels (cfg None), or the code with n_active units kept."""
     if cfg is None:
         return x.reshape(x.shape[0], -1)
-    dense, _ = models.bind(cfg, enc_params).encode_dense(x)
-    return sparsify(dense, n_active, max_k)
+    family = models.family(cfg)
+    return family.forward(enc_params, x, jnp.ones(x.shape[0]), n_active, max_k, terms=False).code
 
 
 def _padded(order: np.ndarray, batch_size: int) -> jax.Array:
@@ -103,7 +102,7 @@ def _epochs(state: dict, images, labels, n_active, *, cfg, max_k: int, epochs: i
             yield epoch + 1, state
 
 
-def fit(state: dict, images, labels, n_active, *, cfg: ModelConfig | None, max_k: int,
+def fit(state: dict, images, labels, n_active, *, cfg: ImageModel | None, max_k: int,
         epochs: int, lr: float, batch_size: int = 600, seed: int = 0, finetune: bool = False,
         progress: bool = True, desc: str = "classifier") -> dict:
     """Trains the classifiers in `state` ({"cls": ..., "enc": ...}, leading model axis) with
@@ -115,7 +114,7 @@ def fit(state: dict, images, labels, n_active, *, cfg: ModelConfig | None, max_k
     return state
 
 
-def fit_on_validation(state: dict, images, labels, n_active, val, *, cfg: ModelConfig | None,
+def fit_on_validation(state: dict, images, labels, n_active, val, *, cfg: ImageModel | None,
                       max_k: int, **kw) -> tuple[dict, dict]:
     """fit, keeping for each model the state of the epoch with the lowest error on `val`
     ((images, labels) of a validation split, never the test set). Returns (state, choice):
@@ -148,7 +147,7 @@ def _n_errors(state, images, labels, order, i, n_active, *, cfg, max_k, batch_si
     return jax.vmap(one)(state, n_active)
 
 
-def error_rate(state: dict, images, labels, n_active, *, cfg: ModelConfig | None, max_k: int,
+def error_rate(state: dict, images, labels, n_active, *, cfg: ImageModel | None, max_k: int,
                batch_size: int = 1000) -> np.ndarray:
     """Per-model classification error (%) on images/labels."""
     images, labels = jnp.asarray(images), jnp.asarray(labels, jnp.int32)

@@ -1,5 +1,6 @@
-"""Shared command-line plumbing of every experiment: flags, one-line errors with exit code 2,
-data loading, output folders, the training call and the result files."""
+"""Command-line plumbing every experiment shares: flags and their parsers, one-line errors
+(exit code 2 for the user's mistakes, 1 for a run that failed), image data, output folders,
+devices. The order of a run's steps is the runner's (ksae_jax.runner)."""
 from __future__ import annotations
 
 import argparse
@@ -8,8 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from ksae_jax import batching, sharding
-from ksae_jax.checkpoint import ParamsFileError
+from ksae_jax import models, sharding
+from ksae_jax.safe_pickle import ParamsFileError
 from ksae_jax.data import images as image_data
 
 USAGE_ERROR = 2
@@ -101,14 +102,6 @@ def add_auxk_flags(p: argparse.ArgumentParser, aux_coef: float) -> None:
                         "(default min(10M, one pass over the data))")
 
 
-def make_config(build: Callable, *args, **kw):
-    """A config from the flags; its ValueError becomes a one-line usage error."""
-    try:
-        return build(*args, **kw)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-
-
 def add_run_flags(p: argparse.ArgumentParser, default_out: str) -> None:
     """--out, --overwrite, --resume, --on-nan, --no-progress."""
     p.add_argument("--out", type=Path, default=None, help=f"output folder (default {default_out})")
@@ -119,8 +112,8 @@ def add_run_flags(p: argparse.ArgumentParser, default_out: str) -> None:
                    help="when a model's loss becomes NaN/Inf: stop (default) or freeze that "
                         "model and train the others on")
     p.add_argument("--batching", choices=("auto", "loop", "vmap"), default="auto",
-                   help="how the models share the compiled step (auto: loop for conv on CPU, "
-                        "vmap elsewhere)")
+                   help="how the models share the compiled step (auto: one after another on "
+                        "CPU, vmapped on accelerators and when the mesh splits the models)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = p.add_argument_group("devices and hosts")
     g.add_argument("--mesh", default=None, metavar="AXES",
@@ -202,25 +195,6 @@ def check_batch_size(cfg, n_train: int) -> None:
                          f"({n_train} rows)")
 
 
-def announce(cfg, n_train: int, mesh=None, log: Callable[[str], None] = print) -> dict:
-    """Prints the run's budget and batching; returns them for metrics.json."""
-    import jax
-
-    from ksae_jax.train import make_budget
-
-    budget = make_budget(cfg, n_train)
-    with sharding.use(mesh):
-        how = batching.resolve(cfg)
-    unit = "images" if cfg.model.is_image else "vectors"
-    log(f"budget: {budget.describe(cfg.batch_size, unit)}; evaluation every {budget.eval_every} steps")
-    log(f"batching: {how} ({len(cfg.ks)} {cfg.model.arch} models on {jax.default_backend()}"
-        f"{'' if cfg.batching == 'auto' else ', as asked'})")
-    return {"steps": budget.steps, "epochs": budget.epochs, "steps_per_epoch": budget.steps_per_epoch,
-            "eval_every": budget.eval_every, "batching": how,
-            "mesh": dict(mesh.shape) if mesh is not None else None,
-            "processes": jax.process_count()}
-
-
 def start_devices(args) -> None:
     """First thing a multi-host run does: join the other processes (--distributed)."""
     if not getattr(args, "distributed", False):
@@ -240,7 +214,7 @@ def device_mesh(args, cfg, log: Callable[[str], None] = print):
         return None
     try:
         axes = sharding.parse_mesh(args.mesh) if args.mesh else sharding.default_axes(n, len(cfg.ks))
-        sharding.check_axes(axes, n, cfg)
+        sharding.check_axes(axes, n, cfg, models.family(cfg.model).shards_latents)
     except ValueError as e:
         raise UsageError(f"--mesh: {e}") from None
     hosts = f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""
@@ -248,36 +222,11 @@ def device_mesh(args, cfg, log: Callable[[str], None] = print):
     return sharding.make_mesh(axes)
 
 
-def train(cfg, train_data, test_data, out: Path, args, run_info: dict, mesh=None, **kw):
-    """train_sweep with a checkpoint in `out` at every evaluation, resuming when asked."""
-    from ksae_jax.train import CheckpointMismatch, Diverged, train_sweep
-
-    progress = not args.no_progress and sharding.is_writer()
-    try:
-        return train_sweep(cfg, train_data, test_data, progress=progress,
-                           checkpoint=out / CHECKPOINT, resume=args.resume is not None,
-                           on_nan=args.on_nan, run_info=run_info, mesh=mesh, **kw)
-    except CheckpointMismatch as e:
-        raise UsageError(f"--resume {e}") from None
-    except Diverged as e:
-        raise RunFailed(f"{e}; try a smaller --lr, or --on-nan continue") from None
-
-
-def healthy_models(cfg, result):
-    """(config of the models that did not diverge, their params); RunFailed if none did."""
-    import jax
-    import numpy as np
-
-    keep = [i for i, k in enumerate(cfg.ks) if k not in result.diverged]
-    if not keep:
-        raise RunFailed("every model diverged (non-finite loss or parameters): no params.pkl "
-                        "written; try a smaller --lr")
-    return cfg.select(keep), jax.tree.map(lambda a: a[np.asarray(keep)], result.params)
-
-
-def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
-    """Runs an experiment's main; user mistakes become one line on stderr and exit code 2."""
-    prog = main.__module__.rsplit(".", 1)[-1]
+def run(main: Callable[[list[str] | None], object], argv: list[str] | None = None,
+        prog: str | None = None) -> None:
+    """Runs an experiment's main and exits: 0 (or the int main returns), 2 with one line on
+    stderr for a user's mistake, 1 for a run that failed, 130 when interrupted."""
+    prog = prog or main.__module__.rsplit(".", 1)[-1]
     if prog == "__main__":
         prog = Path(sys.argv[0]).stem
     try:
@@ -291,4 +240,4 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         sys.exit(130)
-    sys.exit(code or 0)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,15 +1,17 @@
-"""Frozen dataclasses that describe a model and a k sweep; saved beside every result."""
+"""Frozen dataclasses that describe a run: one model config per family (ImageModel, SaeModel)
+and the training config every family shares (SweepConfig); saved beside every result."""
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
 
 IMAGE_ARCHS = ("conv", "mlp")
-ARCHS = IMAGE_ARCHS + ("topk",)
-LOSSES = {"conv": ("mse", "bce"), "mlp": ("mse", "bce"), "topk": ("fvu",)}
+SAE_ARCHS = ("topk",)
+ARCHS = IMAGE_ARCHS + SAE_ARCHS
+IMAGE_LOSSES = ("mse", "bce")
 DEFAULT_HIDDEN = {"conv": 256, "mlp": 1000}
 DEFAULT_KS = (5, 10, 25, 50, 100)
 DEFAULT_EPOCHS = 9
@@ -29,65 +31,126 @@ def _positive_int(name: str, v: Any, allow_none: bool = False) -> None:
         raise ValueError(f"{name} must be a positive integer, got {v!r}")
 
 
+def _finite_nonneg(name: str, v: Any) -> None:
+    if not (isinstance(v, (int, float)) and 0 <= v < math.inf):
+        raise ValueError(f"{name} must be >= 0, got {v!r}")
+
+
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    """Shape-defining (static) description of one k-sparse autoencoder."""
+class ImageModel:
+    """A k-sparse autoencoder of 28 x 28 images (static shapes, and its loss)."""
 
     arch: str = "conv"
-    """"conv" (the original PyTorch network), "mlp" (Makhzani & Frey) or "topk" (a TopK
-    sparse autoencoder on vectors, Gao et al. 2024)."""
+    """"conv" (the original PyTorch network) or "mlp" (Makhzani & Frey)."""
     hidden: int | None = None
-    """Width of the code (latents); None: 256 conv, 1000 mlp, 8 * d_in topk."""
+    """Width of the code; None: 256 conv, 1000 mlp."""
     tied: bool = False
     """mlp only: the decoder weight is the encoder weight transposed."""
-    loss: str | None = None
-    """"mse" or "bce" (sigmoid output) for images, "fvu" for topk; None: mse / fvu."""
-    d_in: int | None = None
-    """topk: width of the input vectors (images are always 28 x 28)."""
-    decoder: str = "auto"
-    """topk: "sparse" (custom-VJP gather/scatter paths), "dense" (plain autodiff) or "auto"."""
+    loss: str = "mse"
+    """"mse", or "bce" (sigmoid output)."""
+    l1: float = 1e-4
+    """lambda of the L1 activation penalty (the original's; 0: pure k-sparse)."""
 
     def __post_init__(self):
-        if self.arch not in ARCHS:
-            raise ValueError(f"unknown arch {self.arch!r}; expected one of {ARCHS}")
-        if self.arch == "topk":
-            _positive_int("d_in", self.d_in)
-            object.__setattr__(self, "d_in", int(self.d_in))
-        elif self.d_in not in (None, N_PIXELS):
-            raise ValueError(f"d_in is fixed at {N_PIXELS} for arch {self.arch!r}")
+        if self.arch not in IMAGE_ARCHS:
+            raise ValueError(f"unknown image arch {self.arch!r}; expected one of {IMAGE_ARCHS}")
         if self.hidden is None:
-            hidden = 8 * self.d_in if self.arch == "topk" else DEFAULT_HIDDEN[self.arch]
-            object.__setattr__(self, "hidden", hidden)
+            object.__setattr__(self, "hidden", DEFAULT_HIDDEN[self.arch])
         _positive_int("hidden", self.hidden)
         object.__setattr__(self, "hidden", int(self.hidden))
-        if self.loss is None:
-            object.__setattr__(self, "loss", LOSSES[self.arch][0])
-        if self.loss not in LOSSES[self.arch]:
-            raise ValueError(f"loss {self.loss!r} does not apply to arch {self.arch!r}; "
-                             f"expected one of {LOSSES[self.arch]}")
+        if self.loss not in IMAGE_LOSSES:
+            raise ValueError(f"loss {self.loss!r} does not apply to images; expected one of "
+                             f"{IMAGE_LOSSES}")
         if self.tied and self.arch != "mlp":
-            raise ValueError("tied weights exist only for arch='mlp'")
+            raise ValueError("tied weights exist only for arch 'mlp' (--arch mlp --tied)")
+        _finite_nonneg("l1", self.l1)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return (28, 28)
+
+    @property
+    def input_width(self) -> int:
+        return N_PIXELS
+
+    def check_ks(self, ks) -> None:
+        for k in ks:
+            check_k(k, self.hidden)
+
+
+@dataclasses.dataclass(frozen=True)
+class SaeModel:
+    """A sparse autoencoder of d_in-wide vectors (static shapes, and its loss terms)."""
+
+    d_in: int
+    """Width of the input vectors."""
+    hidden: int | None = None
+    """Latents n; None: 8 * d_in."""
+    arch: str = "topk"
+    """"topk" (Gao et al. 2024)."""
+    decoder: str = "auto"
+    """"sparse" (custom-VJP gather/scatter paths), "dense" (plain autodiff) or "auto"."""
+    multi_topk: bool = False
+    """Add FVU at 4k (weight 1/8), as Gao et al."""
+    normalize: bool = False
+    """Scale the inputs by one constant so that the training rows' mean squared norm is d_in
+    (the constant is stored with the params and applied by encode and decode)."""
+
+    def __post_init__(self):
+        if self.arch not in SAE_ARCHS:
+            raise ValueError(f"unknown SAE arch {self.arch!r}; expected one of {SAE_ARCHS}")
+        _positive_int("d_in", self.d_in)
+        object.__setattr__(self, "d_in", int(self.d_in))
+        if self.hidden is None:
+            object.__setattr__(self, "hidden", 8 * self.d_in)
+        _positive_int("hidden", self.hidden)
+        object.__setattr__(self, "hidden", int(self.hidden))
         if self.decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {DECODERS}, got {self.decoder!r}")
 
     @property
-    def is_image(self) -> bool:
-        return self.arch in IMAGE_ARCHS
+    def input_shape(self) -> tuple[int, ...]:
+        return (self.d_in,)
 
     @property
-    def input_shape(self) -> tuple[int, ...]:
-        return (28, 28) if self.is_image else (self.d_in,)
+    def input_width(self) -> int:
+        return self.d_in
+
+    def check_ks(self, ks) -> None:
+        for k in ks:
+            check_k(k, self.hidden)
+            if self.multi_topk and 4 * k > self.hidden:
+                raise ValueError(f"multi_topk needs 4k <= hidden; k={k} gives {4 * k} > "
+                                 f"{self.hidden}")
+
+
+ModelConfig = Union[ImageModel, SaeModel]
+
+
+def model_from_dict(d: dict) -> ModelConfig:
+    """A model config from its dict; dicts written before the per-family configs (one
+    ModelConfig with every field) are read too."""
+    d = dict(d)
+    if d.get("arch", "conv") in IMAGE_ARCHS:
+        for old in ("d_in", "decoder"):
+            d.pop(old, None)
+        return ImageModel(**{**d, "loss": d.get("loss") or "mse"})
+    d.pop("tied", None)
+    d.pop("loss", None)
+    return SaeModel(**d)
 
 
 @dataclasses.dataclass(frozen=True)
 class SweepConfig:
-    """One training run: every k in `ks` trained side by side in one compiled program.
+    """One training run, whatever the model family: every k in `ks` trained side by side in
+    one compiled program.
 
     The budget is `steps` optimizer steps or `epochs` passes over the training data (one of
     the two; neither means the original's 9 epochs).
     """
 
-    model: ModelConfig = ModelConfig()
+    model: ModelConfig = ImageModel()
+    """The family's model config (ImageModel or SaeModel)."""
     ks: tuple[int, ...] = DEFAULT_KS
     """One model per k."""
     epochs: int | None = None
@@ -97,8 +160,6 @@ class SweepConfig:
     batch_size: int = 600
     lr: float | tuple[float, ...] = 1e-3
     """Adam learning rate: one for all models, or one per k."""
-    l1: float = 1e-4
-    """Images: lambda of the L1 activation penalty (the original's)."""
     seed: int = 1
     """Data order, and every model's init unless init_seeds is given."""
     init_seeds: tuple[int, ...] | None = None
@@ -109,7 +170,7 @@ class SweepConfig:
     """... and moves linearly to its own k over this fraction of the budget."""
     batching: str = "auto"
     """How the models share the compiled step: "vmap", "loop" (one after another inside the
-    step, each with its own static top-k width) or "auto" (chosen by arch and backend)."""
+    step, each with its own static top-k width) or "auto" (by backend)."""
     eps: float = 1e-8
     """Adam epsilon."""
     warmup_steps: int = 0
@@ -119,31 +180,29 @@ class SweepConfig:
     aux_coef: float = 0.0
     """Weight of the AuxK loss that revives dead latents (0: off)."""
     aux_k: int | None = None
-    """Dead latents that reconstruct the residual in AuxK (None: d_in // 2, at most hidden)."""
+    """Dead latents that reconstruct the residual in AuxK (None: input width // 2, at most
+    hidden)."""
     dead_tokens: int | None = None
     """A latent is dead when it has not fired in this many training vectors (None: min(10M,
     one pass over the training data))."""
-    multi_topk: bool = False
-    """topk: add FVU at 4k (weight 1/8), as Gao et al."""
-    normalize: bool = False
-    """topk: divide the inputs by one constant so that their mean squared norm is d_in."""
     eval_every: int | None = None
     """Steps between evaluations and checkpoints (None: every epoch, or 10 per run when
     that is more than 20 epochs or less than one)."""
 
     def __post_init__(self):
+        if not isinstance(self.model, (ImageModel, SaeModel)):
+            raise ValueError(f"model must be an ImageModel or SaeModel, got {self.model!r}"[:200])
         object.__setattr__(self, "ks", tuple(int(k) if _is_int(k) else k for k in self.ks))
         if self.batching not in BATCHINGS:
             raise ValueError(f"batching must be one of {BATCHINGS}, got {self.batching!r}")
         if not self.ks:
             raise ValueError("ks is empty: give at least one k")
-        for k in self.ks:
-            check_k(k, self.model.hidden)
+        self.model.check_ks(self.ks)
         if len(set(self.ks)) != len(self.ks):
             raise ValueError(f"ks has repeated values: {list(self.ks)}")
         self._check_budget()
         self._check_optimizer()
-        self._check_recipe()
+        self._check_auxk()
 
     def _check_budget(self):
         if self.epochs is not None and self.steps is not None:
@@ -161,7 +220,7 @@ class SweepConfig:
                 raise ValueError(f"init_seeds needs one seed per k ({len(self.ks)}), got "
                                  f"{len(self.init_seeds)}")
         if self.k_start is not None:
-            check_k(self.k_start, self.model.hidden)
+            check_k(self.k_start, self.model.hidden, name="k_start")
         if not 0 <= self.k_anneal_frac <= 1:
             raise ValueError(f"k_anneal_frac must lie in [0, 1], got {self.k_anneal_frac!r}")
 
@@ -181,23 +240,13 @@ class SweepConfig:
         if self.clip_norm is not None and not 0 < self.clip_norm < math.inf:
             raise ValueError(f"clip_norm must be positive, got {self.clip_norm!r}")
 
-    def _check_recipe(self):
-        if not 0 <= self.l1 < math.inf:
-            raise ValueError(f"l1 must be >= 0, got {self.l1!r}")
-        if not 0 <= self.aux_coef < math.inf:
-            raise ValueError(f"aux_coef must be >= 0, got {self.aux_coef!r}")
+    def _check_auxk(self):
+        _finite_nonneg("aux_coef", self.aux_coef)
         if self.aux_k is None:
-            width = self.model.d_in or N_PIXELS
+            width = self.model.input_width
             object.__setattr__(self, "aux_k", min(max(width // 2, 1), self.model.hidden))
         check_k(self.aux_k, self.model.hidden, name="aux_k")
         _positive_int("dead_tokens", self.dead_tokens, allow_none=True)
-        if self.model.is_image and (self.multi_topk or self.normalize):
-            raise ValueError("multi_topk and normalize apply to arch 'topk' only")
-        if self.multi_topk:
-            for k in self.ks:
-                if 4 * k > self.model.hidden:
-                    raise ValueError(f"multi_topk needs 4k <= hidden; k={k} gives {4 * k} > "
-                                     f"{self.model.hidden}")
 
     @property
     def lrs(self) -> tuple[float, ...]:
@@ -231,24 +280,33 @@ class SweepConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "SweepConfig":
+        """The config a to_dict wrote; also reads the files of earlier versions (one
+        ModelConfig for every arch with l1, multi_topk and normalize beside the budget)."""
         d = dict(d)
-        model = ModelConfig(**d.pop("model"))
+        model = dict(d.pop("model"))
+        for moved in ("l1", "multi_topk", "normalize"):  # now fields of the family's model
+            if moved in d:
+                value = d.pop(moved)
+                if moved in {f.name for f in dataclasses.fields(
+                        ImageModel if model.get("arch", "conv") in IMAGE_ARCHS else SaeModel)}:
+                    model[moved] = value
         if "k_anneal_epochs" in d:  # files written before budgets in steps
             anneal = d.pop("k_anneal_epochs")
             d["k_anneal_frac"] = anneal / d["epochs"] if d.get("epochs") else 0.0
         tuples = ("ks", "init_seeds", "lr")
-        return cls(model=model, **{k: tuple(v) if k in tuples and isinstance(v, list) else v
-                                   for k, v in d.items()})
+        return cls(model=model_from_dict(model),
+                   **{k: tuple(v) if k in tuples and isinstance(v, list) else v
+                      for k, v in d.items()})
 
 
 def sae_config(d_in: int, ks, *, latents: int | None = None, decoder: str = "auto",
-               **overrides) -> SweepConfig:
+               multi_topk: bool = False, normalize: bool = False, **overrides) -> SweepConfig:
     """A TopK SAE sweep with the recipe of Gao et al. 2024 as defaults: Adam eps 6.25e-10,
     lr 2e-4 / sqrt(latents / 2^14), AuxK with coefficient 1/32 over d_in / 2 dead latents,
-    batch 4096, no L1."""
-    model = ModelConfig("topk", hidden=latents, d_in=d_in, decoder=decoder)
+    batch 4096."""
+    model = SaeModel(d_in, latents, decoder=decoder, multi_topk=multi_topk, normalize=normalize)
     defaults = dict(lr=2e-4 / math.sqrt(model.hidden / 2 ** 14), eps=6.25e-10, aux_coef=1 / 32,
-                    batch_size=4096, l1=0.0, seed=0)
+                    batch_size=4096, seed=0)
     return SweepConfig(model=model, ks=tuple(ks), **{**defaults, **overrides})
 
 

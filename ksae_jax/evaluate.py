@@ -5,7 +5,6 @@ import functools
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ksae_jax import batching, models, sharding
@@ -39,16 +38,11 @@ class EvalSet:
 
 
 def _sums(params, k, batch, *, cfg: SweepConfig, max_k: int):
-    """Squared error, per-unit firing counts and non-zero count of one model on one batch."""
+    """Squared error and per-unit firing counts of one model on one batch: the family's
+    forward (the one training runs), without the loss terms."""
+    family = models.family(cfg.model)
     x, w = batch["x"], batch["w"]
-    out = models.apply(cfg.model, params, x, k, max_k)
-    sse = jnp.sum(jnp.square(out.recon - x).reshape(x.shape[0], -1).sum(-1) * w)
-    if cfg.model.is_image:
-        counts = jnp.sum((out.code != 0) * w[:, None], axis=0)
-    else:
-        on = (out.values > 0) * w[:, None]
-        counts = jnp.zeros(cfg.model.hidden).at[out.indices.reshape(-1)].add(on.reshape(-1))
-    return sse, counts
+    return family.eval_sums(family.forward(params, x, w, k, max_k, terms=False), x, w)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "batch_size", "how"))
@@ -71,7 +65,7 @@ def evaluate(cfg: SweepConfig, params, evalset: EvalSet, ks=None) -> EvalResult:
         sse, counts = sse + s, counts + c
     sse, counts = sharding.to_host(sse).astype(np.float64), sharding.to_host(counts)
     # images: MSE on pixels in [0, 1], as the original; vectors: in the data's own units
-    unit = 1.0 if cfg.model.is_image else evalset.rows.scale ** 2
+    unit = models.family(cfg.model).mse_unit(evalset.rows.scale)
     return EvalResult(mse=sse / evalset.n_elements / unit,
                       fvu=sse / max(evalset.total_variance, 1e-30),
                       l0=counts.sum(axis=1) / evalset.n, dead_frac=(counts == 0).mean(axis=1),

@@ -8,7 +8,7 @@ import os
 import numpy as np
 from matplotlib.figure import Figure
 
-from ksae_jax.checkpoint import write_bytes
+from ksae_jax.files import write_bytes
 
 
 def save(fig: Figure, path: str | os.PathLike, dpi: int = 100) -> None:

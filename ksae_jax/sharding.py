@@ -49,8 +49,9 @@ def default_axes(n_devices: int, n_models: int) -> dict[str, int]:
     return {"data": n_devices}
 
 
-def check_axes(axes: dict[str, int], n_devices: int, cfg) -> None:
-    """Raises ValueError when the mesh does not fit the devices or the sweep."""
+def check_axes(axes: dict[str, int], n_devices: int, cfg, shards_latents: bool) -> None:
+    """Raises ValueError when the mesh does not fit the devices or the sweep (shards_latents:
+    whether the sweep's family can be split along its latents)."""
     if math.prod(axes.values()) != n_devices:
         raise ValueError(f"mesh {format_axes(axes)} has {math.prod(axes.values())} devices; "
                          f"there are {n_devices}")
@@ -59,8 +60,8 @@ def check_axes(axes: dict[str, int], n_devices: int, cfg) -> None:
     if cfg.batch_size % axes.get("data", 1):
         raise ValueError(f"data={axes['data']} does not divide the batch size {cfg.batch_size}")
     if axes.get("latent", 1) > 1:
-        if cfg.model.arch != "topk":
-            raise ValueError("the latent axis splits TopK SAEs only (arch topk)")
+        if not shards_latents:
+            raise ValueError(f"the latent axis splits SAEs on vectors, not {cfg.model.arch!r} models")
         if cfg.model.hidden % axes["latent"]:
             raise ValueError(f"latent={axes['latent']} does not divide the {cfg.model.hidden} latents")
 

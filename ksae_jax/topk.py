@@ -61,7 +61,7 @@ def blocked_top_k(x: jax.Array, k: int, bias: jax.Array | None = None
     return values, jnp.take_along_axis(best, j // block, axis=-1) * block + j % block
 
 
-def sparsify(z: jax.Array, k: jax.Array | int, max_k: int) -> jax.Array:
+def k_sparse(z: jax.Array, k: jax.Array | int, max_k: int) -> jax.Array:
     """z with all but its k largest units (per row) set to zero.
 
     The mask is a constant for autodiff, so the gradient is the upstream gradient on the
@@ -71,7 +71,7 @@ def sparsify(z: jax.Array, k: jax.Array | int, max_k: int) -> jax.Array:
     return jnp.where(keep, z, jnp.zeros_like(z))  # where, not a product: a dropped inf is 0
 
 
-_sparsify_jit = jax.jit(sparsify, static_argnames="max_k")
+_k_sparse_jit = jax.jit(k_sparse, static_argnames="max_k")
 
 
 def keep_top_k(z: jax.Array, k, max_k: int | None = None) -> jax.Array:
@@ -87,7 +87,7 @@ def keep_top_k(z: jax.Array, k, max_k: int | None = None) -> jax.Array:
     if isinstance(k, jax.core.Tracer):
         if max_k is None:
             raise ValueError("max_k is required when k is traced (inside jit or vmap)")
-        return sparsify(z, k, check_k(max_k, hidden))
+        return k_sparse(z, k, check_k(max_k, hidden))
     k_arr = np.asarray(k)
     if k_arr.ndim != 0 or k_arr.dtype.kind not in "iu":
         raise ValueError(f"k must be an integer, got {k!r}")
@@ -95,5 +95,5 @@ def keep_top_k(z: jax.Array, k, max_k: int | None = None) -> jax.Array:
     max_k = k_int if max_k is None else check_k(max_k, hidden)
     if max_k < k_int:
         raise ValueError(f"max_k={max_k} is smaller than k={k_int}")
-    return _sparsify_jit(z, jnp.int32(k_int), max_k=max_k)
+    return _k_sparse_jit(z, jnp.int32(k_int), max_k=max_k)
 

@@ -15,7 +15,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from ksae_jax import sae_config, sharding, train  # noqa: E402
-from ksae_jax.config import ModelConfig, SweepConfig  # noqa: E402
+from ksae_jax.config import ImageModel, SweepConfig  # noqa: E402
 from ksae_jax.data import synthetic  # noqa: E402
 from ksae_jax.topk import top_k  # noqa: E402
 
@@ -42,7 +42,7 @@ def main(out: Path):
     assert jax.device_count() == 8, jax.devices()
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (400, 28, 28), dtype=np.uint8)
-    image_cfg = SweepConfig(model=ModelConfig("mlp", hidden=64), ks=(3, 5, 8, 12), steps=6,
+    image_cfg = SweepConfig(model=ImageModel("mlp", hidden=64), ks=(3, 5, 8, 12), steps=6,
                             batch_size=64)
     syn = synthetic.generate(3000, d=16, n_features=32, mean_active=3, seed=0)
     sae_cfg = sae_config(16, (2, 4, 6, 8), latents=64, steps=6, batch_size=128, dead_tokens=256,
@@ -71,21 +71,20 @@ def main(out: Path):
 
     # a checkpoint written on data=8 (killed after its first evaluation point) resumes on one
     # device and on model=2 x data=4, each ending where an uninterrupted run ends
-    from ksae_jax import checkpoint
     cfg = SweepConfig(**{**sae_cfg.__dict__, "eval_every": 3})
     full = run(cfg, syn.x[:2600], syn.x[2600:])
-    real_save, ckpt = checkpoint.save_checkpoint, out / "c.pkl"
+    real_save, ckpt = train.save_checkpoint, out / "c.pkl"
 
     def save_then_stop(path, **kw):
         real_save(path, **kw)
         raise KeyboardInterrupt
 
-    checkpoint.save_checkpoint = save_then_stop
+    train.save_checkpoint = save_then_stop
     try:
         run(cfg, syn.x[:2600], syn.x[2600:], {"data": 8}, checkpoint=ckpt)
     except KeyboardInterrupt:
         pass
-    checkpoint.save_checkpoint = real_save
+    train.save_checkpoint = real_save
     first = ckpt.read_bytes()
     for axes in (None, {"model": 2, "data": 4}):
         ckpt.write_bytes(first)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ksae_jax import checkpoint, cli, train  # noqa: E402
+from ksae_jax import cli, files, formats, train  # noqa: E402
 
 step_delay = float(os.environ.get("KSAE_TEST_STEP_DELAY", "0"))
 write_delay = float(os.environ.get("KSAE_TEST_SLOW_WRITE", "0"))
@@ -27,7 +27,7 @@ if step_delay:
     train.sweep_step = slow_step
 
 if write_delay:
-    fast_write, n_checkpoints = checkpoint.write_pickle, [0]
+    fast_write, n_checkpoints = formats.write_pickle, [0]
 
     def slow_write(path, obj):
         if Path(path).name != cli.CHECKPOINT:
@@ -43,9 +43,9 @@ if write_delay:
             time.sleep(write_delay)
             f.write(data[len(data) // 2:])
 
-        return checkpoint.atomic_write(path, write)
+        return files.atomic_write(path, write)
 
-    checkpoint.write_pickle = slow_write
+    formats.write_pickle = slow_write
 
 from experiments import ksweep  # noqa: E402
 

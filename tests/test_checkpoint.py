@@ -1,24 +1,26 @@
-"""Params files: round trip, refusal of unsafe or damaged files, atomic writes."""
+"""Params files: round trip, refusal of unsafe or damaged files, atomic writes, files of
+earlier versions."""
+import dataclasses
 import os
 import pickle
+import shutil
+from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
 import ksae_jax
-from ksae_jax import checkpoint, train
-from ksae_jax.checkpoint import ParamsFileError
-from ksae_jax.config import ModelConfig, SweepConfig
+from ksae_jax import files, formats, models, safe_pickle, train
+from ksae_jax.safe_pickle import ParamsFileError
+from ksae_jax.config import ImageModel, SweepConfig
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory, digits):
     cfg = SweepConfig(ks=(5, 20), epochs=1, batch_size=100)
     r = train.train_sweep(cfg, digits.x_train[:300], digits.x_test[:100], progress=False)
-    path = tmp_path_factory.mktemp("run") / "params.pkl"
-    checkpoint.save_params(path, config=cfg.to_dict(), ks=cfg.ks, params=r.params,
-                           metrics={"test_mse": r.history["eval_mse"]})
+    path = r.save(tmp_path_factory.mktemp("run"), metrics={"test_mse": r.history["eval_mse"]})
     return path, cfg, r
 
 
@@ -31,7 +33,8 @@ def test_round_trip_gives_identical_reconstructions(saved, digits):
     for i, k in enumerate(cfg.ks):
         np.testing.assert_array_equal(ae.reconstruct(x, k), in_memory.reconstruct(x, k))
         p = jax.tree.map(lambda a: a[i], r.params)
-        want = ksae_jax.apply(cfg.model, p, x.astype(np.float32) / 255, k, k).recon
+        x01 = x.astype(np.float32) / 255
+        want = models.family(cfg.model).forward(p, x01, np.ones(len(x)), k, k).recon
         np.testing.assert_allclose(ae.reconstruct(x, k), want, rtol=1e-5, atol=1e-6)
         code = ae.encode(x, k)
         assert (np.count_nonzero(code, axis=1) <= k).all()
@@ -63,7 +66,7 @@ class _RunsShell:
 def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path):
     marker = tmp_path / "pwned"
     bad = tmp_path / "params.pkl"
-    bad.write_bytes(pickle.dumps({"format": checkpoint.PARAMS_FORMAT, "version": 1,
+    bad.write_bytes(pickle.dumps({"format": formats.PARAMS_FORMAT, "version": 1,
                                   "params": _RunsShell(marker)}))
     with pytest.raises(ParamsFileError, match=r"refused to load (posix|os)\.system"):
         ksae_jax.load(bad)
@@ -88,30 +91,30 @@ def test_damaged_files_give_one_clear_error(saved, tmp_path):
 
 
 def test_wrong_version_or_format_is_refused(saved, tmp_path):
-    payload = checkpoint.read_pickle(saved[0])
+    payload = safe_pickle.read_pickle(saved[0])
     del payload["sha256"]
     for change, match in [({"version": 99}, "version 99 is not supported"),
                           ({"format": "other"}, "not a ksae_jax params file")]:
         path = tmp_path / "p.pkl"
-        checkpoint.write_pickle(path, checkpoint.with_digest({**payload, **change}))
+        files.write_pickle(path, safe_pickle.with_digest({**payload, **change}))
         with pytest.raises(ParamsFileError, match=match):
             ksae_jax.load(path)
-    wrong_cfg = {**payload, "config": SweepConfig(model=ModelConfig("mlp"), ks=(5, 20)).to_dict()}
-    checkpoint.write_pickle(tmp_path / "p.pkl", checkpoint.with_digest(wrong_cfg))
+    wrong_cfg = {**payload, "config": SweepConfig(model=ImageModel("mlp"), ks=(5, 20)).to_dict()}
+    files.write_pickle(tmp_path / "p.pkl", safe_pickle.with_digest(wrong_cfg))
     with pytest.raises(ParamsFileError, match="do not match"):
         ksae_jax.load(tmp_path / "p.pkl")
 
 
 def test_atomic_write_leaves_old_file_on_failure(tmp_path):
     path = tmp_path / "out.json"
-    checkpoint.write_json(path, {"a": 1})
+    files.write_json(path, {"a": 1})
 
     def failing(f):
         f.write(b'{"half": ')
         raise RuntimeError("disk on fire")
 
     with pytest.raises(RuntimeError):
-        checkpoint.atomic_write(path, failing)
+        files.atomic_write(path, failing)
     assert path.read_text() == '{\n "a": 1\n}\n'
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]  # no temporary left behind
 
@@ -119,7 +122,34 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
 def test_written_files_get_ordinary_permissions(tmp_path):
     mask = os.umask(0o022)
     try:
-        path = checkpoint.write_json(tmp_path / "m.json", {})
+        path = files.write_json(tmp_path / "m.json", {})
     finally:
         os.umask(mask)
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def test_files_of_version_0_2_still_load_and_reconstruct_the_same(digits):
+    ae = ksae_jax.load(FIXTURES / "v0.2_mlp_params.pkl")
+    assert ae.config.model == ImageModel("mlp", hidden=16, tied=True, l1=0.0) and ae.ks == (2, 4)
+    np.testing.assert_allclose(ae.reconstruct(digits.x_test[:4], 4),
+                               np.load(FIXTURES / "v0.2_mlp_recon_k4.npy"), rtol=1e-5, atol=1e-6)
+    sae = ksae_jax.load(FIXTURES / "v0.2_sae_params.pkl")
+    assert sae.model_config.normalize and sae.model_config.multi_topk and sae.input_scale != 1
+    x = np.load(FIXTURES / "v0.2_vectors.npy")[:5]
+    np.testing.assert_allclose(sae.reconstruct(x, 3), np.load(FIXTURES / "v0.2_sae_recon_k3.npy"),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoint_of_version_0_2_resumes(digits, tmp_path):
+    ckpt = tmp_path / "c.pkl"
+    shutil.copy(FIXTURES / "v0.2_mlp_checkpoint.pkl", ckpt)
+    cfg = SweepConfig(model=ImageModel("mlp", hidden=16, tied=True, l1=0.0), ks=(2, 4), steps=5,
+                      batch_size=50)
+    with pytest.raises(train.CheckpointMismatch, match="steps: 3 in the checkpoint, 5 now"):
+        train.train_sweep(cfg, digits.x_train[:100], progress=False, checkpoint=ckpt, resume=True)
+    done = train.train_sweep(dataclasses.replace(cfg, steps=3), digits.x_train[:100],
+                             progress=False, checkpoint=ckpt, resume=True)
+    assert done.history["step"] == [2, 3] and done.budget.steps == 3

@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ksae_jax import classify
-from ksae_jax import models as model
-from ksae_jax.config import ModelConfig
+from ksae_jax import models
+from ksae_jax.config import ImageModel
 
 
 def quadrant_images(n, seed=0):
@@ -40,8 +40,8 @@ def test_error_rate_counts_wrong_predictions_over_padded_batches():
 
 
 def test_feature_classifiers_are_vmapped_over_models_and_finetuning_moves_the_encoder():
-    cfg = ModelConfig("mlp", hidden=32, tied=True)
-    enc = jax.vmap(lambda key: model.init_params(cfg, key))(jax.random.split(jax.random.key(0), 2))
+    cfg = ImageModel("mlp", hidden=32, tied=True)
+    enc = jax.vmap(models.family(cfg).init)(jax.random.split(jax.random.key(0), 2))
     x, y = quadrant_images(300)
     n_active = [4, 12]
     state = {"cls": classify.init_linear(32, 2), "enc": enc}
@@ -64,8 +64,8 @@ def test_feature_classifiers_are_vmapped_over_models_and_finetuning_moves_the_en
 
 
 def test_features_keep_n_active_units():
-    cfg = ModelConfig("mlp", hidden=40)
-    p = model.init_params(cfg, jax.random.key(0))
+    cfg = ImageModel("mlp", hidden=40)
+    p = models.family(cfg).init(jax.random.key(0))
     x = jax.random.uniform(jax.random.key(1), (5, 28, 28))
     f = classify.features(x, p, 9, cfg=cfg, max_k=20)
     np.testing.assert_array_equal(np.count_nonzero(np.asarray(f), axis=1), 9)

@@ -9,7 +9,7 @@ import pytest
 
 import ksae_jax
 from experiments import ksweep
-from ksae_jax import checkpoint, cli, train
+from ksae_jax import cli, formats, train
 from ksae_jax.data import images as data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,14 +53,14 @@ def test_tiny_run_writes_every_output(tmp_path, monkeypatch, capsys):
 
 
 def test_default_budget_is_the_originals_and_the_samples_is_stated():
-    assert ksweep.default_budget("mnist") == {"steps": None, "epochs": 9, "batch_size": 600}
-    cfg = ksweep.SweepConfig(**ksweep.default_budget("fashion_mnist"))
+    assert ksweep.default_budget(False) == {"steps": None, "epochs": 9, "batch_size": 600}
+    cfg = ksweep.SweepConfig(**ksweep.default_budget(False))
     assert train.make_budget(cfg, 60_000).steps == 900  # the original's 9 x 100 steps
-    assert ksweep.default_budget(data.SAMPLE) == {"steps": 700, "epochs": None, "batch_size": 200}
+    assert ksweep.default_budget(True) == {"steps": 700, "epochs": None, "batch_size": 200}
     assert "700 steps of batch 200" in ksweep.__doc__
-    assert ksweep.default_budget(data.SAMPLE, epochs=3) == {"steps": None, "epochs": 3, "batch_size": 200}
-    assert ksweep.default_budget("mnist", steps=5, batch_size=7) == {"steps": 5, "epochs": None,
-                                                                    "batch_size": 7}
+    assert ksweep.default_budget(True, epochs=3) == {"steps": None, "epochs": 3, "batch_size": 200}
+    assert ksweep.default_budget(False, steps=5, batch_size=7) == {"steps": 5, "epochs": None,
+                                                                  "batch_size": 7}
 
 
 def test_steps_flag_makes_exactly_that_many_steps(tmp_path):
@@ -68,7 +68,7 @@ def test_steps_flag_makes_exactly_that_many_steps(tmp_path):
     ksweep.main(["--dataset", "mnist-sample", "--train-limit", "300", "--ks", "4", "--arch", "mlp",
                  "--hidden", "32", "--steps", "5", "--batch-size", "100", "--no-progress",
                  "--out", str(out)])
-    ckpt = checkpoint.load_checkpoint(out / "checkpoint.pkl")
+    ckpt = formats.load_checkpoint(out / "checkpoint.pkl")
     assert ckpt["step"] == 5
     m = json.loads((out / "metrics.json").read_text())
     assert (m["steps"], m["epochs"], m["step"]) == (5, 5 / 3, [3, 5])
@@ -99,6 +99,8 @@ def test_idx_dir_run(idx_dir, tmp_path):
     (["--dataset", "no_such_set"], "unknown dataset (choose from mnist, fashion_mnist"),
     (["--idx-dir", "/no/such/dir"], "no such directory"),
     (["--arch", "rnn"], "invalid choice: 'rnn'"),
+    (["--tied"], "tied weights exist only for arch 'mlp'"),
+    (["--ks", "5", "--aux-coef", "1", "--aux-k", "999"], "aux_k=999 is larger than the hidden"),
 ])
 def test_bad_flags_exit_2_with_one_line(flags, message, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(data, "load_tfds", lambda *a, **k: (_ for _ in ()).throw(
@@ -109,6 +111,7 @@ def test_bad_flags_exit_2_with_one_line(flags, message, tmp_path, capsys, monkey
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o").exists()
 
 
 def test_out_dir_is_not_overwritten_without_flag(tmp_path, capsys):

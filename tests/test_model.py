@@ -5,16 +5,24 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ksae_jax import models as model
+from ksae_jax import models
+from ksae_jax.config import ImageModel
 from ksae_jax.models.images import count_params, forward_flops
-from ksae_jax.config import ModelConfig
+
+
+def init(cfg, seed):
+    return models.family(cfg).init(jax.random.key(seed))
+
+
+def forward(cfg, params, x, k):
+    return models.family(cfg).forward(params, x, jnp.ones(x.shape[0]), k, k)
 
 
 def test_conv_layer_shapes_match_the_original():
-    cfg = ModelConfig("conv")
-    params = model.init_params(cfg, jax.random.key(0))
+    cfg = ImageModel("conv")
+    params = init(cfg, 0)
     x = jnp.full((3, 28, 28), 0.5)
-    out = model.apply(cfg, params, x, 25, 25)
+    out = forward(cfg, params, x, 25)
     # the original's 8 activations (NCHW there, NHWC here)
     assert [a.shape for a in out.acts] == [
         (3, 14, 14, 16), (3, 7, 7, 32), (3, 3, 3, 64), (3, 256),
@@ -31,7 +39,7 @@ def test_conv_layer_shapes_match_the_original():
 
 
 def test_init_follows_torch_default_bounds():
-    params = model.init_params(ModelConfig("conv"), jax.random.key(0))
+    params = init(ImageModel("conv"), 0)
     for name, fan_in in [("enc1", 9), ("enc3", 800), ("enc4", 576), ("dec2", 32 * 25), ("dec4", 9)]:
         w = np.asarray(params[name]["weight"])
         bound = 1 / np.sqrt(fan_in)
@@ -39,23 +47,23 @@ def test_init_follows_torch_default_bounds():
 
 
 def test_code_is_k_sparse_and_outputs_nonnegative():
-    cfg = ModelConfig("conv")
-    params = model.init_params(cfg, jax.random.key(1))
+    cfg = ImageModel("conv")
+    params = init(cfg, 1)
     x = jax.random.uniform(jax.random.key(2), (4, 28, 28))
-    out = model.apply(cfg, params, x, 10, 10)
+    out = forward(cfg, params, x, 10)
     assert (np.count_nonzero(np.asarray(out.code), axis=1) <= 10).all()
     assert (np.asarray(out.recon) >= 0).all()
 
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_mlp(tied):
-    cfg = ModelConfig("mlp", hidden=50, tied=tied)
-    params = model.init_params(cfg, jax.random.key(0))
+    cfg = ImageModel("mlp", hidden=50, tied=tied)
+    params = init(cfg, 0)
     x = jax.random.uniform(jax.random.key(1), (4, 28, 28))
-    out = model.apply(cfg, params, x, 5, 5)
+    out = forward(cfg, params, x, 5)
     np.testing.assert_array_equal(np.count_nonzero(np.asarray(out.code), axis=1), 5)
     assert out.recon.shape == (4, 28, 28)
-    code = model.encode(cfg, params, x, 5, 5)
+    code = out.code
     w_dec = params["enc"]["weight"] if tied else params["dec"]["weight"].T
     b_dec = params["dec_bias"] if tied else params["dec"]["bias"]
     np.testing.assert_allclose(out.recon.reshape(4, -1), code @ w_dec + b_dec, rtol=1e-5, atol=1e-6)
@@ -63,34 +71,38 @@ def test_mlp(tied):
 
 
 def test_bce_output_is_sigmoid_of_logits():
-    cfg = ModelConfig("conv", loss="bce")
-    params = model.init_params(cfg, jax.random.key(0))
-    out = model.apply(cfg, params, jnp.full((2, 28, 28), 0.3), 5, 5)
+    cfg = ImageModel("conv", loss="bce")
+    params = init(cfg, 0)
+    out = forward(cfg, params, jnp.full((2, 28, 28), 0.3), 5)
     np.testing.assert_allclose(out.recon, jax.nn.sigmoid(out.logits), rtol=1e-6)
 
 
 def test_module_and_functional_paths_agree():
-    cfg = ModelConfig("conv")
-    m = model.build(cfg, nnx.Rngs(params=jax.random.key(3)))
+    cfg = ImageModel("conv")
+    family = models.family(cfg)
+    m = family.module(nnx.Rngs(params=jax.random.key(3)))
     params = nnx.to_pure_dict(nnx.state(m, nnx.Param))
     x = jax.random.uniform(jax.random.key(4), (2, 28, 28))
-    np.testing.assert_array_equal(m(x, 7, 7).recon, model.apply(cfg, params, x, 7, 7).recon)
-    np.testing.assert_array_equal(params["enc1"]["weight"],
-                                  model.init_params(cfg, jax.random.key(3))["enc1"]["weight"])
+    np.testing.assert_array_equal(m(x, jnp.ones(2), 7, 7).recon, forward(cfg, params, x, 7).recon)
+    np.testing.assert_array_equal(params["enc1"]["weight"], init(cfg, 3)["enc1"]["weight"])
+    np.testing.assert_array_equal(family.decode(params, forward(cfg, params, x, 7).code),
+                                  forward(cfg, params, x, 7).recon)
 
 
 def test_config_validation():
     with pytest.raises(ValueError, match="arch"):
-        ModelConfig("resnet")
+        ImageModel("resnet")
     with pytest.raises(ValueError, match="tied"):
-        ModelConfig("conv", tied=True)
+        ImageModel("conv", tied=True)
     with pytest.raises(ValueError, match="hidden"):
-        ModelConfig("mlp", hidden=0)
+        ImageModel("mlp", hidden=0)
+    with pytest.raises(ValueError, match="l1 must be >= 0"):
+        ImageModel("mlp", l1=-1e-4)
 
 
 def test_forward_flops_counts_the_layers():
     # conv: 1,724,544 multiply-adds, summed by hand from the original's layer shapes
     macs = 14 * 14 * 16 * 9 + 7 * 7 * 32 * 16 * 9 + 3 * 3 * 64 * 32 * 25 + 2 * 576 * 256 \
         + 3 * 3 * 64 * 32 * 25 + 7 * 7 * 32 * 16 * 9 + 14 * 14 * 16 * 9
-    assert forward_flops(ModelConfig("conv")) == 2 * macs == 3_449_088
-    assert forward_flops(ModelConfig("mlp", hidden=1000)) == 2 * 2 * 784 * 1000
+    assert forward_flops(ImageModel("conv")) == 2 * macs == 3_449_088
+    assert forward_flops(ImageModel("mlp", hidden=1000)) == 2 * 2 * 784 * 1000

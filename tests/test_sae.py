@@ -4,7 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ksae_jax import losses, models, recipe, sae_config, train
+from ksae_jax import losses, models, recipe, sae_config, step, train
+from ksae_jax.models.sae import MEDIAN_ROWS
 from ksae_jax.data import synthetic
 from ksae_jax.evaluate import EvalSet, evaluate
 
@@ -69,15 +70,16 @@ def _auxk_numpy(pre, dead, x, recon, W_dec, aux_k):
 def test_auxk_matches_numpy_and_is_zero_without_dead_latents(sparse):
     cfg = sae_config(12, (3,), latents=40, aux_k=6, decoder="sparse" if sparse else "dense",
                      dead_tokens=10)
-    params = models.init_params(cfg.model, jax.random.key(0))
+    family = models.family(cfg.model)
+    params = family.init(jax.random.key(0))
     x = jax.random.normal(jax.random.key(1), (16, 12))
     batch = {"x": x, "w": jnp.ones(16)}
     dead = jnp.zeros(40, bool).at[jnp.array([1, 5, 6, 20, 33])].set(True)
-    loss_fn = jax.jit(lambda d: losses.sae_loss(params, batch, 3, 0.0, d, cfg=cfg, max_k=3))
+    loss_fn = jax.jit(lambda d: family.loss(params, batch, {"k": 3}, d, cfg=cfg, max_k=3))
     with_dead, m = loss_fn(dead)
     without, m0 = loss_fn(jnp.zeros(40, bool))
     np.testing.assert_allclose(without, m0["rec"], rtol=1e-6)  # AuxK adds exactly 0
-    out = models.apply(cfg.model, params, x, 3, 3)
+    out = family.forward(params, x, jnp.ones(16), 3, 3, terms=False)
     p = jax.tree.map(np.asarray, params)
     pre = (np.asarray(x) - p["b_dec"]) @ p["W_enc"].T + p["b_enc"]
     want = _auxk_numpy(pre, np.asarray(dead), np.asarray(x), np.asarray(out.recon), p["W_dec"], 6)
@@ -89,15 +91,16 @@ def test_training_keeps_decoder_rows_unit_norm_and_reduces_fvu(syn):
     cfg = sae_config(32, (3, 6), latents=96, steps=60, batch_size=256, eval_every=30)
     r = train.train_sweep(cfg, syn.x[:5000], syn.x[5000:], progress=False)
     np.testing.assert_allclose(np.linalg.norm(r.params["W_dec"], axis=-1), 1, rtol=1e-5)
-    rows = train.as_rows(cfg, syn.x[:5000], "train")
-    untrained = evaluate(cfg, train.init_state(cfg, rows).params,
-                         EvalSet(train.as_rows(cfg, syn.x[5000:], "test"))).fvu
+    family = models.family(cfg.model)
+    rows = family.rows(syn.x[:5000], "train")
+    untrained = evaluate(cfg, step.init_state(cfg, rows).params,
+                         EvalSet(family.rows(syn.x[5000:], "test"))).fvu
     assert (np.array([f[-1] for f in r.history["eval_fvu"]]) < 0.7 * untrained).all()
     assert r.history["eval_fvu"][1][-1] < r.history["eval_fvu"][0][-1]  # larger k, lower FVU
     assert r.final.l0.tolist() == pytest.approx([3, 6], abs=0.2)
     median = recipe.geometric_median(jnp.asarray(syn.x[:5000][np.sort(
-        np.random.default_rng(0).permutation(5000)[:train.MEDIAN_ROWS])]))
-    init = train.init_state(cfg, train.as_rows(cfg, syn.x[:5000], "train"))
+        np.random.default_rng(0).permutation(5000)[:MEDIAN_ROWS])]))
+    init = step.init_state(cfg, rows)
     np.testing.assert_allclose(init.params["b_dec"][1], median, rtol=1e-5, atol=1e-6)
 
 

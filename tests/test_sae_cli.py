@@ -1,12 +1,13 @@
 """The vector experiments end to end on tiny configs: outputs, loading, exports, errors, resume."""
 import json
 
+import jax
 import numpy as np
 import pytest
 
 import ksae_jax
 from experiments import activations, sae, synthetic
-from ksae_jax import checkpoint, cli
+from ksae_jax import cli, formats, sae_config, train
 from ksae_jax.data import synthetic as synth
 
 SAE_OUTPUTS = {"params.pkl", "metrics.json", "checkpoint.pkl", "fvu_vs_k.png", "firing_freq.png",
@@ -32,7 +33,7 @@ def test_tiny_sae_run_writes_every_output_and_loads_back(acts, tmp_path):
               "--normalize", "--multi-topk", "--out", str(out)] + TINY)
     assert {p.name for p in out.iterdir()} == SAE_OUTPUTS
     m = json.loads((out / "metrics.json").read_text())
-    assert m["ks"] == [2, 5] and m["steps"] == 12 and m["config"]["multi_topk"]
+    assert m["ks"] == [2, 5] and m["steps"] == 12 and m["config"]["model"]["multi_topk"]
     for key in ("fvu", "mse", "l0", "dead_frac", "dead_frac_window"):
         assert len(m[key]) == 2
     assert m["l0"][0] <= 2 and m["fvu"][1] < m["fvu"][0] < 1.5
@@ -48,6 +49,29 @@ def test_tiny_sae_run_writes_every_output_and_loads_back(acts, tmp_path):
     np.testing.assert_allclose(np.take_along_axis(dense, idx, 1), values, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(model.decode(dense, 5), model.reconstruct(x[:10], 5), rtol=1e-5)
     assert model.encode(x[0], 2).shape == (1, 64) and model.encode(x[:0], 2).shape == (0, 64)
+
+
+def test_normalize_is_applied_by_the_library_as_by_the_cli(acts, tmp_path):
+    """train_sweep scales the inputs itself (normalize=True), the result carries the scale,
+    result.save writes it, and the CLI gives the same params and the same scale."""
+    x, held = np.load(acts / "train.npy"), np.load(acts / "test.npy")
+    cfg = sae_config(24, (2, 5), latents=64, steps=12, batch_size=256, eval_every=6,
+                     normalize=True)
+    lib = train.train_sweep(cfg, x, held, progress=False)
+    plain = train.train_sweep(sae_config(24, (2, 5), latents=64, steps=12, batch_size=256,
+                                         eval_every=6), x, held, progress=False)
+    assert lib.input_scale == pytest.approx((24 / np.mean((x.astype(np.float64) ** 2).sum(1))) ** 0.5)
+    assert plain.input_scale == 1.0
+    assert not np.array_equal(lib.params["W_enc"], plain.params["W_enc"])
+    saved = ksae_jax.load(lib.save(tmp_path / "lib"))
+    out = tmp_path / "cli"
+    sae.main(["--data", str(acts / "train.npy"), "--eval-data", str(acts / "test.npy"),
+              "--normalize", "--out", str(out)] + TINY)
+    by_cli = ksae_jax.load(out / "params.pkl")
+    assert saved.input_scale == by_cli.input_scale == lib.input_scale
+    for a, b in zip(jax.tree.leaves(saved.params), jax.tree.leaves(by_cli.params)):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(saved.reconstruct(held[:20], 5), by_cli.reconstruct(held[:20], 5))
 
 
 def test_export_to_sparsify_layout_reconstructs_the_same(acts, tmp_path):
@@ -101,21 +125,21 @@ def test_safetensors_export_round_trip(acts, tmp_path, digits):
 def test_interrupted_sae_run_resumes_to_the_same_params(acts, tmp_path, monkeypatch):
     args = ["--data", str(acts / "train.npy"), "--out"] + TINY
     sae.main(args[:2] + args[2:3] + [str(tmp_path / "ref")] + args[3:])
-    real = checkpoint.save_checkpoint
+    real = formats.save_checkpoint
 
     def save_then_die(path, **kw):
         real(path, **kw)
         raise KeyboardInterrupt  # as if killed right after the first checkpoint
 
-    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
     out = tmp_path / "cut"
     with pytest.raises(SystemExit) as e:
         cli.run(sae.main, args[:3] + [str(out)] + args[3:])
-    assert e.value.code == 130 and checkpoint.load_checkpoint(out / "checkpoint.pkl")["step"] == 6
-    monkeypatch.setattr(checkpoint, "save_checkpoint", real)
+    assert e.value.code == 130 and formats.load_checkpoint(out / "checkpoint.pkl")["step"] == 6
+    monkeypatch.setattr(train, "save_checkpoint", real)
     sae.main(["--data", str(acts / "train.npy"), "--resume", str(out)] + TINY)
-    a = checkpoint.load_params_file(out / "params.pkl")["params"]
-    b = checkpoint.load_params_file(tmp_path / "ref" / "params.pkl")["params"]
+    a = formats.load_params_file(out / "params.pkl")["params"]
+    b = formats.load_params_file(tmp_path / "ref" / "params.pkl")["params"]
     for name in a:
         np.testing.assert_array_equal(a[name], b[name])
 

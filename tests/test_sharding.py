@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ksae_jax import checkpoint, sharding
-from ksae_jax.config import sae_config
+from ksae_jax import formats, sharding
+from ksae_jax.config import SweepConfig, sae_config
 from ksae_jax.data import synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +62,9 @@ def test_mesh_flags_are_checked():
                         ({"latent": 8}, "does not divide the 60 latents")]:
         n_devices = 8 if "there are" in match else math.prod(axes.values())
         with pytest.raises(ValueError, match=match):
-            sharding.check_axes(axes, n_devices, cfg)
+            sharding.check_axes(axes, n_devices, cfg, shards_latents=True)
+    with pytest.raises(ValueError, match="splits SAEs on vectors, not 'conv'"):
+        sharding.check_axes({"latent": 2}, 2, SweepConfig(ks=(5,)), shards_latents=False)
     assert sharding.default_axes(8, 8) == {"model": 8} and sharding.default_axes(8, 3) == {"data": 8}
 
 
@@ -94,8 +96,8 @@ def test_two_processes_train_write_once_and_equal_one_process(tmp_path):
     written = {f.name for f in (tmp_path / "p0").iterdir()}
     assert {"params.pkl", "metrics.json", "checkpoint.pkl"} <= written
     assert not list((tmp_path / "p1").iterdir())  # process 1 wrote nothing
-    a = checkpoint.load_params_file(tmp_path / "p0" / "params.pkl")["params"]
-    b = checkpoint.load_params_file(tmp_path / "ref" / "params.pkl")["params"]
+    a = formats.load_params_file(tmp_path / "p0" / "params.pkl")["params"]
+    b = formats.load_params_file(tmp_path / "ref" / "params.pkl")["params"]
     for name in a:
         assert np.linalg.norm(a[name] - b[name]) <= TOL * np.linalg.norm(b[name]), name
     ma = json.loads((tmp_path / "p0" / "metrics.json").read_text())

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ksae_jax.topk import keep_top_k, sparsify, top_k_mask
+from ksae_jax.topk import k_sparse, keep_top_k, top_k_mask
 
 
 def numpy_keep_top_k(z, k):
@@ -45,21 +45,21 @@ def test_ties_break_to_lower_index():
 def test_gradient_flows_only_through_kept_units(z):
     k = 10
     upstream = jax.random.normal(jax.random.key(1), z.shape)
-    grad = jax.grad(lambda z: jnp.sum(sparsify(z, k, max_k=k) * upstream))(z)
+    grad = jax.grad(lambda z: jnp.sum(k_sparse(z, k, max_k=k) * upstream))(z)
     kept = np.asarray(top_k_mask(z, k, k)).astype(bool)
     np.testing.assert_array_equal(np.asarray(grad)[~kept], 0.0)
     np.testing.assert_array_equal(np.asarray(grad)[kept], np.asarray(upstream)[kept])
 
 
 def test_jit_and_no_jit_agree(z):
-    eager = sparsify(z, 7, max_k=30)
-    jitted = jax.jit(sparsify, static_argnames="max_k")(z, 7, max_k=30)
+    eager = k_sparse(z, 7, max_k=30)
+    jitted = jax.jit(k_sparse, static_argnames="max_k")(z, 7, max_k=30)
     np.testing.assert_array_equal(eager, jitted)
 
 
 def test_vmapped_k_vector_equals_separate_calls(z):
     ks = jnp.array([1, 4, 16, 40])
-    batched = jax.jit(jax.vmap(lambda k: sparsify(z, k, max_k=40)))(ks)
+    batched = jax.jit(jax.vmap(lambda k: k_sparse(z, k, max_k=40)))(ks)
     for i, k in enumerate(ks.tolist()):
         np.testing.assert_array_equal(batched[i], keep_top_k(z, k))
 

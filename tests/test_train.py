@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ksae_jax import batching, models, optim, train
-from ksae_jax.config import ModelConfig, SweepConfig
+from ksae_jax import batching, models, optim, step, train
+from ksae_jax.config import ImageModel, SweepConfig
 from ksae_jax.data.feed import ArrayRows
 from ksae_jax.evaluate import EvalSet, evaluate
 
@@ -18,7 +18,7 @@ def images():
 
 @pytest.mark.parametrize("arch", ["conv", "mlp"])
 def test_sweep_equals_each_k_alone(images, arch):
-    base = dict(model=ModelConfig(arch, hidden=64 if arch == "mlp" else None), epochs=2,
+    base = dict(model=ImageModel(arch, hidden=64 if arch == "mlp" else None), epochs=2,
                 batch_size=50, seed=3)
     ks = (3, 12)
     sweep = train.train_sweep(SweepConfig(ks=ks, **base), images, images[:20], progress=False)
@@ -36,19 +36,19 @@ def test_training_reduces_the_loss(digits):
     r = train.train_sweep(cfg, digits.x_train[:600], digits.x_test[:200], progress=False)
     for losses in r.history["train_loss"]:
         assert losses[-1] < 0.8 * losses[0]
-    untrained = evaluate(cfg, train.init_state(cfg).params,
+    untrained = evaluate(cfg, step.init_state(cfg).params,
                          EvalSet(ArrayRows(digits.x_test[:200], 1 / 255))).mse
     assert (np.array([h[-1] for h in r.history["eval_mse"]]) < 0.8 * untrained).all()
 
 
 def test_evaluate_is_the_true_mean_over_the_test_set(images):
     cfg = SweepConfig(ks=(4, 9), batch_size=50)
-    params = train.init_state(cfg).params
+    params = step.init_state(cfg).params
     got = evaluate(cfg, params, EvalSet(ArrayRows(images, 1 / 255), batch_size=48))  # 130 = 2*48 + 34
     x = images.astype(np.float32) / 255
     for i, k in enumerate(cfg.ks):
         p = jax.tree.map(lambda a: a[i], params)
-        out = models.apply(cfg.model, p, jnp.asarray(x), k, k)
+        out = models.family(cfg.model).forward(p, jnp.asarray(x), jnp.ones(len(x)), k, k)
         np.testing.assert_allclose(got.mse[i], np.mean((np.asarray(out.recon) - x) ** 2), rtol=1e-5)
         np.testing.assert_allclose(got.l0[i], np.count_nonzero(np.asarray(out.code)) / len(x), rtol=1e-6)
         np.testing.assert_array_equal(got.counts[i], np.count_nonzero(np.asarray(out.code), axis=0))
@@ -57,16 +57,17 @@ def test_evaluate_is_the_true_mean_over_the_test_set(images):
 
 def test_padded_batch_equals_the_unpadded_batch(images):
     """The last, partial batch is padded to a full one with zero weights: same step."""
-    cfg = SweepConfig(ks=(5,), l1=1e-4)
-    params = models.init_params(cfg.model, jax.random.key(0))
+    cfg = SweepConfig(model=ImageModel(l1=1e-4), ks=(5,))
+    params = models.family(cfg.model).init(jax.random.key(0))
     opt = optim.make_optimizer(cfg).init(params)
     since = jnp.zeros(cfg.model.hidden, jnp.int32)
     x = jnp.asarray(images[:30], jnp.float32) / 255
-    step = jax.jit(lambda b: train.train_step(params, opt, since, 5, 1e-3, 1e-4, True, b, 0,
-                                              cfg=train.resolved(cfg, 30), max_k=5))
-    small = step({"x": x, "w": jnp.ones(30)})
-    padded = step({"x": jnp.concatenate([x, jnp.ones((20, 28, 28))]),
-                   "w": jnp.concatenate([jnp.ones(30), jnp.zeros(20)])})
+    hp = {"k": 5, "lr": 1e-3, "l1": 1e-4}
+    one = jax.jit(lambda b: step.train_step(params, opt, since, hp, True, b, 0,
+                                            cfg=step.resolved(cfg, 30), max_k=5))
+    small = one({"x": x, "w": jnp.ones(30)})
+    padded = one({"x": jnp.concatenate([x, jnp.ones((20, 28, 28))]),
+                  "w": jnp.concatenate([jnp.ones(30), jnp.zeros(20)])})
     for a, b in zip(jax.tree.leaves(small), jax.tree.leaves(padded)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
@@ -100,29 +101,29 @@ def test_budget_in_steps_or_epochs():
 
 
 def test_run_makes_exactly_the_budgeted_steps(images, tmp_path):
-    from ksae_jax.checkpoint import load_checkpoint
-    cfg = SweepConfig(model=ModelConfig("mlp", hidden=32), ks=(3,), steps=5, batch_size=50)
+    from ksae_jax.formats import load_checkpoint
+    cfg = SweepConfig(model=ImageModel("mlp", hidden=32), ks=(3,), steps=5, batch_size=50)
     r = train.train_sweep(cfg, images, progress=False, checkpoint=tmp_path / "c.pkl")
     ckpt = load_checkpoint(tmp_path / "c.pkl")
-    state = jax.tree.unflatten(jax.tree.structure(train.init_state(cfg)), ckpt["state"])
+    state = jax.tree.unflatten(jax.tree.structure(step.init_state(cfg)), ckpt["state"])
     assert ckpt["step"] == 5 and int(state.opt_state.count[0]) == 5
     assert r.history["step"] == [3, 5] and r.budget.steps == 5  # every epoch of 3 steps
 
 
 def test_k_schedule_moves_from_k_start_to_each_k():
-    cfg = SweepConfig(model=ModelConfig("mlp"), ks=(10, 40), steps=400, k_start=100,
+    cfg = SweepConfig(model=ImageModel("mlp"), ks=(10, 40), steps=400, k_start=100,
                       k_anneal_frac=0.5)
-    np.testing.assert_array_equal(train.k_at(cfg, 0, 400), [100, 100])
-    np.testing.assert_array_equal(train.k_at(cfg, 100, 400), [55, 70])
-    np.testing.assert_array_equal(train.k_at(cfg, 200, 400), [10, 40])
-    np.testing.assert_array_equal(train.k_at(cfg, 350, 400), [10, 40])
+    np.testing.assert_array_equal(step.k_at(cfg, 0, 400), [100, 100])
+    np.testing.assert_array_equal(step.k_at(cfg, 100, 400), [55, 70])
+    np.testing.assert_array_equal(step.k_at(cfg, 200, 400), [10, 40])
+    np.testing.assert_array_equal(step.k_at(cfg, 350, 400), [10, 40])
     assert cfg.max_k == 100 and cfg.max_ks == (100, 100)
 
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(ks=()), "empty"), (dict(ks=(0,)), "k must be positive"), (dict(ks=(300,)), "larger"),
     (dict(ks=(5, 5)), "repeated"), (dict(batch_size=0), "batch_size"), (dict(lr=-1.0), "lr"),
-    (dict(l1=-1e-4), "l1"), (dict(ks=(2.5,)), "integer"), (dict(steps=0), "steps"),
+    (dict(ks=(2.5,)), "integer"), (dict(steps=0), "steps"),
     (dict(lr=(1e-3,)), "one value per k"), (dict(init_seeds=(1, 2)), "one seed per k")])
 def test_sweep_config_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -144,7 +145,7 @@ def test_auto_batching_is_chosen_by_backend():
 
 
 def test_over_models_gives_each_model_its_own_static_width():
-    cfg = SweepConfig(model=ModelConfig("mlp"), ks=(2, 7))
+    cfg = SweepConfig(model=ImageModel("mlp"), ks=(2, 7))
     seen = []
 
     def fn(a, b, *, max_k):
@@ -162,7 +163,7 @@ def test_over_models_gives_each_model_its_own_static_width():
 
 
 def test_per_model_learning_rates_and_seeds(images):
-    base = dict(model=ModelConfig("mlp", hidden=32), steps=3, batch_size=50)
+    base = dict(model=ImageModel("mlp", hidden=32), steps=3, batch_size=50)
     both = train.train_sweep(SweepConfig(ks=(3, 4), lr=(1e-3, 3e-3), init_seeds=(5, 6), **base),
                              images, progress=False)
     second = train.train_sweep(SweepConfig(ks=(4,), lr=3e-3, init_seeds=(6,), **base), images,

@@ -78,10 +78,11 @@ def test_held_out_split_and_normalisation(rows):
     split = vectors.split(src, eval_frac=0.1)
     assert (split.train.n, split.eval.n) == (450, 50)
     np.testing.assert_array_equal(split.eval.all(), rows[450:] * 3)
-    normed = vectors.split(src, eval_frac=0.1, normalize=True)
-    x = normed.train.all() * normed.train.scale
+    scale = vectors.normalizing_scale(split.train)
+    x = split.train.all() * scale
     np.testing.assert_allclose(np.mean(np.sum(x.astype(np.float64) ** 2, axis=1)), 6, rtol=1e-5)
-    assert normed.eval.scale == normed.train.scale
+    with pytest.raises(DataError, match="every training row is zero"):
+        vectors.normalizing_scale(vectors.open_vectors(np.zeros((4, 3), np.float32)))
     with pytest.raises(DataError, match="no held-out set"):
         vectors.split(vectors.open_vectors(rows[:3]), eval_frac=0.05)
     big = vectors.open_vectors(np.zeros((2_000_000, 1), np.float32) + 1)

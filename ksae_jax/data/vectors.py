@@ -90,8 +90,10 @@ def _check_array(a, name: str, d: int | None = None) -> None:
         raise DataError(f"{name}: rows of width {a.shape[1]}, but the first shard has d = {d}")
 
 
-def open_vectors(data, *, skip_nonfinite: bool = False, log=print) -> VectorSource:
-    """A checked VectorSource from a .npy path, a folder of .npy shards, or an array."""
+def open_vectors(data, *, skip_nonfinite: bool = False, scan: bool = True,
+                 log=print) -> VectorSource:
+    """A checked VectorSource from a .npy path, a folder of .npy shards, or an array.
+    scan=False reads only the headers (shapes and dtypes), not the rows (NaN / Inf)."""
     if isinstance(data, (str, os.PathLike)):
         path = Path(data)
         if path.is_dir():
@@ -108,6 +110,8 @@ def open_vectors(data, *, skip_nonfinite: bool = False, log=print) -> VectorSour
     for a, name in zip(parts, names):
         _check_array(a, name, parts[0].shape[1] if a is not parts[0] else None)
     source = VectorSource(parts, names)
+    if not scan:
+        return source
     bad = nonfinite_rows(source)
     if len(bad):
         where = _locate(source, int(bad[0]))
@@ -152,26 +156,25 @@ class Split(NamedTuple):
     eval: VectorSource
 
 
+def normalizing_scale(source: VectorSource) -> float:
+    """The constant that scales the rows to a mean squared norm of d."""
+    msn = mean_sq_norm(source)
+    if not msn > 0:
+        raise DataError(f"{source.name}: every training row is zero; normalize cannot scale it")
+    return (source.d / msn) ** 0.5
+
+
 def split(source: VectorSource, eval_source: VectorSource | None = None,
-          eval_frac: float = 0.05, normalize: bool = False) -> Split:
+          eval_frac: float = 0.05) -> Split:
     """Training rows and held-out rows: eval_source, or else the last eval_frac of the data
-    (at most MAX_EVAL_ROWS). With normalize, both are scaled by one constant (from the
-    training rows) so that the training rows' mean squared norm is d."""
+    (at most MAX_EVAL_ROWS)."""
     if eval_source is None:
         n_eval = min(int(round(eval_frac * source.n)), MAX_EVAL_ROWS)
         if not 0 < n_eval < source.n:
             raise DataError(f"{source.name}: {source.n} rows leave no held-out set at eval "
                             f"fraction {eval_frac} (give --eval-data, or more rows)")
-        train, held = source.view(0, source.n - n_eval), source.view(source.n - n_eval, source.n)
-    else:
-        if eval_source.d != source.d:
-            raise DataError(f"{eval_source.name}: rows of width {eval_source.d}, but the "
-                            f"training data have d = {source.d}")
-        train, held = source, eval_source
-    if normalize:
-        msn = mean_sq_norm(train)
-        if not msn > 0:
-            raise DataError(f"{source.name}: every training row is zero; --normalize cannot scale it")
-        scale = (source.d / msn) ** 0.5
-        train, held = train.view(0, train.n, scale), held.view(0, held.n, scale)
-    return Split(train, held)
+        return Split(source.view(0, source.n - n_eval), source.view(source.n - n_eval, source.n))
+    if eval_source.d != source.d:
+        raise DataError(f"{eval_source.name}: rows of width {eval_source.d}, but the "
+                        f"training data have d = {source.d}")
+    return Split(source, eval_source)

@@ -1,50 +1,27 @@
-"""The models, by arch: the image k-sparse autoencoders (`conv`, `mlp`) and the TopK SAE on
-vectors (`topk`). Each is an NNX module; training and inference use them through pure
-functions of a plain params pytree (split once, merged inside jitted code)."""
+"""The model families, looked up once from the model config: `family(cfg.model)` gives the
+object that says everything about a kind of model (see family.Family). Images: `conv`, `mlp`
+(images.ImageFamily); vectors: `topk` (sae.TopKFamily)."""
 from __future__ import annotations
 
 import functools
 
-import jax
-from flax import nnx
+from ksae_jax.models.family import Family
+from ksae_jax.models.images import Autoencoder, ImageFamily
+from ksae_jax.models.loaded import Loaded
+from ksae_jax.models.sae import TopKFamily, VectorSAE
 
-from ksae_jax.config import ModelConfig
-from ksae_jax.models import images, sae
-from ksae_jax.topk import sparsify
-
-_MODULES = {"conv": images.ConvKSAE, "mlp": images.MlpKSAE, "topk": sae.TopKSAE}
-
-
-def build(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
-    return _MODULES[cfg.arch](cfg, rngs=rngs)
-
-
-def init_params(cfg: ModelConfig, key: jax.Array) -> dict:
-    """Fresh parameters as a plain nested dict of arrays (vmappable over keys)."""
-    return nnx.to_pure_dict(nnx.state(build(cfg, nnx.Rngs(params=key)), nnx.Param))
+FAMILIES: dict[str, type[Family]] = {"conv": ImageFamily, "mlp": ImageFamily, "topk": TopKFamily}
+LOADED: dict[type[Family], type[Loaded]] = {ImageFamily: Autoencoder, TopKFamily: VectorSAE}
 
 
 @functools.lru_cache(maxsize=None)
-def graphdef(cfg: ModelConfig):
-    return nnx.graphdef(nnx.eval_shape(lambda: build(cfg, nnx.Rngs(0))))
+def family(model) -> Family:
+    """The family of a model config (ImageModel or SaeModel)."""
+    return FAMILIES[model.arch](model)
 
 
-def bind(cfg: ModelConfig, params: dict) -> nnx.Module:
-    """The module for `params` (use inside jitted functions of the params pytree)."""
-    return nnx.merge(graphdef(cfg), params)
-
-
-def apply(cfg: ModelConfig, params: dict, x: jax.Array, k, max_k: int):
-    """The training forward pass: images.Output or sae.SaeOutput (both have .recon)."""
-    return bind(cfg, params)(x, k, max_k)
-
-
-def encode(cfg: ModelConfig, params: dict, x: jax.Array, k, max_k: int) -> jax.Array:
-    """Dense k-sparse codes (B, hidden)."""
-    dense, _ = bind(cfg, params).encode_dense(x)
-    return sparsify(dense, k, max_k)
-
-
-def decode(cfg: ModelConfig, params: dict, code: jax.Array) -> jax.Array:
-    """Reconstructions from dense codes (B, hidden)."""
-    return bind(cfg, params).decode_all(code)[0]
+def loaded(config, ks, params: dict, metrics: dict | None = None,
+           input_scale: float = 1.0) -> Loaded:
+    """Trained models for inference (Autoencoder, VectorSAE, ...) of a sweep's config."""
+    cls = LOADED[type(family(config.model))]
+    return cls(config, ks, params, metrics, input_scale)

@@ -1,10 +1,7 @@
-"""The image k-sparse autoencoders (the original conv network, Makhzani & Frey's MLP) as
-Flax NNX modules.
-
-Parameters follow PyTorch's layouts and names (`weight`, `bias`; Linear weight is
-(out, in), Conv2d (out, in, kh, kw), ConvTranspose2d (in, out, kh, kw)) and PyTorch's
-default initialisation, so the conv network is the original's, parameter for parameter.
-"""
+"""The image family: k-sparse autoencoders of 28 x 28 images, the original conv network and
+Makhzani & Frey's MLP, as Flax NNX modules (PyTorch's layouts and init, see layers), their
+one forward pass, their loss (reconstruction error + lambda * L1, optional AuxK on the code)
+and `Autoencoder`, the trained models for inference."""
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -13,10 +10,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax import lax
 
-from ksae_jax.config import ModelConfig
+from ksae_jax import losses
+from ksae_jax.config import ImageModel
+from ksae_jax.data.feed import ArrayRows
 from ksae_jax.models import conv
-from ksae_jax.topk import sparsify
+from ksae_jax.models.family import Family
+from ksae_jax.models.layers import Conv2d, ConvTranspose2d, Linear
+from ksae_jax.models.loaded import Loaded
+from ksae_jax.topk import k_sparse, top_k_mask
 
 IMAGE_SHAPE = (28, 28)
 N_PIXELS = IMAGE_SHAPE[0] * IMAGE_SHAPE[1]
@@ -26,60 +29,76 @@ DECODER_CONVS = ((64, 32, 5, 2, 1, 0), (32, 16, 3, 2, 1, 1), (16, 1, 3, 2, 1, 1)
 BOTTLENECK = (64, 3, 3)  # channels, height, width between the convs and the Linear layers
 
 
-def _torch_uniform(rngs: nnx.Rngs, shape: tuple[int, ...], fan_in: int) -> nnx.Param:
-    """PyTorch's default for Linear/Conv weights and biases: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-    bound = 1.0 / fan_in ** 0.5
-    return nnx.Param(jax.random.uniform(rngs.params(), shape, jnp.float32, -bound, bound))
+class ImageOutput(NamedTuple):
+    """One forward pass of an image model on a batch."""
+
+    recon: jax.Array
+    """(B, 28, 28) reconstruction in image space."""
+    logits: jax.Array
+    """(B, 28, 28) pre-activation of the output layer."""
+    code: jax.Array
+    """(B, hidden) k-sparse code."""
+    dense: jax.Array
+    """(B, hidden) the code before the top-k (what the top-k chose from)."""
+    acts: tuple
+    """The activations the L1 penalty is taken over (every layer's output, the code's too)."""
+    rec: jax.Array | None = None
+    """Reconstruction error (MSE or BCE, the model's loss) averaged over real rows."""
+    mse: jax.Array | None = None
+    """Mean squared error over real rows (= rec for the mse loss)."""
+    l1: jax.Array | None = None
+    """L1 activation penalty averaged over real rows (before lambda)."""
+    auxk: jax.Array | None = None
+    """AuxK loss of the dead code units (0 without a dead mask)."""
 
 
-class Linear(nnx.Module):
-    def __init__(self, n_in: int, n_out: int, *, rngs: nnx.Rngs):
-        self.weight = _torch_uniform(rngs, (n_out, n_in), n_in)
-        self.bias = _torch_uniform(rngs, (n_out,), n_in)
+class ImageKSAE(nnx.Module):
+    """The forward pass both image networks share; they give encode_dense and decode_all."""
 
-    def __call__(self, x):
-        return x @ self.weight[...].T + self.bias[...]
+    loss: str
+
+    def encode_dense(self, x) -> tuple[jax.Array, tuple]:
+        raise NotImplementedError
+
+    def decode_all(self, code) -> tuple[jax.Array, jax.Array, tuple]:
+        raise NotImplementedError
+
+    def __call__(self, x, w, k, max_k: int, *, dead=None, aux_k=None, terms=True) -> ImageOutput:
+        dense, enc_acts = self.encode_dense(x)
+        code = k_sparse(dense, k, max_k)
+        recon, logits, dec_acts = self.decode_all(code)
+        acts = enc_acts + (code,) + dec_acts
+        if not terms:
+            return ImageOutput(recon, logits, code, dense, acts)
+        rec = losses.weighted_mean(losses.reconstruction_error(recon, logits, x, self.loss), w)
+        mse = rec if self.loss == "mse" else losses.weighted_mean(
+            losses.per_example_mean(jnp.square(recon - x)), w)
+        l1 = losses.weighted_mean(losses.l1_penalty(acts), w)
+        aux = None if dead is None else self.auxk(x, w, recon, dense, dead, aux_k)
+        return ImageOutput(recon, logits, code, dense, acts, rec, mse, l1, aux)
+
+    def auxk(self, x, w, recon, dense, dead, aux_k: int):
+        """AuxK on the code layer: the aux_k largest dead units decode the residual."""
+        def select_dead(dead):
+            values, idx = lax.top_k(jnp.where(dead, dense, -jnp.inf), aux_k)
+            return jnp.where(dead[idx], jax.nn.relu(values), 0.0), idx
+
+        def decode_dead(values, idx):
+            rows = jnp.arange(idx.shape[0])[:, None]
+            z = jnp.zeros_like(dense).at[rows, idx].add(values)
+            return self.decode_all(z)[0] - self.decode_all(jnp.zeros_like(dense))[0]
+
+        return losses.auxk_loss(select_dead, decode_dead, x, w, recon, dead, aux_k,
+                                losses.total_variance(x, w))
 
 
-class Conv2d(nnx.Module):
-    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, padding: int, *,
-                 rngs: nnx.Rngs):
-        fan_in = c_in * kernel * kernel
-        self.weight = _torch_uniform(rngs, (c_out, c_in, kernel, kernel), fan_in)
-        self.bias = _torch_uniform(rngs, (c_out,), fan_in)
-        self.stride, self.padding = stride, padding
-
-    def __call__(self, x):
-        return conv.conv2d(x, self.weight[...], self.bias[...], self.stride, self.padding)
-
-
-class ConvTranspose2d(nnx.Module):
-    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, padding: int,
-                 output_padding: int = 0, *, rngs: nnx.Rngs):
-        fan_in = c_out * kernel * kernel  # torch computes fan_in from weight.size(1)
-        self.weight = _torch_uniform(rngs, (c_in, c_out, kernel, kernel), fan_in)
-        self.bias = _torch_uniform(rngs, (c_out,), fan_in)
-        self.stride, self.padding, self.output_padding = stride, padding, output_padding
-
-    def __call__(self, x):
-        return conv.conv_transpose2d(x, self.weight[...], self.bias[...], self.stride,
-                                     self.padding, self.output_padding)
-
-
-class Output(NamedTuple):
-    recon: jax.Array    # (B, 28, 28) reconstruction in image space
-    logits: jax.Array   # (B, 28, 28) pre-activation of the output layer
-    code: jax.Array     # (B, hidden) k-sparse code
-    acts: tuple         # activations the L1 penalty is taken over
-
-
-class ConvKSAE(nnx.Module):
+class ConvKSAE(ImageKSAE):
     """The original network: conv 16/32/64 -> Linear 576->H -> top-k -> mirrored decoder.
 
     ReLU after every layer, the output included (sigmoid instead with loss='bce').
     """
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ImageModel, *, rngs: nnx.Rngs):
         self.loss = cfg.loss
         flat = int(np.prod(BOTTLENECK))  # 576
         self.enc1, self.enc2, self.enc3 = (Conv2d(*spec, rngs=rngs) for spec in ENCODER_CONVS)
@@ -104,17 +123,11 @@ class ConvKSAE(nnx.Module):
         recon = jax.nn.sigmoid(logits) if self.loss == "bce" else jax.nn.relu(logits)
         return recon, logits, (d1, d2, d3, recon)
 
-    def __call__(self, x, k, max_k: int) -> Output:
-        dense, enc_acts = self.encode_dense(x)
-        code = sparsify(dense, k, max_k)
-        recon, logits, dec_acts = self.decode_all(code)
-        return Output(recon, logits, code, enc_acts + (code,) + dec_acts)
 
-
-class MlpKSAE(nnx.Module):
+class MlpKSAE(ImageKSAE):
     """Makhzani & Frey: 784 -> H linear units -> top-k -> 784, decoder tied or untied."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ImageModel, *, rngs: nnx.Rngs):
         self.loss, self.tied = cfg.loss, cfg.tied
         self.enc = Linear(N_PIXELS, cfg.hidden, rngs=rngs)
         if cfg.tied:
@@ -134,18 +147,104 @@ class MlpKSAE(nnx.Module):
         recon = jax.nn.sigmoid(logits) if self.loss == "bce" else logits
         return recon, logits, ()
 
-    def __call__(self, x, k, max_k: int) -> Output:
-        dense, _ = self.encode_dense(x)
-        code = sparsify(dense, k, max_k)
-        recon, logits, _ = self.decode_all(code)
-        return Output(recon, logits, code, (code,))
+
+class ImageFamily(Family):
+    """conv and mlp: uint8 images in, MSE (or BCE) + lambda * L1 out."""
+
+    unit = "images"
+    rec_name = "mse"
+
+    def module(self, rngs):
+        return (ConvKSAE if self.model.arch == "conv" else MlpKSAE)(self.model, rngs=rngs)
+
+    def hyperparameters(self, cfg):
+        return {"l1": np.full(len(cfg.ks), self.model.l1, np.float32)}
+
+    def loss(self, params, batch, hp, dead, *, cfg, max_k):
+        x, w = batch["x"], batch["w"]
+        out = self.forward(params, x, w, hp["k"], max_k, dead=dead if cfg.aux_coef else None,
+                           aux_k=cfg.aux_k)
+        loss = out.rec + hp["l1"] * out.l1
+        if cfg.aux_coef:
+            loss += cfg.aux_coef * out.auxk
+        fired = jnp.any((out.code != 0) & (w[:, None] > 0), axis=0)
+        return loss, {"loss": loss, "rec": out.mse, "fired": fired}
+
+    def eval_sums(self, out, x, w):
+        sse = jnp.sum(jnp.square(out.recon - x).reshape(x.shape[0], -1).sum(-1) * w)
+        return sse, jnp.sum((out.code != 0) * w[:, None], axis=0)
+
+    def rows(self, data, name):
+        if isinstance(data, ArrayRows):
+            return data
+        a = np.asarray(data)
+        if a.ndim != 3 or a.shape[1:] != IMAGE_SHAPE or a.dtype != np.uint8 or len(a) == 0:
+            raise ValueError(f"{name} must be a non-empty uint8 array of shape (N, 28, 28), got "
+                             f"{a.dtype} {a.shape}")
+        return ArrayRows(a, 1 / 255)
+
+    def code(self, out):
+        return out.code
+
+    def decode(self, params, code):
+        return self.bind(params).decode_all(code)[0]
+
+    def usage(self, out, k, max_k):
+        return top_k_mask(out.dense, k, max_k).sum(axis=0)
+
+
+class Autoencoder(Loaded):
+    """Image models (conv, mlp): inputs uint8 pixels 0..255 or floats in [0, 1], (N, 28, 28)."""
+
+    family_class = ImageFamily
+
+    def _inputs(self, images) -> np.ndarray:
+        return as_images(images)
+
+    def decoder_features(self, images, k: int, n: int = 100):
+        """What each of the n most used units draws alone: decode(a e_j) - decode(0).
+
+        a is the unit's mean active value on `images`. Returns (features (n, 28, 28),
+        unit indices, usage counts of all units).
+        """
+        code = self.encode(images, k)
+        counts = self.unit_usage(images, k)
+        units = np.argsort(-counts, kind="stable")[:n]
+        active = (code != 0).sum(axis=0)
+        scale = np.where(active > 0, np.abs(code).sum(axis=0) / np.maximum(active, 1), 1.0)
+        one_hot = np.zeros((len(units), code.shape[1]), np.float32)
+        one_hot[np.arange(len(units)), units] = scale[units]
+        base = self.decode(np.zeros((1, code.shape[1]), np.float32), k)
+        return self.decode(one_hot, k) - base, units, counts
+
+
+def as_images(images, name: str = "images") -> np.ndarray:
+    """(N, 28, 28) float32 in [0, 1] from uint8 pixels 0..255 or floats in [0, 1]; one image
+    may omit N. Anything else is refused with what is expected."""
+    a = np.asarray(images)
+    if a.shape == IMAGE_SHAPE:
+        a = a[None]
+    if a.ndim != 3 or a.shape[1:] != IMAGE_SHAPE:
+        raise ValueError(f"{name} must have shape (N, 28, 28) or (28, 28), got {a.shape}")
+    if a.dtype == np.uint8:
+        return a.astype(np.float32) / 255.0
+    if a.dtype.kind != "f":
+        raise ValueError(f"{name} must be uint8 pixels (0..255) or floats in [0, 1], got dtype "
+                         f"{a.dtype}")
+    a = a.astype(np.float32)
+    if not np.isfinite(a).all():
+        raise ValueError(f"{name} hold NaN or Inf pixels")
+    if a.size and (a.min() < 0 or a.max() > 1):
+        raise ValueError(f"{name}: float pixels must lie in [0, 1], got [{a.min():g}, {a.max():g}] "
+                         "(for 0..255 values pass uint8, or divide by 255)")
+    return a
 
 
 def count_params(params: dict) -> int:
     return sum(int(p.size) for p in jax.tree.leaves(params))
 
 
-def forward_flops(cfg: ModelConfig) -> int:
+def forward_flops(cfg: ImageModel) -> int:
     """Multiply-add FLOPs (2 per MAC) of one image's forward pass, counted from the layer
     shapes (dense code: the top-k does not shrink the matmuls as computed)."""
     if cfg.arch == "mlp":

@@ -1,9 +1,11 @@
-"""The TopK sparse autoencoder on vectors (Gao et al. 2024) as a Flax NNX module:
-z = ReLU(TopK(W_enc (x - b_dec) + b_enc)), x_hat = W_dec^T z + b_dec.
+"""The TopK family: sparse autoencoders of vectors (Gao et al. 2024),
+z = ReLU(TopK(W_enc (x - b_dec) + b_enc)), x_hat = W_dec^T z + b_dec, as a Flax NNX module;
+its one forward pass (reconstruction, kept latents, FVU, Multi-TopK and AuxK terms), the
+recipe around the update (unit-norm decoder rows, the gradient projection, b_dec at the
+geometric median of the data) and `VectorSAE`, the trained models for inference.
 
 W_enc and W_dec are both stored (n, d), one row per latent (sparsify's layout), so the sparse
-paths move whole rows. The decoder rows start as random unit vectors and W_enc equals W_dec;
-b_dec is set from the data (geometric median) by the training loop.
+paths move whole rows. The decoder rows start as random unit vectors and W_enc equals W_dec.
 """
 from __future__ import annotations
 
@@ -11,24 +13,43 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax import lax
 
-from ksae_jax import sparse_ops
-from ksae_jax.config import ModelConfig
+from ksae_jax import losses, recipe, sparse_ops
+from ksae_jax.config import SaeModel
+from ksae_jax.data.feed import Rows
+from ksae_jax.data.vectors import VectorSource, normalizing_scale, open_vectors
+from ksae_jax.models.family import Family
+from ksae_jax.models.loaded import CHUNK, Loaded, as_rows, forward_jit
 from ksae_jax.topk import top_k
 
 SPARSE_MAX_DENSITY = 1 / 16  # "auto": sparse paths while k / n is below this
+MULTI_TOPK_FACTOR, MULTI_TOPK_WEIGHT = 4, 1 / 8
+MEDIAN_ROWS = 32_768  # training rows the geometric median of b_dec is taken over
 
 
 class SaeOutput(NamedTuple):
-    recon: jax.Array    # (B, d)
-    values: jax.Array   # (B, K) kept activations (after ReLU; 0 beyond each model's k)
-    indices: jax.Array  # (B, K) their latents
-    pre: jax.Array      # (B, n) encoder matmul without b_enc, without gradient (selection)
+    """One forward pass of a TopK SAE on a batch (sparsify's ForwardOutput, in JAX)."""
+
+    recon: jax.Array
+    """(B, d) reconstruction, b_dec included."""
+    values: jax.Array
+    """(B, K) kept activations after ReLU (0 beyond the model's k)."""
+    indices: jax.Array
+    """(B, K) the latents they belong to."""
+    pre: jax.Array
+    """(B, n) encoder matmul without b_enc, without gradient (it selects the latents)."""
+    fvu: jax.Array | None = None
+    """Fraction of variance unexplained over the batch's real rows."""
+    multi_topk_fvu: jax.Array | None = None
+    """FVU of the reconstruction from the top 4k latents (Multi-TopK; None when off)."""
+    auxk: jax.Array | None = None
+    """AuxK loss of the dead latents (None without a dead mask)."""
 
 
-def use_sparse(cfg: ModelConfig, k: int) -> bool:
+def use_sparse(cfg: SaeModel, k: int) -> bool:
     """Whether the custom-VJP paths serve this model: forced by cfg.decoder, else while
     k / n is small enough that gathers and scatters beat dense products."""
     if cfg.decoder != "auto":
@@ -37,7 +58,7 @@ def use_sparse(cfg: ModelConfig, k: int) -> bool:
 
 
 class TopKSAE(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: SaeModel, *, rngs: nnx.Rngs):
         rows = jax.random.normal(rngs.params(), (cfg.hidden, cfg.d_in), jnp.float32)
         rows = rows / jnp.linalg.norm(rows, axis=1, keepdims=True)
         self.W_enc = nnx.Param(rows)
@@ -72,21 +93,136 @@ class TopKSAE(nnx.Module):
         fn = sparse_ops.sparse_decode if sparse else sparse_ops.dense_decode
         return fn(values, idx, self.W_dec[...])
 
-    def __call__(self, x, k, max_k: int) -> SaeOutput:
-        """Forward pass keeping max_k latents per vector, of which the first k (traced)."""
-        sparse = use_sparse(self.cfg, max_k)
+    def __call__(self, x, w, k, max_k: int, *, dead=None, aux_k=None, terms=True) -> SaeOutput:
+        """Keeps max_k latents per vector, of which the first k (traced); with terms, the
+        top 4 max_k for Multi-TopK when the model has it, and AuxK when `dead` is given."""
+        multi = self.cfg.multi_topk and terms
+        width = max_k * (MULTI_TOPK_FACTOR if multi else 1)
+        sparse = use_sparse(self.cfg, width)
         pre = self.preacts(x)
-        top, idx = self.select(pre, max_k)
+        top, idx = self.select(pre, width)
         values = jax.nn.relu(self.kept_values(top, x, idx, sparse))
-        values = jnp.where(jnp.arange(max_k) < k, values, 0.0)
-        recon = self.decode_sparse(values, idx, sparse) + self.b_dec[...]
-        return SaeOutput(recon, values, idx, pre)
+        rank = jnp.arange(width)
+        main = jnp.where(rank[:max_k] < k, values[:, :max_k], 0.0)
+        recon = self.decode_sparse(main, idx[:, :max_k], sparse) + self.b_dec[...]
+        out = SaeOutput(recon, main, idx[:, :max_k], pre)
+        if not terms:
+            return out
+        denom = losses.total_variance(x, w)
+        out = out._replace(fvu=losses.fvu(recon, x, w, denom))
+        if multi:
+            kept = jnp.where(rank < MULTI_TOPK_FACTOR * k, values, 0.0)
+            out = out._replace(multi_topk_fvu=losses.fvu(
+                self.decode_sparse(kept, idx, sparse) + self.b_dec[...], x, w, denom))
+        if dead is not None:
+            out = out._replace(auxk=self.auxk(pre, x, w, recon, dead, aux_k, denom, sparse))
+        return out
 
-    # the interface every model shares (dense codes), for inference, classifiers and figures
-    def encode_dense(self, x):
-        """ReLU of the pre-activations (its top k equal ReLU(TopK(pre)))."""
-        return jax.nn.relu((x - self.b_dec[...]) @ self.W_enc[...].T + self.b_enc[...]), ()
+    def auxk(self, pre, x, w, recon, dead, aux_k: int, denom, sparse: bool):
+        """AuxK: the aux_k largest pre-activations among the dead latents decode the residual."""
+        def select_dead(dead):
+            masked, ids = self.select(pre, aux_k, dead)
+            vals = jax.nn.relu(self.kept_values(masked, x, ids, sparse))
+            return jnp.where(dead[ids], vals, 0.0), ids
 
-    def decode_all(self, code):
-        recon = code @ self.W_dec[...] + self.b_dec[...]
-        return recon, recon, ()
+        def decode_dead(values, ids):
+            return self.decode_sparse(values, ids, sparse)
+
+        return losses.auxk_loss(select_dead, decode_dead, x, w, recon, dead, aux_k, denom)
+
+
+class TopKFamily(Family):
+    """topk: float vectors in, FVU (+ Multi-TopK / 8) (+ aux_coef * AuxK) out."""
+
+    unit = "vectors"
+    rec_name = "fvu"
+    progress_names = ("fvu", "dead")
+    shards_latents = True
+
+    def module(self, rngs):
+        return TopKSAE(self.model, rngs=rngs)
+
+    def init_from_data(self, params, rows, seed):
+        """b_dec = the geometric median of up to MEDIAN_ROWS training rows drawn with seed."""
+        pick = np.random.default_rng(seed).permutation(rows.n)[:MEDIAN_ROWS]
+        median = recipe.geometric_median(rows.take(np.sort(pick)) * np.float32(rows.scale))
+        return {**params, "b_dec": jnp.broadcast_to(median, params["b_dec"].shape)}
+
+    def loss(self, params, batch, hp, dead, *, cfg, max_k):
+        x, w = batch["x"], batch["w"]
+        out = self.forward(params, x, w, hp["k"], max_k, dead=dead if cfg.aux_coef else None,
+                           aux_k=cfg.aux_k)
+        loss = out.fvu
+        if out.multi_topk_fvu is not None:
+            loss += MULTI_TOPK_WEIGHT * out.multi_topk_fvu
+        if cfg.aux_coef:
+            loss += cfg.aux_coef * out.auxk
+        fired = losses.fired_units(out.indices, out.values, w, self.model.hidden)
+        return loss, {"loss": loss, "rec": out.fvu, "fired": fired}
+
+    def eval_sums(self, out, x, w):
+        sse = jnp.sum(jnp.square(out.recon - x).reshape(x.shape[0], -1).sum(-1) * w)
+        on = (out.values > 0) * w[:, None]
+        counts = jnp.zeros(self.model.hidden).at[out.indices.reshape(-1)].add(on.reshape(-1))
+        return sse, counts
+
+    def project_grads(self, params, grads):
+        """The decoder rows' gradient without its component along the rows."""
+        return {**grads, "W_dec": recipe.remove_parallel_component(params["W_dec"], grads["W_dec"])}
+
+    def post_update(self, new, old, keep):
+        """Unit decoder rows again; a frozen model's rows are left bit for bit."""
+        return {**new, "W_dec": jnp.where(keep, recipe.unit_norm_rows(new["W_dec"]), old["W_dec"])}
+
+    def rows(self, data, name):
+        if not isinstance(data, VectorSource):
+            data = open_vectors(data)
+        if data.row_shape != self.model.input_shape:
+            raise ValueError(f"{name} has rows of shape {data.row_shape}; the model takes "
+                             f"{self.model.input_shape}")
+        return data
+
+    def input_scale(self, rows: Rows) -> float:
+        """With normalize: the constant that makes the training rows' mean squared norm d."""
+        if not self.model.normalize:
+            return 1.0
+        return normalizing_scale(rows)
+
+    def mse_unit(self, scale):
+        return scale ** 2
+
+    def code(self, out):
+        rows = jnp.arange(out.indices.shape[0])[:, None]
+        return jnp.zeros((out.indices.shape[0], self.model.hidden),
+                         out.values.dtype).at[rows, out.indices].add(out.values)
+
+    def decode(self, params, code):
+        return code @ params["W_dec"] + params["b_dec"]
+
+    def usage(self, out, k, max_k):
+        member = jnp.broadcast_to(jnp.arange(max_k) < k, out.indices.shape)
+        return jnp.zeros(self.model.hidden).at[out.indices.reshape(-1)].add(member.reshape(-1))
+
+
+class VectorSAE(Loaded):
+    """TopK SAEs on (N, d) vectors. Inputs are scaled by the stored normalisation constant
+    (input_scale) before encoding and outputs scaled back, so callers never see it."""
+
+    family_class = TopKFamily
+
+    def _inputs(self, x) -> np.ndarray:
+        return as_rows(x, self.model_config.d_in, "inputs", "f") * np.float32(self.input_scale)
+
+    def encode_topk(self, x, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(values, indices), each (N, k): the kept latents of every vector."""
+        p, x = self.params_for(k), self._inputs(x)
+        if len(x) == 0:
+            return np.zeros((0, k), np.float32), np.zeros((0, k), np.int32)
+        outs = [forward_jit(p, x[i:i + CHUNK], jnp.int32(k), family=self.family, max_k=k)
+                for i in range(0, len(x), CHUNK)]
+        return (np.concatenate([np.asarray(o.values) for o in outs]),
+                np.concatenate([np.asarray(o.indices) for o in outs]))
+
+    def decoder_directions(self, k: int) -> np.ndarray:
+        """(n, d) unit decoder rows of the model of k (in normalised input space)."""
+        return np.asarray(self.params_for(k)["W_dec"])

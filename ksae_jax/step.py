@@ -1,0 +1,129 @@
+"""The train step: a pure optax step of one model, one compiled step for every model of a
+sweep, the train state they carry, its initialisation and layouts, and the k schedule.
+Whatever the family, the step asks it for its loss and the recipe's steps around the update."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ksae_jax import batching, models, optim, recipe, sharding
+from ksae_jax.config import SweepConfig
+from ksae_jax.data.feed import Rows
+
+MAX_DEAD_TOKENS = 10_000_000
+
+
+class TrainState(NamedTuple):
+    """Everything a sweep carries from step to step (leading axis = model)."""
+
+    params: dict
+    opt_state: tuple
+    since_fired: jax.Array  # (models, hidden) int32: training rows since each unit fired
+    diverged_at: jax.Array  # (models,) int32: global step at which a model diverged, or -1
+
+
+def train_step(params, opt_state, since_fired, hp, alive, batch, step, *, cfg: SweepConfig,
+               max_k: int):
+    """One Adam step of one model on one batch {"x", "w"} (w = 0: padding).
+
+    hp: this model's hyperparameters ({"k", "lr"} and the family's, traced). The parameters
+    are left unchanged when `alive` is False or the loss or a gradient is not finite
+    (metrics["finite"]); the optimizer state of such a step is not used again. (An update
+    that overflows from finite gradients shows in the model's outputs, which the training
+    loop checks at every evaluation point.)
+    """
+    family = models.family(cfg.model)
+    dead = recipe.dead_mask(since_fired, cfg.dead_tokens)
+    grad_fn = jax.value_and_grad(functools.partial(family.loss, cfg=cfg, max_k=max_k),
+                                 has_aux=True)
+    (loss, metrics), grads = grad_fn(params, batch, hp, dead)
+    grads = family.project_grads(params, grads)
+    finite = jnp.isfinite(loss) & _all_finite(grads)
+    direction, opt_state = optim.make_optimizer(cfg).update(grads, opt_state)
+    # the update is masked, not the result selected: every buffer stays updated in place
+    # (selecting between old and new states forced fresh buffers: MLP step 20 -> 35 ms)
+    keep = finite & alive
+    rate = optim.learning_rate(hp["lr"], step, cfg.warmup_steps)
+    new = jax.tree.map(lambda p, u: p - jnp.where(keep, rate * u, 0.0), params, direction)
+    new = family.post_update(new, params, keep)
+    since_fired = recipe.update_dead_counters(since_fired, metrics["fired"], batch["w"].sum())
+    return new, opt_state, since_fired, {"loss": loss, "rec": metrics["rec"], "finite": finite}
+
+
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
+
+
+def hyperparameters(cfg: SweepConfig, ks) -> dict:
+    """Per-model hyperparameters of a step (one entry per model): k (the schedule's at this
+    step), lr, and the family's own (e.g. the image models' L1 lambda)."""
+    return {"k": jnp.asarray(ks, jnp.int32), "lr": jnp.asarray(cfg.lrs, jnp.float32),
+            **{name: jnp.asarray(v) for name, v in
+               models.family(cfg.model).hyperparameters(cfg).items()}}
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("state", "sums"))
+def sweep_step(state: TrainState, sums: jax.Array, batch: dict, ks, step, *, cfg: SweepConfig):
+    """One step of every model of the sweep on one batch.
+
+    ks: each model's k at this step (the k schedule; traced). A model whose loss or gradients
+    are not finite keeps its last finite parameters from then on; diverged_at records the
+    step. sums accumulates per-model (loss, rec) x real rows, and the real rows.
+    """
+    batch = sharding.constrain(batch, {k: sharding.batch_spec(v.ndim) for k, v in batch.items()})
+    alive = state.diverged_at < 0
+    per_model = (state.params, state.opt_state, state.since_fired, hyperparameters(cfg, ks), alive)
+    params, opt_state, since_fired, m = batching.over_models(
+        functools.partial(train_step, cfg=cfg), cfg, batching.resolve(cfg), per_model,
+        (batch, step))
+    m = batching.stacked(m)
+    diverged_at = jnp.where(alive & ~m["finite"], step, state.diverged_at)
+    n = batch["w"].sum()
+    new = jnp.stack([m["loss"] * n, m["rec"] * n, jnp.full_like(m["loss"], n)], axis=-1)
+    sums = sums + jnp.where((alive & m["finite"])[:, None], new, 0.0)
+    state = TrainState(params, opt_state, since_fired, diverged_at)
+    return sharding.constrain(state, sharding.state_specs(state)), sums
+
+
+def init_state(cfg: SweepConfig, rows: Rows | None = None) -> TrainState:
+    """Fresh models, one per k (init seeds cfg.seeds), with what the family initialises from
+    the training rows (e.g. a TopK SAE's b_dec) when they are given."""
+    family = models.family(cfg.model)
+    keys = jax.vmap(jax.random.key)(jnp.asarray(cfg.seeds, jnp.uint32))
+    params = jax.vmap(family.init)(keys)
+    params = jax.tree.map(jnp.copy, params)  # own buffers: init may alias equal leaves (W_enc = W_dec)
+    if rows is not None:
+        params = family.init_from_data(params, rows, cfg.seed)
+    opt_state = jax.vmap(optim.make_optimizer(cfg).init)(params)
+    n = len(cfg.ks)
+    return TrainState(params, opt_state, jnp.zeros((n, cfg.model.hidden), jnp.int32),
+                      jnp.full(n, -1, jnp.int32))
+
+
+def state_layout(state: TrainState, how: str) -> TrainState:
+    """The state as a batching works on it: per-model params, Adam states and counters for
+    "loop" (batching.Models), stacked for "vmap"; divergence steps stay stacked."""
+    n = len(state.diverged_at)
+    return state._replace(**{f: batching.layout(getattr(state, f), how, n)
+                             for f in ("params", "opt_state", "since_fired")})
+
+
+def resolved(cfg: SweepConfig, n_rows: int) -> SweepConfig:
+    """cfg with the data-dependent defaults filled in (dead_tokens)."""
+    return dataclasses.replace(cfg, dead_tokens=cfg.dead_tokens or min(MAX_DEAD_TOKENS, n_rows))
+
+
+def k_at(cfg: SweepConfig, step: int, total_steps: int) -> np.ndarray:
+    """Per-model k at a step: the schedule's k (from k_start towards each k over the first
+    k_anneal_frac of the budget), or the target k."""
+    ks = np.asarray(cfg.ks)
+    frac = step / total_steps
+    if cfg.k_start is None or frac >= cfg.k_anneal_frac:
+        return ks.astype(np.int32)
+    moved = cfg.k_start + frac / cfg.k_anneal_frac * (ks - cfg.k_start)
+    return np.maximum(ks, np.round(moved)).astype(np.int32)
