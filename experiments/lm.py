@@ -1,0 +1,76 @@
+"""Language models for the SAE workload: train the offline GPT-2, or cache a model's
+residual stream as activation shards for experiments.sae.
+
+    python -m experiments.lm train --out runs/lm                  # ~15 min on 2 CPU cores
+    python -m experiments.lm cache --model runs/lm --layer 2 --tokens 2000000 --out runs/acts
+
+Needs the lm extra: pip install -r requirements-lm.txt.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ksae_jax import cli, lm
+
+
+def _train_flags(p) -> None:
+    from ksae_jax.lm.offline_lm import LMConfig
+
+    base = LMConfig()
+    p.add_argument("--out", type=Path, default=Path("runs/lm"), help="model folder (default runs/lm)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--text", default=base.text,
+                   help="'gcide' (apt-get install dict-gcide), a UTF-8 text file or a folder of .txt")
+    p.add_argument("--steps", type=cli.positive_int, default=base.steps)
+    p.add_argument("--batch-size", type=cli.positive_int, default=base.batch)
+    p.add_argument("--layers", type=cli.positive_int, default=base.layers)
+    p.add_argument("--d-model", type=cli.positive_int, default=base.d_model)
+    p.add_argument("--heads", type=cli.positive_int, default=base.heads)
+    p.add_argument("--context", type=cli.positive_int, default=base.context)
+    p.add_argument("--vocab", type=cli.positive_int, default=base.vocab)
+    p.add_argument("--lr", type=cli.positive_float, default=base.lr)
+    p.add_argument("--seed", type=cli.int_value, default=base.seed)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def train(args) -> None:
+    import torch
+
+    from ksae_jax.lm import offline_lm, text
+
+    if args.d_model % args.heads:
+        raise cli.UsageError(f"--d-model {args.d_model} is not a multiple of --heads {args.heads}")
+    cfg = offline_lm.LMConfig(layers=args.layers, d_model=args.d_model, heads=args.heads,
+                              context=args.context, vocab=args.vocab, batch=args.batch_size,
+                              steps=args.steps, lr=args.lr, seed=args.seed, text=args.text)
+    try:
+        text.documents(args.text) if args.text != "gcide" else None
+    except text.TextError as e:
+        raise cli.UsageError(str(e)) from None
+    out = cli.prepare_out_dir(args.out, args.overwrite)
+    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        s = offline_lm.train(cfg, out, progress=not args.no_progress)
+    except text.TextError as e:
+        raise cli.UsageError(str(e)) from None
+    h = s["heldout"]
+    print(f"{s['params']:,} parameters, {s['tokens_seen']:,} tokens seen; held-out loss "
+          f"{h['loss']:.4f} nats/token = {h['bits_per_byte']:.4f} bits per byte over "
+          f"{h['tokens']:,} tokens; {s['seconds'] / 60:.1f} min; saved in {out}")
+
+
+def main(argv=None):
+    p = cli.Parser(prog="python -m experiments.lm", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    _train_flags(sub.add_parser("train", help="train the offline GPT-2 on English text"))
+    args = p.parse_args(argv)
+    try:
+        lm.require()
+    except lm.LMUnavailable as e:
+        raise cli.UsageError(str(e)) from None
+    {"train": train}[args.command](args)
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,20 @@
+"""The language-model workload: a small GPT-2 trained offline on English text, activation
+caches of any Hugging Face causal LM, and SAEs judged by the LM loss with their
+reconstruction spliced in. Needs the `lm` extra (torch, transformers, tokenizers):
+`pip install -r requirements-lm.txt`; the rest of ksae_jax imports without it."""
+from __future__ import annotations
+
+import importlib.util
+
+INSTALL = "pip install -r requirements-lm.txt  (torch==2.13.0, transformers, tokenizers)"
+
+
+class LMUnavailable(RuntimeError):
+    """torch, transformers or tokenizers is not installed."""
+
+
+def require() -> None:
+    """Raises LMUnavailable naming what to install when the lm extra is missing."""
+    missing = [m for m in ("torch", "transformers", "tokenizers") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise LMUnavailable(f"the LM commands need {', '.join(missing)}: {INSTALL}")

@@ -1,0 +1,152 @@
+"""The offline language model: a byte-level BPE tokenizer trained on the text with
+`tokenizers`, and a small GPT-2 (`transformers.GPT2LMHeadModel` from a config, random init)
+trained on it with AdamW in torch; saved with `save_pretrained` so that any Hugging Face
+loader (and `experiments.lm cache`) reads it as a local folder."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ksae_jax.lm import text
+
+EOS = "<|endoftext|>"  # GPT-2's one special token: document separator and BOS
+
+
+@dataclasses.dataclass(frozen=True)
+class LMConfig:
+    """The offline LM and its training run."""
+
+    layers: int = 4
+    d_model: int = 256
+    heads: int = 4
+    context: int = 128
+    """Tokens per window, BOS included."""
+    vocab: int = 4096
+    batch: int = 32
+    """Windows per step."""
+    steps: int = 400
+    lr: float = 2e-3
+    """AdamW peak learning rate: linear warmup, then cosine to a tenth."""
+    warmup: int = 30
+    weight_decay: float = 0.1
+    seed: int = 0
+    eval_windows: int = 128
+    """Held-out windows for the reported loss."""
+    text: str = "gcide"
+
+
+def train_tokenizer(docs: list[str], vocab: int):
+    """Byte-level BPE (GPT-2's scheme) trained on docs, as a transformers fast tokenizer."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(docs, vocab_size=vocab, min_frequency=2, special_tokens=[EOS],
+                            show_progress=False)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=EOS, eos_token=EOS,
+                                   unk_token=EOS, model_max_length=1 << 20)
+
+
+def token_stream(tokenizer, docs: list[str]) -> np.ndarray:
+    """All documents' tokens, each document followed by EOS, as one int32 array."""
+    ids = tokenizer(docs, add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    return np.fromiter((t for doc in ids for t in (*doc, eos)), np.int32)
+
+
+def windows(stream: np.ndarray, starts: np.ndarray, context: int, bos: int) -> np.ndarray:
+    """(len(starts), context): BOS, then context - 1 tokens of the stream from each start."""
+    body = stream[starts[:, None] + np.arange(context - 1)]
+    return np.concatenate([np.full((len(starts), 1), bos, np.int32), body], axis=1)
+
+
+def token_bytes(tokenizer) -> np.ndarray:
+    """UTF-8 bytes each token id stands for (byte-level BPE: one symbol per byte); EOS
+    counts as one byte (the document break it marks)."""
+    out = np.ones(len(tokenizer), np.int64)
+    for tok, i in tokenizer.get_vocab().items():
+        out[i] = 1 if tok == EOS else len(tok)
+    return out
+
+
+def build_model(cfg: LMConfig, vocab: int):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=vocab, n_positions=cfg.context, n_embd=cfg.d_model,
+                        n_layer=cfg.layers, n_head=cfg.heads, bos_token_id=0, eos_token_id=0,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(config)
+
+
+def heldout_loss(model, tokens: np.ndarray, nbytes: np.ndarray, batch: int = 32) -> dict:
+    """Mean next-token loss (nats) over the targets of `tokens` (N, T), and bits per byte."""
+    import torch
+
+    nll, count, total_bytes = 0.0, 0, 0
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(tokens), batch):
+            x = torch.from_numpy(tokens[i:i + batch]).long()
+            logits = model(x).logits[:, :-1].float()
+            losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x[:, 1:],
+                                                       reduction="none")
+            nll += float(losses.sum())
+            count += losses.numel()
+            total_bytes += int(nbytes[tokens[i:i + batch, 1:]].sum())
+    model.train()
+    return {"loss": nll / count, "bits_per_byte": nll / math.log(2) / total_bytes, "tokens": count}
+
+
+def _schedule(cfg: LMConfig, step: int) -> float:
+    if step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
+
+
+def train(cfg: LMConfig, out: Path, *, progress: bool = True, log=print) -> dict:
+    """Tokenizer + GPT-2 trained on cfg.text; both saved in `out` with save_pretrained, and
+    the run's summary in out/train_lm.json. Returns the summary."""
+    import torch
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    train_docs, held_docs = text.split(text.documents(cfg.text))
+    tok = train_tokenizer(train_docs, cfg.vocab)
+    stream, held = token_stream(tok, train_docs), token_stream(tok, held_docs)
+    nbytes = token_bytes(tok)
+    n_eval = min(cfg.eval_windows, (len(held) - 1) // (cfg.context - 1))
+    eval_tokens = windows(held, np.arange(n_eval) * (cfg.context - 1), cfg.context, tok.bos_token_id)
+    log(f"text {cfg.text}: {len(train_docs):,} training documents ({len(stream):,} tokens), "
+        f"{len(held_docs):,} held out; tokenizer {len(tok):,} tokens")
+    model = build_model(cfg, len(tok))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95),
+                            weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(cfg, s))
+    rng = np.random.default_rng(cfg.seed)
+    curve = []
+    for step in tqdm(range(cfg.steps), disable=not progress, desc="LM", unit="step"):
+        starts = rng.integers(0, len(stream) - cfg.context, cfg.batch)
+        x = torch.from_numpy(windows(stream, starts, cfg.context, tok.bos_token_id)).long()
+        loss = model(x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        curve.append(float(loss.detach()))
+    result = heldout_loss(model, eval_tokens, nbytes)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    summary = {"config": dataclasses.asdict(cfg), "params": sum(p.numel() for p in model.parameters()),
+               "train_tokens": len(stream), "tokens_seen": cfg.steps * cfg.batch * cfg.context,
+               "heldout": result, "train_loss_curve": curve[::10] + curve[-1:],
+               "seconds": time.perf_counter() - t0}
+    (out / "train_lm.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
