@@ -44,32 +44,74 @@ def train(args) -> None:
     cfg = offline_lm.LMConfig(layers=args.layers, d_model=args.d_model, heads=args.heads,
                               context=args.context, vocab=args.vocab, batch=args.batch_size,
                               steps=args.steps, lr=args.lr, seed=args.seed, text=args.text)
-    try:
-        text.documents(args.text) if args.text != "gcide" else None
-    except text.TextError as e:
-        raise cli.UsageError(str(e)) from None
+    docs = text.documents(args.text)  # a missing or empty text: refused before anything is written
     out = cli.prepare_out_dir(args.out, args.overwrite)
     torch.set_num_threads(os.cpu_count() or 1)
-    try:
-        s = offline_lm.train(cfg, out, progress=not args.no_progress)
-    except text.TextError as e:
-        raise cli.UsageError(str(e)) from None
+    s = offline_lm.train(cfg, out, docs=docs, progress=not args.no_progress)
     h = s["heldout"]
     print(f"{s['params']:,} parameters, {s['tokens_seen']:,} tokens seen; held-out loss "
           f"{h['loss']:.4f} nats/token = {h['bits_per_byte']:.4f} bits per byte over "
           f"{h['tokens']:,} tokens; {s['seconds'] / 60:.1f} min; saved in {out}")
 
 
+def _cache_flags(p) -> None:
+    from ksae_jax.lm.cache import CacheConfig
+
+    base = CacheConfig(model="", layer=0, tokens=1)
+    p.add_argument("--model", required=True, help="a Hugging Face causal LM: local folder or hub name")
+    p.add_argument("--layer", type=cli.int_value, required=True,
+                   help="block L: its output (resid_post) is cached")
+    p.add_argument("--tokens", type=cli.positive_int, required=True, help="training activations")
+    p.add_argument("--heldout-tokens", type=cli.positive_int, default=base.heldout_tokens)
+    p.add_argument("--context", type=cli.positive_int, default=base.context,
+                   help=f"tokens per context, BOS included (default {base.context})")
+    p.add_argument("--text", default=base.text,
+                   help="'gcide' (apt-get install dict-gcide), a UTF-8 text file or a folder of .txt")
+    p.add_argument("--batch-size", type=cli.positive_int, default=base.batch,
+                   help="contexts per forward pass")
+    p.add_argument("--shard-tokens", type=cli.positive_int, default=base.shard_tokens)
+    p.add_argument("--seed", type=cli.int_value, default=base.seed)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def cache(args) -> None:
+    import torch
+
+    from ksae_jax.lm import cache as lm_cache
+
+    if args.context < 2:
+        raise cli.UsageError("--context must be at least 2 (BOS and one token)")
+    torch.set_num_threads(os.cpu_count() or 1)
+    cfg = lm_cache.CacheConfig(model=args.model, layer=args.layer, tokens=args.tokens,
+                               heldout_tokens=args.heldout_tokens, context=args.context,
+                               text=args.text, batch=args.batch_size,
+                               shard_tokens=args.shard_tokens, seed=args.seed)
+    meta = lm_cache.build(cfg, args.out, overwrite=args.overwrite, progress=not args.no_progress)
+    print(f"{meta['train_tokens']:,} training and {meta['heldout_tokens']:,} held-out activations "
+          f"of d = {meta['d']} ({meta['hook']}) in {args.out}; {meta['tokens_per_s']:,.0f} tokens/s, "
+          f"{meta['seconds']:.0f} s in all")
+
+
 def main(argv=None):
     p = cli.Parser(prog="python -m experiments.lm", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     _train_flags(sub.add_parser("train", help="train the offline GPT-2 on English text"))
+    _cache_flags(sub.add_parser("cache", help="cache a model's residual stream as .npy shards"))
     args = p.parse_args(argv)
     try:
         lm.require()
     except lm.LMUnavailable as e:
         raise cli.UsageError(str(e)) from None
-    {"train": train}[args.command](args)
+    from ksae_jax.lm.cache import CacheError
+    from ksae_jax.lm.model import LMError
+    from ksae_jax.lm.text import TextError
+
+    try:
+        {"train": train, "cache": cache}[args.command](args)
+    except (CacheError, LMError, TextError) as e:
+        raise cli.UsageError(str(e)) from None
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ that have not fired for --dead-tokens training vectors.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,15 @@ def add_sae_flags(p, ks=(16, 32, 64, 128), latents=None) -> None:
     p.add_argument("--lr", type=cli.positive_float, default=None,
                    help="Adam learning rate (default 2e-4 / sqrt(latents / 2^14))")
     p.add_argument("--warmup-steps", type=cli.positive_int, default=0)
+    p.add_argument("--lr-decay-frac", type=cli.nonneg_float, default=0.0,
+                   help="decay the learning rate linearly to 0 over this last fraction of the "
+                        "budget (default 0: constant)")
+    p.add_argument("--adam-eps", type=cli.positive_float, default=6.25e-10,
+                   help="Adam epsilon (default 6.25e-10, Gao et al.; torch's and sparsify's: 1e-8)")
+    p.add_argument("--init-scale", type=cli.positive_float, default=1.0,
+                   help="norm of the encoder rows at init, W_enc = scale * W_dec (default 1)")
+    p.add_argument("--b-dec-init", choices=("median", "mean", "zero"), default="median",
+                   help="b_dec at init: geometric median or mean of training rows, or zero")
     p.add_argument("--clip-norm", type=cli.positive_float, default=None,
                    help="clip each model's gradient to this global norm")
     p.add_argument("--normalize", action="store_true",
@@ -47,11 +57,34 @@ def add_sae_flags(p, ks=(16, 32, 64, 128), latents=None) -> None:
     p.add_argument("--seed", type=cli.int_value, default=0)
 
 
+def add_lm_flags(p) -> None:
+    """The spliced evaluation on the language model the vectors came from."""
+    g = p.add_argument_group("language model (needs requirements-lm.txt)")
+    g.add_argument("--lm", default=None, metavar="NAME_OR_DIR",
+                   help="the causal LM of the activations: adds its loss with each SAE's "
+                        "reconstruction spliced in (delta_loss, loss_recovered, KL)")
+    g.add_argument("--layer", type=cli.int_value, default=None,
+                   help="the block whose output the activations are (default: the cache's meta.json)")
+    g.add_argument("--lm-text", default=None,
+                   help="text whose held-out documents are evaluated (default: the cache's, or gcide)")
+    g.add_argument("--lm-tokens", type=cli.positive_int, default=16_384,
+                   help="predictions evaluated (default 16,384)")
+
+
+def cache_meta(data: Path) -> dict:
+    """The meta.json of the activation cache --data belongs to (DIR/train -> DIR/meta.json)."""
+    for folder in (data, data.parent):
+        if (folder / "meta.json").is_file():
+            return json.loads((folder / "meta.json").read_text())
+    return {}
+
+
 class Sae(runner.Experiment):
     """TopK SAEs on the vectors of --data: the flags, config, report of every SAE experiment."""
 
     name = "sae"
     doc = __doc__
+    lm_eval = None  # the spliced evaluation, when --lm is given
 
     def add_flags(self, p):
         p.add_argument("--data", type=Path, required=True, help=".npy file or folder of .npy shards")
@@ -61,11 +94,13 @@ class Sae(runner.Experiment):
         p.add_argument("--skip-nonfinite", action="store_true",
                        help="drop rows holding NaN or Inf instead of refusing the data")
         add_sae_flags(p)
+        add_lm_flags(p)
         cli.add_run_flags(p, default_out=self.default_out)
 
     def check_flags(self, args):
         if args.eval_frac >= 1:
             raise cli.UsageError(f"--eval-frac must be below 1, got {args.eval_frac}")
+        self.lm_eval = None if args.lm is None else lm_evaluation(args)
 
     def describe(self, args):
         return {"d": vectors.open_vectors(args.data, scan=False).d}
@@ -74,9 +109,11 @@ class Sae(runner.Experiment):
         extra = {} if args.lr is None else {"lr": args.lr}
         return sae_config(
             spec["d"], tuple(args.ks), latents=args.latents, decoder=args.decoder,
-            multi_topk=args.multi_topk, normalize=args.normalize, steps=args.steps,
-            epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
-            warmup_steps=args.warmup_steps, clip_norm=args.clip_norm, aux_coef=args.aux_coef,
+            multi_topk=args.multi_topk, normalize=args.normalize, init_scale=args.init_scale,
+            b_dec_init=args.b_dec_init, steps=args.steps, epochs=args.epochs,
+            batch_size=args.batch_size, seed=args.seed, eps=args.adam_eps,
+            warmup_steps=args.warmup_steps, lr_decay_frac=args.lr_decay_frac,
+            clip_norm=args.clip_norm, aux_coef=args.aux_coef,
             aux_k=args.aux_k, dead_tokens=args.dead_tokens, batching=args.batching,
             eval_every=args.eval_every, **extra)
 
@@ -102,7 +139,10 @@ class Sae(runner.Experiment):
                 f"{f'; inputs scaled by {scale:.4g}' if run_cfg.model.normalize else ''}")
 
     def metrics(self, run) -> dict:
-        return sweep_metrics(run)
+        metrics = sweep_metrics(run)
+        if self.lm_eval is not None:
+            metrics.update(self.lm_eval(run.result.models(), list(run.cfg.ks)))
+        return metrics
 
     def report(self, run) -> dict:
         metrics = self.metrics(run)
@@ -153,14 +193,41 @@ def write_figures(run: runner.Run, metrics: dict, sae) -> None:
                       out / "decoder_tiles.png")
 
 
+def lm_evaluation(args):
+    """The spliced evaluation the --lm flags ask for, set up (a bad model, layer or text: exit 2)."""
+    from ksae_jax import lm
+
+    try:
+        lm.require()
+        from ksae_jax.lm import model as lm_model, splice, text
+    except lm.LMUnavailable as e:
+        raise cli.UsageError(f"--lm: {e}") from None
+    meta = cache_meta(args.data)
+    layer = args.layer if args.layer is not None else meta.get("layer")
+    if layer is None:
+        raise cli.UsageError("--lm: give --layer (no meta.json beside --data says which)")
+    try:
+        return splice.SpliceEval(args.lm, layer, args.lm_text or meta.get("text", "gcide"),
+                                 args.lm_tokens, meta.get("context", 128))
+    except (lm_model.LMError, text.TextError, ValueError) as e:
+        raise cli.UsageError(f"--lm: {e}") from None
+
+
 def print_table(cfg, metrics: dict) -> None:
-    print(f"\n{'k':>5} {'FVU':>8} {'MSE':>10} {'L0':>7} {'dead (held-out)':>16} {'dead (window)':>14}")
+    lm = "delta_loss" in metrics
+    print(f"\n{'k':>5} {'FVU':>8} {'MSE':>10} {'L0':>7} {'dead (held-out)':>16} {'dead (window)':>14}"
+          + (f" {'delta loss':>11} {'recovered':>10} {'KL':>8}" if lm else ""))
     for i, k in enumerate(cfg.ks):
         if str(k) in metrics["diverged"]:
             print(f"{k:>5}  diverged (not saved)")
             continue
         print(f"{k:>5} {metrics['fvu'][i]:>8.4f} {metrics['mse'][i]:>10.4g} {metrics['l0'][i]:>7.2f} "
-              f"{100 * metrics['dead_frac'][i]:>15.2f}% {100 * metrics['dead_frac_window'][i]:>13.2f}%")
+              f"{100 * metrics['dead_frac'][i]:>15.2f}% {100 * metrics['dead_frac_window'][i]:>13.2f}%"
+              + (f" {metrics['delta_loss'][i]:>11.4f} {metrics['loss_recovered'][i]:>10.4f} "
+                 f"{metrics['kl'][i]:>8.4f}" if lm else ""))
+    if lm:
+        print(f"LM loss (nats/token, {metrics['lm_tokens']:,} held-out predictions): clean "
+              f"{metrics['lm_loss_clean']:.4f}, zero-ablated {metrics['lm_loss_zero']:.4f}")
 
 
 def main(argv=None) -> runner.Run:

@@ -17,6 +17,7 @@ DEFAULT_KS = (5, 10, 25, 50, 100)
 DEFAULT_EPOCHS = 9
 BATCHINGS = ("auto", "loop", "vmap")
 DECODERS = ("auto", "sparse", "dense")
+B_DEC_INITS = ("median", "mean", "zero")
 N_PIXELS = 28 * 28
 
 
@@ -95,6 +96,12 @@ class SaeModel:
     normalize: bool = False
     """Scale the inputs by one constant so that the training rows' mean squared norm is d_in
     (the constant is stored with the params and applied by encode and decode)."""
+    init_scale: float = 1.0
+    """Norm of the encoder rows at init: W_enc = init_scale * W_dec, decoder rows unit
+    vectors (1: Gao et al.'s W_enc = W_dec^T; sparsify's Kaiming-uniform encoder is about
+    0.577; SAELens starts at 0.1)."""
+    b_dec_init: str = "median"
+    """b_dec at init: the geometric median of training rows, their mean, or zero."""
 
     def __post_init__(self):
         if self.arch not in SAE_ARCHS:
@@ -107,6 +114,10 @@ class SaeModel:
         object.__setattr__(self, "hidden", int(self.hidden))
         if self.decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {DECODERS}, got {self.decoder!r}")
+        if not (isinstance(self.init_scale, (int, float)) and 0 < self.init_scale < math.inf):
+            raise ValueError(f"init_scale must be positive, got {self.init_scale!r}")
+        if self.b_dec_init not in B_DEC_INITS:
+            raise ValueError(f"b_dec_init must be one of {B_DEC_INITS}, got {self.b_dec_init!r}")
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -175,6 +186,8 @@ class SweepConfig:
     """Adam epsilon."""
     warmup_steps: int = 0
     """Linear learning-rate warmup over the first steps."""
+    lr_decay_frac: float = 0.0
+    """Linear learning-rate decay to 0 over this last fraction of the budget (0: none)."""
     clip_norm: float | None = None
     """Clip each model's gradient to this global norm."""
     aux_coef: float = 0.0
@@ -237,6 +250,8 @@ class SweepConfig:
             raise ValueError(f"eps must be positive, got {self.eps!r}")
         if not (_is_int(self.warmup_steps) and self.warmup_steps >= 0):
             raise ValueError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
+        if not 0 <= self.lr_decay_frac <= 1:
+            raise ValueError(f"lr_decay_frac must lie in [0, 1], got {self.lr_decay_frac!r}")
         if self.clip_norm is not None and not 0 < self.clip_norm < math.inf:
             raise ValueError(f"clip_norm must be positive, got {self.clip_norm!r}")
 
@@ -299,12 +314,13 @@ class SweepConfig:
                       for k, v in d.items()})
 
 
-def sae_config(d_in: int, ks, *, latents: int | None = None, decoder: str = "auto",
-               multi_topk: bool = False, normalize: bool = False, **overrides) -> SweepConfig:
+def sae_config(d_in: int, ks, *, latents: int | None = None, **overrides) -> SweepConfig:
     """A TopK SAE sweep with the recipe of Gao et al. 2024 as defaults: Adam eps 6.25e-10,
     lr 2e-4 / sqrt(latents / 2^14), AuxK with coefficient 1/32 over d_in / 2 dead latents,
-    batch 4096."""
-    model = SaeModel(d_in, latents, decoder=decoder, multi_topk=multi_topk, normalize=normalize)
+    batch 4096. Overrides may name SaeModel fields (decoder, normalize, init_scale, ...) and
+    SweepConfig fields."""
+    model_fields = {f.name for f in dataclasses.fields(SaeModel)} - {"d_in", "hidden"}
+    model = SaeModel(d_in, latents, **{k: overrides.pop(k) for k in model_fields & set(overrides)})
     defaults = dict(lr=2e-4 / math.sqrt(model.hidden / 2 ** 14), eps=6.25e-10, aux_coef=1 / 32,
                     batch_size=4096, seed=0)
     return SweepConfig(model=model, ks=tuple(ks), **{**defaults, **overrides})

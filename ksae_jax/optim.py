@@ -39,8 +39,14 @@ def make_optimizer(cfg: SweepConfig) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adam)
 
 
-def learning_rate(lr: jax.Array, step: jax.Array, warmup_steps: int) -> jax.Array:
-    """lr, ramped up linearly over the first warmup_steps steps (step counts from 0)."""
-    if not warmup_steps:
-        return lr
-    return lr * jnp.minimum(1.0, (step + 1).astype(jnp.float32) / warmup_steps)
+def learning_rate(lr: jax.Array, step: jax.Array, warmup_steps: int, decay_frac: float = 0.0,
+                  total_steps: int = 1) -> jax.Array:
+    """lr, ramped up linearly over the first warmup_steps steps (step counts from 0) and
+    down linearly to 0 over the last decay_frac of total_steps."""
+    if warmup_steps:
+        lr = lr * jnp.minimum(1.0, (step + 1).astype(jnp.float32) / warmup_steps)
+    if decay_frac:
+        decay_steps = decay_frac * total_steps
+        left = (total_steps - step).astype(jnp.float32)
+        lr = lr * jnp.clip(left / decay_steps, 0.0, 1.0)
+    return lr

@@ -48,7 +48,7 @@ def train_step(params, opt_state, since_fired, hp, alive, batch, step, *, cfg: S
     # the update is masked, not the result selected: every buffer stays updated in place
     # (selecting between old and new states forced fresh buffers: MLP step 20 -> 35 ms)
     keep = finite & alive
-    rate = optim.learning_rate(hp["lr"], step, cfg.warmup_steps)
+    rate = optim.learning_rate(hp["lr"], step, cfg.warmup_steps, cfg.lr_decay_frac, cfg.steps or 1)
     new = jax.tree.map(lambda p, u: p - jnp.where(keep, rate * u, 0.0), params, direction)
     new = family.post_update(new, params, keep)
     since_fired = recipe.update_dead_counters(since_fired, metrics["fired"], batch["w"].sum())
@@ -114,8 +114,11 @@ def state_layout(state: TrainState, how: str) -> TrainState:
 
 
 def resolved(cfg: SweepConfig, n_rows: int) -> SweepConfig:
-    """cfg with the data-dependent defaults filled in (dead_tokens)."""
-    return dataclasses.replace(cfg, dead_tokens=cfg.dead_tokens or min(MAX_DEAD_TOKENS, n_rows))
+    """cfg as the step runs it: the data-dependent defaults filled in (dead_tokens) and the
+    budget in steps (what the learning-rate schedule counts)."""
+    steps = cfg.steps or cfg.epochs * -(-n_rows // cfg.batch_size)
+    return dataclasses.replace(cfg, dead_tokens=cfg.dead_tokens or min(MAX_DEAD_TOKENS, n_rows),
+                               steps=steps, epochs=None)
 
 
 def k_at(cfg: SweepConfig, step: int, total_steps: int) -> np.ndarray:

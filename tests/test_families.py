@@ -20,7 +20,7 @@ def _cases():
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (60, 28, 28), dtype=np.uint8)
     vectors = synthetic.generate(600, d=16, n_features=24, mean_active=3, seed=0).x
-    yield "conv", SweepConfig(ks=(3,), steps=2, batch_size=30), images, ArrayRows(images, 1 / 255)
+    # one case per family: conv and mlp are both ImageFamily (the mlp compiles faster)
     yield "mlp", SweepConfig(model=ImageModel("mlp", hidden=32), ks=(3,), steps=2,
                              batch_size=30), images, ArrayRows(images, 1 / 255)
     sae = sae_config(16, (3,), latents=48, steps=2, batch_size=100, multi_topk=True)

@@ -4,8 +4,6 @@ reconstruction spliced in. Needs the `lm` extra (torch, transformers, tokenizers
 `pip install -r requirements-lm.txt`; the rest of ksae_jax imports without it."""
 from __future__ import annotations
 
-import importlib.util
-
 INSTALL = "pip install -r requirements-lm.txt  (torch==2.13.0, transformers, tokenizers)"
 
 
@@ -15,6 +13,11 @@ class LMUnavailable(RuntimeError):
 
 def require() -> None:
     """Raises LMUnavailable naming what to install when the lm extra is missing."""
-    missing = [m for m in ("torch", "transformers", "tokenizers") if importlib.util.find_spec(m) is None]
+    missing = []
+    for name in ("torch", "transformers", "tokenizers"):
+        try:
+            __import__(name)
+        except ImportError:
+            missing.append(name)
     if missing:
         raise LMUnavailable(f"the LM commands need {', '.join(missing)}: {INSTALL}")

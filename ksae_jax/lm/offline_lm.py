@@ -65,12 +65,24 @@ def windows(stream: np.ndarray, starts: np.ndarray, context: int, bos: int) -> n
     return np.concatenate([np.full((len(starts), 1), bos, np.int32), body], axis=1)
 
 
+def _byte_symbols() -> set[str]:
+    """The 256 printable characters byte-level BPE (GPT-2's) writes the bytes 0..255 as."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    others = [256 + i for i in range(256 - len(printable))]
+    return {chr(c) for c in printable + others}
+
+
 def token_bytes(tokenizer) -> np.ndarray:
-    """UTF-8 bytes each token id stands for (byte-level BPE: one symbol per byte); EOS
-    counts as one byte (the document break it marks)."""
+    """UTF-8 bytes each token id stands for: exact for byte-level BPE vocabularies (one symbol
+    per byte), by decoding otherwise; special tokens (EOS: a document break) count one byte."""
+    symbols, special = _byte_symbols(), set(tokenizer.all_special_tokens)
+    vocab = tokenizer.get_vocab()
+    byte_level = all(set(t) <= symbols for t in vocab if t not in special)
     out = np.ones(len(tokenizer), np.int64)
-    for tok, i in tokenizer.get_vocab().items():
-        out[i] = 1 if tok == EOS else len(tok)
+    for tok, i in vocab.items():
+        if tok not in special and i < len(out):
+            out[i] = len(tok) if byte_level else max(1, len(tokenizer.decode([i]).encode()))
     return out
 
 
@@ -109,19 +121,22 @@ def _schedule(cfg: LMConfig, step: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
 
 
-def train(cfg: LMConfig, out: Path, *, progress: bool = True, log=print) -> dict:
-    """Tokenizer + GPT-2 trained on cfg.text; both saved in `out` with save_pretrained, and
-    the run's summary in out/train_lm.json. Returns the summary."""
+def train(cfg: LMConfig, out: Path, *, docs: list[str] | None = None, progress: bool = True,
+          log=print) -> dict:
+    """Tokenizer + GPT-2 trained on cfg.text (or its documents `docs`, already read); both
+    saved in `out` with save_pretrained, and the run's summary in out/train_lm.json."""
     import torch
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    train_docs, held_docs = text.split(text.documents(cfg.text))
+    train_docs, held_docs = text.split(docs if docs is not None else text.documents(cfg.text))
     tok = train_tokenizer(train_docs, cfg.vocab)
     stream, held = token_stream(tok, train_docs), token_stream(tok, held_docs)
     nbytes = token_bytes(tok)
     n_eval = min(cfg.eval_windows, (len(held) - 1) // (cfg.context - 1))
+    if n_eval < 1 or len(stream) <= cfg.context:
+        raise text.TextError(f"{cfg.text}: too little text for contexts of {cfg.context} tokens")
     eval_tokens = windows(held, np.arange(n_eval) * (cfg.context - 1), cfg.context, tok.bos_token_id)
     log(f"text {cfg.text}: {len(train_docs):,} training documents ({len(stream):,} tokens), "
         f"{len(held_docs):,} held out; tokenizer {len(tok):,} tokens")

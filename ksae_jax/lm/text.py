@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 GCIDE = Path("/usr/share/dictd/gcide.dict.dz")
-HELD_OUT_EVERY = 100  # document i is held out when i % 100 == 0 (1%)
+HELD_OUT_EVERY = 100  # document i is held out when i % 100 == 0 (1%; 10% of a short text)
 
 
 class TextError(ValueError):
@@ -67,7 +67,9 @@ def documents(source: str | Path) -> list[str]:
 
 
 def split(docs: list[str]) -> tuple[list[str], list[str]]:
-    """(training, held-out) documents: every HELD_OUT_EVERY-th document is held out."""
-    train = [d for i, d in enumerate(docs) if i % HELD_OUT_EVERY]
-    held = [d for i, d in enumerate(docs) if not i % HELD_OUT_EVERY]
+    """(training, held-out) documents: every HELD_OUT_EVERY-th document is held out (every
+    tenth or so of a text of fewer than 1,000 documents, at least every second)."""
+    every = min(HELD_OUT_EVERY, max(2, len(docs) // 10))
+    train = [d for i, d in enumerate(docs) if i % every]
+    held = [d for i, d in enumerate(docs) if not i % every]
     return train, held

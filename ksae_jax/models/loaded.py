@@ -22,6 +22,12 @@ def forward_jit(params, x, k, *, family: Family, max_k: int):
 
 
 @functools.partial(jax.jit, static_argnames=("family", "max_k"))
+def reconstruct_jit(params, x, k, scale, *, family: Family, max_k: int):
+    """Reconstructions of unscaled rows x: scaled in, the forward, scaled back out."""
+    return forward_jit(params, x * scale, k, family=family, max_k=max_k).recon / scale
+
+
+@functools.partial(jax.jit, static_argnames=("family", "max_k"))
 def _encode(params, x, k, *, family: Family, max_k: int):
     return family.code(forward_jit(params, x, k, family=family, max_k=max_k))
 

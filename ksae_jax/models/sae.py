@@ -22,7 +22,7 @@ from ksae_jax.config import SaeModel
 from ksae_jax.data.feed import Rows
 from ksae_jax.data.vectors import VectorSource, normalizing_scale, open_vectors
 from ksae_jax.models.family import Family
-from ksae_jax.models.loaded import CHUNK, Loaded, as_rows, forward_jit
+from ksae_jax.models.loaded import CHUNK, Loaded, as_rows, forward_jit, reconstruct_jit
 from ksae_jax.topk import top_k
 
 SPARSE_MAX_DENSITY = 1 / 16  # "auto": sparse paths while k / n is below this
@@ -61,7 +61,7 @@ class TopKSAE(nnx.Module):
     def __init__(self, cfg: SaeModel, *, rngs: nnx.Rngs):
         rows = jax.random.normal(rngs.params(), (cfg.hidden, cfg.d_in), jnp.float32)
         rows = rows / jnp.linalg.norm(rows, axis=1, keepdims=True)
-        self.W_enc = nnx.Param(rows)
+        self.W_enc = nnx.Param(rows * cfg.init_scale if cfg.init_scale != 1 else rows)
         self.b_enc = nnx.Param(jnp.zeros((cfg.hidden,), jnp.float32))
         self.W_dec = nnx.Param(rows)
         self.b_dec = nnx.Param(jnp.zeros((cfg.d_in,), jnp.float32))
@@ -143,10 +143,15 @@ class TopKFamily(Family):
         return TopKSAE(self.model, rngs=rngs)
 
     def init_from_data(self, params, rows, seed):
-        """b_dec = the geometric median of up to MEDIAN_ROWS training rows drawn with seed."""
+        """b_dec = the geometric median (or the mean) of up to MEDIAN_ROWS training rows drawn
+        with seed, or zero."""
+        if self.model.b_dec_init == "zero":
+            return params
         pick = np.random.default_rng(seed).permutation(rows.n)[:MEDIAN_ROWS]
-        median = recipe.geometric_median(rows.take(np.sort(pick)) * np.float32(rows.scale))
-        return {**params, "b_dec": jnp.broadcast_to(median, params["b_dec"].shape)}
+        sample = rows.take(np.sort(pick)) * np.float32(rows.scale)
+        center = (recipe.geometric_median(sample) if self.model.b_dec_init == "median"
+                  else jnp.asarray(sample.mean(axis=0, dtype=np.float64), jnp.float32))
+        return {**params, "b_dec": jnp.broadcast_to(center, params["b_dec"].shape)}
 
     def loss(self, params, batch, hp, dead, *, cfg, max_k):
         x, w = batch["x"], batch["w"]
@@ -210,6 +215,10 @@ class VectorSAE(Loaded):
 
     family_class = TopKFamily
 
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self._on_device: dict[int, dict] = {}  # params of each k, put once for reconstruct_array
+
     def _inputs(self, x) -> np.ndarray:
         return as_rows(x, self.model_config.d_in, "inputs", "f") * np.float32(self.input_scale)
 
@@ -222,6 +231,14 @@ class VectorSAE(Loaded):
                 for i in range(0, len(x), CHUNK)]
         return (np.concatenate([np.asarray(o.values) for o in outs]),
                 np.concatenate([np.asarray(o.indices) for o in outs]))
+
+    def reconstruct_array(self, x: jax.Array, k: int) -> jax.Array:
+        """Reconstructions of the rows of a JAX array (e.g. from DLPack) on its device: no
+        host copy and no input checks (the caller's array is trusted)."""
+        if k not in self._on_device:
+            self._on_device[k] = jax.device_put(self.params_for(k))
+        return reconstruct_jit(self._on_device[k], x, jnp.int32(k), jnp.float32(self.input_scale),
+                               family=self.family, max_k=k)
 
     def decoder_directions(self, k: int) -> np.ndarray:
         """(n, d) unit decoder rows of the model of k (in normalised input space)."""

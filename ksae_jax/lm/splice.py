@@ -1,0 +1,130 @@
+"""The field's test of an SAE on a language model: the model's next-token loss on held-out
+text with the residual stream after block L replaced by the SAE's reconstruction, beside the
+clean loss and the zero-ablated one (SAELens's ce_loss_score):
+
+    loss_recovered = (L_zero - L_sae) / (L_zero - L_clean),   delta_loss = L_sae - L_clean,
+
+and the KL divergence of the spliced model's next-token distribution from the clean one.
+Every position but BOS is replaced (BOS is never cached, so never trained on); losses are
+averaged over the predictions made at replaced positions, in nats per token and in bits per
+byte of the predicted text. The SAE runs in JAX: the activations go from torch to JAX and
+back through DLPack (no host copy when both sit on one device).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+
+from ksae_jax.lm import model as lm_model
+from ksae_jax.lm import offline_lm
+
+Replacement = Callable  # torch (B, T, d) -> torch (B, T, d)
+
+
+def eval_windows(tokenizer, docs: list[str], n_tokens: int, context: int) -> np.ndarray:
+    """Consecutive contexts (BOS + context - 1 tokens) of the documents' stream, enough for
+    n_tokens predictions at replaced positions (context - 2 per context)."""
+    stream = offline_lm.token_stream(tokenizer, docs)
+    per = context - 1
+    n = min(-(-n_tokens // (context - 2)), (len(stream) - 1) // per)
+    if n < 1:
+        raise ValueError(f"the held-out text gives no context of {context} tokens")
+    return offline_lm.windows(stream, np.arange(n) * per, context, lm_model.bos_id(tokenizer))
+
+
+def _logprobs(model, layer: int, ids, replace: Replacement | None):
+    import torch
+
+    def splice(h):
+        return torch.cat([h[:, :1], replace(h[:, 1:])], dim=1)
+
+    with torch.no_grad():
+        if replace is None:
+            logits = model(ids).logits
+        else:
+            with lm_model.resid_hook(model, layer, splice):
+                logits = model(ids).logits
+    return torch.log_softmax(logits[:, 1:-1].float(), dim=-1)  # predictions at replaced positions
+
+
+token_bytes = offline_lm.token_bytes
+
+
+def spliced_losses(model, layer: int, windows: np.ndarray, nbytes: np.ndarray,
+                   replacements: dict[str, Replacement], batch: int = 16) -> dict:
+    """{"clean", "zero", label: ...} each {"loss" (nats/token), "bits_per_byte", "kl"} (KL of
+    the spliced from the clean distribution, nats/token), over the targets 2..T-1 of windows."""
+    import torch
+
+    variants = {"clean": None, "zero": torch.zeros_like, **replacements}
+    sums = {name: {"nll": 0.0, "kl": 0.0} for name in variants}
+    count, total_bytes = 0, 0
+    for i in range(0, len(windows), batch):
+        ids = torch.from_numpy(windows[i:i + batch]).long()
+        targets = ids[:, 2:]
+        clean = _logprobs(model, layer, ids, None)
+        for name, replace in variants.items():
+            lp = clean if replace is None else _logprobs(model, layer, ids, replace)
+            sums[name]["nll"] -= float(lp.gather(-1, targets[..., None]).sum())
+            sums[name]["kl"] += float((clean.exp() * (clean - lp)).sum())
+        count += targets.numel()
+        total_bytes += int(nbytes[targets.numpy()].sum())
+    return {name: {"loss": s["nll"] / count, "bits_per_byte": s["nll"] / math.log(2) / total_bytes,
+                   "kl": s["kl"] / count} for name, s in sums.items()} | {"tokens": count,
+                                                                          "bytes": total_bytes}
+
+
+def scores(losses: dict, label: str) -> dict:
+    """lm_loss_sae, delta_loss, loss_recovered, kl (and delta_bits_per_byte) of one replacement."""
+    clean, zero, sae = losses["clean"], losses["zero"], losses[label]
+    return {"lm_loss_sae": sae["loss"], "delta_loss": sae["loss"] - clean["loss"],
+            "delta_bits_per_byte": sae["bits_per_byte"] - clean["bits_per_byte"],
+            "loss_recovered": (zero["loss"] - sae["loss"]) / (zero["loss"] - clean["loss"]),
+            "kl": sae["kl"]}
+
+
+def sae_replacement(sae, k: int) -> Replacement:
+    """h -> the reconstruction of every row of h by the SAE of k (ksae_jax.VectorSAE), run
+    in JAX on the tensor's own buffer (DLPack both ways)."""
+    import jax
+    import torch
+
+    def replace(h):
+        rows = jax.dlpack.from_dlpack(h.contiguous().reshape(-1, h.shape[-1]))
+        return torch.from_dlpack(sae.reconstruct_array(rows, k)).reshape(h.shape).to(h.dtype)
+
+    return replace
+
+
+class SpliceEval:
+    """The spliced evaluation of a sweep's SAEs, set up once (model, layer, held-out contexts
+    of the text's held-out documents) so that a bad model or layer is refused before training."""
+
+    def __init__(self, model: str, layer: int, text_source: str = "gcide", tokens: int = 16_384,
+                 context: int = 128):
+        from ksae_jax.lm import text
+
+        self.model, tokenizer = lm_model.load(model)
+        lm_model.check_layer(self.model, layer)
+        self.layer, self.name = layer, model
+        held = text.split(text.documents(text_source))[1]
+        self.windows = eval_windows(tokenizer, held, tokens, context)
+        self.nbytes = offline_lm.token_bytes(tokenizer)
+
+    def losses(self, replacements: dict[str, Replacement]) -> dict:
+        """spliced_losses of these replacements on the held-out contexts."""
+        return spliced_losses(self.model, self.layer, self.windows, self.nbytes, replacements)
+
+    def __call__(self, sae, ks) -> dict:
+        """metrics.json's LM fields: clean and zero-ablated losses, and per k (None where a k
+        has no model) the spliced loss, delta_loss, loss_recovered and KL."""
+        present = [k for k in ks if k in sae.ks]
+        losses = self.losses({str(k): sae_replacement(sae, k) for k in present})
+        per_k = {k: scores(losses, str(k)) for k in present}
+        fields = ("lm_loss_sae", "delta_loss", "delta_bits_per_byte", "loss_recovered", "kl")
+        return {"lm": self.name, "lm_layer": self.layer, "lm_tokens": losses["tokens"],
+                "lm_loss_clean": losses["clean"]["loss"], "lm_loss_zero": losses["zero"]["loss"],
+                "lm_bits_per_byte_clean": losses["clean"]["bits_per_byte"],
+                **{f: [per_k[k][f] if k in per_k else None for k in ks] for f in fields}}
