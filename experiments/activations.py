@@ -48,7 +48,9 @@ def main(argv=None):
     layers = classify.train_mlp(ds.x_train, ds.y_train, widths, epochs=args.epochs, lr=args.lr,
                                 batch_size=args.batch_size, seed=args.seed,
                                 progress=not args.no_progress)
-    info = {"dataset": ds.name, "widths": list(widths), "epochs": args.epochs, "layer": "last hidden (ReLU)"}
+    info = {"dataset": ds.name, "source": str(args.idx_dir) if args.idx_dir else ds.name,
+            "widths": list(widths), "epochs": args.epochs, "layer": "last hidden (ReLU)",
+            "rows": "train.npy: the training images in order; test.npy: the test images"}
     for split, x, y in (("train", ds.x_train, ds.y_train), ("test", ds.x_test, ds.y_test)):
         acts, pred = classify.mlp_activations(layers, x)
         save_npy(out / f"{split}.npy", acts.astype(np.float32))

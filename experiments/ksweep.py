@@ -106,9 +106,13 @@ def write_figures(run, ae) -> None:
             fig = plotting.reconstructions(x[:N_SHOW] / 255.0, ae.reconstruct(x[:N_SHOW], k),
                                            f"{ds.name} {split} images, k = {k}")
             plotting.save(fig, out / f"recon_k{k}_{split}.png")
-        feats, _, _ = ae.decoder_features(ds.x_test, k, n=100)
-        plotting.save(plotting.feature_grid(feats, f"decoder features, k = {k} "
-                                            "(100 most used units)"), out / f"features_k{k}.png")
+        feats, units, counts = ae.decoder_features(ds.x_test, k, n=100)
+        alive = int((counts > 0).sum())
+        shown = feats[counts[units] > 0]  # units that never fire would be blank panels
+        shown = shown if len(shown) else feats[:1]
+        plotting.save(plotting.feature_grid(
+            shown, f"decoder features, k = {k}: {alive} of {len(counts)} units fire on the test "
+                   f"set; the {len(shown)} most used"), out / f"features_k{k}.png")
     recons = {k: ae.reconstruct(ds.x_test[:10], k) for k in ae.ks}
     plotting.save(plotting.compare_ks(ds.x_test[:10] / 255.0, recons, f"{ds.name} test images"),
                   out / "compare_ks.png")

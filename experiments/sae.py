@@ -12,12 +12,13 @@ that have not fired for --dead-tokens training vectors.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
 
-from ksae_jax import cli, plotting, runner
+from ksae_jax import cli, inference, plotting, runner
 from ksae_jax.config import sae_config
 from ksae_jax.data import vectors
 from ksae_jax.files import write_json
@@ -25,12 +26,36 @@ from ksae_jax.files import write_json
 HIST_BINS = np.linspace(-7, 0, 29)  # log10 firing frequency
 
 
+def init_scale(text: str):
+    return "fit" if text == "fit" else cli.positive_float(text)
+
+
 def add_sae_flags(p, ks=(16, 32, 64, 128), latents=None) -> None:
     """The model, budget, recipe and run flags every vector experiment shares."""
     p.add_argument("--latents", type=cli.positive_int, default=latents,
                    help=f"latents n (default {latents or '8 x d'})")
-    p.add_argument("--ks", type=cli.int_value, nargs="*", default=list(ks),
-                   help=f"k values, all trained in one compiled run (default {' '.join(map(str, ks))})")
+    p.add_argument("--arch", choices=SAE_ARCHS, default=None,
+                   help="topk (default), batchtopk (top B k of a batch, served with a threshold), "
+                        "matryoshka (BatchTopK with nested prefixes), jumprelu (a threshold per "
+                        "latent and an L0 penalty)")
+    p.add_argument("--ks", type=cli.int_value, nargs="*", default=None,
+                   help=f"k values, all trained in one compiled run (default {' '.join(map(str, ks))}; "
+                        "not for jumprelu)")
+    p.add_argument("--l0-coefs", type=cli.nonneg_float, nargs="*", default=None,
+                   help="jumprelu: L0 coefficients, one model each, all in one run (default "
+                        f"{' '.join(map(str, JUMPRELU_L0_COEFS))})")
+    p.add_argument("--prefixes", type=cli.positive_int, nargs="*", default=(),
+                   help="matryoshka: nested prefix sizes below --latents (default n/16 n/4 n/2)")
+    p.add_argument("--bandwidth", type=cli.positive_float, default=0.05,
+                   help="jumprelu: width of the straight-through kernel (default 0.05)")
+    p.add_argument("--init-l0", type=cli.positive_int, default=64,
+                   help="jumprelu: thresholds start where each latent fires on init-l0 / n rows")
+    p.add_argument("--threshold-lr", type=cli.positive_float, default=0.01,
+                   help="batchtopk, matryoshka: step of the running threshold estimate")
+    p.add_argument("--init", type=Path, default=None, metavar="SAE",
+                   help="train on from this SAE: a ksae_jax params.pkl or export, or a sparsify "
+                        "or SAELens folder (its family, shapes and ks are the run's)")
+    p.set_defaults(default_ks=list(ks))
     cli.add_budget_flags(p, batch_size=4096)
     p.add_argument("--lr", type=cli.positive_float, default=None,
                    help="Adam learning rate (default 2e-4 / sqrt(latents / 2^14))")
@@ -40,8 +65,9 @@ def add_sae_flags(p, ks=(16, 32, 64, 128), latents=None) -> None:
                         "budget (default 0: constant)")
     p.add_argument("--adam-eps", type=cli.positive_float, default=6.25e-10,
                    help="Adam epsilon (default 6.25e-10, Gao et al.; torch's and sparsify's: 1e-8)")
-    p.add_argument("--init-scale", type=cli.positive_float, default=1.0,
-                   help="norm of the encoder rows at init, W_enc = scale * W_dec (default 1)")
+    p.add_argument("--init-scale", type=init_scale, default=1.0,
+                   help="norm of the encoder rows at init, W_enc = scale * W_dec, or 'fit': "
+                        "each k's scale fitted to its first reconstructions (default 1)")
     p.add_argument("--b-dec-init", choices=("median", "mean", "zero"), default="median",
                    help="b_dec at init: geometric median or mean of training rows, or zero")
     p.add_argument("--clip-norm", type=cli.positive_float, default=None,
@@ -79,12 +105,67 @@ def cache_meta(data: Path) -> dict:
     return {}
 
 
+SAE_ARCHS = ("topk", "batchtopk", "matryoshka", "jumprelu")
+JUMPRELU_L0_COEFS = (3e-4, 1e-3, 3e-3, 1e-2)
+
+
+def sweep_ks(args) -> tuple:
+    """The ks of the sweep (none for jumprelu, whose sweep is over --l0-coefs)."""
+    if args.arch == "jumprelu":
+        if args.ks:
+            raise cli.UsageError("--ks: jumprelu has no k; sweep --l0-coefs instead")
+        return ()
+    if args.l0_coefs:
+        raise cli.UsageError(f"--l0-coefs: only jumprelu has an L0 penalty, not {args.arch or 'topk'}")
+    return tuple(args.default_ks if args.ks is None else args.ks)
+
+
+def start_config(start, args, spec: dict, extra: dict):
+    """The config of a run that trains on from an SAE (--init): its model and its models'
+    ks, the training flags of this run."""
+    mc = start.model_config
+    if spec["d"] != mc.d_in:
+        raise cli.UsageError(f"--init {args.init}: the SAE takes d = {mc.d_in}; the data have "
+                             f"d = {spec['d']}")
+    for flag, value, its in (("--latents", args.latents, mc.hidden), ("--arch", args.arch, mc.arch)):
+        if value is not None and value != its:
+            raise cli.UsageError(f"{flag} {value}: --init {args.init} is {its}")
+    if args.ks and tuple(args.ks) != start.config.ks:
+        raise cli.UsageError(f"--ks: --init {args.init} holds ks {list(start.config.ks)}")
+    cfg = sae_config(mc.d_in, start.config.ks, latents=mc.hidden, arch=mc.arch,
+                     l0_coefs=start.config.l0_coefs, steps=args.steps,
+                     epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
+                     eps=args.adam_eps, warmup_steps=args.warmup_steps,
+                     lr_decay_frac=args.lr_decay_frac, clip_norm=args.clip_norm,
+                     aux_coef=args.aux_coef, aux_k=args.aux_k, dead_tokens=args.dead_tokens,
+                     batching=args.batching, eval_every=args.eval_every,
+                     **({"lr": extra["lr"]} if "lr" in extra else {}))
+    return dataclasses.replace(cfg, model=mc)
+
+
+def family_flags(args) -> dict:
+    """The model-config fields of the family --arch names, from its flags."""
+    arch = args.arch or "topk"
+    fields = {"arch": arch}
+    if arch in ("batchtopk", "matryoshka"):
+        fields["threshold_lr"] = args.threshold_lr
+    if arch == "matryoshka":
+        fields["prefixes"] = tuple(args.prefixes)
+    elif args.prefixes:
+        raise cli.UsageError("--prefixes: only matryoshka has nested prefixes")
+    if arch == "jumprelu":
+        fields.update(bandwidth=args.bandwidth, init_l0=args.init_l0,
+                      l0_coefs=tuple(args.l0_coefs or JUMPRELU_L0_COEFS))
+    return fields
+
+
 class Sae(runner.Experiment):
     """TopK SAEs on the vectors of --data: the flags, config, report of every SAE experiment."""
 
     name = "sae"
     doc = __doc__
     lm_eval = None  # the spliced evaluation, when --lm is given
+    start = None    # the SAE training starts from, when --init is given
 
     def add_flags(self, p):
         p.add_argument("--data", type=Path, required=True, help=".npy file or folder of .npy shards")
@@ -101,14 +182,18 @@ class Sae(runner.Experiment):
         if args.eval_frac >= 1:
             raise cli.UsageError(f"--eval-frac must be below 1, got {args.eval_frac}")
         self.lm_eval = None if args.lm is None else lm_evaluation(args)
+        self.start = None if args.init is None else inference.load(args.init)
 
     def describe(self, args):
         return {"d": vectors.open_vectors(args.data, scan=False).d}
 
     def config(self, args, spec):
         extra = {} if args.lr is None else {"lr": args.lr}
+        extra.update(family_flags(args))
+        if self.start is not None:
+            return start_config(self.start, args, spec, extra)
         return sae_config(
-            spec["d"], tuple(args.ks), latents=args.latents, decoder=args.decoder,
+            spec["d"], sweep_ks(args), latents=args.latents, decoder=args.decoder,
             multi_topk=args.multi_topk, normalize=args.normalize, init_scale=args.init_scale,
             b_dec_init=args.b_dec_init, steps=args.steps, epochs=args.epochs,
             batch_size=args.batch_size, seed=args.seed, eps=args.adam_eps,
@@ -129,19 +214,23 @@ class Sae(runner.Experiment):
                            str(args.data))
 
     def train_options(self, args, data):
-        return {"feeder": args.feeder}
+        if self.start is None:
+            return {"feeder": args.feeder}
+        return {"feeder": args.feeder, "init": self.start.params,
+                "input_scale": self.start.input_scale}
 
     def summary(self, run_cfg, data, training):
         train, held, scale = data.train, data.test, training.input_scale
         return (f"data {data.name}: {train.n:,} training / {held.n:,} held-out vectors of d = "
-                f"{train.d}; {run_cfg.model.hidden:,} latents, ks {list(run_cfg.ks)}; batches "
+                f"{train.d}; {run_cfg.model.hidden:,} latents, {run_cfg.model.arch} "
+                f"{run_cfg.label_name}s {list(run_cfg.labels)}; batches "
                 f"{'from the device' if training.feeder.mode == 'device' else 'read by a background thread'}"
                 f"{f'; inputs scaled by {scale:.4g}' if run_cfg.model.normalize else ''}")
 
     def metrics(self, run) -> dict:
         metrics = sweep_metrics(run)
         if self.lm_eval is not None:
-            metrics.update(self.lm_eval(run.result.models(), list(run.cfg.ks)))
+            metrics.update(self.lm_eval(run.result.models(), list(run.cfg.labels)))
         return metrics
 
     def report(self, run) -> dict:
@@ -161,15 +250,18 @@ def sweep_metrics(run: runner.Run) -> dict:
     freq = f.counts / f.n
     hist = [np.histogram(np.log10(row[row > 0]), HIST_BINS)[0].tolist() for row in freq]
     return {
-        "ks": list(cfg.ks), **run.plan,
+        "ks": list(cfg.ks), **({"l0_coefs": list(cfg.l0_coefs)} if cfg.l0_coefs else {}),
+        "arch": cfg.model.arch, **run.plan,
         "fvu": f.fvu.tolist(), "mse": f.mse.tolist(), "l0": f.l0.tolist(),
         "dead_frac": f.dead_frac.tolist(),
+        **{name: v.tolist() for name, v in f.extra.items()},
         "dead_frac_window": [d[-1] for d in h["window_dead_frac"]],
         "firing_log10_hist": {"bin_edges": HIST_BINS.tolist(), "counts": hist},
         "history": {"step": h["step"], "train_fvu": h["train_rec"], "eval_fvu": h["eval_fvu"],
                     "window_dead_frac": h["window_dead_frac"]},
         "diverged": {str(k): v for k, v in result.diverged.items()},
-        "n_train": data.train.n, "n_eval": data.test.n, "d": data.train.d,
+        "data": data.info.get("data"), "n_train": data.train.n, "n_eval": data.test.n,
+        "d": data.train.d,
         "input_scale": result.input_scale, "seconds": result.seconds,
         "compile_seconds": result.compile_seconds, "config": cfg.to_dict(),
     }
@@ -177,8 +269,9 @@ def sweep_metrics(run: runner.Run) -> dict:
 
 def write_figures(run: runner.Run, metrics: dict, sae) -> None:
     cfg, result, out = run.cfg, run.result, run.out
-    ks = list(cfg.ks)
-    plotting.save(plotting.fvu_vs_k(ks, metrics["fvu"], metrics["dead_frac"]), out / "fvu_vs_k.png")
+    ks = list(cfg.labels)
+    plotting.save(plotting.fvu_vs_k(ks, metrics["fvu"], metrics["dead_frac"], name=cfg.label_name),
+                  out / "fvu_vs_k.png")
     plotting.save(plotting.firing_histograms(ks, result.final.counts, result.final.n),
                   out / "firing_freq.png")
     h = metrics["history"]
@@ -186,8 +279,8 @@ def write_figures(run: runner.Run, metrics: dict, sae) -> None:
                   out / "training_curves.png")
     if cfg.model.d_in == 28 * 28:  # vectors that are images: decoder rows as tiles
         tiles = {}
-        for i, k in enumerate(sae.ks):
-            top = np.argsort(-result.final.counts[cfg.ks.index(k)], kind="stable")[:100]
+        for k in sae.labels:
+            top = np.argsort(-result.final.counts[cfg.labels.index(k)], kind="stable")[:100]
             tiles[k] = sae.decoder_directions(k)[top].reshape(-1, 28, 28)
         plotting.save(plotting.feature_panels(tiles, "decoder rows of the 100 most used latents"),
                       out / "decoder_tiles.png")
@@ -215,16 +308,20 @@ def lm_evaluation(args):
 
 def print_table(cfg, metrics: dict) -> None:
     lm = "delta_loss" in metrics
-    print(f"\n{'k':>5} {'FVU':>8} {'MSE':>10} {'L0':>7} {'dead (held-out)':>16} {'dead (window)':>14}"
-          + (f" {'delta loss':>11} {'recovered':>10} {'KL':>8}" if lm else ""))
-    for i, k in enumerate(cfg.ks):
+    print(f"\n{cfg.label_name:>7} {'FVU':>8} {'MSE':>10} {'L0':>7} {'dead (held-out)':>16} "
+          f"{'dead (window)':>14}" + (f" {'delta loss':>11} {'recovered':>10} {'KL':>8}" if lm else ""))
+    for i, k in enumerate(cfg.labels):
         if str(k) in metrics["diverged"]:
-            print(f"{k:>5}  diverged (not saved)")
+            print(f"{k!s:>7}  diverged (not saved)")
             continue
-        print(f"{k:>5} {metrics['fvu'][i]:>8.4f} {metrics['mse'][i]:>10.4g} {metrics['l0'][i]:>7.2f} "
+        print(f"{k!s:>7} {metrics['fvu'][i]:>8.4f} {metrics['mse'][i]:>10.4g} {metrics['l0'][i]:>7.2f} "
               f"{100 * metrics['dead_frac'][i]:>15.2f}% {100 * metrics['dead_frac_window'][i]:>13.2f}%"
               + (f" {metrics['delta_loss'][i]:>11.4f} {metrics['loss_recovered'][i]:>10.4f} "
                  f"{metrics['kl'][i]:>8.4f}" if lm else ""))
+    if "prefix_fvu" in metrics:
+        print(f"prefix FVU (latents {', '.join(map(str, cfg.model.prefixes))}): " + "; ".join(
+            f"{k}: " + " ".join(f"{v:.4f}" for v in row) for k, row in zip(cfg.labels,
+                                                                      metrics["prefix_fvu"])))
     if lm:
         print(f"LM loss (nats/token, {metrics['lm_tokens']:,} held-out predictions): clean "
               f"{metrics['lm_loss_clean']:.4f}, zero-ablated {metrics['lm_loss_zero']:.4f}")

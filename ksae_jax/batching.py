@@ -84,5 +84,5 @@ def over_models(fn: Callable, cfg: SweepConfig, how: str, per_model: tuple, shar
         in_axes = (0,) * len(per_model) + (None,) * len(shared)
         return jax.vmap(lambda *a: fn(*a, max_k=cfg.max_k), in_axes=in_axes)(*per_model, *shared)
     outs = [fn(*(take(a, m) for a in per_model), *shared, max_k=cfg.max_ks[m])
-            for m in range(len(cfg.ks))]
+            for m in range(cfg.n_models)]
     return tuple(Models(o[i] for o in outs) for i in range(len(outs[0])))

@@ -213,7 +213,7 @@ def device_mesh(args, cfg, log: Callable[[str], None] = print):
     if args.mesh is None and n == 1:
         return None
     try:
-        axes = sharding.parse_mesh(args.mesh) if args.mesh else sharding.default_axes(n, len(cfg.ks))
+        axes = sharding.parse_mesh(args.mesh) if args.mesh else sharding.default_axes(n, cfg.n_models)
         sharding.check_axes(axes, n, cfg, models.family(cfg.model).shards_latents)
     except ValueError as e:
         raise UsageError(f"--mesh: {e}") from None

@@ -9,7 +9,7 @@ from typing import Any, Union
 import numpy as np
 
 IMAGE_ARCHS = ("conv", "mlp")
-SAE_ARCHS = ("topk",)
+SAE_ARCHS = ("topk", "batchtopk", "matryoshka", "jumprelu")
 ARCHS = IMAGE_ARCHS + SAE_ARCHS
 IMAGE_LOSSES = ("mse", "bce")
 DEFAULT_HIDDEN = {"conv": 256, "mlp": 1000}
@@ -75,8 +75,14 @@ class ImageModel:
         return N_PIXELS
 
     def check_ks(self, ks) -> None:
+        if not ks:
+            raise ValueError("ks is empty: give at least one k")
         for k in ks:
             check_k(k, self.hidden)
+
+    def check_l0_coefs(self, l0_coefs) -> None:
+        if l0_coefs:
+            raise ValueError("l0_coefs are JumpReLU's; this model keeps k units")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +94,7 @@ class SaeModel:
     hidden: int | None = None
     """Latents n; None: 8 * d_in."""
     arch: str = "topk"
-    """"topk" (Gao et al. 2024)."""
+    """"topk" (Gao et al. 2024); the subclasses below are the other families."""
     decoder: str = "auto"
     """"sparse" (custom-VJP gather/scatter paths), "dense" (plain autodiff) or "auto"."""
     multi_topk: bool = False
@@ -96,14 +102,18 @@ class SaeModel:
     normalize: bool = False
     """Scale the inputs by one constant so that the training rows' mean squared norm is d_in
     (the constant is stored with the params and applied by encode and decode)."""
-    init_scale: float = 1.0
+    init_scale: float | str = 1.0
     """Norm of the encoder rows at init: W_enc = init_scale * W_dec, decoder rows unit
     vectors (1: Gao et al.'s W_enc = W_dec^T; sparsify's Kaiming-uniform encoder is about
-    0.577; SAELens starts at 0.1)."""
+    0.577; SAELens starts at 0.1); "fit": each model's scale is the one whose first
+    reconstructions of training rows have the least squared error (it depends on k)."""
     b_dec_init: str = "median"
     """b_dec at init: the geometric median of training rows, their mean, or zero."""
 
     def __post_init__(self):
+        if self.arch != _SAE_ARCH_OF.get(type(self), self.arch):
+            raise ValueError(f"{type(self).__name__} is arch {_SAE_ARCH_OF[type(self)]!r}, not "
+                             f"{self.arch!r} (model_config picks the class by arch)")
         if self.arch not in SAE_ARCHS:
             raise ValueError(f"unknown SAE arch {self.arch!r}; expected one of {SAE_ARCHS}")
         _positive_int("d_in", self.d_in)
@@ -114,8 +124,9 @@ class SaeModel:
         object.__setattr__(self, "hidden", int(self.hidden))
         if self.decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {DECODERS}, got {self.decoder!r}")
-        if not (isinstance(self.init_scale, (int, float)) and 0 < self.init_scale < math.inf):
-            raise ValueError(f"init_scale must be positive, got {self.init_scale!r}")
+        if self.init_scale != "fit" and not (isinstance(self.init_scale, (int, float))
+                                             and 0 < self.init_scale < math.inf):
+            raise ValueError(f"init_scale must be positive or 'fit', got {self.init_scale!r}")
         if self.b_dec_init not in B_DEC_INITS:
             raise ValueError(f"b_dec_init must be one of {B_DEC_INITS}, got {self.b_dec_init!r}")
 
@@ -128,13 +139,103 @@ class SaeModel:
         return self.d_in
 
     def check_ks(self, ks) -> None:
+        if not ks:
+            raise ValueError("ks is empty: give at least one k")
         for k in ks:
             check_k(k, self.hidden)
             if self.multi_topk and 4 * k > self.hidden:
                 raise ValueError(f"multi_topk needs 4k <= hidden; k={k} gives {4 * k} > "
                                  f"{self.hidden}")
 
+    def check_l0_coefs(self, l0_coefs) -> None:
+        if l0_coefs:
+            raise ValueError(f"l0_coefs are JumpReLU's; {self.arch} keeps k latents (ks)")
 
+
+@dataclasses.dataclass(frozen=True)
+class BatchTopKModel(SaeModel):
+    """BatchTopK (Bussmann et al. 2024): the top B k activations of a batch of B rows, not k
+    per row; served as a JumpReLU with the threshold estimated in training."""
+
+    arch: str = "batchtopk"
+    threshold_lr: float = 0.01
+    """The threshold used at inference moves this fraction of the way to each training
+    batch's smallest kept activation (SAELens's running estimate)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 < self.threshold_lr <= 1:
+            raise ValueError(f"threshold_lr must lie in (0, 1], got {self.threshold_lr!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MatryoshkaModel(BatchTopKModel):
+    """Matryoshka BatchTopK (Bussmann et al. 2025, Nabeshima 2025): every prefix of the
+    latents reconstructs the input on its own; the losses of the prefixes add up."""
+
+    arch: str = "matryoshka"
+    prefixes: tuple[int, ...] = ()
+    """Sizes of the nested prefixes below hidden (hidden itself is always the last); ():
+    hidden / 16, / 4 and / 2."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        prefixes = tuple(int(p) if _is_int(p) else p for p in self.prefixes) or tuple(
+            self.hidden // f for f in (16, 4, 2) if self.hidden // f > 0)
+        for p in prefixes:
+            _positive_int("prefix size", p)
+        if list(prefixes) != sorted(set(prefixes)) or prefixes[-1] >= self.hidden:
+            raise ValueError(f"prefixes must increase strictly and stay below the {self.hidden} "
+                             f"latents, got {list(prefixes)}")
+        object.__setattr__(self, "prefixes", prefixes)
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """Every nested width, the whole code last."""
+        return self.prefixes + (self.hidden,)
+
+
+@dataclasses.dataclass(frozen=True)
+class JumpReLUModel(SaeModel):
+    """JumpReLU (Rajamanoharan et al. 2024): a threshold per latent, z = pre H(pre - theta),
+    trained through straight-through estimators with an L0 penalty; the sweep goes over the
+    L0 coefficient (SweepConfig.l0_coefs) instead of k."""
+
+    arch: str = "jumprelu"
+    bandwidth: float = 0.05
+    """Width of the rectangle kernel of the straight-through pseudo-gradients."""
+    init_l0: int | None = None
+    """The thresholds start where each latent fires on init_l0 / hidden of the training rows
+    (None: 64, at most a quarter of the latents)."""
+    threshold_lr_scale: float = 10.0
+    """The thresholds' learning rate is the SAE's times this (they move L0, and only they
+    see the L0 penalty's pseudo-gradient)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not (isinstance(self.bandwidth, (int, float)) and 0 < self.bandwidth < math.inf):
+            raise ValueError(f"bandwidth must be positive, got {self.bandwidth!r}")
+        if self.init_l0 is None:
+            object.__setattr__(self, "init_l0", max(1, min(64, self.hidden // 4)))
+        check_k(self.init_l0, self.hidden, "init_l0")
+        if not (isinstance(self.threshold_lr_scale, (int, float)) and self.threshold_lr_scale > 0):
+            raise ValueError(f"threshold_lr_scale must be positive, got {self.threshold_lr_scale!r}")
+
+    def check_ks(self, ks) -> None:
+        if ks:
+            raise ValueError("JumpReLU has no k: sweep its L0 coefficient (l0_coefs) instead")
+
+    def check_l0_coefs(self, l0_coefs) -> None:
+        if not l0_coefs:
+            raise ValueError("l0_coefs is empty: give at least one L0 coefficient")
+        for c in l0_coefs:
+            if not (isinstance(c, (int, float)) and 0 <= c < math.inf):
+                raise ValueError(f"an L0 coefficient must be a number >= 0, got {c!r}")
+
+
+_SAE_ARCH_OF = {SaeModel: "topk", BatchTopKModel: "batchtopk", MatryoshkaModel: "matryoshka",
+                JumpReLUModel: "jumprelu"}
+SAE_MODELS = {arch: cls for cls, arch in _SAE_ARCH_OF.items()}
 ModelConfig = Union[ImageModel, SaeModel]
 
 
@@ -148,7 +249,9 @@ def model_from_dict(d: dict) -> ModelConfig:
         return ImageModel(**{**d, "loss": d.get("loss") or "mse"})
     d.pop("tied", None)
     d.pop("loss", None)
-    return SaeModel(**d)
+    if "prefixes" in d:
+        d["prefixes"] = tuple(d["prefixes"])
+    return SAE_MODELS[d.get("arch", "topk")](**d)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,7 +266,9 @@ class SweepConfig:
     model: ModelConfig = ImageModel()
     """The family's model config (ImageModel or SaeModel)."""
     ks: tuple[int, ...] = DEFAULT_KS
-    """One model per k."""
+    """One model per k (the k families; () for JumpReLU)."""
+    l0_coefs: tuple[float, ...] = ()
+    """JumpReLU: one model per coefficient of its L0 penalty."""
     epochs: int | None = None
     """Passes over the training data (exclusive with steps)."""
     steps: int | None = None
@@ -206,13 +311,14 @@ class SweepConfig:
         if not isinstance(self.model, (ImageModel, SaeModel)):
             raise ValueError(f"model must be an ImageModel or SaeModel, got {self.model!r}"[:200])
         object.__setattr__(self, "ks", tuple(int(k) if _is_int(k) else k for k in self.ks))
+        object.__setattr__(self, "l0_coefs", tuple(float(c) if isinstance(c, (int, float))
+                                                   else c for c in self.l0_coefs))
         if self.batching not in BATCHINGS:
             raise ValueError(f"batching must be one of {BATCHINGS}, got {self.batching!r}")
-        if not self.ks:
-            raise ValueError("ks is empty: give at least one k")
         self.model.check_ks(self.ks)
-        if len(set(self.ks)) != len(self.ks):
-            raise ValueError(f"ks has repeated values: {list(self.ks)}")
+        self.model.check_l0_coefs(self.l0_coefs)
+        if len(set(self.labels)) != len(self.labels):
+            raise ValueError(f"{self.label_name}s has repeated values: {list(self.labels)}")
         self._check_budget()
         self._check_optimizer()
         self._check_auxk()
@@ -229,11 +335,13 @@ class SweepConfig:
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if self.init_seeds is not None:
             object.__setattr__(self, "init_seeds", tuple(int(s) for s in self.init_seeds))
-            if len(self.init_seeds) != len(self.ks):
-                raise ValueError(f"init_seeds needs one seed per k ({len(self.ks)}), got "
+            if len(self.init_seeds) != self.n_models:
+                raise ValueError(f"init_seeds needs one seed per model ({self.n_models}), got "
                                  f"{len(self.init_seeds)}")
         if self.k_start is not None:
             check_k(self.k_start, self.model.hidden, name="k_start")
+            if not self.ks:
+                raise ValueError("k_start schedules k: this model has none")
         if not 0 <= self.k_anneal_frac <= 1:
             raise ValueError(f"k_anneal_frac must lie in [0, 1], got {self.k_anneal_frac!r}")
 
@@ -241,8 +349,9 @@ class SweepConfig:
         lrs = self.lr if isinstance(self.lr, (tuple, list)) else None
         if lrs is not None:
             object.__setattr__(self, "lr", tuple(float(v) for v in lrs))
-            if len(self.lr) != len(self.ks):
-                raise ValueError(f"lr needs one value per k ({len(self.ks)}), got {len(self.lr)}")
+            if len(self.lr) != self.n_models:
+                raise ValueError(f"lr needs one value per model ({self.n_models}), got "
+                                 f"{len(self.lr)}")
         for v in self.lrs:
             if not (isinstance(v, (int, float)) and 0 < v < math.inf):
                 raise ValueError(f"lr must be positive, got {v!r}")
@@ -264,19 +373,33 @@ class SweepConfig:
         _positive_int("dead_tokens", self.dead_tokens, allow_none=True)
 
     @property
+    def labels(self) -> tuple:
+        """What names each model: its k, or its L0 coefficient (JumpReLU)."""
+        return self.ks or self.l0_coefs
+
+    @property
+    def label_name(self) -> str:
+        return "k" if self.ks else "l0_coef"
+
+    @property
+    def n_models(self) -> int:
+        return len(self.labels)
+
+    @property
     def lrs(self) -> tuple[float, ...]:
         """One learning rate per model."""
-        return self.lr if isinstance(self.lr, tuple) else (self.lr,) * len(self.ks)
+        return self.lr if isinstance(self.lr, tuple) else (self.lr,) * self.n_models
 
     @property
     def seeds(self) -> tuple[int, ...]:
         """One init seed per model."""
-        return self.init_seeds or (self.seed,) * len(self.ks)
+        return self.init_seeds or (self.seed,) * self.n_models
 
     @property
     def max_ks(self) -> tuple[int, ...]:
-        """Per-model static width of lax.top_k (the k schedule's start included)."""
-        return tuple(max(k, self.k_start or 0) for k in self.ks)
+        """Per-model static width of lax.top_k (the k schedule's start included; 1 for
+        models without a k)."""
+        return tuple(max(k, self.k_start or 0) for k in self.ks) or (1,) * self.n_models
 
     @property
     def max_k(self) -> int:
@@ -287,7 +410,8 @@ class SweepConfig:
         """The config of a subset of the models (e.g. those that did not diverge)."""
         pick = lambda seq: tuple(seq[i] for i in indices)  # noqa: E731
         return dataclasses.replace(
-            self, ks=pick(self.ks), lr=pick(self.lr) if isinstance(self.lr, tuple) else self.lr,
+            self, ks=pick(self.ks) if self.ks else (), l0_coefs=pick(self.l0_coefs) if self.l0_coefs
+            else (), lr=pick(self.lr) if isinstance(self.lr, tuple) else self.lr,
             init_seeds=pick(self.init_seeds) if self.init_seeds else None)
 
     def to_dict(self) -> dict:
@@ -308,19 +432,20 @@ class SweepConfig:
         if "k_anneal_epochs" in d:  # files written before budgets in steps
             anneal = d.pop("k_anneal_epochs")
             d["k_anneal_frac"] = anneal / d["epochs"] if d.get("epochs") else 0.0
-        tuples = ("ks", "init_seeds", "lr")
+        tuples = ("ks", "l0_coefs", "init_seeds", "lr")
         return cls(model=model_from_dict(model),
                    **{k: tuple(v) if k in tuples and isinstance(v, list) else v
                       for k, v in d.items()})
 
 
 def sae_config(d_in: int, ks, *, latents: int | None = None, **overrides) -> SweepConfig:
-    """A TopK SAE sweep with the recipe of Gao et al. 2024 as defaults: Adam eps 6.25e-10,
-    lr 2e-4 / sqrt(latents / 2^14), AuxK with coefficient 1/32 over d_in / 2 dead latents,
-    batch 4096. Overrides may name SaeModel fields (decoder, normalize, init_scale, ...) and
-    SweepConfig fields."""
-    model_fields = {f.name for f in dataclasses.fields(SaeModel)} - {"d_in", "hidden"}
-    model = SaeModel(d_in, latents, **{k: overrides.pop(k) for k in model_fields & set(overrides)})
+    """An SAE sweep (TopK unless arch= names another family) with the recipe of Gao et al.
+    2024 as defaults: Adam eps 6.25e-10, lr 2e-4 / sqrt(latents / 2^14), AuxK with
+    coefficient 1/32 over d_in / 2 dead latents, batch 4096. Overrides may name the model
+    config's fields (arch, decoder, normalize, init_scale, prefixes, ...) and SweepConfig's."""
+    cls = SAE_MODELS.get(overrides.get("arch", "topk"), SaeModel)
+    model_fields = {f.name for f in dataclasses.fields(cls)} - {"d_in", "hidden"}
+    model = cls(d_in, latents, **{k: overrides.pop(k) for k in model_fields & set(overrides)})
     defaults = dict(lr=2e-4 / math.sqrt(model.hidden / 2 ** 14), eps=6.25e-10, aux_coef=1 / 32,
                     batch_size=4096, seed=0)
     return SweepConfig(model=model, ks=tuple(ks), **{**defaults, **overrides})

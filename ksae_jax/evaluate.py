@@ -21,6 +21,7 @@ class EvalResult(NamedTuple):
     dead_frac: np.ndarray   # fraction of units that never fire on the set
     counts: np.ndarray      # (models, hidden): rows on which each unit fires
     n: int                  # rows in the set
+    extra: dict = {}        # family-specific FVUs, e.g. "prefix_fvu" (models, prefixes)
 
 
 class EvalSet:
@@ -38,11 +39,11 @@ class EvalSet:
 
 
 def _sums(params, k, batch, *, cfg: SweepConfig, max_k: int):
-    """Squared error and per-unit firing counts of one model on one batch: the family's
-    forward (the one training runs), without the loss terms."""
+    """The family's evaluation sums (squared error, firing counts, ...) of one model on one
+    batch: its forward (the one training runs), without the loss terms."""
     family = models.family(cfg.model)
     x, w = batch["x"], batch["w"]
-    return family.eval_sums(family.forward(params, x, w, k, max_k, terms=False), x, w)
+    return (family.eval_sums(family.forward(params, x, w, k, max_k, terms=False), x, w),)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "batch_size", "how"))
@@ -50,23 +51,25 @@ def _eval_batch(params, data, order, i, scale, ks, *, cfg: SweepConfig, batch_si
                 how: str):
     batch = gather(data, order, i, scale, batch_size=batch_size)
     fn = functools.partial(_sums, cfg=cfg)
-    return batching.stacked(batching.over_models(fn, cfg, how, (params, ks), (batch,)))
+    return batching.stacked(batching.over_models(fn, cfg, how, (params, ks), (batch,)))[0]
 
 
 def evaluate(cfg: SweepConfig, params, evalset: EvalSet, ks=None) -> EvalResult:
     """Every model's metrics over all of `evalset` (models keep their own k, or `ks`)."""
     how = batching.resolve(cfg)
-    ks = np.asarray(cfg.ks if ks is None else ks, np.int32)
-    sse = counts = 0
+    ks = np.asarray(cfg.ks or cfg.max_ks if ks is None else ks, np.int32)
+    sums = None
     for i in range(evalset.order.shape[0] // evalset.batch_size):
-        s, c = _eval_batch(params, evalset.data, evalset.order, np.int32(i),
-                           np.float32(evalset.rows.scale), ks,
-                           cfg=cfg, batch_size=evalset.batch_size, how=how)
-        sse, counts = sse + s, counts + c
-    sse, counts = sharding.to_host(sse).astype(np.float64), sharding.to_host(counts)
+        got = _eval_batch(params, evalset.data, evalset.order, np.int32(i),
+                          np.float32(evalset.rows.scale), ks,
+                          cfg=cfg, batch_size=evalset.batch_size, how=how)
+        sums = got if sums is None else jax.tree.map(lambda a, b: a + b, sums, got)
+    sums = {name: np.asarray(v, np.float64) for name, v in sharding.to_host(sums).items()}
+    sse, counts = sums.pop("sse"), sums.pop("counts").astype(np.float32)
+    denom = max(evalset.total_variance, 1e-30)
     # images: MSE on pixels in [0, 1], as the original; vectors: in the data's own units
     unit = models.family(cfg.model).mse_unit(evalset.rows.scale)
-    return EvalResult(mse=sse / evalset.n_elements / unit,
-                      fvu=sse / max(evalset.total_variance, 1e-30),
+    return EvalResult(mse=sse / evalset.n_elements / unit, fvu=sse / denom,
                       l0=counts.sum(axis=1) / evalset.n, dead_frac=(counts == 0).mean(axis=1),
-                      counts=counts, n=evalset.n)
+                      counts=counts, n=evalset.n,
+                      extra={name.replace("_sse", "_fvu"): v / denom for name, v in sums.items()})

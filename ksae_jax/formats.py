@@ -5,7 +5,8 @@
   checksum, are still read);
 - `checkpoint.pkl`: the train state after a step, to resume from;
 - a safetensors folder (`params.safetensors` + `config.json`): the same payload as
-  params.pkl in a format that cannot run code.
+  params.pkl in a format that cannot run code;
+- the ecosystem's SAE folders (sparsify's, SAELens's), read through `interop`.
 
 Reading returns the payload after checking format, version and checksum; what the arrays
 must be for a model is checked by `inference.load`.
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ksae_jax import interop
 from ksae_jax.files import strict_json, write_bytes, write_json, write_pickle
 from ksae_jax.safe_pickle import ParamsFileError, read_pickle, verify_digest, with_digest
 
@@ -161,6 +163,16 @@ def read_safetensors_dir(path: Path) -> dict:
 
 
 def read_payload(path: Path) -> dict:
-    """The payload of a params.pkl or of a safetensors folder."""
+    """The payload of a params.pkl, a ksae_jax safetensors folder, or a sparsify or SAELens
+    SAE folder (interop)."""
     path = Path(path)
-    return read_safetensors_dir(path) if path.is_dir() else load_params_file(path)
+    if not path.is_dir():
+        return load_params_file(path)
+    if (path / EXPORT_CONFIG).is_file():
+        return read_safetensors_dir(path)
+    kind = interop.detect(path)
+    if kind is None:
+        raise ParamsFileError(f"{path}: neither a ksae_jax export ({EXPORT_CONFIG} + "
+                              f"{EXPORT_PARAMS}), a sparsify folder (cfg.json + sae.safetensors) "
+                              "nor a SAELens folder (cfg.json + sae_weights.safetensors)")
+    return interop.READERS[kind](path)

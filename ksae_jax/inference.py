@@ -36,14 +36,14 @@ def check_payload(path, config: SweepConfig, ks, params) -> dict:
     if tuple(ks) != config.ks:
         _bad(path, f"'ks' {ks} are not the config's ks {list(config.ks)}")
     expected = jax.eval_shape(models.family(config.model).init, jax.random.key(0))
-    want = jax.tree.map(lambda s: (len(ks),) + s.shape, expected)
+    want = jax.tree.map(lambda s: (config.n_models,) + s.shape, expected)
     try:
         got = jax.tree.map(np.shape, params)
     except Exception:  # noqa: BLE001 - any structural surprise is a bad file
         got = None
     if got != want:
         _bad(path, f"parameters do not match the config's {config.model.arch} model with "
-                   f"{len(ks)} ks")
+                   f"{config.n_models} models")
 
     def clean(keypath, a):
         name = "params" + jax.tree_util.keystr(keypath)

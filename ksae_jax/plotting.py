@@ -104,21 +104,24 @@ def loss_curves(ks, steps, train_loss, test_mse, title: str = "") -> Figure:
 
 # ---------------------------------------------------------------- TopK SAEs on vectors
 
-def fvu_vs_k(ks, fvu, dead_frac, title: str = "", baseline: dict | None = None) -> Figure:
-    """Held-out FVU against k (log-log), with the dead-latent percentage beside it.
+def fvu_vs_k(ks, fvu, dead_frac, title: str = "", baseline: dict | None = None,
+             name: str = "k") -> Figure:
+    """Held-out FVU against k (log-log; or another per-model value `name`, e.g. JumpReLU's
+    L0 coefficient), with the dead-latent percentage beside it.
     baseline: optional {label: (ks, fvu)} drawn as dashed lines (e.g. a run without AuxK)."""
     fig = Figure(figsize=(10, 4), layout="constrained")
     ax_fvu, ax_dead = fig.subplots(1, 2)
     ax_fvu.plot(ks, fvu, marker="o", label="this run")
     for label, (bks, bfvu) in (baseline or {}).items():
         ax_fvu.plot(bks, bfvu, marker="s", ls="--", label=label)
-    ax_fvu.set(xscale="log", yscale="log", xlabel="k", ylabel="held-out FVU")
+    ax_fvu.set(xscale="log" if min(ks) > 0 else "linear", yscale="log", xlabel=name,
+               ylabel="held-out FVU")
     ax_fvu.set_xticks(list(ks), [str(k) for k in ks])
     ax_fvu.set_xticks([], minor=True)  # no "2 x 10^1" labels among the ks
     ax_fvu.grid(alpha=0.3, which="both")
     ax_fvu.legend(fontsize=8)
     ax_dead.bar([str(k) for k in ks], 100 * np.asarray(dead_frac))
-    ax_dead.set(xlabel="k", ylabel="dead latents % (never fire on the held-out set)")
+    ax_dead.set(xlabel=name, ylabel="dead latents % (never fire on the held-out set)")
     ax_dead.grid(alpha=0.3, axis="y")
     if title:
         fig.suptitle(title)
@@ -159,6 +162,25 @@ def recovery_vs_k(ks, mmcs, recovered, dead_frac, title: str = "") -> Figure:
     ax.set(xlabel="k", ylim=(-0.02, 1.02))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def frontier(panels: dict, title: str = "") -> Figure:
+    """Held-out FVU against L0 (log-log): one panel per data set, {panel: {label: (l0s,
+    fvus)}}; each label (a system or family) is a line of points, lower-left is better."""
+    fig = Figure(figsize=(5.5 * len(panels), 4.2), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(panels)))
+    for ax, (name, series) in zip(axes, panels.items()):
+        for i, (label, (l0, fvu)) in enumerate(series.items()):
+            order = np.argsort(l0)
+            ax.plot(np.asarray(l0)[order], np.asarray(fvu)[order], marker="osD^v"[i % 5],
+                    ls="-" if i == 0 else "--", label=label)
+        ax.set(xscale="log", yscale="log", xlabel="L0 (latents per vector)",
+               ylabel="held-out FVU", title=name)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)
     return fig

@@ -3,6 +3,8 @@ order: unit-norm decoder rows, the gradient projection that keeps them so, dead-
 counters, and the geometric median that initialises b_dec."""
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -52,3 +54,14 @@ def geometric_median(points: jax.Array, max_iter: int = 100, tol: float = 1e-5) 
     start = points.mean(axis=0)
     median, _, _ = lax.while_loop(going, step, (start, jnp.asarray(jnp.inf, jnp.float32), 0))
     return median
+
+
+@functools.partial(jax.jit, static_argnames="k")
+def fitted_encoder_scale(x_c: jax.Array, W_dec: jax.Array, k: int) -> jax.Array:
+    """The s for which W_enc = s W_dec reconstructs the centred rows x_c best at init: with
+    z = ReLU(TopK(x_c W_dec^T)) and r = z W_dec, the reconstruction is s r, and
+    s = <x_c, r> / <r, r> minimises |x_c - s r|^2 summed over the rows. For k latents of
+    random directions r grows about as sqrt(k), so the best s falls with k."""
+    vals, idx = jax.lax.top_k(x_c @ W_dec.T, k)
+    r = jnp.einsum("bk,bkd->bd", jax.nn.relu(vals), W_dec[idx])
+    return jnp.sum(x_c * r) / jnp.maximum(jnp.sum(r * r), 1e-30)

@@ -177,7 +177,7 @@ def announce(training: Training, log=print) -> dict:
     cfg, budget = training.cfg, training.budget
     log(f"budget: {budget.describe(cfg.batch_size, training.family.unit)}; evaluation every "
         f"{budget.eval_every} steps")
-    log(f"batching: {training.batching} ({len(cfg.ks)} {cfg.model.arch} models on "
+    log(f"batching: {training.batching} ({cfg.n_models} {cfg.model.arch} models on "
         f"{jax.default_backend()}{'' if cfg.batching == 'auto' else ', as asked'})")
     return {"steps": budget.steps, "epochs": budget.epochs, "steps_per_epoch": budget.steps_per_epoch,
             "eval_every": budget.eval_every, "batching": training.batching,

@@ -55,8 +55,8 @@ def check_axes(axes: dict[str, int], n_devices: int, cfg, shards_latents: bool) 
     if math.prod(axes.values()) != n_devices:
         raise ValueError(f"mesh {format_axes(axes)} has {math.prod(axes.values())} devices; "
                          f"there are {n_devices}")
-    if len(cfg.ks) % axes.get("model", 1):
-        raise ValueError(f"model={axes['model']} does not divide the {len(cfg.ks)} models")
+    if cfg.n_models % axes.get("model", 1):
+        raise ValueError(f"model={axes['model']} does not divide the {cfg.n_models} models")
     if cfg.batch_size % axes.get("data", 1):
         raise ValueError(f"data={axes['data']} does not divide the batch size {cfg.batch_size}")
     if axes.get("latent", 1) > 1:

@@ -49,8 +49,10 @@ def train_step(params, opt_state, since_fired, hp, alive, batch, step, *, cfg: S
     # (selecting between old and new states forced fresh buffers: MLP step 20 -> 35 ms)
     keep = finite & alive
     rate = optim.learning_rate(hp["lr"], step, cfg.warmup_steps, cfg.lr_decay_frac, cfg.steps or 1)
-    new = jax.tree.map(lambda p, u: p - jnp.where(keep, rate * u, 0.0), params, direction)
-    new = family.post_update(new, params, keep)
+    new = {name: jax.tree.map(lambda p, u, r=rate * family.lr_scales[name] if name in
+                              family.lr_scales else rate: p - jnp.where(keep, r * u, 0.0),
+                              params[name], direction[name]) for name in params}
+    new = family.post_update(new, params, keep, metrics)
     since_fired = recipe.update_dead_counters(since_fired, metrics["fired"], batch["w"].sum())
     return new, opt_state, since_fired, {"loss": loss, "rec": metrics["rec"], "finite": finite}
 
@@ -90,17 +92,22 @@ def sweep_step(state: TrainState, sums: jax.Array, batch: dict, ks, step, *, cfg
     return sharding.constrain(state, sharding.state_specs(state)), sums
 
 
-def init_state(cfg: SweepConfig, rows: Rows | None = None) -> TrainState:
+def init_state(cfg: SweepConfig, rows: Rows | None = None, params: dict | None = None
+               ) -> TrainState:
     """Fresh models, one per k (init seeds cfg.seeds), with what the family initialises from
-    the training rows (e.g. a TopK SAE's b_dec) when they are given."""
+    the training rows (e.g. a TopK SAE's b_dec) when they are given; or, with `params`
+    (stacked, e.g. an imported SAE), models that start from those, with fresh Adam states."""
     family = models.family(cfg.model)
-    keys = jax.vmap(jax.random.key)(jnp.asarray(cfg.seeds, jnp.uint32))
-    params = jax.vmap(family.init)(keys)
-    params = jax.tree.map(jnp.copy, params)  # own buffers: init may alias equal leaves (W_enc = W_dec)
-    if rows is not None:
-        params = family.init_from_data(params, rows, cfg.seed)
+    if params is None:
+        keys = jax.vmap(jax.random.key)(jnp.asarray(cfg.seeds, jnp.uint32))
+        params = jax.vmap(family.init)(keys)
+        params = jax.tree.map(jnp.copy, params)  # own buffers: init may alias equal leaves
+        if rows is not None:
+            params = family.init_from_data(params, rows, cfg)
+    else:
+        params = jax.tree.map(lambda a: jnp.array(a, jnp.float32), params)
     opt_state = jax.vmap(optim.make_optimizer(cfg).init)(params)
-    n = len(cfg.ks)
+    n = cfg.n_models
     return TrainState(params, opt_state, jnp.zeros((n, cfg.model.hidden), jnp.int32),
                       jnp.full(n, -1, jnp.int32))
 
@@ -124,6 +131,8 @@ def resolved(cfg: SweepConfig, n_rows: int) -> SweepConfig:
 def k_at(cfg: SweepConfig, step: int, total_steps: int) -> np.ndarray:
     """Per-model k at a step: the schedule's k (from k_start towards each k over the first
     k_anneal_frac of the budget), or the target k."""
+    if not cfg.ks:  # JumpReLU: no k (its forward does not read one)
+        return np.ones(cfg.n_models, np.int32)
     ks = np.asarray(cfg.ks)
     frac = step / total_steps
     if cfg.k_start is None or frac >= cfg.k_anneal_frac:

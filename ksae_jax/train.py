@@ -74,7 +74,7 @@ class SweepResult(NamedTuple):
     history: dict         # per-model lists over the evaluations (None after a divergence)
     seconds: float        # wall time of training (compilation included; all sessions)
     compile_seconds: float
-    diverged: dict        # k -> {"step": s, "epoch": e} (1-based) of models that diverged
+    diverged: dict        # label (k) -> {"step": s, "epoch": e} (1-based) of models that diverged
     budget: Budget
     final: EvalResult | None  # held-out metrics of the final params
     since_fired: np.ndarray   # (models, hidden) training rows since each unit last fired
@@ -82,7 +82,7 @@ class SweepResult(NamedTuple):
 
     def healthy(self) -> tuple[SweepConfig, dict]:
         """(config, params) of the models that did not diverge; AllDiverged if none."""
-        keep = [i for i, k in enumerate(self.config.ks) if k not in self.diverged]
+        keep = [i for i, label in enumerate(self.config.labels) if label not in self.diverged]
         if not keep:
             raise AllDiverged("every model diverged (non-finite loss or parameters)")
         return self.config.select(keep), jax.tree.map(lambda a: a[np.asarray(keep)], self.params)
@@ -106,7 +106,8 @@ class SweepResult(NamedTuple):
 
 def train_sweep(cfg: SweepConfig, train, test=None, *, progress: bool = True, checkpoint=None,
                 resume: bool = False, on_nan: str = "stop", run_info: dict | None = None,
-                feeder: str = "auto", mesh=None) -> SweepResult:
+                feeder: str = "auto", mesh=None, init: dict | None = None,
+                input_scale: float | None = None) -> SweepResult:
     """Trains every k of `cfg` side by side in one compiled program.
 
     train/test: uint8 images (N, 28, 28) for the image models; for vectors a float (N, d)
@@ -120,29 +121,34 @@ def train_sweep(cfg: SweepConfig, train, test=None, *, progress: bool = True, ch
     run_info: extra settings (e.g. the data used) stored in the checkpoint and required to
       match on resume. feeder: "auto", "device" or "host" (see data.feed).
     mesh: a jax.sharding.Mesh with axes data/model/latent (see sharding), or None.
+    init: stacked params to start from (e.g. an imported SAE's) instead of a fresh init, and
+      input_scale the scale they were trained with (None: the one normalize computes).
     """
     return prepare(cfg, train, test, checkpoint=checkpoint, resume=resume, run_info=run_info,
-                   feeder=feeder, mesh=mesh).run(progress, on_nan)
+                   feeder=feeder, mesh=mesh, init=init, input_scale=input_scale).run(progress, on_nan)
 
 
 def prepare(cfg: SweepConfig, train, test=None, *, checkpoint=None, resume: bool = False,
-            run_info: dict | None = None, feeder: str = "auto", mesh=None) -> "Training":
+            run_info: dict | None = None, feeder: str = "auto", mesh=None,
+            init: dict | None = None, input_scale: float | None = None) -> "Training":
     """A sweep ready to train (see train_sweep for the arguments): its budget, batching,
     state, batches and compiled step, for the loop, the benchmarks and the experiments."""
     if resume and checkpoint is None:
         raise ValueError("resume=True needs a checkpoint path")
     with sharding.use(mesh):
-        return Training(cfg, train, test, checkpoint, resume, run_info or {}, feeder, mesh)
+        return Training(cfg, train, test, checkpoint, resume, run_info or {}, feeder, mesh, init,
+                        input_scale)
 
 
 class Training:
     """One prepared sweep. `run` trains it; `compile` gives the compiled step alone."""
 
-    def __init__(self, cfg, train, test, checkpoint, resume, run_info, feeder, mesh):
+    def __init__(self, cfg, train, test, checkpoint, resume, run_info, feeder, mesh, init=None,
+                 input_scale=None):
         self.cfg, self.run_info, self.mesh, self.checkpoint = cfg, run_info, mesh, checkpoint
         self.family, self.clock = models.family(cfg.model), _Clock()
         rows = self.family.rows(train, "train")
-        self.input_scale = self.family.input_scale(rows)
+        self.input_scale = self.family.input_scale(rows) if input_scale is None else input_scale
         rows = _scaled(rows, self.input_scale)
         replicated = functools.partial(sharding.put, spec=sharding.P(), mesh=mesh)
         self.evalset = None if test is None else EvalSet(
@@ -155,7 +161,7 @@ class Training:
             state, self.history, self.start = ckpt["state"], ckpt["history"], ckpt["step"]
             self.clock.before = ckpt["seconds"]
         else:
-            state, self.history, self.start = init_state(cfg, rows), _fresh_history(), 0
+            state, self.history, self.start = init_state(cfg, rows, init), _fresh_history(), 0
         self.state = state_layout(sharding.put_state(state, mesh), self.batching)
         local = _process_rows(cfg.batch_size)
         self.feeder = make_feeder(rows, cfg.batch_size, cfg.seed, mode=feeder, local=local,
@@ -180,7 +186,7 @@ class Training:
         """Per-model (loss x rows, rec x rows, rows) accumulators for one segment."""
         with sharding.use(self.mesh):
             spec = sharding.leaf_spec((), 2)
-        return sharding.put(np.zeros((len(self.cfg.ks), 3), np.float32), spec, self.mesh)
+        return sharding.put(np.zeros((self.cfg.n_models, 3), np.float32), spec, self.mesh)
 
     def run(self, progress: bool = True, on_nan: str = "stop") -> SweepResult:
         """Trains to the end of the budget (from the checkpoint when resuming)."""
@@ -192,7 +198,7 @@ class Training:
     def _loop(self, progress: bool, on_nan: str) -> SweepResult:
         cfg, budget, history = self.cfg, self.budget, self.history
         bar = tqdm(total=budget.steps, initial=self.start, disable=not progress, unit="step",
-                   desc=f"{len(cfg.ks)} models")
+                   desc=f"{cfg.n_models} models")
         final, start = None, self.start
         for end in budget.segment_ends(start):
             healthy_before = sharding.to_host(self.state.diverged_at) < 0
@@ -310,7 +316,7 @@ def _record(history: dict, step: int, sums: np.ndarray, final: EvalResult | None
 
 def _divergence(cfg: SweepConfig, diverged_at: np.ndarray, per_epoch: int) -> dict:
     return {k: {"step": int(g) + 1, "epoch": int(g) // per_epoch + 1}
-            for k, g in zip(cfg.ks, diverged_at) if g >= 0}
+            for k, g in zip(cfg.labels, diverged_at) if g >= 0}
 
 
 def _process_rows(batch_size: int) -> tuple[int, int] | None:
@@ -343,7 +349,8 @@ def _stop_if_diverged(cfg, diverged_at: np.ndarray, healthy_before, budget: Budg
         return
     bar.close()
     where = _divergence(cfg, np.where(newly, diverged_at, -1), budget.steps_per_epoch)
-    lines = ", ".join(f"k={k} at step {w['step']} (epoch {w['epoch']})" for k, w in where.items())
+    lines = ", ".join(f"{cfg.label_name}={k} at step {w['step']} (epoch {w['epoch']})"
+                      for k, w in where.items())
     raise Diverged(f"non-finite loss or outputs: {lines}"
                    f"{'; the previous checkpoint is kept' if kept else ''}")
 

@@ -12,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")  # the lm extra: .ci/run installs requirements-lm.txt
 pytest.importorskip("transformers")
 
-from experiments import lm as lm_cli, sae  # noqa: E402
+from experiments import browse, lm as lm_cli, sae  # noqa: E402
 from ksae_jax import cli  # noqa: E402
 from ksae_jax.lm import cache, model as lm_model, offline_lm, splice, text  # noqa: E402
 
@@ -146,6 +146,10 @@ def test_sae_on_a_cache_reports_the_lm_metrics(tiny_lm, tmp_path):
     np.testing.assert_allclose(sae_loss - m["lm_loss_clean"], m["delta_loss"])
     np.testing.assert_allclose((m["lm_loss_zero"] - sae_loss) / (m["lm_loss_zero"] - m["lm_loss_clean"]),
                                m["loss_recovered"])
+    # the features in their text: browse finds the cache's contexts and tokenizer
+    browse.main([str(out)])
+    page = (out / "browse" / "k8.html").read_text()
+    assert page.count('class="ctx"') >= 5 and page.count("tok fire") >= 5 and "<svg" in page
 
 
 @pytest.mark.parametrize("flags,message", [

@@ -128,8 +128,8 @@ def images():
 def _blow_up_model_1(monkeypatch):
     init = train.init_state
 
-    def init_with_a_huge_model(cfg, rows=None):
-        state = init(cfg, rows)
+    def init_with_a_huge_model(cfg, rows=None, params=None):
+        state = init(cfg, rows, params)
         state.params["enc4"]["weight"] = state.params["enc4"]["weight"].at[1].multiply(1e30)
         return state
 

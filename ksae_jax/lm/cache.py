@@ -8,7 +8,9 @@ Training contexts are non-overlapping windows drawn at random from the training 
 stream (seeded); held-out contexts are consecutive windows of the held-out documents (every
 100th document, never trained on by the offline LM). The cache is a pure function of its
 settings: a cache killed midway resumes from its last whole shard when rerun with the same
-settings, and is refused with any other.
+settings, and is refused with any other. DIR/heldout_windows.npy holds the held-out
+contexts' token ids (row r of heldout/ is token r % (context - 1) + 1 of context
+r // (context - 1)), for looking at features in their text.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from ksae_jax.files import atomic_write, write_json
 from ksae_jax.lm import model as lm_model
 from ksae_jax.lm import offline_lm, text
 
-PROGRESS, META = ".progress.json", "meta.json"
+PROGRESS, META, HELD_WINDOWS = ".progress.json", "meta.json", "heldout_windows.npy"
 
 
 class CacheError(ValueError):
@@ -110,7 +112,7 @@ def _prepare_folder(out: Path, cfg: CacheConfig, overwrite: bool) -> int:
         return int(saved["train_shards"])
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise CacheError(f"{out}: folder is not empty (pass --overwrite to replace it)")
-    for old in list(out.glob("*/*.npy")) + [out / META, progress]:
+    for old in list(out.glob("*/*.npy")) + [out / META, out / HELD_WINDOWS, progress]:
         old.unlink(missing_ok=True)
     (out / "train").mkdir(parents=True, exist_ok=True)
     (out / "heldout").mkdir(exist_ok=True)
@@ -163,6 +165,7 @@ def build(cfg: CacheConfig, out: Path, *, overwrite: bool = False, progress: boo
                      bos, on_shard, bar)
         _write_split(model, cfg, held_stream, held_starts, cfg.heldout_tokens, out / "heldout", 0,
                      bos, lambda n: None, bar)
+    _save_npy(out / HELD_WINDOWS, offline_lm.windows(held_stream, held_starts, cfg.context, bos))
     meta = _meta(cfg, model, tokenizer, len(train_stream), time.perf_counter() - t0,
                  time.perf_counter() - t_acts)
     write_json(out / META, meta)

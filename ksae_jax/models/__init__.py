@@ -1,17 +1,25 @@
 """The model families, looked up once from the model config: `family(cfg.model)` gives the
 object that says everything about a kind of model (see family.Family). Images: `conv`, `mlp`
-(images.ImageFamily); vectors: `topk` (sae.TopKFamily)."""
+(images.ImageFamily); vectors: `topk` (sae.TopKFamily), `batchtopk`, `matryoshka`,
+`jumprelu` (their modules)."""
 from __future__ import annotations
 
 import functools
 
+from ksae_jax.models.batchtopk import BatchTopKFamily, BatchTopKSAEs
 from ksae_jax.models.family import Family
 from ksae_jax.models.images import Autoencoder, ImageFamily
+from ksae_jax.models.jumprelu import JumpReLUFamily, JumpReLUSAEs
 from ksae_jax.models.loaded import Loaded
+from ksae_jax.models.matryoshka import MatryoshkaFamily, MatryoshkaSAEs
 from ksae_jax.models.sae import TopKFamily, VectorSAE
 
-FAMILIES: dict[str, type[Family]] = {"conv": ImageFamily, "mlp": ImageFamily, "topk": TopKFamily}
-LOADED: dict[type[Family], type[Loaded]] = {ImageFamily: Autoencoder, TopKFamily: VectorSAE}
+FAMILIES: dict[str, type[Family]] = {
+    "conv": ImageFamily, "mlp": ImageFamily, "topk": TopKFamily, "batchtopk": BatchTopKFamily,
+    "matryoshka": MatryoshkaFamily, "jumprelu": JumpReLUFamily}
+LOADED: dict[type[Family], type[Loaded]] = {
+    ImageFamily: Autoencoder, TopKFamily: VectorSAE, BatchTopKFamily: BatchTopKSAEs,
+    MatryoshkaFamily: MatryoshkaSAEs, JumpReLUFamily: JumpReLUSAEs}
 
 
 @functools.lru_cache(maxsize=None)

@@ -4,7 +4,7 @@ files ask about a kind of model (nanodo's model factory; one small object per ki
 A family holds its model config (frozen, hashable: it is a static argument of jitted code)
 and gives:
 
-- `init(key)` and `init_from_data(params, rows, seed)`: fresh parameters;
+- `init(key)` and `init_from_data(params, rows, cfg)`: fresh parameters;
 - `forward(params, x, w, k, max_k, dead=..., aux_k=..., terms=...)`: THE forward pass, a
   NamedTuple with named parts; training, evaluation and inference all call it;
 - `loss(...)`: the training objective, read off the forward's output;
@@ -36,8 +36,13 @@ class Family:
 
     unit = "rows"                # what one training row is called in messages
     rec_name = "rec"             # the reconstruction metric ("mse", "fvu")
-    progress_names: tuple = ("loss",)  # what the progress bar shows ("loss", "fvu", "dead")
+    progress_names = ("loss",)   # what the progress bar shows ("loss", "fvu", "dead")
     shards_latents = False       # whether the mesh's latent axis can split its parameters
+
+    @property
+    def lr_scales(self) -> dict[str, float]:
+        """Parameter name -> multiplier of the learning rate (none by default)."""
+        return {}
 
     def module(self, rngs: nnx.Rngs) -> nnx.Module:
         raise NotImplementedError
@@ -50,9 +55,10 @@ class Family:
         """Fresh parameters as a plain nested dict of arrays (vmappable over keys)."""
         return nnx.to_pure_dict(nnx.state(self.module(nnx.Rngs(params=key)), nnx.Param))
 
-    def init_from_data(self, params: dict, rows: Rows, seed: int) -> dict:
-        """Stacked fresh params with what is initialised from the training rows set."""
-        del rows, seed
+    def init_from_data(self, params: dict, rows: Rows, cfg) -> dict:
+        """Stacked fresh params (one per model of the sweep cfg) with what is initialised from
+        the training rows set."""
+        del rows, cfg
         return params
 
     def bind(self, params: dict) -> nnx.Module:
@@ -75,16 +81,19 @@ class Family:
         """(scalar loss, {"loss", "rec", "fired"}) of one model on one batch."""
         raise NotImplementedError
 
-    def eval_sums(self, out, x, w):
-        """(squared error summed over real rows, (hidden,) rows on which each unit fires)."""
+    def eval_sums(self, out, x, w) -> dict:
+        """What evaluation adds up over the real rows of a batch: "sse" (squared error),
+        "counts" ((hidden,) rows on which each unit fires), and any family-specific sums
+        ("<name>_sse" become held-out "<name>_fvu")."""
         raise NotImplementedError
 
     def project_grads(self, params: dict, grads: dict) -> dict:
         return grads
 
-    def post_update(self, new: dict, old: dict, keep) -> dict:
-        """The parameters after an optimizer update (`keep`: whether the update applied)."""
-        del old, keep
+    def post_update(self, new: dict, old: dict, keep, metrics: dict) -> dict:
+        """The parameters after an optimizer update (`keep`: whether the update applied;
+        metrics: the loss's, e.g. what a running estimate follows)."""
+        del old, keep, metrics
         return new
 
     def rows(self, data, name: str) -> Rows:

@@ -158,7 +158,7 @@ class ImageFamily(Family):
         return (ConvKSAE if self.model.arch == "conv" else MlpKSAE)(self.model, rngs=rngs)
 
     def hyperparameters(self, cfg):
-        return {"l1": np.full(len(cfg.ks), self.model.l1, np.float32)}
+        return {"l1": np.full(cfg.n_models, self.model.l1, np.float32)}
 
     def loss(self, params, batch, hp, dead, *, cfg, max_k):
         x, w = batch["x"], batch["w"]
@@ -172,7 +172,7 @@ class ImageFamily(Family):
 
     def eval_sums(self, out, x, w):
         sse = jnp.sum(jnp.square(out.recon - x).reshape(x.shape[0], -1).sum(-1) * w)
-        return sse, jnp.sum((out.code != 0) * w[:, None], axis=0)
+        return {"sse": sse, "counts": jnp.sum((out.code != 0) * w[:, None], axis=0)}
 
     def rows(self, data, name):
         if isinstance(data, ArrayRows):

@@ -73,6 +73,7 @@ class Loaded:
         self.config = config
         self.family = self.family_class(config.model)
         self.ks = tuple(int(k) for k in ks)
+        self.labels = config.labels  # the ks, or JumpReLU's L0 coefficients
         self.params = params
         self.metrics = metrics or {}
         self.input_scale = float(input_scale)
@@ -86,13 +87,29 @@ class Loaded:
             raise ValueError(f"{what} must be an integer, got {k!r}")
         return int(k)
 
-    def params_for(self, k: int) -> dict:
-        """The parameters of the model trained with this k."""
-        k = self._k(k)
-        if k not in self.ks:
-            raise ValueError(f"no model for k={k!r} in this file; it holds ks {list(self.ks)}")
-        i = self.ks.index(k)
+    def index(self, k) -> int:
+        """Which model a k names (JumpReLU: an L0 coefficient; None when there is one model)."""
+        name = self.config.label_name
+        if k is None:
+            if len(self.labels) != 1:
+                raise ValueError(f"this file holds {len(self.labels)} models: name one by "
+                                 f"{name} ({list(self.labels)})")
+            return 0
+        if name == "k":
+            k = self._k(k)
+        if k not in self.labels:
+            raise ValueError(f"no model for {name}={k!r} in this file; it holds {name}s "
+                             f"{list(self.labels)}")
+        return self.labels.index(k)
+
+    def params_for(self, k=None) -> dict:
+        """The parameters of the model trained with this k (see index)."""
+        i = self.index(k)
         return jax.tree.map(lambda a: a[i], self.params)
+
+    def _k_of(self, k) -> int:
+        """The k the forward keeps for the model named k (1 for models without a k)."""
+        return self.config.max_ks[self.index(k)] if not self.ks else self._k(k)
 
     def _inputs(self, x) -> np.ndarray:
         raise NotImplementedError
@@ -100,29 +117,29 @@ class Loaded:
     def _codes(self, code) -> np.ndarray:
         return as_rows(code, self.model_config.hidden, "code", "fiu")
 
-    def encode(self, x, k: int, n_active: int | None = None) -> np.ndarray:
-        """k-sparse codes (N, hidden) with the model of k (n_active: units kept, default k;
+    def encode(self, x, k=None, n_active: int | None = None) -> np.ndarray:
+        """Sparse codes (N, hidden) with the model of k (n_active: units kept, default k;
         e.g. 3 * k for classification features). One input without N gives N = 1."""
         p = self.params_for(k)
-        n_active = self._k(k) if n_active is None else check_k(n_active, self.model_config.hidden,
-                                                               "n_active")
+        n_active = self._k_of(k) if n_active is None else check_k(
+            n_active, self.model_config.hidden, "n_active")
         fn = functools.partial(_encode, p, k=jnp.int32(n_active), family=self.family,
                                max_k=n_active)
         return chunked(fn, self._inputs(x), (self.model_config.hidden,))
 
-    def decode(self, code, k: int) -> np.ndarray:
+    def decode(self, code, k=None) -> np.ndarray:
         """Inputs (N, ...) from codes (N, hidden) or one code (hidden,), with the model of k."""
         p = self.params_for(k)
         out = chunked(functools.partial(_decode, p, family=self.family), self._codes(code),
                       self.model_config.input_shape)
         return out / np.float32(self.input_scale)
 
-    def reconstruct(self, x, k: int) -> np.ndarray:
+    def reconstruct(self, x, k=None) -> np.ndarray:
         return self.decode(self.encode(x, k), k)
 
-    def unit_usage(self, x, k: int) -> np.ndarray:
+    def unit_usage(self, x, k=None) -> np.ndarray:
         """For each code unit, on how many rows of x it is among the top k (0: dead)."""
-        p, x = self.params_for(k), self._inputs(x)
-        fn = functools.partial(_usage, p, k=jnp.int32(k), family=self.family, max_k=k)
+        p, x, kk = self.params_for(k), self._inputs(x), self._k_of(k)
+        fn = functools.partial(_usage, p, k=jnp.int32(kk), family=self.family, max_k=kk)
         return sum((np.asarray(fn(x[i:i + CHUNK])) for i in range(0, len(x), CHUNK)),
                    np.zeros(self.model_config.hidden))

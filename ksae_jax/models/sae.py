@@ -28,6 +28,7 @@ from ksae_jax.topk import top_k
 SPARSE_MAX_DENSITY = 1 / 16  # "auto": sparse paths while k / n is below this
 MULTI_TOPK_FACTOR, MULTI_TOPK_WEIGHT = 4, 1 / 8
 MEDIAN_ROWS = 32_768  # training rows the geometric median of b_dec is taken over
+FIT_ROWS = 4096       # ... of which the fitted init scale sees these
 
 
 class SaeOutput(NamedTuple):
@@ -57,11 +58,17 @@ def use_sparse(cfg: SaeModel, k: int) -> bool:
     return k <= SPARSE_MAX_DENSITY * cfg.hidden
 
 
+def squared_error(recon, x, w):
+    """Squared error summed over the real rows."""
+    return jnp.sum(jnp.square(recon - x).reshape(x.shape[0], -1).sum(-1) * w)
+
+
 class TopKSAE(nnx.Module):
     def __init__(self, cfg: SaeModel, *, rngs: nnx.Rngs):
         rows = jax.random.normal(rngs.params(), (cfg.hidden, cfg.d_in), jnp.float32)
         rows = rows / jnp.linalg.norm(rows, axis=1, keepdims=True)
-        self.W_enc = nnx.Param(rows * cfg.init_scale if cfg.init_scale != 1 else rows)
+        scale = 1.0 if cfg.init_scale == "fit" else cfg.init_scale  # "fit": set from the data
+        self.W_enc = nnx.Param(rows * scale if scale != 1 else rows)
         self.b_enc = nnx.Param(jnp.zeros((cfg.hidden,), jnp.float32))
         self.W_dec = nnx.Param(rows)
         self.b_dec = nnx.Param(jnp.zeros((cfg.d_in,), jnp.float32))
@@ -73,6 +80,11 @@ class TopKSAE(nnx.Module):
         `kept_values`."""
         W, b_dec = lax.stop_gradient((self.W_enc[...], self.b_dec[...]))
         return (x - b_dec) @ W.T
+
+    def dense_pre(self, x):
+        """(B, n) pre-activations (x - b_dec) W_enc^T + b_enc, differentiable (the dense-code
+        families' encoder)."""
+        return (x - self.b_dec[...]) @ self.W_enc[...].T + self.b_enc[...]
 
     def select(self, pre, k: int, dead=None):
         """(values, indices) of the k largest pre-activations pre + b_enc of each row, among
@@ -142,16 +154,25 @@ class TopKFamily(Family):
     def module(self, rngs):
         return TopKSAE(self.model, rngs=rngs)
 
-    def init_from_data(self, params, rows, seed):
+    def init_from_data(self, params, rows, cfg):
         """b_dec = the geometric median (or the mean) of up to MEDIAN_ROWS training rows drawn
-        with seed, or zero."""
-        if self.model.b_dec_init == "zero":
+        with cfg.seed, or zero; with init_scale "fit", each model's encoder scale fitted to
+        its first reconstructions of those rows (recipe.fitted_encoder_scale)."""
+        mc = self.model
+        if mc.b_dec_init == "zero" and mc.init_scale != "fit":
             return params
-        pick = np.random.default_rng(seed).permutation(rows.n)[:MEDIAN_ROWS]
-        sample = rows.take(np.sort(pick)) * np.float32(rows.scale)
-        center = (recipe.geometric_median(sample) if self.model.b_dec_init == "median"
-                  else jnp.asarray(sample.mean(axis=0, dtype=np.float64), jnp.float32))
-        return {**params, "b_dec": jnp.broadcast_to(center, params["b_dec"].shape)}
+        pick = np.random.default_rng(cfg.seed).permutation(rows.n)[:MEDIAN_ROWS]
+        sample = jnp.asarray(rows.take(np.sort(pick)) * np.float32(rows.scale))
+        if mc.b_dec_init != "zero":
+            center = (recipe.geometric_median(sample) if mc.b_dec_init == "median"
+                      else jnp.mean(sample, axis=0, dtype=jnp.float64).astype(jnp.float32))
+            params = {**params, "b_dec": jnp.broadcast_to(center, params["b_dec"].shape)}
+        if mc.init_scale == "fit":
+            scales = [recipe.fitted_encoder_scale(sample[:FIT_ROWS] - params["b_dec"][m],
+                                                  params["W_dec"][m], k)
+                      for m, k in enumerate(cfg.max_ks)]
+            params = {**params, "W_enc": params["W_dec"] * jnp.stack(scales)[:, None, None]}
+        return params
 
     def loss(self, params, batch, hp, dead, *, cfg, max_k):
         x, w = batch["x"], batch["w"]
@@ -162,20 +183,22 @@ class TopKFamily(Family):
             loss += MULTI_TOPK_WEIGHT * out.multi_topk_fvu
         if cfg.aux_coef:
             loss += cfg.aux_coef * out.auxk
-        fired = losses.fired_units(out.indices, out.values, w, self.model.hidden)
-        return loss, {"loss": loss, "rec": out.fvu, "fired": fired}
+        return loss, {"loss": loss, "rec": out.fvu, "fired": self.fired(out, w)}
+
+    def fired(self, out, w):
+        """(n,) bool: latents with a positive kept value on a real row of the batch."""
+        return losses.fired_units(out.indices, out.values, w, self.model.hidden)
 
     def eval_sums(self, out, x, w):
-        sse = jnp.sum(jnp.square(out.recon - x).reshape(x.shape[0], -1).sum(-1) * w)
         on = (out.values > 0) * w[:, None]
         counts = jnp.zeros(self.model.hidden).at[out.indices.reshape(-1)].add(on.reshape(-1))
-        return sse, counts
+        return {"sse": squared_error(out.recon, x, w), "counts": counts}
 
     def project_grads(self, params, grads):
         """The decoder rows' gradient without its component along the rows."""
         return {**grads, "W_dec": recipe.remove_parallel_component(params["W_dec"], grads["W_dec"])}
 
-    def post_update(self, new, old, keep):
+    def post_update(self, new, old, keep, metrics):
         """Unit decoder rows again; a frozen model's rows are left bit for bit."""
         return {**new, "W_dec": jnp.where(keep, recipe.unit_norm_rows(new["W_dec"]), old["W_dec"])}
 
@@ -224,7 +247,7 @@ class VectorSAE(Loaded):
 
     def encode_topk(self, x, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(values, indices), each (N, k): the kept latents of every vector."""
-        p, x = self.params_for(k), self._inputs(x)
+        p, x, k = self.params_for(k), self._inputs(x), self._k(k)
         if len(x) == 0:
             return np.zeros((0, k), np.float32), np.zeros((0, k), np.int32)
         outs = [forward_jit(p, x[i:i + CHUNK], jnp.int32(k), family=self.family, max_k=k)
@@ -232,14 +255,19 @@ class VectorSAE(Loaded):
         return (np.concatenate([np.asarray(o.values) for o in outs]),
                 np.concatenate([np.asarray(o.indices) for o in outs]))
 
-    def reconstruct_array(self, x: jax.Array, k: int) -> jax.Array:
+    def reconstruct_array(self, x: jax.Array, k=None) -> jax.Array:
         """Reconstructions of the rows of a JAX array (e.g. from DLPack) on its device: no
         host copy and no input checks (the caller's array is trusted)."""
         if k not in self._on_device:
             self._on_device[k] = jax.device_put(self.params_for(k))
-        return reconstruct_jit(self._on_device[k], x, jnp.int32(k), jnp.float32(self.input_scale),
-                               family=self.family, max_k=k)
+        kk = self._k_of(k)
+        return reconstruct_jit(self._on_device[k], x, jnp.int32(kk), jnp.float32(self.input_scale),
+                               family=self.family, max_k=kk)
 
-    def decoder_directions(self, k: int) -> np.ndarray:
+    def saelens_view(self, k=None) -> tuple[str, int | None, np.ndarray | None]:
+        """(SAELens architecture, its k, its threshold) of the model named k."""
+        return "topk", self._k(k), None
+
+    def decoder_directions(self, k=None) -> np.ndarray:
         """(n, d) unit decoder rows of the model of k (in normalised input space)."""
         return np.asarray(self.params_for(k)["W_dec"])

@@ -1,0 +1,139 @@
+"""SAEs in and out of the ecosystem's formats: folders that sparsify and SAELens themselves
+wrote (tests/fixtures, made by make_interop_fixtures.py) load and reconstruct as those
+libraries do; every family exports to SAELens's layout, whose arithmetic (checked here in
+NumPy) reconstructs as ours does; bad folders are refused in one line; training continues
+from an imported SAE."""
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import ksae_jax
+from experiments import sae as sae_cli
+from ksae_jax import cli, sae_config, train
+from ksae_jax.data import synthetic
+from ksae_jax.safe_pickle import ParamsFileError
+
+FIXTURES = Path(__file__).parent / "fixtures"
+THIRD_PARTY = ["sparsify_topk", "saelens_topk", "saelens_topk_no_b_dec_in", "saelens_jumprelu"]
+
+
+@pytest.mark.parametrize("name", THIRD_PARTY)
+def test_folders_written_by_sparsify_and_saelens_reconstruct_as_they_do(name):
+    expected = np.load(FIXTURES / name / "expected.npz")
+    model = ksae_jax.load(FIXTURES / name)
+    assert model.model_config.d_in == 16 and model.model_config.hidden == 64
+    label = int(expected["k"]) if model.ks else None
+    np.testing.assert_allclose(model.reconstruct(expected["x"], label), expected["recon"],
+                               rtol=1e-5, atol=1e-5)
+
+
+def _saelens_forward(folder: Path, x: np.ndarray) -> np.ndarray:
+    """SAELens's inference forward (topk / jumprelu, apply_b_dec_to_input) in NumPy."""
+    from safetensors.numpy import load_file
+
+    cfg = json.loads((folder / "cfg.json").read_text())
+    t = load_file(str(folder / "sae_weights.safetensors"))
+    pre = (x - t["b_dec"] * cfg["apply_b_dec_to_input"]) @ t["W_enc"] + t["b_enc"]
+    if cfg["architecture"] == "topk":
+        idx = np.argsort(-pre, axis=1, kind="stable")[:, :cfg["k"]]
+        acts = np.zeros_like(pre)
+        np.put_along_axis(acts, idx, np.maximum(np.take_along_axis(pre, idx, 1), 0), 1)
+    else:
+        acts = np.maximum(pre, 0) * (pre > t["threshold"])
+    return acts @ t["W_dec"] + t["b_dec"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny sweep of every SAE family, normalised inputs (the scale must be folded in)."""
+    x = synthetic.generate(3000, d=16, n_features=24, mean_active=3, seed=0).x * 4 + 1
+    out = {}
+    for arch, extra in [("topk", {}), ("batchtopk", {}), ("matryoshka", {"prefixes": (8, 32)}),
+                        ("jumprelu", {"l0_coefs": (1e-3,)})]:
+        ks = () if arch == "jumprelu" else (3,)
+        cfg = sae_config(16, ks, latents=64, steps=20, batch_size=256, normalize=True, arch=arch,
+                         **extra)
+        r = train.train_sweep(cfg, x[:2500], x[2500:], progress=False)
+        out[arch] = ksae_jax.load(r.save(tmp_path_factory.mktemp(arch)))
+    return out, x[2500:2560]
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka", "jumprelu"])
+def test_every_family_exports_to_saelens_and_reads_back(trained, arch, tmp_path):
+    models, x = trained
+    model = models[arch]
+    label = model.labels[0]
+    folder = ksae_jax.export_saelens(model, label, tmp_path / "sl")
+    cfg = json.loads((folder / "cfg.json").read_text())
+    assert cfg["architecture"] == ("topk" if arch == "topk" else "jumprelu")
+    assert (cfg["d_in"], cfg["d_sae"], cfg["metadata"]["ksae_jax_arch"]) == (16, 64, arch)
+    ours = model.reconstruct(x, label)
+    np.testing.assert_allclose(_saelens_forward(folder, x), ours, rtol=1e-4, atol=1e-4)
+    again = ksae_jax.load(folder)  # and ksae_jax reads SAELens's format back
+    np.testing.assert_allclose(again.reconstruct(x, label if again.ks else None), ours,
+                               rtol=1e-4, atol=1e-4)
+
+
+def _broken(tmp_path, change) -> Path:
+    folder = tmp_path / "broken"
+    shutil.copytree(FIXTURES / "saelens_jumprelu", folder)
+    change(folder)
+    return folder
+
+
+def _edit_cfg(folder, **fields):
+    cfg = json.loads((folder / "cfg.json").read_text())
+    (folder / "cfg.json").write_text(json.dumps({**cfg, **fields}))
+
+
+def _short_threshold(folder):
+    from safetensors.numpy import load_file, save_file
+    t = load_file(str(folder / "sae_weights.safetensors"))
+    save_file({**t, "threshold": t["threshold"][:10]}, str(folder / "sae_weights.safetensors"))
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda f: (f / "sae_weights.safetensors").unlink(), "neither a ksae_jax export"),
+    (lambda f: _edit_cfg(f, d_sae=32), "W_enc has shape (16, 64), but cfg.json says (16, 32)"),
+    (_short_threshold, "threshold has shape (10,), but cfg.json says (64,)"),
+    (lambda f: _edit_cfg(f, architecture="gated"), "architecture 'gated' is not read"),
+])
+def test_bad_folders_are_one_line_exit_2_and_nothing_is_written(tmp_path, capsys, change, message):
+    folder = _broken(tmp_path, change)
+    with pytest.raises(ParamsFileError, match="broken"):
+        ksae_jax.load(folder)
+    np.save(tmp_path / "x.npy", np.ones((600, 16), np.float32))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        cli.run(sae_cli.main, ["--data", str(tmp_path / "x.npy"), "--init", str(folder),
+                               "--steps", "2", "--batch-size", "100", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("name", ["sparsify_topk", "saelens_jumprelu"])
+def test_training_continues_from_an_imported_sae(name, tmp_path):
+    x = synthetic.generate(3000, d=16, n_features=24, mean_active=3, seed=1).x
+    np.save(tmp_path / "x.npy", x)
+    start = ksae_jax.load(FIXTURES / name)
+    out = tmp_path / "run"
+    sae_cli.main(["--data", str(tmp_path / "x.npy"), "--init", str(FIXTURES / name), "--steps", "1",
+                  "--batch-size", "256", "--lr", "1e-9", "--out", str(out), "--no-progress"])
+    after = ksae_jax.load(out / "params.pkl")
+    assert after.model_config.arch == start.model_config.arch and after.labels == start.labels
+    for name_, a in start.params.items():  # one step at lr 1e-9: where the import left off
+        np.testing.assert_allclose(after.params[name_], a, rtol=1e-4, atol=1e-5, err_msg=name_)
+    m = json.loads((out / "metrics.json").read_text())
+    assert np.isfinite(m["fvu"]).all()
+
+
+def test_sparsify_export_refuses_other_families(trained, tmp_path):
+    models, _ = trained
+    with pytest.raises(ValueError, match="export_saelens takes every SAE"):
+        ksae_jax.export_sparsify(models["jumprelu"], None, tmp_path / "sp")
+    assert jax.tree.leaves(models["topk"].params)
