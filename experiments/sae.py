@@ -168,7 +168,8 @@ class Sae(runner.Experiment):
     start = None    # the SAE training starts from, when --init is given
 
     def add_flags(self, p):
-        p.add_argument("--data", type=Path, required=True, help=".npy file or folder of .npy shards")
+        p.add_argument("--data", type=Path, default=None,
+                       help=".npy file or folder of .npy shards (required unless --plan)")
         p.add_argument("--eval-data", type=Path, default=None, help="held-out .npy (or folder)")
         p.add_argument("--eval-frac", type=cli.positive_float, default=0.05,
                        help="held out from the end of --data when no --eval-data (default 0.05)")
@@ -176,9 +177,26 @@ class Sae(runner.Experiment):
                        help="drop rows holding NaN or Inf instead of refusing the data")
         add_sae_flags(p)
         add_lm_flags(p)
+        g = p.add_argument_group("the compiler's plan (no data, nothing allocated)")
+        g.add_argument("--plan", action="store_true",
+                       help="compile one training step of this sweep on --mesh from abstract "
+                            "shapes and print its memory, FLOPs and collectives per device")
+        g.add_argument("--d-in", type=cli.positive_int, default=None,
+                       help="--plan: width of the vectors (there is no --data)")
         cli.add_run_flags(p, default_out=self.default_out)
 
+    def run_instead(self, args):
+        if args.plan:
+            run_plan(self, args)
+        return args.plan
+
     def check_flags(self, args):
+        if args.plan:
+            if args.d_in is None or args.mesh is None:
+                raise cli.UsageError("--plan needs --d-in and --mesh")
+            return
+        if args.data is None:
+            raise cli.UsageError("the following arguments are required: --data")
         if args.eval_frac >= 1:
             raise cli.UsageError(f"--eval-frac must be below 1, got {args.eval_frac}")
         self.lm_eval = None if args.lm is None else lm_evaluation(args)
@@ -229,7 +247,7 @@ class Sae(runner.Experiment):
 
     def metrics(self, run) -> dict:
         metrics = sweep_metrics(run)
-        if self.lm_eval is not None:
+        if self.lm_eval is not None and run.result.on_host:
             metrics.update(self.lm_eval(run.result.models(), list(run.cfg.labels)))
         return metrics
 
@@ -237,7 +255,8 @@ class Sae(runner.Experiment):
         metrics = self.metrics(run)
         write_json(run.out / "metrics.json", metrics)
         runner.save(run, metrics, extra={"data": run.data.name})
-        write_figures(run, metrics, run.result.models(metrics))
+        if run.result.on_host:  # the figures of the decoder rows need the params here
+            write_figures(run, metrics, run.result.models(metrics))
         print_table(run.cfg, metrics)
         print(f"wall time {run.result.seconds:.1f} s ({run.result.compile_seconds:.1f} s compile "
               f"+ first step); outputs in {run.out}")
@@ -304,6 +323,46 @@ def lm_evaluation(args):
                                  args.lm_tokens, meta.get("context", 128))
     except (lm_model.LMError, text.TextError, ValueError) as e:
         raise cli.UsageError(f"--lm: {e}") from None
+
+
+def run_plan(experiment: Sae, args) -> None:
+    """--plan: the compiled step's memory, FLOPs and collectives per device, on the mesh the
+    flags give; on CPU the devices are forced (in a child process) when there are too few."""
+    import os
+    import subprocess
+    import sys
+
+    import jax
+
+    from ksae_jax import plan, sharding
+
+    try:
+        axes = sharding.parse_mesh(args.mesh)
+    except ValueError as e:
+        raise cli.UsageError(f"--mesh: {e}") from None
+    need = int(np.prod(list(axes.values())))
+    if jax.device_count() < need and jax.default_backend() == "cpu":
+        env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} "
+                                          f"--xla_force_host_platform_device_count={need}"}
+        sys.exit(subprocess.run([sys.executable, "-m", "experiments.sae", *sys.argv[1:]],
+                                env=env).returncode)
+    cfg = runner.build_config(experiment, args, {"d": args.d_in})
+    try:
+        sharding.check_axes(axes, jax.device_count(), cfg, True)
+    except ValueError as e:
+        raise cli.UsageError(f"--mesh: {e}") from None
+    p = plan.plan(cfg, sharding.make_mesh(axes))
+    s = plan.summary(p)
+    print(f"plan: {cfg.model.arch} d = {cfg.model.d_in}, n = {cfg.model.hidden:,}, ks "
+          f"{list(cfg.labels)}, batch {cfg.batch_size}, mesh {s['mesh']} ({s['devices']} "
+          f"devices); per device: arguments {s['arguments_gb']:.2f} GB, outputs "
+          f"{s['outputs_gb']:.2f} GB, temporaries {s['temp_gb']:.2f} GB, {s['tflop']:.2f} TFLOP; "
+          "collectives " + (", ".join(f"{op} {gb:.3f} GB" for op, gb in
+                                      s["collective_gb"].items()) or "none"))
+    if args.out is not None:
+        from ksae_jax.files import write_json
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_json(args.out / "plan.json", {**p, "summary": s})
 
 
 def print_table(cfg, metrics: dict) -> None:

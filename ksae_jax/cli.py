@@ -24,7 +24,7 @@ class RunFailed(Exception):
     """A run that could not produce its result (e.g. diverged): one line, exit code 1."""
 
 
-CHECKPOINT = "checkpoint.pkl"
+CHECKPOINTS, LEGACY_CHECKPOINT = "checkpoints", "checkpoint.pkl"  # Orbax; ksae_jax 0.2's
 
 
 class Parser(argparse.ArgumentParser):
@@ -108,6 +108,11 @@ def add_run_flags(p: argparse.ArgumentParser, default_out: str) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace results in a non-empty --out")
     p.add_argument("--resume", type=Path, default=None, metavar="DIR",
                    help="continue the run in DIR from its last checkpoint (same flags as before)")
+    p.add_argument("--keep-checkpoints", type=positive_int, default=2, metavar="N",
+                   help="keep the last N checkpoints (default 2)")
+    p.add_argument("--host-params-gb", type=positive_float, default=None, metavar="GB",
+                   help="params larger than this are saved sharded, not gathered into one "
+                        "params.pkl (default: a quarter of the host's memory)")
     p.add_argument("--on-nan", choices=("stop", "continue"), default="stop",
                    help="when a model's loss becomes NaN/Inf: stop (default) or freeze that "
                         "model and train the others on")
@@ -182,8 +187,8 @@ def output_dir(args, default: str) -> Path:
     folder = args.resume
     if args.out is not None and args.out.resolve() != folder.resolve():
         raise UsageError(f"--resume {folder} continues in that folder; drop --out {args.out}")
-    if not (folder / CHECKPOINT).is_file():
-        raise UsageError(f"--resume {folder}: no {CHECKPOINT} there (nothing to resume)")
+    if not (folder / CHECKPOINTS).is_dir() and not (folder / LEGACY_CHECKPOINT).is_file():
+        raise UsageError(f"--resume {folder}: no {CHECKPOINTS}/ there (nothing to resume)")
     for stale in folder.glob(".*.tmp"):  # partial writes of the interrupted run
         stale.unlink()
     return folder

@@ -35,15 +35,18 @@ def dead_mask(since_fired: jax.Array, dead_tokens: int) -> jax.Array:
 
 
 @jax.jit
-def geometric_median(points: jax.Array, max_iter: int = 100, tol: float = 1e-5) -> jax.Array:
-    """The point minimising the sum of Euclidean distances to `points` (N, d), by Weiszfeld's
-    iteration from the mean (a point that lands on a sample is kept away by a tiny floor)."""
+def geometric_median(points: jax.Array, valid: jax.Array | None = None, max_iter: int = 100,
+                     tol: float = 1e-5) -> jax.Array:
+    """The point minimising the sum of Euclidean distances to the `valid` rows of `points`
+    (N, d) (all without a mask), by Weiszfeld's iteration from their mean (a point that
+    lands on a sample is kept away by a tiny floor)."""
     points = points.astype(jnp.float32)
+    real = jnp.ones(points.shape[0], jnp.float32) if valid is None else valid.astype(jnp.float32)
 
     def step(state):
         guess, _, i = state
         dist = jnp.maximum(jnp.linalg.norm(points - guess, axis=1), 1e-8)
-        weights = 1.0 / dist
+        weights = real / dist
         new = (weights @ points) / weights.sum()
         return new, jnp.linalg.norm(new - guess), i + 1
 
@@ -51,17 +54,19 @@ def geometric_median(points: jax.Array, max_iter: int = 100, tol: float = 1e-5) 
         _, moved, i = state
         return (moved > tol) & (i < max_iter)
 
-    start = points.mean(axis=0)
+    start = points.mean(axis=0) if valid is None else (real @ points) / real.sum()
     median, _, _ = lax.while_loop(going, step, (start, jnp.asarray(jnp.inf, jnp.float32), 0))
     return median
 
 
 @functools.partial(jax.jit, static_argnames="k")
-def fitted_encoder_scale(x_c: jax.Array, W_dec: jax.Array, k: int) -> jax.Array:
+def fitted_encoder_scale(x_c: jax.Array, W_dec: jax.Array, k: int,
+                         valid: jax.Array | None = None) -> jax.Array:
     """The s for which W_enc = s W_dec reconstructs the centred rows x_c best at init: with
     z = ReLU(TopK(x_c W_dec^T)) and r = z W_dec, the reconstruction is s r, and
-    s = <x_c, r> / <r, r> minimises |x_c - s r|^2 summed over the rows. For k latents of
-    random directions r grows about as sqrt(k), so the best s falls with k."""
+    s = <x_c, r> / <r, r> minimises |x_c - s r|^2 summed over the (valid) rows. For k
+    latents of random directions r grows about as sqrt(k), so the best s falls with k."""
     vals, idx = jax.lax.top_k(x_c @ W_dec.T, k)
     r = jnp.einsum("bk,bkd->bd", jax.nn.relu(vals), W_dec[idx])
-    return jnp.sum(x_c * r) / jnp.maximum(jnp.sum(r * r), 1e-30)
+    w = 1.0 if valid is None else valid.astype(r.dtype)[:, None]
+    return jnp.sum(w * x_c * r) / jnp.maximum(jnp.sum(w * r * r), 1e-30)

@@ -20,6 +20,7 @@ import jax
 
 from ksae_jax import cli, sharding
 from ksae_jax.config import SweepConfig
+from ksae_jax.safe_pickle import ParamsFileError
 from ksae_jax.train import (AllDiverged, CheckpointMismatch, Diverged, SweepResult, Training,
                             prepare)
 
@@ -64,6 +65,11 @@ class Experiment:
     def check_flags(self, args) -> None:
         """Refusals that need the flags only (cli.UsageError)."""
 
+    def run_instead(self, args) -> bool:
+        """Something the flags ask for instead of training (e.g. a compiled plan); True when
+        it was done."""
+        return False
+
     def describe(self, args) -> dict:
         """What config() needs to know of the data, found without reading it."""
         return {}
@@ -100,10 +106,13 @@ def main(experiment: Experiment, argv: list[str] | None = None) -> None:
     cli.run(functools.partial(execute, experiment), argv, prog=experiment.name)
 
 
-def execute(experiment: Experiment, argv: list[str] | None = None) -> Run:
-    """The steps of the module docstring; returns the finished run."""
+def execute(experiment: Experiment, argv: list[str] | None = None) -> Run | None:
+    """The steps of the module docstring; returns the finished run (None when the flags
+    asked for something else instead, see Experiment.run_instead)."""
     args = experiment.parse(argv)
     experiment.check_flags(args)
+    if experiment.run_instead(args):
+        return None
     cli.start_devices(args)
     spec = experiment.describe(args)
     cfg = build_config(experiment, args, spec)
@@ -150,9 +159,12 @@ def output_folder(args, default: str):
 
 def _prepare(cfg, data: Data, out: Path, args, mesh, options: dict) -> Training:
     try:
-        return prepare(cfg, data.train, data.test, checkpoint=out / cli.CHECKPOINT,
-                       resume=args.resume is not None, run_info=data.info, mesh=mesh, **options)
-    except CheckpointMismatch as e:
+        return prepare(cfg, data.train, data.test, checkpoint=out / cli.CHECKPOINTS,
+                       resume=args.resume is not None, run_info=data.info, mesh=mesh,
+                       keep_checkpoints=args.keep_checkpoints,
+                       host_limit=None if args.host_params_gb is None else int(args.host_params_gb * 1e9),
+                       **options)
+    except (CheckpointMismatch, ParamsFileError) as e:
         raise cli.UsageError(f"--resume {e}") from None
 
 
@@ -165,11 +177,16 @@ def _train(training: Training, args) -> SweepResult:
 
 
 def save(run: Run, metrics: dict | None = None, extra: dict | None = None) -> Path:
-    """params.pkl of the run's healthy models in its folder; RunFailed if every model diverged."""
+    """params.pkl of the run's healthy models in its folder (or, for params too large for one
+    host, their sharded form, said in one line); RunFailed if every model diverged."""
     try:
-        return run.result.save(run.out, metrics, extra)
+        path = run.result.save(run.out, metrics, extra)
     except AllDiverged as e:
         raise cli.RunFailed(f"{e}: no params.pkl written; try a smaller --lr") from None
+    if not run.result.on_host and sharding.is_writer():
+        print(f"the params do not fit one host: no params.pkl; written sharded to {path} and as "
+              f"safetensors per process in {path.parent / 'params_shards'}")
+    return path
 
 
 def announce(training: Training, log=print) -> dict:

@@ -23,7 +23,7 @@ from jax import lax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 AXES = ("data", "model", "latent")
-LATENT_LEAVES = ("W_enc", "b_enc", "W_dec", "since_fired")  # leaves with a latent axis (dim 1)
+LATENT_LEAVES = ("W_enc", "b_enc", "W_dec", "log_threshold", "since_fired")  # latent axis: dim 1
 
 
 def parse_mesh(text: str) -> dict[str, int]:
@@ -134,12 +134,22 @@ def put(array, spec: P, mesh) -> jax.Array:
     return jax.make_array_from_callback(array.shape, sharding, lambda idx: array[idx])
 
 
-def put_state(state, mesh):
+def state_shardings(state, mesh):
+    """NamedShardings of a train state's leaves on the mesh (None without a mesh)."""
     if mesh is None:
-        return jax.device_put(state)
+        return None
     with use(mesh):
         specs = state_specs(state)
-    return jax.tree.map(lambda a, s: put(a, s, mesh), jax.device_get(state), specs)
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
+
+
+def global_rows(local: np.ndarray, mesh) -> jax.Array:
+    """One array of rows from each process's `local` rows, split over every device of the
+    mesh (so that reductions over the rows become collectives), or on the default device."""
+    if mesh is None:
+        return jnp.asarray(local)
+    return jax.make_array_from_process_local_data(
+        NamedSharding(mesh, P(tuple(mesh.axis_names))), np.ascontiguousarray(local))
 
 
 def batch_putter(mesh, local: tuple[int, int] | None = None):

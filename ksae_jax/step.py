@@ -92,20 +92,33 @@ def sweep_step(state: TrainState, sums: jax.Array, batch: dict, ks, step, *, cfg
     return sharding.constrain(state, sharding.state_specs(state)), sums
 
 
-def init_state(cfg: SweepConfig, rows: Rows | None = None, params: dict | None = None
-               ) -> TrainState:
+def init_state(cfg: SweepConfig, rows: Rows | None = None, params: dict | None = None,
+               mesh=None) -> TrainState:
     """Fresh models, one per k (init seeds cfg.seeds), with what the family initialises from
     the training rows (e.g. a TopK SAE's b_dec) when they are given; or, with `params`
-    (stacked, e.g. an imported SAE), models that start from those, with fresh Adam states."""
+    (stacked, e.g. an imported SAE), models that start from those, with fresh Adam states.
+
+    It runs as one jitted program whose outputs are placed as the mesh shards them: no
+    process builds an array that is split across devices, on the host or on one device.
+    The rows it reads (family.data_sample) are each process's own, combined by the
+    program's collectives."""
+    family = models.family(cfg.model)
+    sample = None if rows is None or params is not None else family.data_sample(rows, cfg, mesh)
+    fn = functools.partial(_fresh_state, cfg)
+    out = sharding.state_shardings(jax.eval_shape(fn, sample, params), mesh)
+    with sharding.use(mesh):
+        return jax.jit(fn, out_shardings=out)(sample, params)
+
+
+def _fresh_state(cfg: SweepConfig, sample, params) -> TrainState:
     family = models.family(cfg.model)
     if params is None:
         keys = jax.vmap(jax.random.key)(jnp.asarray(cfg.seeds, jnp.uint32))
         params = jax.vmap(family.init)(keys)
-        params = jax.tree.map(jnp.copy, params)  # own buffers: init may alias equal leaves
-        if rows is not None:
-            params = family.init_from_data(params, rows, cfg)
+        if sample is not None:
+            params = family.init_from_data(params, sample, cfg)
     else:
-        params = jax.tree.map(lambda a: jnp.array(a, jnp.float32), params)
+        params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
     opt_state = jax.vmap(optim.make_optimizer(cfg).init)(params)
     n = cfg.n_models
     return TrainState(params, opt_state, jnp.zeros((n, cfg.model.hidden), jnp.int32),

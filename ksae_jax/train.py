@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import time
 from pathlib import Path
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -18,7 +20,10 @@ from ksae_jax import batching, models, recipe, sharding
 from ksae_jax.config import SweepConfig
 from ksae_jax.data.feed import ArrayRows, Rows, make_feeder
 from ksae_jax.evaluate import EvalResult, EvalSet, evaluate
-from ksae_jax.formats import config_diff, load_checkpoint, save_checkpoint, save_params
+from ksae_jax.checkpoint import LEGACY as LEGACY_CHECKPOINT
+from ksae_jax.checkpoint import Checkpoints, read_legacy, save_sharded_params
+from ksae_jax.files import strict_json
+from ksae_jax.formats import config_diff, save_params
 from ksae_jax.step import TrainState, init_state, k_at, resolved, state_layout, sweep_step
 
 EVALS_PER_RUN = 10
@@ -70,7 +75,8 @@ class CheckpointMismatch(ValueError):
 
 class SweepResult(NamedTuple):
     config: SweepConfig
-    params: dict          # stacked numpy params, leading axis = model (one per k)
+    params: dict          # stacked params, leading axis = model (one per k): numpy, or sharded
+                          # jax arrays when they do not fit one host (see on_host)
     history: dict         # per-model lists over the evaluations (None after a divergence)
     seconds: float        # wall time of training (compilation included; all sessions)
     compile_seconds: float
@@ -79,6 +85,11 @@ class SweepResult(NamedTuple):
     final: EvalResult | None  # held-out metrics of the final params
     since_fired: np.ndarray   # (models, hidden) training rows since each unit last fired
     input_scale: float = 1.0  # what the inputs were multiplied by (normalize), 1 otherwise
+
+    @property
+    def on_host(self) -> bool:
+        """Whether the params were gathered into this process (they fit one host)."""
+        return all(isinstance(a, np.ndarray) for a in jax.tree.leaves(self.params))
 
     def healthy(self) -> tuple[SweepConfig, dict]:
         """(config, params) of the models that did not diverge; AllDiverged if none."""
@@ -94,7 +105,14 @@ class SweepResult(NamedTuple):
 
     def save(self, folder, metrics: dict | None = None, extra: dict | None = None) -> Path:
         """folder/params.pkl with the healthy models, their config, the input scale and
-        `metrics` (what ksae_jax.load reads back); only process 0 of a multi-host run writes."""
+        `metrics` (what ksae_jax.load reads back); only process 0 of a multi-host run writes.
+        Params that do not fit one host are written sharded instead (save_sharded_params:
+        every process its own shards, no params.pkl); returns that folder then."""
+        if not self.on_host:
+            meta = {"config": strict_json(self.config.to_dict()), "input_scale": self.input_scale,
+                    "metrics": strict_json(metrics or {}), "diverged": strict_json(
+                        {str(k): v for k, v in self.diverged.items()})}
+            return save_sharded_params(Path(folder), self.params, meta)
         cfg, params = self.healthy()
         path = Path(folder) / "params.pkl"
         if sharding.is_writer():
@@ -113,8 +131,10 @@ def train_sweep(cfg: SweepConfig, train, test=None, *, progress: bool = True, ch
     train/test: uint8 images (N, 28, 28) for the image models; for vectors a float (N, d)
       array, a path, or a VectorSource (data.vectors). test (optional) is evaluated at every
       evaluation point. With cfg.model.normalize the inputs are scaled (result.input_scale).
-    checkpoint: a file written (atomically) at every evaluation point; with resume=True
-      training continues from it and ends with the same parameters as an uninterrupted run.
+    checkpoint: a folder of Orbax checkpoints written (asynchronously, atomically, each
+      process its own shards) at every evaluation point; with resume=True training continues
+      from the latest (or from a ksae_jax 0.2 checkpoint.pkl beside the folder) and ends with
+      the same parameters as an uninterrupted run.
     on_nan: "stop" raises Diverged at the evaluation point after a model's loss, parameters
       or outputs became non-finite (the previous checkpoint is kept); "continue" freezes
       that model and trains the others on.
@@ -130,22 +150,27 @@ def train_sweep(cfg: SweepConfig, train, test=None, *, progress: bool = True, ch
 
 def prepare(cfg: SweepConfig, train, test=None, *, checkpoint=None, resume: bool = False,
             run_info: dict | None = None, feeder: str = "auto", mesh=None,
-            init: dict | None = None, input_scale: float | None = None) -> "Training":
+            init: dict | None = None, input_scale: float | None = None,
+            keep_checkpoints: int = 2, host_limit: int | None = None) -> "Training":
     """A sweep ready to train (see train_sweep for the arguments): its budget, batching,
-    state, batches and compiled step, for the loop, the benchmarks and the experiments."""
+    state, batches and compiled step, for the loop, the benchmarks and the experiments.
+    keep_checkpoints: how many checkpoints stay; host_limit: the bytes of params that are
+    still gathered into one process at the end (default: a quarter of the host's memory)."""
     if resume and checkpoint is None:
         raise ValueError("resume=True needs a checkpoint path")
     with sharding.use(mesh):
         return Training(cfg, train, test, checkpoint, resume, run_info or {}, feeder, mesh, init,
-                        input_scale)
+                        input_scale, keep_checkpoints, host_limit)
 
 
 class Training:
     """One prepared sweep. `run` trains it; `compile` gives the compiled step alone."""
 
     def __init__(self, cfg, train, test, checkpoint, resume, run_info, feeder, mesh, init=None,
-                 input_scale=None):
+                 input_scale=None, keep_checkpoints=2, host_limit=None):
         self.cfg, self.run_info, self.mesh, self.checkpoint = cfg, run_info, mesh, checkpoint
+        self.host_limit = host_limit
+        self.checkpoints = None if checkpoint is None else Checkpoints(checkpoint, keep_checkpoints)
         self.family, self.clock = models.family(cfg.model), _Clock()
         rows = self.family.rows(train, "train")
         self.input_scale = self.family.input_scale(rows) if input_scale is None else input_scale
@@ -157,16 +182,44 @@ class Training:
         self.budget, self.run_cfg = make_budget(cfg, rows.n), resolved(cfg, rows.n)
         self.batching = batching.resolve(cfg)
         if resume:
-            ckpt = _restore(cfg, checkpoint, run_info)
-            state, self.history, self.start = ckpt["state"], ckpt["history"], ckpt["step"]
-            self.clock.before = ckpt["seconds"]
+            state, meta = self._resume()
+            self.history, self.start = meta["history"], meta["step"]
+            self.clock.before = meta["seconds"]
         else:
-            state, self.history, self.start = init_state(cfg, rows, init), _fresh_history(), 0
-        self.state = state_layout(sharding.put_state(state, mesh), self.batching)
+            state, self.history, self.start = init_state(cfg, rows, init, mesh), _fresh_history(), 0
+        self.state = state_layout(state, self.batching)
         local = _process_rows(cfg.batch_size)
         self.feeder = make_feeder(rows, cfg.batch_size, cfg.seed, mode=feeder, local=local,
                                   put=sharding.batch_putter(mesh, local), put_order=replicated)
         self.batches = self.feeder.batches(self.start)
+
+    def abstract_state(self):
+        """The train state's shapes, dtypes and placements (what a restore fills in)."""
+        like = jax.eval_shape(lambda: init_state(self.cfg))
+        placed = sharding.state_shardings(like, self.mesh)
+        if placed is None:
+            device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            placed = jax.tree.map(lambda _: device, like)
+        return jax.tree.map(lambda s, p: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=p),
+                            like, placed)
+
+    def _resume(self):
+        """(state, meta) of the latest checkpoint, or of an earlier version's checkpoint.pkl
+        beside the folder; refused when its config is another."""
+        like = self.abstract_state()
+        legacy = self.checkpoint.parent / LEGACY_CHECKPOINT
+        if self.checkpoints.latest() is not None:
+            state, meta = self.checkpoints.restore(like)
+        elif legacy.is_file():
+            state, meta = read_legacy(legacy, like)
+        else:
+            raise CheckpointMismatch(f"{self.checkpoint}: no complete checkpoint to resume from")
+        diff = config_diff(_current_form(meta["config"], self.run_info),
+                           {**self.cfg.to_dict(), **self.run_info})
+        if diff:
+            raise CheckpointMismatch(f"{self.checkpoint}: made with a different config: "
+                                     + "; ".join(diff))
+        return state, meta
 
     @property
     def step_fn(self):
@@ -209,15 +262,23 @@ class Training:
             if on_nan == "stop":
                 _stop_if_diverged(cfg, diverged_at, healthy_before, budget,
                                   bool(self.checkpoint and history["step"]), bar)
-            dead = recipe.dead_mask(self.host(state.since_fired), self.run_cfg.dead_tokens)
             _record(history, end, sharding.to_host(sums), final if self.evalset else None,
-                    dead.mean(axis=1), diverged_at < 0)
+                    self._window_dead(state), diverged_at < 0)
             bar.set_postfix(_postfix(self.family, history))
             self._save_checkpoint(end, state)
             start = end
         bar.close()
         self.batches.close()
+        if self.checkpoints is not None:
+            self.checkpoints.wait()
         return self._result(final)
+
+    def _window_dead(self, state: TrainState) -> np.ndarray:
+        """Per model, the fraction of latents dead by the training window (on the devices:
+        the counters are never gathered)."""
+        frac = jax.tree.map(lambda c: jnp.mean(recipe.dead_mask(c, self.run_cfg.dead_tokens),
+                                               axis=-1), state.since_fired)
+        return np.asarray(sharding.to_host(batching.stacked(frac)))
 
     def _segment(self, start: int, end: int, bar):
         """Steps start..end-1 of the budget; sums of (loss, rec) x rows and rows, per model."""
@@ -232,13 +293,12 @@ class Training:
         return state, sums
 
     def _save_checkpoint(self, step: int, state: TrainState) -> None:
-        if self.checkpoint is None:
+        """Every process starts writing its own shards (Orbax); training goes on meanwhile."""
+        if self.checkpoints is None:
             return
-        host = self.host(state)  # every process takes part in the gather
-        if sharding.is_writer():
-            save_checkpoint(self.checkpoint, config={**self.cfg.to_dict(), **self.run_info},
-                            step=step, state=host, history=self.history,
-                            seconds=self.clock.seconds())
+        meta = {"config": strict_json({**self.cfg.to_dict(), **self.run_info}), "step": step,
+                "history": strict_json(self.history), "seconds": self.clock.seconds()}
+        self.checkpoints.save(step, batching.stacked(state), meta)
 
     @staticmethod
     def host(tree):
@@ -258,39 +318,40 @@ class Training:
                                                        .astype(np.int32), spec, self.mesh))
 
     def _result(self, final) -> SweepResult:
-        host = self.host(self.state)
+        """The result; params and counters gathered to this process when they fit one host
+        (host_limit bytes), left sharded on the devices otherwise."""
+        stacked = batching.stacked(self.state)
+        nbytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(stacked.params))
+        fits = nbytes <= (self.host_limit if self.host_limit is not None else host_memory() / 4)
+        params, since_fired = (sharding.to_host((stacked.params, stacked.since_fired)) if fits
+                               else (stacked.params, stacked.since_fired))
         per_model = {k: [list(e) for e in zip(*v)] if k != "step" else list(v)
                      for k, v in self.history.items() if v}
-        return SweepResult(self.cfg, host.params, per_model, self.clock.seconds(),
+        diverged_at = sharding.to_host(stacked.diverged_at)
+        return SweepResult(self.cfg, params, per_model, self.clock.seconds(),
                            self.clock.compile_seconds,
-                           _divergence(self.cfg, host.diverged_at, self.budget.steps_per_epoch),
-                           self.budget, final if self.evalset else None, host.since_fired,
+                           _divergence(self.cfg, diverged_at, self.budget.steps_per_epoch),
+                           self.budget, final if self.evalset else None, since_fired,
                            self.input_scale)
+
+
+def host_memory() -> int:
+    """Bytes of physical memory of this host."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def _scaled(rows: Rows, scale: float) -> Rows:
     return rows if scale == 1.0 else rows.view(0, rows.n, scale)
 
 
-def _restore(cfg: SweepConfig, path, run_info: dict) -> dict:
-    ckpt = load_checkpoint(path)
-    saved = dict(ckpt["config"])
+def _current_form(saved: dict, run_info: dict) -> dict:
+    """A checkpoint's config as this version writes it (files of earlier versions included)."""
+    saved = dict(saved)
     info = {k: saved.pop(k) for k in run_info if k in saved}
-    try:  # the config as this version writes it (files of earlier versions included)
-        saved = {**SweepConfig.from_dict(saved).to_dict(), **info}
+    try:
+        return {**SweepConfig.from_dict(saved).to_dict(), **info}
     except (TypeError, ValueError, KeyError):
-        saved = ckpt["config"]
-    diff = config_diff(saved, {**cfg.to_dict(), **run_info})
-    if diff:
-        raise CheckpointMismatch(f"{path}: made with a different config: " + "; ".join(diff))
-    like = jax.eval_shape(lambda: init_state(cfg))
-    leaves, treedef = jax.tree.flatten(like)
-    saved = ckpt["state"]
-    if len(saved) != len(leaves) or any(np.shape(a) != s.shape for a, s in zip(saved, leaves)):
-        raise CheckpointMismatch(f"{path}: its arrays do not match the configured models")
-    ckpt["state"] = jax.tree.unflatten(treedef, [jax.numpy.asarray(a, s.dtype)
-                                                 for a, s in zip(saved, leaves)])
-    return ckpt
+        return {**saved, **info}
 
 
 def _fresh_history() -> dict:

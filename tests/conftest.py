@@ -45,3 +45,4 @@ def digits():
     """Real MNIST digits (the offline sample), uint8 (N, 28, 28)."""
     from ksae_jax.data import images as data
     return data.load_mnist_sample()
+

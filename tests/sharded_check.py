@@ -4,6 +4,7 @@ one-device run (the flag must be set before JAX starts, so tests run this in a s
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharded_check.py OUT_DIR
 """
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from ksae_jax import sae_config, sharding, train  # noqa: E402
+from ksae_jax.checkpoint import Checkpoints  # noqa: E402
 from ksae_jax.config import ImageModel, SweepConfig  # noqa: E402
 from ksae_jax.data import synthetic  # noqa: E402
 from ksae_jax.topk import top_k  # noqa: E402
@@ -73,22 +75,23 @@ def main(out: Path):
     # device and on model=2 x data=4, each ending where an uninterrupted run ends
     cfg = SweepConfig(**{**sae_cfg.__dict__, "eval_every": 3})
     full = run(cfg, syn.x[:2600], syn.x[2600:])
-    real_save, ckpt = train.save_checkpoint, out / "c.pkl"
+    real_save, ckpt = Checkpoints.save, out / "first" / "checkpoints"
 
-    def save_then_stop(path, **kw):
-        real_save(path, **kw)
+    def save_then_stop(self, step, state, meta):
+        real_save(self, step, state, meta)
+        self.wait()
         raise KeyboardInterrupt
 
-    train.save_checkpoint = save_then_stop
+    Checkpoints.save = save_then_stop
     try:
         run(cfg, syn.x[:2600], syn.x[2600:], {"data": 8}, checkpoint=ckpt)
     except KeyboardInterrupt:
         pass
-    train.save_checkpoint = real_save
-    first = ckpt.read_bytes()
-    for axes in (None, {"model": 2, "data": 4}):
-        ckpt.write_bytes(first)
-        resumed = run(cfg, syn.x[:2600], syn.x[2600:], axes, checkpoint=ckpt, resume=True)
+    Checkpoints.save = real_save
+    for i, axes in enumerate((None, {"model": 2, "data": 4})):
+        copy = out / f"copy{i}" / "checkpoints"
+        shutil.copytree(ckpt, copy)
+        resumed = run(cfg, syn.x[:2600], syn.x[2600:], axes, checkpoint=copy, resume=True)
         where = sharding.format_axes(axes) if axes else "one device"
         report[f"resume from data=8 on {where}"] = rel_diff(resumed.params, full.params)
     print(json.dumps(report))

@@ -1,18 +1,18 @@
 """experiments.ksweep with injected slowness, so that tests can kill it at a chosen moment.
 
 KSAE_TEST_STEP_DELAY=s       sleep s seconds before every training step
-KSAE_TEST_SLOW_WRITE=s       from the 2nd checkpoint on, stall s seconds halfway through
-                             writing it (the temporary file is half written meanwhile)
+KSAE_TEST_SLOW_WRITE=s       from the 2nd checkpoint on, stall s seconds before the rename
+                             that completes it (its temporary folder is written meanwhile)
 """
 import os
-import pickle
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ksae_jax import cli, files, formats, train  # noqa: E402
+from ksae_jax import train  # noqa: E402
+from ksae_jax import cli  # noqa: E402
 
 step_delay = float(os.environ.get("KSAE_TEST_STEP_DELAY", "0"))
 write_delay = float(os.environ.get("KSAE_TEST_SLOW_WRITE", "0"))
@@ -26,26 +26,18 @@ if step_delay:
 
     train.sweep_step = slow_step
 
-if write_delay:
-    fast_write, n_checkpoints = formats.write_pickle, [0]
+if write_delay:  # hold back the atomic rename that completes an (asynchronous) Orbax save
+    from orbax.checkpoint._src.path import atomicity
 
-    def slow_write(path, obj):
-        if Path(path).name != cli.CHECKPOINT:
-            return fast_write(path, obj)
+    real_finalize, n_checkpoints = atomicity.AtomicRenameTemporaryPath.finalize, [0]
+
+    async def slow_finalize(self):
         n_checkpoints[0] += 1
-        if n_checkpoints[0] < 2:
-            return fast_write(path, obj)
-        data = pickle.dumps(obj, protocol=4)
+        if n_checkpoints[0] >= 2:
+            time.sleep(write_delay)  # the save's files are written, not yet renamed into place
+        return await real_finalize(self)
 
-        def write(f):
-            f.write(data[: len(data) // 2])
-            f.flush()
-            time.sleep(write_delay)
-            f.write(data[len(data) // 2:])
-
-        return files.atomic_write(path, write)
-
-    formats.write_pickle = slow_write
+    atomicity.AtomicRenameTemporaryPath.finalize = slow_finalize
 
 from experiments import ksweep  # noqa: E402
 

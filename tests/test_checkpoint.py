@@ -144,8 +144,8 @@ def test_files_of_version_0_2_still_load_and_reconstruct_the_same(digits):
 
 
 def test_checkpoint_of_version_0_2_resumes(digits, tmp_path):
-    ckpt = tmp_path / "c.pkl"
-    shutil.copy(FIXTURES / "v0.2_mlp_checkpoint.pkl", ckpt)
+    shutil.copy(FIXTURES / "v0.2_mlp_checkpoint.pkl", tmp_path / "checkpoint.pkl")
+    ckpt = tmp_path / "checkpoints"  # none there yet: the 0.2 checkpoint.pkl beside it resumes
     cfg = SweepConfig(model=ImageModel("mlp", hidden=16, tied=True, l1=0.0), ks=(2, 4), steps=5,
                       batch_size=50)
     with pytest.raises(train.CheckpointMismatch, match="steps: 3 in the checkpoint, 5 now"):

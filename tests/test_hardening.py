@@ -175,6 +175,20 @@ def test_bad_checkpoints_end_resume_with_one_line(tmp_path, capsys):
         assert e.value.code == 2 and err.count("\n") == 1 and "checkpoint.pkl" in err, err
 
 
+def test_a_damaged_sharded_checkpoint_ends_resume_with_one_line(tmp_path, capsys):
+    run = tmp_path / "run"
+    flags = ["--dataset", "mnist-sample", "--train-limit", "200", "--arch", "mlp", "--hidden", "16",
+             "--ks", "3", "--steps", "2", "--batch-size", "100", "--no-progress"]
+    ksweep.main(flags + ["--out", str(run)])
+    step = run / "checkpoints" / "2"
+    for f in (step / "meta").iterdir():
+        f.write_bytes(b"{not json")
+    with pytest.raises(SystemExit) as e:
+        cli.run(ksweep.main, flags + ["--resume", str(run)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "unreadable checkpoint" in err, err
+
+
 # ---------------------------------------------------------------- the CLI
 
 def test_a_run_that_diverges_on_its_only_step_fails(tmp_path, capsys):

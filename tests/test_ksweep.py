@@ -9,8 +9,9 @@ import pytest
 
 import ksae_jax
 from experiments import ksweep
-from ksae_jax import cli, formats, train
+from ksae_jax import cli, train
 from ksae_jax.data import images as data
+from helpers import latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--ks", "5", "12", "--epochs", "2", "--batch-size", "100", "--train-limit", "300",
@@ -18,7 +19,7 @@ TINY = ["--ks", "5", "12", "--epochs", "2", "--batch-size", "100", "--train-limi
 
 
 def expected_files(ks):
-    files = {"params.pkl", "metrics.json", "checkpoint.pkl", "loss_curves.png", "compare_ks.png"}
+    files = {"params.pkl", "metrics.json", "checkpoints", "loss_curves.png", "compare_ks.png"}
     for k in ks:
         files |= {f"recon_k{k}_train.png", f"recon_k{k}_test.png", f"features_k{k}.png"}
     return files
@@ -68,8 +69,8 @@ def test_steps_flag_makes_exactly_that_many_steps(tmp_path):
     ksweep.main(["--dataset", "mnist-sample", "--train-limit", "300", "--ks", "4", "--arch", "mlp",
                  "--hidden", "32", "--steps", "5", "--batch-size", "100", "--no-progress",
                  "--out", str(out)])
-    ckpt = formats.load_checkpoint(out / "checkpoint.pkl")
-    assert ckpt["step"] == 5
+    step, meta = latest_checkpoint(out)
+    assert step == 5 == meta["step"]
     m = json.loads((out / "metrics.json").read_text())
     assert (m["steps"], m["epochs"], m["step"]) == (5, 5 / 3, [3, 5])
 

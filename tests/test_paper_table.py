@@ -13,7 +13,7 @@ def test_tiny_paper_table_writes_every_output(tmp_path):
                       "--finetune", "--ft-epochs", "1", "--batch-size", "100", "--no-progress",
                       "--out", str(out)])
     assert {p.name for p in out.iterdir()} == {"table.md", "table.json", "features.png", "params.pkl",
-                                               "checkpoint.pkl"}
+                                               "checkpoints"}
     t = json.loads((out / "table.json").read_text())
     names = [r["name"] for r in t["rows"]]
     assert names == ["raw pixels", "k = 5", "k = 10", "k = 5 fine-tuned", "k = 10 fine-tuned"]

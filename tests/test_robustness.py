@@ -14,6 +14,7 @@ import pytest
 
 from ksae_jax import batching, cli, formats, train
 from ksae_jax.config import SweepConfig
+from helpers import latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ["--arch", "mlp", "--hidden", "64", "--dataset", "mnist-sample", "--train-limit", "1200",
@@ -42,19 +43,23 @@ def wait_for(condition, proc):
         time.sleep(0.02)
 
 
+TMP = ".orbax-checkpoint-tmp"  # how Orbax names a save that is not complete
+
+
 def assert_no_partial_files(folder: Path):
-    """Every file under its final name is complete: it parses or loads."""
+    """Every file under its final name is complete: it parses or loads; every checkpoint
+    under its step's name was committed (a save cut short keeps its temporary name)."""
     for f in folder.iterdir():
         if f.name.startswith("."):
             continue  # a temporary file of an interrupted write, never a result
         if f.suffix == ".json":
             json.loads(f.read_text())
-        elif f.name == "checkpoint.pkl":
-            formats.load_checkpoint(f)
         elif f.suffix == ".pkl":
             formats.load_params_file(f)
         elif f.suffix == ".png":
             assert f.read_bytes().endswith(b"IEND\xaeB`\x82"), f
+    for step in (folder / "checkpoints").iterdir():
+        assert TMP in step.name or (step / "commit_success.txt").is_file(), step
 
 
 def params_of(folder: Path):
@@ -71,12 +76,12 @@ def reference(tmp_path_factory):
 def test_killed_mid_epoch_then_resumed_equals_uninterrupted(reference, tmp_path):
     out = tmp_path / "run"
     proc = ksweep(["--out", str(out)], env={"KSAE_TEST_STEP_DELAY": "0.1"})
-    wait_for(lambda: (out / "checkpoint.pkl").exists(), proc)
+    wait_for(lambda: (out / "checkpoints" / "10").is_dir(), proc)
     time.sleep(0.4)  # into the second segment (10 steps of >= 0.1 s)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert_no_partial_files(out)
-    assert formats.load_checkpoint(out / "checkpoint.pkl")["step"] in (10, 20)
+    assert latest_checkpoint(out)[0] in (10, 20)
     assert not (out / "params.pkl").exists()
     finish(ksweep(["--resume", str(out)]))
     for a, b in zip(params_of(out), params_of(reference)):
@@ -88,15 +93,14 @@ def test_killed_mid_epoch_then_resumed_equals_uninterrupted(reference, tmp_path)
 def test_killed_while_writing_a_checkpoint(reference, tmp_path):
     out = tmp_path / "run"
     proc = ksweep(["--out", str(out)], env={"KSAE_TEST_SLOW_WRITE": "60"})
-    wait_for(lambda: (out / "checkpoint.pkl").exists() and any(out.glob(".checkpoint.pkl.*.tmp")),
-             proc)
-    time.sleep(0.2)  # the temporary file is now half written
+    wait_for(lambda: any((out / "checkpoints").glob(f"20{TMP}*")), proc)
+    time.sleep(0.2)  # step 20's save is written but not renamed into place: killed mid-save
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert_no_partial_files(out)
-    assert formats.load_checkpoint(out / "checkpoint.pkl")["step"] == 10  # the previous one
+    assert latest_checkpoint(out)[0] == 10  # the previous one, whole
     finish(ksweep(["--resume", str(out)]))
-    assert not list(out.glob(".*.tmp"))
+    assert not list((out / "checkpoints").glob(f"*{TMP}*"))  # cleaned up on resume
     for a, b in zip(params_of(out), params_of(reference)):
         np.testing.assert_array_equal(a, b)
 
@@ -115,7 +119,7 @@ def test_resume_needs_a_checkpoint(tmp_path, capsys):
     from experiments import ksweep as ks
     with pytest.raises(SystemExit) as e:
         cli.run(ks.main, RUN + ["--resume", str(tmp_path)])
-    assert e.value.code == 2 and "no checkpoint.pkl there" in capsys.readouterr().err
+    assert e.value.code == 2 and "no checkpoints/ there" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- non-finite losses
@@ -128,8 +132,8 @@ def images():
 def _blow_up_model_1(monkeypatch):
     init = train.init_state
 
-    def init_with_a_huge_model(cfg, rows=None, params=None):
-        state = init(cfg, rows, params)
+    def init_with_a_huge_model(cfg, rows=None, params=None, mesh=None):
+        state = init(cfg, rows, params, mesh)
         state.params["enc4"]["weight"] = state.params["enc4"]["weight"].at[1].multiply(1e30)
         return state
 
@@ -152,7 +156,7 @@ def test_diverging_model_is_frozen_and_the_others_train_on(images, monkeypatch):
 
 def test_divergence_stops_the_run_and_keeps_the_last_finite_checkpoint(images, monkeypatch, tmp_path):
     cfg = SweepConfig(ks=(5, 20), epochs=3, batch_size=100)
-    ckpt = tmp_path / "checkpoint.pkl"
+    ckpt = tmp_path / "checkpoints"
     real_step = train.sweep_step
 
     def poison_epoch_2(state, sums, batch, ks, step, **kw):
@@ -168,9 +172,11 @@ def test_divergence_stops_the_run_and_keeps_the_last_finite_checkpoint(images, m
     monkeypatch.setattr(train, "sweep_step", poison_epoch_2)
     with pytest.raises(train.Diverged, match=r"k=5 at step 3 \(epoch 2\); the previous checkpoint is kept"):
         train.train_sweep(cfg, images, None, progress=False, checkpoint=ckpt)
-    saved = formats.load_checkpoint(ckpt)
-    assert saved["step"] == 2
-    for leaf in saved["state"]:
+    from ksae_jax.checkpoint import Checkpoints
+    ckpts = Checkpoints(ckpt)
+    state, meta = ckpts.restore(train.prepare(cfg, images).abstract_state())
+    assert ckpts.latest() == 2 == meta["step"]
+    for leaf in jax.tree.leaves(state):
         assert np.isfinite(leaf).all()
 
 

@@ -8,9 +8,11 @@ import pytest
 import ksae_jax
 from experiments import activations, sae, synthetic
 from ksae_jax import cli, formats, sae_config, train
+from ksae_jax.checkpoint import Checkpoints
 from ksae_jax.data import synthetic as synth
+from helpers import latest_checkpoint
 
-SAE_OUTPUTS = {"params.pkl", "metrics.json", "checkpoint.pkl", "fvu_vs_k.png", "firing_freq.png",
+SAE_OUTPUTS = {"params.pkl", "metrics.json", "checkpoints", "fvu_vs_k.png", "firing_freq.png",
                "training_curves.png"}
 
 
@@ -125,18 +127,19 @@ def test_safetensors_export_round_trip(acts, tmp_path, digits):
 def test_interrupted_sae_run_resumes_to_the_same_params(acts, tmp_path, monkeypatch):
     args = ["--data", str(acts / "train.npy"), "--out"] + TINY
     sae.main(args[:2] + args[2:3] + [str(tmp_path / "ref")] + args[3:])
-    real = formats.save_checkpoint
+    real = Checkpoints.save
 
-    def save_then_die(path, **kw):
-        real(path, **kw)
+    def save_then_die(self, step, state, meta):
+        real(self, step, state, meta)
+        self.wait()
         raise KeyboardInterrupt  # as if killed right after the first checkpoint
 
-    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(Checkpoints, "save", save_then_die)
     out = tmp_path / "cut"
     with pytest.raises(SystemExit) as e:
         cli.run(sae.main, args[:3] + [str(out)] + args[3:])
-    assert e.value.code == 130 and formats.load_checkpoint(out / "checkpoint.pkl")["step"] == 6
-    monkeypatch.setattr(train, "save_checkpoint", real)
+    assert e.value.code == 130 and latest_checkpoint(out)[0] == 6
+    monkeypatch.setattr(Checkpoints, "save", real)
     sae.main(["--data", str(acts / "train.npy"), "--resume", str(out)] + TINY)
     a = formats.load_params_file(out / "params.pkl")["params"]
     b = formats.load_params_file(tmp_path / "ref" / "params.pkl")["params"]

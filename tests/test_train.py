@@ -101,12 +101,12 @@ def test_budget_in_steps_or_epochs():
 
 
 def test_run_makes_exactly_the_budgeted_steps(images, tmp_path):
-    from ksae_jax.formats import load_checkpoint
+    from ksae_jax.checkpoint import Checkpoints
     cfg = SweepConfig(model=ImageModel("mlp", hidden=32), ks=(3,), steps=5, batch_size=50)
-    r = train.train_sweep(cfg, images, progress=False, checkpoint=tmp_path / "c.pkl")
-    ckpt = load_checkpoint(tmp_path / "c.pkl")
-    state = jax.tree.unflatten(jax.tree.structure(step.init_state(cfg)), ckpt["state"])
-    assert ckpt["step"] == 5 and int(state.opt_state.count[0]) == 5
+    r = train.train_sweep(cfg, images, progress=False, checkpoint=tmp_path / "checkpoints")
+    ckpts = Checkpoints(tmp_path / "checkpoints")
+    state, meta = ckpts.restore(train.prepare(cfg, images).abstract_state())
+    assert ckpts.latest() == 5 == meta["step"] and int(state.opt_state.count[0]) == 5
     assert r.history["step"] == [3, 5] and r.budget.steps == 5  # every epoch of 3 steps
 
 

@@ -4,7 +4,8 @@ files ask about a kind of model (nanodo's model factory; one small object per ki
 A family holds its model config (frozen, hashable: it is a static argument of jitted code)
 and gives:
 
-- `init(key)` and `init_from_data(params, rows, cfg)`: fresh parameters;
+- `init(key)`, `data_sample(rows, cfg, mesh)` and `init_from_data(params, sample, cfg)`:
+  fresh parameters (the data-dependent part traced, inside the jitted init);
 - `forward(params, x, w, k, max_k, dead=..., aux_k=..., terms=...)`: THE forward pass, a
   NamedTuple with named parts; training, evaluation and inference all call it;
 - `loss(...)`: the training objective, read off the forward's output;
@@ -55,10 +56,15 @@ class Family:
         """Fresh parameters as a plain nested dict of arrays (vmappable over keys)."""
         return nnx.to_pure_dict(nnx.state(self.module(nnx.Rngs(params=key)), nnx.Param))
 
-    def init_from_data(self, params: dict, rows: Rows, cfg) -> dict:
+    def data_sample(self, rows: Rows, cfg, mesh=None):
+        """The training rows init_from_data reads, as one array (None: it reads none)."""
+        del rows, cfg, mesh
+        return None
+
+    def init_from_data(self, params: dict, sample, cfg) -> dict:
         """Stacked fresh params (one per model of the sweep cfg) with what is initialised from
-        the training rows set."""
-        del rows, cfg
+        the sample of training rows set (traced: runs inside the jitted init)."""
+        del sample, cfg
         return params
 
     def bind(self, params: dict) -> nnx.Module:

@@ -15,7 +15,7 @@ from jax import lax
 from ksae_jax import losses
 from ksae_jax.config import JumpReLUModel
 from ksae_jax.models.batchtopk import DenseCodeFamily, DenseOutput
-from ksae_jax.models.sae import FIT_ROWS, MEDIAN_ROWS, TopKSAE, VectorSAE
+from ksae_jax.models.sae import FIT_ROWS, TopKSAE, VectorSAE
 
 
 def _rectangle(u):
@@ -96,17 +96,17 @@ class JumpReLUFamily(DenseCodeFamily):
     def hyperparameters(self, cfg):
         return {"l0_coef": np.asarray(cfg.l0_coefs, np.float32)}
 
-    def init_from_data(self, params, rows, cfg):
+    def init_from_data(self, params, sample, cfg):
         """b_dec and the encoder scale as TopK's; each threshold where its latent fires on
-        init_l0 / hidden of the training rows drawn for b_dec."""
-        params = super().init_from_data(params, rows, cfg)
-        pick = np.random.default_rng(cfg.seed).permutation(rows.n)[:MEDIAN_ROWS][:FIT_ROWS]
-        sample = jnp.asarray(rows.take(np.sort(pick)) * np.float32(rows.scale))
+        init_l0 / hidden of the sample's first rows."""
+        params = super().init_from_data(params, sample, cfg)
+        x, valid = sample["x"][:FIT_ROWS], sample["valid"][:FIT_ROWS, None]
         q = 1.0 - self.model.init_l0 / self.model.hidden
-        thresholds = [jnp.quantile((sample - params["b_dec"][m]) @ params["W_enc"][m].T
-                                   + params["b_enc"][m], q, axis=0)
+        thresholds = [jnp.nanquantile(jnp.where(valid, (x - params["b_dec"][m]) @ params["W_enc"][m].T
+                                                + params["b_enc"][m], jnp.nan), q, axis=0)
                       for m in range(cfg.n_models)]
-        floor = 1e-3 * jnp.std(sample)
+        floor = 1e-3 * jnp.sqrt(jnp.sum(jnp.where(valid, x - jnp.mean(x, 0), 0) ** 2)
+                                / jnp.maximum(jnp.sum(valid) * x.shape[1], 1))
         return {**params, "log_threshold": jnp.log(jnp.maximum(jnp.stack(thresholds), floor))}
 
     def loss(self, params, batch, hp, dead, *, cfg, max_k):

@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
-from ksae_jax import losses, recipe, sparse_ops
+from ksae_jax import losses, recipe, sharding, sparse_ops
 from ksae_jax.config import SaeModel
 from ksae_jax.data.feed import Rows
 from ksae_jax.data.vectors import VectorSource, normalizing_scale, open_vectors
@@ -154,22 +154,33 @@ class TopKFamily(Family):
     def module(self, rngs):
         return TopKSAE(self.model, rngs=rngs)
 
-    def init_from_data(self, params, rows, cfg):
-        """b_dec = the geometric median (or the mean) of up to MEDIAN_ROWS training rows drawn
-        with cfg.seed, or zero; with init_scale "fit", each model's encoder scale fitted to
-        its first reconstructions of those rows (recipe.fitted_encoder_scale)."""
-        mc = self.model
-        if mc.b_dec_init == "zero" and mc.init_scale != "fit":
-            return params
-        pick = np.random.default_rng(cfg.seed).permutation(rows.n)[:MEDIAN_ROWS]
-        sample = jnp.asarray(rows.take(np.sort(pick)) * np.float32(rows.scale))
+    def data_sample(self, rows, cfg, mesh=None):
+        """{"x", "valid"}: up to MEDIAN_ROWS training rows drawn with cfg.seed (in row order),
+        as one array split over the mesh's devices (padded with invalid rows to a multiple
+        of them: the same rows on every mesh); each process reads only its own share."""
+        count = min(rows.n, MEDIAN_ROWS)
+        pick = np.sort(np.random.default_rng(cfg.seed).permutation(rows.n)[:count])
+        devices = 1 if mesh is None else mesh.size
+        per = -(-count // devices) * devices // jax.process_count()
+        mine = pick[jax.process_index() * per:(jax.process_index() + 1) * per]
+        x = np.zeros((per if mesh is not None else count, rows.row_shape[0]), np.float32)
+        x[:len(mine)] = rows.take(mine) * np.float32(rows.scale)
+        valid = np.arange(len(x)) < len(mine)
+        return {"x": sharding.global_rows(x, mesh), "valid": sharding.global_rows(valid, mesh)}
+
+    def init_from_data(self, params, sample, cfg):
+        """b_dec = the geometric median (or the mean) of the sample, or zero; with init_scale
+        "fit", each model's encoder scale fitted to its first reconstructions of the sample's
+        first rows (recipe.fitted_encoder_scale)."""
+        mc, x, valid = self.model, sample["x"], sample["valid"]
         if mc.b_dec_init != "zero":
-            center = (recipe.geometric_median(sample) if mc.b_dec_init == "median"
-                      else jnp.mean(sample, axis=0, dtype=jnp.float64).astype(jnp.float32))
+            w = valid.astype(jnp.float32)
+            center = (recipe.geometric_median(x, valid) if mc.b_dec_init == "median"
+                      else (w @ x) / jnp.maximum(w.sum(), 1.0))
             params = {**params, "b_dec": jnp.broadcast_to(center, params["b_dec"].shape)}
         if mc.init_scale == "fit":
-            scales = [recipe.fitted_encoder_scale(sample[:FIT_ROWS] - params["b_dec"][m],
-                                                  params["W_dec"][m], k)
+            scales = [recipe.fitted_encoder_scale(x[:FIT_ROWS] - params["b_dec"][m],
+                                                  params["W_dec"][m], k, valid[:FIT_ROWS])
                       for m, k in enumerate(cfg.max_ks)]
             params = {**params, "W_enc": params["W_dec"] * jnp.stack(scales)[:, None, None]}
         return params
