@@ -20,8 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import ksae_jax  # noqa: E402
-from ksae_jax.data import synthetic  # noqa: E402
+import ksae_jax
+from ksae_jax.data import synthetic
 
 FAMILIES = [("topk", {}), ("batchtopk", {}), ("matryoshka", {"prefixes": (8, 32)}),
             ("jumprelu", {"l0_coefs": (1e-3,)})]

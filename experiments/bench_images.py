@@ -75,7 +75,9 @@ def child_torch_mlp(spec: dict) -> dict:
                          .reshape(-1, 784).astype(np.float32) / 255)
     if spec.get("train_limit"):
         x = x[:spec["train_limit"]]
-    enc, dec = torch.nn.Linear(784, 1000), torch.nn.Linear(1000, 784)
+    device = spec.get("torch_device", "cpu")
+    x = x.to(device)
+    enc, dec = torch.nn.Linear(784, 1000).to(device), torch.nn.Linear(1000, 784).to(device)
     opt = torch.optim.Adam(list(enc.parameters()) + list(dec.parameters()), lr=1e-3)
     k, batch = spec["ks"][0], spec["batch"]
 
@@ -91,7 +93,7 @@ def child_torch_mlp(spec: dict) -> dict:
 
     step(x[:batch])  # warm-up
     n_steps = spec.get("steps") or -(-len(x) // batch)
-    perm = torch.randperm(len(x))
+    perm = torch.randperm(len(x), device=device)
     t = time.perf_counter()
     for i in range(n_steps):
         step(x[perm[i * batch:(i + 1) * batch]])
@@ -111,6 +113,7 @@ def child_torch_conv(spec: dict) -> dict:
     if spec.get("train_limit"):
         argv += ["--limit", str(spec["train_limit"])]
     sys.argv = argv
+    _default_device(spec.get("torch_device", "cpu"))
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         runpy.run_path(spec["script"], run_name="__main__")
@@ -122,6 +125,17 @@ def child_torch_conv(spec: dict) -> dict:
             "steps": len(spec["ks"]) * -(-n // spec["batch"]), "n_models": len(spec["ks"]),
             "images": n, "peak_rss_mb": peak_rss_mb(), "includes_eval": True,
             "test_mse": result["test_mse"]}
+
+
+def _default_device(device: str) -> None:
+    """Runs the unmodified original script on `device`: tensors are made there by default,
+    and the arrays it reads from NumPy are moved there."""
+    if device == "cpu":
+        return
+    import torch
+    torch.set_default_device(device)
+    from_numpy = torch.from_numpy
+    torch.from_numpy = lambda a: from_numpy(a).to(device)
 
 
 def child_matmul_peak(_spec) -> dict:
@@ -198,6 +212,7 @@ def run_suite(args, child) -> dict:
         idx_dir, data_name = synthetic_idx_dir(60_000, 10_000), "synthetic 60,000 + 10,000"
     batch = 600
     base = {"idx_dir": str(idx_dir), "batch": batch, "threads": args.threads,
+            "torch_device": getattr(args, "torch_device", "cpu"),
             "steps": 3 if args.quick else None, "train_limit": 1800 if args.quick else None}
     timeout = 600 if args.quick else 3600
     notes = []

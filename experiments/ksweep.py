@@ -46,6 +46,9 @@ class KSweep(runner.Experiment):
                        help="code width (default 256 conv, 1000 mlp)")
         p.add_argument("--tied", action="store_true", help="mlp: decoder = encoder transposed")
         p.add_argument("--loss", choices=("mse", "bce"), default="mse")
+        p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                       help="compute dtype of the matmuls and convolutions (bfloat16: f32 "
+                            "accumulation, f32 weights and Adam)")
         cli.add_auxk_flags(p, aux_coef=0.0)
         cli.add_data_flags(p)
         p.add_argument("--seed", type=cli.int_value, default=1)
@@ -58,7 +61,7 @@ class KSweep(runner.Experiment):
         return {"sample": args.idx_dir is None and args.dataset == SAMPLE}
 
     def config(self, args, spec):
-        model = ImageModel(args.arch, args.hidden, args.tied, args.loss, args.l1)
+        model = ImageModel(args.arch, args.hidden, args.tied, args.loss, args.l1, args.dtype)
         return SweepConfig(
             model=model, ks=tuple(args.ks), lr=args.lr, seed=args.seed, batching=args.batching,
             eval_every=args.eval_every, aux_coef=args.aux_coef, aux_k=args.aux_k,
@@ -87,7 +90,7 @@ class KSweep(runner.Experiment):
             "dead_units_frac": [m[-1] for m in h["eval_dead_frac"]],
             "diverged": {str(k): v for k, v in result.diverged.items()},
             "dataset": ds.name, "data_source": run.data.info["data"]["source"],
-            "n_train": int(len(ds.x_train)), "n_test": int(len(ds.x_test)),
+            "n_train": len(ds.x_train), "n_test": len(ds.x_test),
             "seconds": result.seconds, "compile_seconds": result.compile_seconds,
             "config": cfg.to_dict(),
         }

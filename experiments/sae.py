@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ksae_jax import cli, inference, plotting, runner
+from ksae_jax import cli, config, inference, models, plotting, runner
 from ksae_jax.config import sae_config
 from ksae_jax.data import vectors
 from ksae_jax.files import write_json
@@ -34,7 +34,7 @@ def add_sae_flags(p, ks=(16, 32, 64, 128), latents=None) -> None:
     """The model, budget, recipe and run flags every vector experiment shares."""
     p.add_argument("--latents", type=cli.positive_int, default=latents,
                    help=f"latents n (default {latents or '8 x d'})")
-    p.add_argument("--arch", choices=SAE_ARCHS, default=None,
+    p.add_argument("--arch", choices=config.SAE_ARCHS, default=None,
                    help="topk (default), batchtopk (top B k of a batch, served with a threshold), "
                         "matryoshka (BatchTopK with nested prefixes), jumprelu (a threshold per "
                         "latent and an L0 penalty)")
@@ -43,7 +43,7 @@ def add_sae_flags(p, ks=(16, 32, 64, 128), latents=None) -> None:
                         "not for jumprelu)")
     p.add_argument("--l0-coefs", type=cli.nonneg_float, nargs="*", default=None,
                    help="jumprelu: L0 coefficients, one model each, all in one run (default "
-                        f"{' '.join(map(str, JUMPRELU_L0_COEFS))})")
+                        f"{' '.join(map(str, models.JumpReLUFamily.default_sweep))})")
     p.add_argument("--prefixes", type=cli.positive_int, nargs="*", default=(),
                    help="matryoshka: nested prefix sizes below --latents (default n/16 n/4 n/2)")
     p.add_argument("--bandwidth", type=cli.positive_float, default=0.05,
@@ -68,8 +68,13 @@ def add_sae_flags(p, ks=(16, 32, 64, 128), latents=None) -> None:
     p.add_argument("--init-scale", type=init_scale, default=1.0,
                    help="norm of the encoder rows at init, W_enc = scale * W_dec, or 'fit': "
                         "each k's scale fitted to its first reconstructions (default 1)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="compute dtype of the dense matmuls (bfloat16: f32 accumulation, f32 "
+                        "weights and Adam)")
     p.add_argument("--b-dec-init", choices=("median", "mean", "zero"), default="median",
                    help="b_dec at init: geometric median or mean of training rows, or zero")
+    p.add_argument("--init-dirs", choices=("random", "data"), default="random",
+                   help="decoder rows at init: random, or along training rows (default random)")
     p.add_argument("--clip-norm", type=cli.positive_float, default=None,
                    help="clip each model's gradient to this global norm")
     p.add_argument("--normalize", action="store_true",
@@ -105,18 +110,16 @@ def cache_meta(data: Path) -> dict:
     return {}
 
 
-SAE_ARCHS = ("topk", "batchtopk", "matryoshka", "jumprelu")
-JUMPRELU_L0_COEFS = (3e-4, 1e-3, 3e-3, 1e-2)
-
-
 def sweep_ks(args) -> tuple:
-    """The ks of the sweep (none for jumprelu, whose sweep is over --l0-coefs)."""
-    if args.arch == "jumprelu":
+    """The ks of the sweep (none for a family that sweeps another hyperparameter)."""
+    arch = args.arch or "topk"
+    over = models.FAMILIES[arch].sweeps_over
+    if over != "ks":
         if args.ks:
-            raise cli.UsageError("--ks: jumprelu has no k; sweep --l0-coefs instead")
+            raise cli.UsageError(f"--ks: {arch} has no k; sweep --{over.replace('_', '-')} instead")
         return ()
     if args.l0_coefs:
-        raise cli.UsageError(f"--l0-coefs: only jumprelu has an L0 penalty, not {args.arch or 'topk'}")
+        raise cli.UsageError(f"--l0-coefs: only jumprelu has an L0 penalty, not {arch}")
     return tuple(args.default_ks if args.ks is None else args.ks)
 
 
@@ -146,16 +149,14 @@ def start_config(start, args, spec: dict, extra: dict):
 def family_flags(args) -> dict:
     """The model-config fields of the family --arch names, from its flags."""
     arch = args.arch or "topk"
-    fields = {"arch": arch}
-    if arch in ("batchtopk", "matryoshka"):
-        fields["threshold_lr"] = args.threshold_lr
-    if arch == "matryoshka":
-        fields["prefixes"] = tuple(args.prefixes)
+    cls = models.FAMILIES[arch]
+    fields = {"arch": arch, **{name: getattr(args, name) for name in cls.flags}}
+    if "prefixes" in fields:
+        fields["prefixes"] = tuple(fields["prefixes"])
     elif args.prefixes:
-        raise cli.UsageError("--prefixes: only matryoshka has nested prefixes")
-    if arch == "jumprelu":
-        fields.update(bandwidth=args.bandwidth, init_l0=args.init_l0,
-                      l0_coefs=tuple(args.l0_coefs or JUMPRELU_L0_COEFS))
+        raise cli.UsageError(f"--prefixes: only matryoshka has nested prefixes, not {arch}")
+    if cls.sweeps_over == "l0_coefs":
+        fields["l0_coefs"] = tuple(args.l0_coefs or cls.default_sweep)
     return fields
 
 
@@ -213,9 +214,9 @@ class Sae(runner.Experiment):
         return sae_config(
             spec["d"], sweep_ks(args), latents=args.latents, decoder=args.decoder,
             multi_topk=args.multi_topk, normalize=args.normalize, init_scale=args.init_scale,
-            b_dec_init=args.b_dec_init, steps=args.steps, epochs=args.epochs,
-            batch_size=args.batch_size, seed=args.seed, eps=args.adam_eps,
-            warmup_steps=args.warmup_steps, lr_decay_frac=args.lr_decay_frac,
+            b_dec_init=args.b_dec_init, init_dirs=args.init_dirs, dtype=args.dtype,
+            steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
+            eps=args.adam_eps, warmup_steps=args.warmup_steps, lr_decay_frac=args.lr_decay_frac,
             clip_norm=args.clip_norm, aux_coef=args.aux_coef,
             aux_k=args.aux_k, dead_tokens=args.dead_tokens, batching=args.batching,
             eval_every=args.eval_every, **extra)
@@ -311,7 +312,8 @@ def lm_evaluation(args):
 
     try:
         lm.require()
-        from ksae_jax.lm import model as lm_model, splice, text
+        from ksae_jax.lm import model as lm_model
+        from ksae_jax.lm import splice, text
     except lm.LMUnavailable as e:
         raise cli.UsageError(f"--lm: {e}") from None
     meta = cache_meta(args.data)

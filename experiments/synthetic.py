@@ -11,10 +11,9 @@ fraction recovered at cosine >= 0.9 and the dead latents; figure mmcs_vs_k.png.
 """
 from __future__ import annotations
 
+from experiments import sae
 from ksae_jax import cli, plotting, runner
 from ksae_jax.data import synthetic, vectors
-
-from experiments import sae
 
 DEFAULT_STEPS = 3000
 # AuxK stronger than the LM recipe's (1/32 over one pass): on this data k = 5 then recovers
@@ -44,6 +43,9 @@ class Synthetic(sae.Sae):
         sae.add_sae_flags(p, ks=(3, 5, 8, 16), latents=1024)
         cli.add_run_flags(p, default_out=self.default_out)
         p.set_defaults(batch_size=1024, aux_coef=AUX_COEF, dead_tokens=DEAD_TOKENS)
+
+    def run_instead(self, args):
+        return False  # no --plan here
 
     def check_flags(self, args):
         if args.steps is None and args.epochs is None:

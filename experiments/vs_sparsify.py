@@ -19,11 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
+from experiments import sae
 from ksae_jax import cli, runner
 from ksae_jax.files import write_json
 from ksae_jax.lm import splice
-
-from experiments import sae
 
 PEER = Path(__file__).resolve().parents[2] / "shared" / "peers" / "sparsify_topk.py"
 
@@ -137,7 +136,7 @@ def main(argv=None):
 
 
 def _row(system: str, label: str, k: int, m: dict, i: int) -> dict:
-    get = (lambda f: m[f][i] if f in m else None)  # noqa: E731
+    get = (lambda f: m[f][i] if f in m else None)
     return {"system": system, "data": label, "k": k, "fvu": m["fvu"][i], "l0": m["l0"][i],
             "dead_frac": m["dead_frac"][i], "delta_loss": get("delta_loss"),
             "loss_recovered": get("loss_recovered")}

@@ -8,7 +8,7 @@ arrays and writing them back made XLA copy every slice (for a 16,384 x 768 SAE, 
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

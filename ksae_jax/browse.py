@@ -9,7 +9,8 @@ from __future__ import annotations
 import base64
 import html
 import io
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 

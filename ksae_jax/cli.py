@@ -6,12 +6,12 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ksae_jax import models, sharding
-from ksae_jax.safe_pickle import ParamsFileError
 from ksae_jax.data import images as image_data
+from ksae_jax.safe_pickle import ParamsFileError
 
 USAGE_ERROR = 2
 

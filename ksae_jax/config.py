@@ -17,7 +17,9 @@ DEFAULT_KS = (5, 10, 25, 50, 100)
 DEFAULT_EPOCHS = 9
 BATCHINGS = ("auto", "loop", "vmap")
 DECODERS = ("auto", "sparse", "dense")
+INIT_DIRS = ("random", "data")
 B_DEC_INITS = ("median", "mean", "zero")
+DTYPES = ("float32", "bfloat16")
 N_PIXELS = 28 * 28
 
 
@@ -30,6 +32,11 @@ def _positive_int(name: str, v: Any, allow_none: bool = False) -> None:
         return
     if not _is_int(v) or v <= 0:
         raise ValueError(f"{name} must be a positive integer, got {v!r}")
+
+
+def _check_dtype(dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
 
 
 def _finite_nonneg(name: str, v: Any) -> None:
@@ -51,6 +58,9 @@ class ImageModel:
     """"mse", or "bce" (sigmoid output)."""
     l1: float = 1e-4
     """lambda of the L1 activation penalty (the original's; 0: pure k-sparse)."""
+    dtype: str = "float32"
+    """Compute dtype of the matmuls and convolutions ("bfloat16": bf16 inputs, f32
+    accumulation; the weights and Adam stay float32)."""
 
     def __post_init__(self):
         if self.arch not in IMAGE_ARCHS:
@@ -65,6 +75,7 @@ class ImageModel:
         if self.tied and self.arch != "mlp":
             raise ValueError("tied weights exist only for arch 'mlp' (--arch mlp --tied)")
         _finite_nonneg("l1", self.l1)
+        _check_dtype(self.dtype)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -109,6 +120,12 @@ class SaeModel:
     reconstructions of training rows have the least squared error (it depends on k)."""
     b_dec_init: str = "median"
     """b_dec at init: the geometric median of training rows, their mean, or zero."""
+    init_dirs: str = "random"
+    """Decoder rows at init: random unit vectors, or "data": the directions of n training rows
+    (centred on b_dec), so that every latent starts as the best match of some row."""
+    dtype: str = "float32"
+    """Compute dtype of the dense matmuls ("bfloat16": bf16 inputs, f32 accumulation; the
+    weights, Adam and the sparse gathers and scatters stay float32)."""
 
     def __post_init__(self):
         if self.arch != _SAE_ARCH_OF.get(type(self), self.arch):
@@ -129,6 +146,9 @@ class SaeModel:
             raise ValueError(f"init_scale must be positive or 'fit', got {self.init_scale!r}")
         if self.b_dec_init not in B_DEC_INITS:
             raise ValueError(f"b_dec_init must be one of {B_DEC_INITS}, got {self.b_dec_init!r}")
+        if self.init_dirs not in INIT_DIRS:
+            raise ValueError(f"init_dirs must be one of {INIT_DIRS}, got {self.init_dirs!r}")
+        _check_dtype(self.dtype)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -406,9 +426,9 @@ class SweepConfig:
         """Static width of lax.top_k when all models share one program (vmap)."""
         return max(self.max_ks)
 
-    def select(self, indices) -> "SweepConfig":
+    def select(self, indices) -> SweepConfig:
         """The config of a subset of the models (e.g. those that did not diverge)."""
-        pick = lambda seq: tuple(seq[i] for i in indices)  # noqa: E731
+        pick = lambda seq: tuple(seq[i] for i in indices)
         return dataclasses.replace(
             self, ks=pick(self.ks) if self.ks else (), l0_coefs=pick(self.l0_coefs) if self.l0_coefs
             else (), lr=pick(self.lr) if isinstance(self.lr, tuple) else self.lr,
@@ -418,7 +438,7 @@ class SweepConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "SweepConfig":
+    def from_dict(cls, d: dict) -> SweepConfig:
         """The config a to_dict wrote; also reads the files of earlier versions (one
         ModelConfig for every arch with l1, multi_topk and normalize beside the budget)."""
         d = dict(d)

@@ -20,7 +20,12 @@ import numpy as np
 
 from ksae_jax import interop
 from ksae_jax.files import strict_json, write_bytes, write_json, write_pickle
-from ksae_jax.safe_pickle import ParamsFileError, read_pickle, verify_digest, with_digest
+from ksae_jax.safe_pickle import (
+    ParamsFileError,
+    read_pickle,
+    verify_digest,
+    with_digest,
+)
 
 PARAMS_FORMAT = "ksae_jax.params"
 PARAMS_VERSION = 2           # 2: SHA-256 of the payload; 1 (no checksum) is still read

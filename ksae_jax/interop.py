@@ -87,9 +87,9 @@ def read_sparsify(path: Path) -> dict:
 def read_saelens(path: Path) -> dict:
     """The payload of a SAELens SAE folder (topk, jumprelu or standard)."""
     cfg, t = _read(path, SAELENS_WEIGHTS)
-    arch = cfg.get("architecture", "standard")
-    if arch not in ("topk", "jumprelu", "standard"):
-        raise ParamsFileError(f"{path}: SAELens architecture {arch!r} is not read (topk, "
+    kind = cfg.get("architecture", "standard")
+    if kind not in ("topk", "jumprelu", "standard"):
+        raise ParamsFileError(f"{path}: SAELens architecture {kind!r} is not read (topk, "
                               "jumprelu and standard are)")
     if cfg.get("normalize_activations", "none") != "none":
         raise ParamsFileError(f"{path}: normalize_activations={cfg['normalize_activations']!r}; "
@@ -99,7 +99,7 @@ def read_saelens(path: Path) -> dict:
     except (KeyError, TypeError, ValueError) as e:
         raise ParamsFileError(f"{path}: {CFG} lacks a usable {e}") from None
     shapes = {"W_enc": (d, n), "b_enc": (n,), "W_dec": (n, d), "b_dec": (d,)}
-    _expect(path, t, {**shapes, **({"threshold": (n,)} if arch == "jumprelu" else {})})
+    _expect(path, t, {**shapes, **({"threshold": (n,)} if kind == "jumprelu" else {})})
     W_enc, b_enc, W_dec = t["W_enc"].T, t["b_enc"], t["W_dec"]
     if not cfg.get("apply_b_dec_to_input", True):  # pre = x W_enc + b_enc = (x - b_dec) W_enc + ...
         b_enc = b_enc + t["b_dec"] @ t["W_enc"]
@@ -107,10 +107,10 @@ def read_saelens(path: Path) -> dict:
         norms = np.linalg.norm(W_dec, axis=1)
         W_enc, b_enc, W_dec = W_enc * norms[:, None], b_enc * norms, W_dec / norms[:, None]
     params = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": t["b_dec"]}
-    if arch == "topk":
+    if kind == "topk":
         return _payload(SaeModel(d, n), {"ks": (int(cfg.get("k", 100)),)}, params,
                         f"saelens:{path}")
-    threshold = t["threshold"] if arch == "jumprelu" else np.zeros(n, np.float32)
+    threshold = t["threshold"] if kind == "jumprelu" else np.zeros(n, np.float32)
     if (threshold < 0).any() or not np.isfinite(threshold).all():
         raise ParamsFileError(f"{path}: threshold holds negative or non-finite values")
     # unit decoder rows, as ksae_jax trains them: z_i W_dec_i is unchanged when pre_i, b_enc_i

@@ -70,3 +70,17 @@ def fitted_encoder_scale(x_c: jax.Array, W_dec: jax.Array, k: int,
     r = jnp.einsum("bk,bkd->bd", jax.nn.relu(vals), W_dec[idx])
     w = 1.0 if valid is None else valid.astype(r.dtype)[:, None]
     return jnp.sum(w * x_c * r) / jnp.maximum(jnp.sum(w * r * r), 1e-30)
+
+
+def data_directions(x_c: jax.Array, valid: jax.Array, n: int, key: jax.Array) -> jax.Array:
+    """(n, d) unit rows along n of the (valid) centred rows x_c, drawn without replacement
+    when there are enough; with replacement (and a little noise, so that no two rows are
+    equal) when n exceeds them."""
+    p = valid.astype(jnp.float32) / jnp.maximum(jnp.sum(valid), 1)
+    replace = n > x_c.shape[0]
+    idx = jax.random.choice(key, x_c.shape[0], (n,), replace=replace, p=p)
+    rows = unit_norm_rows(x_c[idx])
+    if replace:
+        noise = jax.random.normal(jax.random.fold_in(key, 1), rows.shape)
+        rows = unit_norm_rows(rows + 0.3 * unit_norm_rows(noise))
+    return rows

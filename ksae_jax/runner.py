@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import shutil
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -21,8 +22,14 @@ import jax
 from ksae_jax import cli, sharding
 from ksae_jax.config import SweepConfig
 from ksae_jax.safe_pickle import ParamsFileError
-from ksae_jax.train import (AllDiverged, CheckpointMismatch, Diverged, SweepResult, Training,
-                            prepare)
+from ksae_jax.train import (
+    AllDiverged,
+    CheckpointMismatch,
+    Diverged,
+    SweepResult,
+    Training,
+    prepare,
+)
 
 
 class Data(NamedTuple):
@@ -152,8 +159,8 @@ def output_folder(args, default: str):
     try:
         yield out
     except BaseException:
-        if not existed and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
+        if not existed and out.is_dir() and not any(p.is_file() for p in out.rglob("*")):
+            shutil.rmtree(out)  # only empty folders in it (the checkpoints' own, say)
         raise
 
 

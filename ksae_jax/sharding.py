@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 AXES = ("data", "model", "latent")
 LATENT_LEAVES = ("W_enc", "b_enc", "W_dec", "log_threshold", "since_fired")  # latent axis: dim 1

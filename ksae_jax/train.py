@@ -17,14 +17,21 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ksae_jax import batching, models, recipe, sharding
+from ksae_jax.checkpoint import LEGACY as LEGACY_CHECKPOINT
+from ksae_jax.checkpoint import Checkpoints, read_legacy, save_sharded_params
 from ksae_jax.config import SweepConfig
 from ksae_jax.data.feed import ArrayRows, Rows, make_feeder
 from ksae_jax.evaluate import EvalResult, EvalSet, evaluate
-from ksae_jax.checkpoint import LEGACY as LEGACY_CHECKPOINT
-from ksae_jax.checkpoint import Checkpoints, read_legacy, save_sharded_params
 from ksae_jax.files import strict_json
 from ksae_jax.formats import config_diff, save_params
-from ksae_jax.step import TrainState, init_state, k_at, resolved, state_layout, sweep_step
+from ksae_jax.step import (
+    TrainState,
+    init_state,
+    k_at,
+    resolved,
+    state_layout,
+    sweep_step,
+)
 
 EVALS_PER_RUN = 10
 PROBE_ROWS = 1024  # rows whose outputs are checked for NaN/Inf when no held-out set is given
@@ -151,7 +158,7 @@ def train_sweep(cfg: SweepConfig, train, test=None, *, progress: bool = True, ch
 def prepare(cfg: SweepConfig, train, test=None, *, checkpoint=None, resume: bool = False,
             run_info: dict | None = None, feeder: str = "auto", mesh=None,
             init: dict | None = None, input_scale: float | None = None,
-            keep_checkpoints: int = 2, host_limit: int | None = None) -> "Training":
+            keep_checkpoints: int = 2, host_limit: int | None = None) -> Training:
     """A sweep ready to train (see train_sweep for the arguments): its budget, batching,
     state, batches and compiled step, for the loop, the benchmarks and the experiments.
     keep_checkpoints: how many checkpoints stay; host_limit: the bytes of params that are

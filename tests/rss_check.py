@@ -17,7 +17,7 @@ from pathlib import Path
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 D, N = 512, int(os.environ.get("KSAE_RSS_LATENTS", 163_840))
 

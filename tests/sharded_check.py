@@ -12,14 +12,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+import jax
+import jax.numpy as jnp
 
-from ksae_jax import sae_config, sharding, train  # noqa: E402
-from ksae_jax.checkpoint import Checkpoints  # noqa: E402
-from ksae_jax.config import ImageModel, SweepConfig  # noqa: E402
-from ksae_jax.data import synthetic  # noqa: E402
-from ksae_jax.topk import top_k  # noqa: E402
+from ksae_jax import sae_config, sharding, train
+from ksae_jax.checkpoint import Checkpoints
+from ksae_jax.config import ImageModel, SweepConfig
+from ksae_jax.data import synthetic
+from ksae_jax.topk import top_k
 
 
 def rel_diff(a, b) -> float:

@@ -11,8 +11,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ksae_jax import train  # noqa: E402
-from ksae_jax import cli  # noqa: E402
+from ksae_jax import (
+    cli,
+    train,
+)
 
 step_delay = float(os.environ.get("KSAE_TEST_STEP_DELAY", "0"))
 write_delay = float(os.environ.get("KSAE_TEST_SLOW_WRITE", "0"))
@@ -39,6 +41,6 @@ if write_delay:  # hold back the atomic rename that completes an (asynchronous) 
 
     atomicity.AtomicRenameTemporaryPath.finalize = slow_finalize
 
-from experiments import ksweep  # noqa: E402
+from experiments import ksweep
 
 cli.run(ksweep.main)

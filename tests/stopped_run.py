@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ksae_jax.checkpoint import Checkpoints  # noqa: E402
+from ksae_jax.checkpoint import Checkpoints
 
 real_save = Checkpoints.save
 

@@ -12,8 +12,8 @@ import pytest
 
 import ksae_jax
 from ksae_jax import files, formats, models, safe_pickle, train
-from ksae_jax.safe_pickle import ParamsFileError
 from ksae_jax.config import ImageModel, SweepConfig
+from ksae_jax.safe_pickle import ParamsFileError
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ksae_jax import classify
-from ksae_jax import models
+from ksae_jax import classify, models
 from ksae_jax.config import ImageModel
 
 

@@ -3,8 +3,8 @@ import gzip
 
 import numpy as np
 import pytest
-
 from conftest import idx_bytes, write_idx_dir
+
 from ksae_jax.data import images as data
 
 

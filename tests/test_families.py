@@ -116,7 +116,7 @@ def _np_dense_grads(p, x, w, keep, widths, code_grad_extra=None):
 def _jax_loss_and_grads(family, p, x, w, hp):
     cfg = SweepConfig(model=family.model, ks=(hp["k"],) if "l0_coef" not in hp else (),
                       l0_coefs=(hp["l0_coef"],) if "l0_coef" in hp else (), steps=1)
-    fn = lambda q: family.loss(q, {"x": x, "w": w}, hp, None, cfg=cfg, max_k=1)  # noqa: E731
+    fn = lambda q: family.loss(q, {"x": x, "w": w}, hp, None, cfg=cfg, max_k=1)
     (loss, m), g = jax.value_and_grad(fn, has_aux=True)(jax.tree.map(np.asarray, p))
     return float(loss), jax.tree.map(np.asarray, g), m
 
@@ -188,3 +188,20 @@ def _np_code_grad(P, x, w, code):
     denom = ((real - real.mean(0)) ** 2).sum()
     r = code @ P["W_dec"] + P["b_dec"] - x
     return (2 * w[:, None] * r / denom) @ P["W_dec"].T
+
+
+@pytest.mark.parametrize("model", [ImageModel("conv", hidden=16), ImageModel("mlp", hidden=32),
+                                   sae_config(16, (3,), latents=48).model],
+                         ids=lambda m: m.arch)
+def test_bfloat16_forward_is_float32_within_bf16_rounding(model):
+    import dataclasses
+    rng = np.random.default_rng(0)
+    x = (jnp.asarray(rng.random((8, 28, 28), np.float32)) if model.arch in ("conv", "mlp")
+         else jnp.asarray(rng.normal(size=(8, 16)).astype(np.float32)))
+    w = jnp.ones(8)
+    f32, bf16 = models.family(model), models.family(dataclasses.replace(model, dtype="bfloat16"))
+    params = f32.init(jax.random.key(0))
+    a = f32.forward(params, x, w, 3, 3, terms=False).recon
+    b = bf16.forward(params, x, w, 3, 3, terms=False).recon
+    assert b.dtype == jnp.float32 and not np.array_equal(a, b)  # bf16 did run
+    assert float(jnp.max(jnp.abs(a - b))) < 0.03 * float(jnp.max(jnp.abs(a))) + 1e-3

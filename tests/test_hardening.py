@@ -14,8 +14,8 @@ import pytest
 import ksae_jax
 from experiments import ksweep
 from ksae_jax import cli, files, formats, safe_pickle
-from ksae_jax.safe_pickle import ParamsFileError
 from ksae_jax.config import ImageModel, SweepConfig
+from ksae_jax.safe_pickle import ParamsFileError
 
 ROOT = Path(__file__).resolve().parents[1]
 MLP = SweepConfig(model=ImageModel("mlp", hidden=16), ks=(2, 4))

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import latest_checkpoint
 
 import ksae_jax
 from experiments import ksweep
 from ksae_jax import cli, train
 from ksae_jax.data import images as data
-from helpers import latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--ks", "5", "12", "--epochs", "2", "--batch-size", "100", "--train-limit", "300",

@@ -12,9 +12,11 @@ import pytest
 torch = pytest.importorskip("torch")  # the lm extra: .ci/run installs requirements-lm.txt
 pytest.importorskip("transformers")
 
-from experiments import browse, lm as lm_cli, sae  # noqa: E402
-from ksae_jax import cli  # noqa: E402
-from ksae_jax.lm import cache, model as lm_model, offline_lm, splice, text  # noqa: E402
+from experiments import browse, sae
+from experiments import lm as lm_cli
+from ksae_jax import cli
+from ksae_jax.lm import cache, offline_lm, splice, text
+from ksae_jax.lm import model as lm_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = ROOT / "README.md"  # English prose that ships with the repository
@@ -117,7 +119,7 @@ def test_spliced_losses_against_torch_and_the_identity_and_zero_ends(tiny_lm):
     model, tokenizer = lm_model.load(str(lm_dir))
     held = text.split(text.documents(str(TEXT)))[1]
     windows = splice.eval_windows(tokenizer, held, 60, 16)
-    half = lambda h: 0.5 * h  # noqa: E731
+    half = lambda h: 0.5 * h
     losses = splice.spliced_losses(model, 1, windows, offline_lm.token_bytes(tokenizer),
                                    {"identity": lambda h: h, "zeros": torch.zeros_like, "half": half})
     ids = torch.from_numpy(windows).long()

@@ -32,8 +32,9 @@ def test_tiny_paper_table_writes_every_output(tmp_path):
 
 
 def test_validation_choice_keeps_the_best_epoch_per_model():
-    from ksae_jax import classify
     from test_classify import quadrant_images
+
+    from ksae_jax import classify
     x, y = quadrant_images(300)
     xv, yv = quadrant_images(100, seed=5)
     state, choice = classify.fit_on_validation(

@@ -3,13 +3,13 @@ import gzip
 
 import numpy as np
 import pytest
+from conftest import idx_bytes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_topk import numpy_keep_top_k
 
-from conftest import idx_bytes
 from ksae_jax.data import images as data
 from ksae_jax.topk import keep_top_k
-from test_topk import numpy_keep_top_k
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

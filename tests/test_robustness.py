@@ -11,10 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import latest_checkpoint
 
 from ksae_jax import batching, cli, formats, train
 from ksae_jax.config import SweepConfig
-from helpers import latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ["--arch", "mlp", "--hidden", "64", "--dataset", "mnist-sample", "--train-limit", "1200",

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from ksae_jax import losses, models, recipe, sae_config, step, train
-from ksae_jax.models.sae import MEDIAN_ROWS
 from ksae_jax.data import synthetic
 from ksae_jax.evaluate import EvalSet, evaluate
+from ksae_jax.models.sae import MEDIAN_ROWS
 
 
 @pytest.fixture(scope="module")

@@ -4,13 +4,13 @@ import json
 import jax
 import numpy as np
 import pytest
+from helpers import latest_checkpoint
 
 import ksae_jax
 from experiments import activations, sae, synthetic
 from ksae_jax import cli, formats, sae_config, train
 from ksae_jax.checkpoint import Checkpoints
 from ksae_jax.data import synthetic as synth
-from helpers import latest_checkpoint
 
 SAE_OUTPUTS = {"params.pkl", "metrics.json", "checkpoints", "fvu_vs_k.png", "firing_freq.png",
                "training_curves.png"}
@@ -189,3 +189,27 @@ def test_synthetic_and_activations_experiments_run(tmp_path):
     tr, te = np.load(acts_out / "train.npy"), np.load(acts_out / "test.npy")
     assert tr.shape == (600, 32) and te.shape == (1000, 32) and tr.dtype == np.float32
     assert (tr >= 0).all() and json.loads((acts_out / "info.json").read_text())["test_error_pct"] < 90
+
+
+def test_frontier_draws_every_family_and_the_peer(tmp_path, capsys):
+    from experiments import frontier
+    runs = []
+    for arch, fvu in (("topk", [0.3, 0.2]), ("jumprelu", [0.35, 0.25])):
+        run = tmp_path / arch
+        run.mkdir()
+        (run / "metrics.json").write_text(json.dumps(
+            {"fvu": fvu, "l0": [8.0, 16.0], "config": {"model": {"arch": arch}}}))
+        runs.append(str(run))
+    summary = tmp_path / "summary.json"
+    summary.write_text(json.dumps([{"system": "sparsify", "data": "lm", "k": 8, "l0": 8.0,
+                                    "fvu": 0.31}, {"system": "ksae_jax", "data": "lm", "k": 8,
+                                                   "l0": 8.0, "fvu": 0.3}]))
+    panels = frontier.main(["--panel", "lm", *runs, "--sparsify", str(summary),
+                            "--out", str(tmp_path / "f.png")])
+    assert panels == {"lm": {"topk": ([8.0, 16.0], [0.3, 0.2]), "jumprelu": ([8.0, 16.0], [0.35, 0.25]),
+                             "sparsify": ([8.0], [0.31])}}
+    assert (tmp_path / "f.png").stat().st_size > 1000 and (tmp_path / "f.json").is_file()
+    with pytest.raises(SystemExit) as e:
+        cli.run(frontier.main, ["--panel", "lm", str(tmp_path), "--out", str(tmp_path / "g.png")])
+    assert e.value.code == 2 and capsys.readouterr().err.count("\n") == 1
+    assert not (tmp_path / "g.png").exists()

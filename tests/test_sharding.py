@@ -166,3 +166,24 @@ def test_state_is_born_and_checkpointed_in_shards_within_the_memory_bound(tmp_pa
         bound = 1.5 * share_kb + m["rss_before_kb"] + OVERHEAD_KB
         assert m["init_peak_kb"] <= bound, m
         assert m["checkpoint_peak_kb"] <= bound, m
+
+
+def test_plan_compiles_the_step_from_abstract_shapes(tmp_path):
+    """--plan on a mesh larger than the machine's devices (forced in a child process): the
+    per-device memory is the state's share, and the latent split shows its collectives."""
+    out = tmp_path / "plan"
+    r = subprocess.run([sys.executable, "-m", "experiments.sae", "--plan", "--d-in", "64",
+                        "--latents", "4096", "--ks", "8", "--batch-size", "256", "--mesh",
+                        "latent=4,data=2", "--out", str(out)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "mesh data=2,latent=4 (8 devices); per device: arguments" in r.stdout
+    p = json.loads((out / "plan.json").read_text())
+    assert p["devices"] == 8 and p["mesh"] == {"data": 2, "latent": 4}
+    d = p["per_device"]
+    state_bytes = 3 * 2 * 4096 * 64 * 4  # W_enc, W_dec and their two Adam moments, float32
+    assert 0.95 * state_bytes / 4 <= d["argument_bytes"] <= 1.1 * state_bytes / 4  # latent / 4
+    assert d["flops"] > 2 * 256 / 2 * 64 * 4096 / 4  # at least this device's encoder matmul
+    ops = {c["op"] for c in d["collectives"]}
+    assert {"all-gather", "all-reduce"} <= ops and all(c["bytes"] > 0 for c in d["collectives"])
+    assert sum(c["bytes"] for c in d["collectives"]) < state_bytes  # no gather of the weights

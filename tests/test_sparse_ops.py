@@ -8,7 +8,6 @@ from ksae_jax import sparse_ops
 from ksae_jax.topk import top_k
 
 
-
 def _problem(B, d, n, seed=0, ties=False):
     ks = jax.random.split(jax.random.key(seed), 6)
     x = jax.random.normal(ks[0], (B, d))

@@ -124,7 +124,7 @@ def test_k_schedule_moves_from_k_start_to_each_k():
     (dict(ks=()), "empty"), (dict(ks=(0,)), "k must be positive"), (dict(ks=(300,)), "larger"),
     (dict(ks=(5, 5)), "repeated"), (dict(batch_size=0), "batch_size"), (dict(lr=-1.0), "lr"),
     (dict(ks=(2.5,)), "integer"), (dict(steps=0), "steps"),
-    (dict(lr=(1e-3,)), "one value per k"), (dict(init_seeds=(1, 2)), "one seed per k")])
+    (dict(lr=(1e-3,)), "one value per model"), (dict(init_seeds=(1, 2)), "one seed per model")])
 def test_sweep_config_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SweepConfig(**kwargs)

@@ -17,7 +17,8 @@ from __future__ import annotations
 import functools
 import queue
 import threading
-from typing import Callable, Iterator, Protocol
+from collections.abc import Callable, Iterator
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp

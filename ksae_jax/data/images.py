@@ -40,13 +40,13 @@ class Dataset(NamedTuple):
     x_test: np.ndarray
     y_test: np.ndarray
 
-    def limit_train(self, n: int | None) -> "Dataset":
+    def limit_train(self, n: int | None) -> Dataset:
         """The dataset with only the first n training images (None: all)."""
         if n is None:
             return self
         return self._replace(x_train=self.x_train[:n], y_train=self.y_train[:n])
 
-    def hold_out(self, n: int, seed: int = 0) -> tuple["Dataset", np.ndarray, np.ndarray]:
+    def hold_out(self, n: int, seed: int = 0) -> tuple[Dataset, np.ndarray, np.ndarray]:
         """(the dataset without n training images drawn at random with `seed`, those images,
         their labels): a validation split from the training set."""
         if not 0 < n < len(self.x_train):

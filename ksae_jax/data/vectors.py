@@ -39,7 +39,7 @@ class VectorSource:
     def name(self) -> str:
         return self.names[0] if len(self.names) == 1 else f"{Path(self.names[0]).parent}/"
 
-    def view(self, start: int, stop: int, scale: float | None = None) -> "VectorSource":
+    def view(self, start: int, stop: int, scale: float | None = None) -> VectorSource:
         return VectorSource(self.parts, self.names, self.skip, self.start + start,
                             self.start + stop, self.scale if scale is None else scale)
 

@@ -13,11 +13,15 @@ class LMUnavailable(RuntimeError):
 
 def require() -> None:
     """Raises LMUnavailable naming what to install when the lm extra is missing."""
-    missing = []
-    for name in ("torch", "transformers", "tokenizers"):
-        try:
-            __import__(name)
-        except ImportError:
-            missing.append(name)
+    missing = [name for name in ("torch", "transformers", "tokenizers") if not _importable(name)]
     if missing:
         raise LMUnavailable(f"the LM commands need {', '.join(missing)}: {INSTALL}")
+
+
+def _importable(name: str) -> bool:
+    """Looks the package up without importing it (transformers warns on import without torch)."""
+    import importlib.util
+    import sys
+    if name in sys.modules:
+        return sys.modules[name] is not None
+    return importlib.util.find_spec(name) is not None

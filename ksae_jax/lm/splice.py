@@ -13,7 +13,7 @@ back through DLPack (no host copy when both sit on one device).
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

@@ -22,7 +22,7 @@ LOADED: dict[type[Family], type[Loaded]] = {
     MatryoshkaFamily: MatryoshkaSAEs, JumpReLUFamily: JumpReLUSAEs}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def family(model) -> Family:
     """The family of a model config (ImageModel or SaeModel)."""
     return FAMILIES[model.arch](model)

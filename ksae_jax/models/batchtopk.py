@@ -15,6 +15,7 @@ from jax import lax
 
 from ksae_jax import losses
 from ksae_jax.config import BatchTopKModel
+from ksae_jax.models.layers import matmul
 from ksae_jax.models.sae import TopKFamily, TopKSAE, VectorSAE, squared_error
 
 
@@ -83,7 +84,7 @@ class BatchTopKSAE(TopKSAE):
 
     def __call__(self, x, w, k, max_k: int, *, dead=None, aux_k=None, terms=True) -> DenseOutput:
         pre, code, min_kept = self.encode_dense(x, w, k, terms)
-        recon = code @ self.W_dec[...] + self.b_dec[...]
+        recon = matmul(code, self.W_dec[...], self.cfg.dtype) + self.b_dec[...]
         selecting = lax.stop_gradient(pre - self.b_enc[...])
         out = DenseOutput(recon, code, selecting)
         if not terms:
@@ -114,6 +115,8 @@ class DenseCodeFamily(TopKFamily):
 
 class BatchTopKFamily(DenseCodeFamily):
     """batchtopk: FVU (+ aux_coef * AuxK) of the batch's top B k; threshold inference."""
+
+    flags = ("threshold_lr",)
 
     def module(self, rngs):
         return BatchTopKSAE(self.model, rngs=rngs)

@@ -98,7 +98,7 @@ def _subpixel_conv_transpose(x, w, stride, padding, output_padding):
     return y[:, padding:padding + ho, padding:padding + wo]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _placement(size: int, kernel: int, stride: int, padding: int) -> np.ndarray:
     """P[(oy, ox), (iy, ix), (i, j)] = 1 where output pixel (oy, ox) reads input (iy, ix)
     through kernel tap (i, j) of a square convolution."""

@@ -13,7 +13,8 @@ and gives:
 - `project_grads` / `post_update`: the recipe's steps around the optimizer update;
 - `rows(data, name)`, `input_scale(rows)`: the data it trains on;
 - `code(out)`, `decode(params, code)`, `usage(out, k, max_k)`: for inference;
-- `unit`, `rec_name`, `progress_names`, `shards_latents`: names and capabilities.
+- `unit`, `rec_name`, `progress_names`, `shards_latents`: names and capabilities;
+- `flags`, `sweeps_over`, `default_sweep`: what the experiments' flags set.
 """
 from __future__ import annotations
 
@@ -39,6 +40,9 @@ class Family:
     rec_name = "rec"             # the reconstruction metric ("mse", "fvu")
     progress_names = ("loss",)   # what the progress bar shows ("loss", "fvu", "dead")
     shards_latents = False       # whether the mesh's latent axis can split its parameters
+    flags: tuple[str, ...] = ()  # model-config fields the experiments set from flags of that name
+    sweeps_over = "ks"           # the per-model hyperparameter its sweeps vary ("ks", "l0_coefs")
+    default_sweep: tuple = ()    # that hyperparameter's default values, where not the ks
 
     @property
     def lr_scales(self) -> dict[str, float]:
@@ -59,7 +63,6 @@ class Family:
     def data_sample(self, rows: Rows, cfg, mesh=None):
         """The training rows init_from_data reads, as one array (None: it reads none)."""
         del rows, cfg, mesh
-        return None
 
     def init_from_data(self, params: dict, sample, cfg) -> dict:
         """Stacked fresh params (one per model of the sweep cfg) with what is initialised from

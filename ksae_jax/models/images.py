@@ -17,7 +17,7 @@ from ksae_jax.config import ImageModel
 from ksae_jax.data.feed import ArrayRows
 from ksae_jax.models import conv
 from ksae_jax.models.family import Family
-from ksae_jax.models.layers import Conv2d, ConvTranspose2d, Linear
+from ksae_jax.models.layers import Conv2d, ConvTranspose2d, Linear, matmul
 from ksae_jax.models.loaded import Loaded
 from ksae_jax.topk import k_sparse, top_k_mask
 
@@ -101,10 +101,11 @@ class ConvKSAE(ImageKSAE):
     def __init__(self, cfg: ImageModel, *, rngs: nnx.Rngs):
         self.loss = cfg.loss
         flat = int(np.prod(BOTTLENECK))  # 576
-        self.enc1, self.enc2, self.enc3 = (Conv2d(*spec, rngs=rngs) for spec in ENCODER_CONVS)
-        self.enc4 = Linear(flat, cfg.hidden, rngs=rngs)
-        self.dec1 = Linear(cfg.hidden, flat, rngs=rngs)
-        self.dec2, self.dec3, self.dec4 = (ConvTranspose2d(*spec, rngs=rngs) for spec in DECODER_CONVS)
+        kw = dict(rngs=rngs, dtype=cfg.dtype)
+        self.enc1, self.enc2, self.enc3 = (Conv2d(*spec, **kw) for spec in ENCODER_CONVS)
+        self.enc4 = Linear(flat, cfg.hidden, **kw)
+        self.dec1 = Linear(cfg.hidden, flat, **kw)
+        self.dec2, self.dec3, self.dec4 = (ConvTranspose2d(*spec, **kw) for spec in DECODER_CONVS)
 
     def encode_dense(self, x):
         """Images (B, 28, 28) -> (dense code (B, H), encoder conv activations)."""
@@ -128,19 +129,19 @@ class MlpKSAE(ImageKSAE):
     """Makhzani & Frey: 784 -> H linear units -> top-k -> 784, decoder tied or untied."""
 
     def __init__(self, cfg: ImageModel, *, rngs: nnx.Rngs):
-        self.loss, self.tied = cfg.loss, cfg.tied
-        self.enc = Linear(N_PIXELS, cfg.hidden, rngs=rngs)
+        self.loss, self.tied, self.dtype = cfg.loss, cfg.tied, cfg.dtype
+        self.enc = Linear(N_PIXELS, cfg.hidden, rngs=rngs, dtype=cfg.dtype)
         if cfg.tied:
             self.dec_bias = nnx.Param(jnp.zeros((N_PIXELS,), jnp.float32))
         else:
-            self.dec = Linear(cfg.hidden, N_PIXELS, rngs=rngs)
+            self.dec = Linear(cfg.hidden, N_PIXELS, rngs=rngs, dtype=cfg.dtype)
 
     def encode_dense(self, x):
         return self.enc(x.reshape(x.shape[0], -1)), ()
 
     def decode_all(self, code):
         if self.tied:
-            logits = code @ self.enc.weight[...] + self.dec_bias[...]
+            logits = matmul(code, self.enc.weight[...], self.dtype) + self.dec_bias[...]
         else:
             logits = self.dec(code)
         logits = logits.reshape(-1, *IMAGE_SHAPE)

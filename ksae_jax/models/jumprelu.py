@@ -15,6 +15,7 @@ from jax import lax
 from ksae_jax import losses
 from ksae_jax.config import JumpReLUModel
 from ksae_jax.models.batchtopk import DenseCodeFamily, DenseOutput
+from ksae_jax.models.layers import matmul
 from ksae_jax.models.sae import FIT_ROWS, TopKSAE, VectorSAE
 
 
@@ -70,7 +71,7 @@ class JumpReLUSAE(TopKSAE):
         pre = self.dense_pre(x)
         theta = jnp.exp(self.log_threshold[...])
         code = jump_relu(pre, theta, self.cfg.bandwidth)
-        recon = code @ self.W_dec[...] + self.b_dec[...]
+        recon = matmul(code, self.W_dec[...], self.cfg.dtype) + self.b_dec[...]
         selecting = lax.stop_gradient(pre - self.b_enc[...])
         out = DenseOutput(recon, code, selecting)
         if not terms:
@@ -85,6 +86,10 @@ class JumpReLUSAE(TopKSAE):
 
 class JumpReLUFamily(DenseCodeFamily):
     """jumprelu: FVU + l0_coef * L0 (+ aux_coef * AuxK); thresholds learnt per latent."""
+
+    flags = ("bandwidth", "init_l0")
+    sweeps_over = "l0_coefs"
+    default_sweep = (3e-4, 1e-3, 3e-3, 1e-2)
 
     def module(self, rngs):
         return JumpReLUSAE(self.model, rngs=rngs)

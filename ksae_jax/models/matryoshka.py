@@ -7,7 +7,12 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from ksae_jax import losses
-from ksae_jax.models.batchtopk import BatchTopKFamily, BatchTopKSAE, BatchTopKSAEs, DenseOutput
+from ksae_jax.models.batchtopk import (
+    BatchTopKFamily,
+    BatchTopKSAE,
+    BatchTopKSAEs,
+    DenseOutput,
+)
 from ksae_jax.models.sae import squared_error
 
 
@@ -30,6 +35,8 @@ class MatryoshkaSAE(BatchTopKSAE):
 
 class MatryoshkaFamily(BatchTopKFamily):
     """matryoshka: BatchTopK's loss plus the FVU of every nested prefix."""
+
+    flags = ("threshold_lr", "prefixes")
 
     def module(self, rngs):
         return MatryoshkaSAE(self.model, rngs=rngs)

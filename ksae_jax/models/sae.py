@@ -22,6 +22,7 @@ from ksae_jax.config import SaeModel
 from ksae_jax.data.feed import Rows
 from ksae_jax.data.vectors import VectorSource, normalizing_scale, open_vectors
 from ksae_jax.models.family import Family
+from ksae_jax.models.layers import matmul
 from ksae_jax.models.loaded import CHUNK, Loaded, as_rows, forward_jit, reconstruct_jit
 from ksae_jax.topk import top_k
 
@@ -79,12 +80,12 @@ class TopKSAE(nnx.Module):
         fly), as a constant: it selects; the kept values get their gradient from
         `kept_values`."""
         W, b_dec = lax.stop_gradient((self.W_enc[...], self.b_dec[...]))
-        return (x - b_dec) @ W.T
+        return matmul(x - b_dec, W.T, self.cfg.dtype)
 
     def dense_pre(self, x):
         """(B, n) pre-activations (x - b_dec) W_enc^T + b_enc, differentiable (the dense-code
         families' encoder)."""
-        return (x - self.b_dec[...]) @ self.W_enc[...].T + self.b_enc[...]
+        return matmul(x - self.b_dec[...], self.W_enc[...].T, self.cfg.dtype) + self.b_enc[...]
 
     def select(self, pre, k: int, dead=None):
         """(values, indices) of the k largest pre-activations pre + b_enc of each row, among
@@ -169,7 +170,8 @@ class TopKFamily(Family):
         return {"x": sharding.global_rows(x, mesh), "valid": sharding.global_rows(valid, mesh)}
 
     def init_from_data(self, params, sample, cfg):
-        """b_dec = the geometric median (or the mean) of the sample, or zero; with init_scale
+        """b_dec = the geometric median (or the mean) of the sample, or zero; with init_dirs
+        "data", the decoder rows along sample rows (the same for every model); with init_scale
         "fit", each model's encoder scale fitted to its first reconstructions of the sample's
         first rows (recipe.fitted_encoder_scale)."""
         mc, x, valid = self.model, sample["x"], sample["valid"]
@@ -178,6 +180,12 @@ class TopKFamily(Family):
             center = (recipe.geometric_median(x, valid) if mc.b_dec_init == "median"
                       else (w @ x) / jnp.maximum(w.sum(), 1.0))
             params = {**params, "b_dec": jnp.broadcast_to(center, params["b_dec"].shape)}
+        if mc.init_dirs == "data":
+            rows = recipe.data_directions(x - params["b_dec"][0], valid, mc.hidden,
+                                          jax.random.key(cfg.seed))
+            scale = 1.0 if mc.init_scale == "fit" else mc.init_scale
+            params = {**params, "W_dec": jnp.broadcast_to(rows, params["W_dec"].shape),
+                      "W_enc": jnp.broadcast_to(rows * scale, params["W_enc"].shape)}
         if mc.init_scale == "fit":
             scales = [recipe.fitted_encoder_scale(x[:FIT_ROWS] - params["b_dec"][m],
                                                   params["W_dec"][m], k, valid[:FIT_ROWS])
