@@ -1,7 +1,7 @@
 """experiments.ksweep with injected slowness, so that tests can kill it at a chosen moment.
 
 KSAE_TEST_STEP_DELAY=s       sleep s seconds before every training step
-KSAE_TEST_SLOW_WRITE=s       from the 2nd checkpoint on, stall s seconds before the rename
+KSAE_TEST_SLOW_WRITE=s       from the 2nd checkpoint's step on, stall s seconds before the rename
                              that completes it (its temporary folder is written meanwhile)
 """
 import os
@@ -31,11 +31,15 @@ if step_delay:
 if write_delay:  # hold back the atomic rename that completes an (asynchronous) Orbax save
     from orbax.checkpoint._src.path import atomicity
 
-    real_finalize, n_checkpoints = atomicity.AtomicRenameTemporaryPath.finalize, [0]
+    real_finalize, steps = atomicity.AtomicRenameTemporaryPath.finalize, []
 
     async def slow_finalize(self):
-        n_checkpoints[0] += 1
-        if n_checkpoints[0] >= 2:
+        # the checkpoint's step: checkpoints/STEP[.tmp]/... (finalize also runs per item)
+        parts = Path(str(self.get_final())).parts
+        step = parts[parts.index("checkpoints") + 1].split(".")[0]
+        if step not in steps:
+            steps.append(step)
+        if step != steps[0]:
             time.sleep(write_delay)  # the save's files are written, not yet renamed into place
         return await real_finalize(self)
 
