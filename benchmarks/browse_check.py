@@ -47,7 +47,8 @@ def main(folders: list[str]) -> dict:
                 screenshot(page, png, Path(tmp) / "profile")
                 share = content_share(png)
                 floor = 0.001 if page.stem == "index" else 0.01  # the index is a few links
-                report[str(page)] = {"content_share": share, "non_blank": share > floor}
+                name = f"{folder.name}/{page.name}"  # no machine paths in the committed JSON
+                report[name] = {"content_share": share, "non_blank": share > floor}
                 print(f"{page}: {100 * share:.1f}% of the screenshot is content")
                 if page.stem != "index":
                     (folder / f"{page.stem}_screenshot.png").write_bytes(png.read_bytes())

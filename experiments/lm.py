@@ -3,6 +3,7 @@ residual stream as activation shards for experiments.sae.
 
     python -m experiments.lm train --out runs/lm                  # ~15 min on 2 CPU cores
     python -m experiments.lm cache --model runs/lm --layer 2 --tokens 2000000 --out runs/acts
+    python -m experiments.lm evaluate --sae runs/sae/params.pkl --model runs/lm --layer 2
 
 Needs the lm extra: pip install -r requirements-lm.txt.
 """
@@ -94,11 +95,49 @@ def cache(args) -> None:
           f"{meta['seconds']:.0f} s in all")
 
 
+def _evaluate_flags(p) -> None:
+    p.add_argument("--sae", type=Path, required=True,
+                   help="a trained SAE: params.pkl, a ksae_jax export, or a sparsify / SAELens folder")
+    p.add_argument("--model", required=True, help="the causal LM of its activations")
+    p.add_argument("--layer", type=cli.int_value, required=True, help="the block it reads")
+    p.add_argument("--text", default="gcide", help="text whose held-out documents are evaluated")
+    p.add_argument("--tokens", type=cli.positive_int, default=16_384, help="predictions evaluated")
+    p.add_argument("--context", type=cli.positive_int, default=128)
+    p.add_argument("--out", type=Path, default=None, help="write the metrics here (.json)")
+
+
+def evaluate(args) -> None:
+    """The spliced evaluation of a saved SAE (every k it holds), as experiments.sae --lm."""
+    import torch
+
+    from ksae_jax import inference
+    from ksae_jax.files import write_json
+    from ksae_jax.formats import ParamsFileError
+    from ksae_jax.lm import splice
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        sae = inference.load(args.sae)
+    except (ParamsFileError, OSError) as e:
+        raise cli.UsageError(f"--sae {args.sae}: {e}") from None
+    ev = splice.SpliceEval(args.model, args.layer, args.text, args.tokens, args.context)
+    labels = list(sae.ks)
+    m = ev(sae, labels)
+    print(f"clean {m['lm_loss_clean']:.4f}, zero-ablated {m['lm_loss_zero']:.4f} nats/token over "
+          f"{m['lm_tokens']:,} tokens\n{'k':>6} {'delta loss':>11} {'recovered':>10} {'KL':>8}")
+    for i, k in enumerate(labels):
+        print(f"{k:>6} {m['delta_loss'][i]:>11.4f} {m['loss_recovered'][i]:>10.4f} {m['kl'][i]:>8.4f}")
+    if args.out is not None:
+        write_json(args.out, {"sae": str(args.sae), "ks": labels, **m})
+
+
 def main(argv=None):
     p = cli.Parser(prog="python -m experiments.lm", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     _train_flags(sub.add_parser("train", help="train the offline GPT-2 on English text"))
     _cache_flags(sub.add_parser("cache", help="cache a model's residual stream as .npy shards"))
+    _evaluate_flags(sub.add_parser("evaluate", help="a saved SAE's LM loss with its "
+                                                    "reconstruction spliced in"))
     args = p.parse_args(argv)
     try:
         lm.require()
@@ -109,8 +148,8 @@ def main(argv=None):
     from ksae_jax.lm.text import TextError
 
     try:
-        {"train": train, "cache": cache}[args.command](args)
-    except (CacheError, LMError, TextError) as e:
+        {"train": train, "cache": cache, "evaluate": evaluate}[args.command](args)
+    except (CacheError, LMError, TextError, ValueError) as e:
         raise cli.UsageError(str(e)) from None
 
 

@@ -65,16 +65,18 @@ def add_sae_flags(p, ks=(16, 32, 64, 128), latents=None) -> None:
                         "budget (default 0: constant)")
     p.add_argument("--adam-eps", type=cli.positive_float, default=6.25e-10,
                    help="Adam epsilon (default 6.25e-10, Gao et al.; torch's and sparsify's: 1e-8)")
-    p.add_argument("--init-scale", type=init_scale, default=1.0,
+    p.add_argument("--init-scale", type=init_scale, default=None,
                    help="norm of the encoder rows at init, W_enc = scale * W_dec, or 'fit': "
-                        "each k's scale fitted to its first reconstructions (default 1)")
+                        "each k's scale fitted to its first reconstructions (default fit; "
+                        "jumprelu: 1)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="compute dtype of the dense matmuls (bfloat16: f32 accumulation, f32 "
                         "weights and Adam)")
     p.add_argument("--b-dec-init", choices=("median", "mean", "zero"), default="median",
                    help="b_dec at init: geometric median or mean of training rows, or zero")
-    p.add_argument("--init-dirs", choices=("random", "data"), default="random",
-                   help="decoder rows at init: random, or along training rows (default random)")
+    p.add_argument("--init-dirs", choices=("random", "data", "mixed"), default=None,
+                   help="decoder rows at init: random, along training rows, or those mixed "
+                        "with an equal part of random directions")
     p.add_argument("--clip-norm", type=cli.positive_float, default=None,
                    help="clip each model's gradient to this global norm")
     p.add_argument("--normalize", action="store_true",
@@ -213,8 +215,10 @@ class Sae(runner.Experiment):
             return start_config(self.start, args, spec, extra)
         return sae_config(
             spec["d"], sweep_ks(args), latents=args.latents, decoder=args.decoder,
-            multi_topk=args.multi_topk, normalize=args.normalize, init_scale=args.init_scale,
-            b_dec_init=args.b_dec_init, init_dirs=args.init_dirs, dtype=args.dtype,
+            multi_topk=args.multi_topk, normalize=args.normalize,
+            **({} if args.init_scale is None else {"init_scale": args.init_scale}),
+            b_dec_init=args.b_dec_init, dtype=args.dtype,
+            **({} if args.init_dirs is None else {"init_dirs": args.init_dirs}),
             steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
             eps=args.adam_eps, warmup_steps=args.warmup_steps, lr_decay_frac=args.lr_decay_frac,
             clip_norm=args.clip_norm, aux_coef=args.aux_coef,

@@ -17,7 +17,7 @@ DEFAULT_KS = (5, 10, 25, 50, 100)
 DEFAULT_EPOCHS = 9
 BATCHINGS = ("auto", "loop", "vmap")
 DECODERS = ("auto", "sparse", "dense")
-INIT_DIRS = ("random", "data")
+INIT_DIRS = ("random", "data", "mixed")
 B_DEC_INITS = ("median", "mean", "zero")
 DTYPES = ("float32", "bfloat16")
 N_PIXELS = 28 * 28
@@ -113,16 +113,18 @@ class SaeModel:
     normalize: bool = False
     """Scale the inputs by one constant so that the training rows' mean squared norm is d_in
     (the constant is stored with the params and applied by encode and decode)."""
-    init_scale: float | str = 1.0
+    init_scale: float | str = "fit"
     """Norm of the encoder rows at init: W_enc = init_scale * W_dec, decoder rows unit
     vectors (1: Gao et al.'s W_enc = W_dec^T; sparsify's Kaiming-uniform encoder is about
-    0.577; SAELens starts at 0.1); "fit": each model's scale is the one whose first
-    reconstructions of training rows have the least squared error (it depends on k)."""
+    0.577; SAELens starts at 0.1); "fit" (the default): each model's scale is the one whose
+    first reconstructions of training rows have the least squared error (it falls with k;
+    README's LM table shows why it is the default)."""
     b_dec_init: str = "median"
     """b_dec at init: the geometric median of training rows, their mean, or zero."""
     init_dirs: str = "random"
-    """Decoder rows at init: random unit vectors, or "data": the directions of n training rows
-    (centred on b_dec), so that every latent starts as the best match of some row."""
+    """Decoder rows at init: random unit vectors; "data": the directions of n training rows
+    (centred on b_dec), so that every latent starts as the best match of some row; "mixed":
+    each such direction plus an equal part of a random one."""
     dtype: str = "float32"
     """Compute dtype of the dense matmuls ("bfloat16": bf16 inputs, f32 accumulation; the
     weights, Adam and the sparse gathers and scatters stay float32)."""
@@ -222,6 +224,8 @@ class JumpReLUModel(SaeModel):
     L0 coefficient (SweepConfig.l0_coefs) instead of k."""
 
     arch: str = "jumprelu"
+    init_scale: float | str = 1.0
+    """As SaeModel's, but 1 by default (a JumpReLU has no k to fit the scale to)."""
     bandwidth: float = 0.05
     """Width of the rectangle kernel of the straight-through pseudo-gradients."""
     init_l0: int | None = None
@@ -449,6 +453,9 @@ class SweepConfig:
                 if moved in {f.name for f in dataclasses.fields(
                         ImageModel if model.get("arch", "conv") in IMAGE_ARCHS else SaeModel)}:
                     model[moved] = value
+        if model.get("arch", "conv") not in IMAGE_ARCHS:  # files from before these fields were
+            model.setdefault("init_scale", 1.0)         # trained with W_enc = W_dec, random rows
+            model.setdefault("init_dirs", "random")
         if "k_anneal_epochs" in d:  # files written before budgets in steps
             anneal = d.pop("k_anneal_epochs")
             d["k_anneal_frac"] = anneal / d["epochs"] if d.get("epochs") else 0.0

@@ -59,28 +59,38 @@ def geometric_median(points: jax.Array, valid: jax.Array | None = None, max_iter
     return median
 
 
-@functools.partial(jax.jit, static_argnames="k")
+@functools.partial(jax.jit, static_argnames=("k", "chunk"))
 def fitted_encoder_scale(x_c: jax.Array, W_dec: jax.Array, k: int,
-                         valid: jax.Array | None = None) -> jax.Array:
+                         valid: jax.Array | None = None, chunk: int = 64) -> jax.Array:
     """The s for which W_enc = s W_dec reconstructs the centred rows x_c best at init: with
     z = ReLU(TopK(x_c W_dec^T)) and r = z W_dec, the reconstruction is s r, and
     s = <x_c, r> / <r, r> minimises |x_c - s r|^2 summed over the (valid) rows. For k
-    latents of random directions r grows about as sqrt(k), so the best s falls with k."""
-    vals, idx = jax.lax.top_k(x_c @ W_dec.T, k)
-    r = jnp.einsum("bk,bkd->bd", jax.nn.relu(vals), W_dec[idx])
-    w = 1.0 if valid is None else valid.astype(r.dtype)[:, None]
-    return jnp.sum(w * x_c * r) / jnp.maximum(jnp.sum(w * r * r), 1e-30)
+    latents of random directions r grows about as sqrt(k), so the best s falls with k.
+    Taken over `chunk` rows at a time: its (chunk, n) pre-activations are all it holds."""
+    valid = jnp.ones(x_c.shape[0], bool) if valid is None else valid
+    pad = (-x_c.shape[0]) % chunk
+    x = jnp.pad(x_c, ((0, pad), (0, 0))).reshape(-1, chunk, x_c.shape[1])
+    w = jnp.pad(valid, (0, pad)).reshape(-1, chunk).astype(x_c.dtype)
+
+    def sums(part):
+        xc, wc = part
+        vals, idx = jax.lax.top_k(xc @ W_dec.T, k)
+        r = jnp.einsum("bk,bkd->bd", jax.nn.relu(vals), W_dec[idx])
+        return jnp.sum(wc[:, None] * xc * r), jnp.sum(wc[:, None] * r * r)
+
+    num, den = jax.lax.map(sums, (x, w))
+    return jnp.sum(num) / jnp.maximum(jnp.sum(den), 1e-30)
 
 
-def data_directions(x_c: jax.Array, valid: jax.Array, n: int, key: jax.Array) -> jax.Array:
-    """(n, d) unit rows along n of the (valid) centred rows x_c, drawn without replacement
-    when there are enough; with replacement (and a little noise, so that no two rows are
-    equal) when n exceeds them."""
-    p = valid.astype(jnp.float32) / jnp.maximum(jnp.sum(valid), 1)
-    replace = n > x_c.shape[0]
-    idx = jax.random.choice(key, x_c.shape[0], (n,), replace=replace, p=p)
+def data_directions(x_c: jax.Array, order: jax.Array, n: int, key: jax.Array,
+                    noise: float = 0.0) -> jax.Array:
+    """(n, d) unit rows along the centred rows x_c taken in `order` (a random priority per
+    row, inf for padding: the same rows whatever the padding), each drawn once while there
+    are enough; past them the rows repeat, mixed with 0.3 of a random direction so that no
+    two are equal. With noise, every row is mixed with that much of a random direction."""
+    count = jnp.sum(jnp.isfinite(order))
+    idx = jnp.argsort(order)[jnp.arange(n) % count]
     rows = unit_norm_rows(x_c[idx])
-    if replace:
-        noise = jax.random.normal(jax.random.fold_in(key, 1), rows.shape)
-        rows = unit_norm_rows(rows + 0.3 * unit_norm_rows(noise))
-    return rows
+    g = unit_norm_rows(jax.random.normal(key, rows.shape))
+    mix = jnp.where(jnp.arange(n) >= count, max(noise, 0.3), noise)[:, None]
+    return unit_norm_rows(rows + mix * g)

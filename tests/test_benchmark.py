@@ -2,7 +2,6 @@
 (timings are measured, not tested)."""
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]

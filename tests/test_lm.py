@@ -148,6 +148,12 @@ def test_sae_on_a_cache_reports_the_lm_metrics(tiny_lm, tmp_path):
     np.testing.assert_allclose(sae_loss - m["lm_loss_clean"], m["delta_loss"])
     np.testing.assert_allclose((m["lm_loss_zero"] - sae_loss) / (m["lm_loss_zero"] - m["lm_loss_clean"]),
                                m["loss_recovered"])
+    # the separate evaluate command on the saved SAE gives the run's own numbers
+    lm_cli.main(["evaluate", "--sae", str(out / "params.pkl"), "--model", str(lm_dir), "--layer", "0",
+             "--text", str(TEXT), "--tokens", "60", "--context", "16", "--out", str(tmp_path / "e.json")])
+    e = json.loads((tmp_path / "e.json").read_text())
+    assert e["ks"] == [2, 8]
+    np.testing.assert_allclose(e["delta_loss"], m["delta_loss"], rtol=1e-5, atol=1e-6)
     # the features in their text: browse finds the cache's contexts and tokenizer
     browse.main([str(out)])
     page = (out / "browse" / "k8.html").read_text()

@@ -152,3 +152,31 @@ def test_synthetic_mean_number_of_active_features():
     coef = np.linalg.solve(s.features.T.astype(np.float64), s.x.T.astype(np.float64)).T
     assert (np.abs(coef) > 1e-4).sum(axis=1).mean() == pytest.approx(5, rel=0.1)
     assert coef.min() > -1e-4 and coef.max() < 1 + 1e-4
+
+
+def test_fitted_encoder_scale_minimises_the_init_error_chunk_by_chunk():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(200, 16)).astype(np.float32))
+    W = recipe.unit_norm_rows(jnp.asarray(rng.normal(size=(64, 16)).astype(np.float32)))
+    s = recipe.fitted_encoder_scale(x, W, 4)  # 200 rows in chunks of 64: the last one padded
+    assert np.isclose(s, recipe.fitted_encoder_scale(x, W, 4, chunk=200), rtol=1e-5)
+    vals, idx = jax.lax.top_k(x @ W.T, 4)
+    r = jnp.einsum("bk,bkd->bd", jax.nn.relu(vals), W[idx])
+    err = lambda c: float(jnp.sum((x - c * r) ** 2))
+    assert err(s) < err(1.02 * s) and err(s) < err(0.98 * s)
+
+
+def test_data_directions_follow_the_rows_whatever_the_padding():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(10, 8)).astype(np.float32))
+    order = jnp.asarray(rng.random(10).astype(np.float32))
+    key = jax.random.key(0)
+    rows = recipe.data_directions(x, order, 6, key)
+    np.testing.assert_allclose(rows, recipe.unit_norm_rows(x[jnp.argsort(order)[:6]]), atol=1e-6)
+    padded = recipe.data_directions(jnp.concatenate([x, jnp.zeros((6, 8))]),
+                                    jnp.concatenate([order, jnp.full(6, jnp.inf)]), 6, key)
+    np.testing.assert_array_equal(rows, padded)  # padding rows are never drawn
+    many = recipe.data_directions(x, order, 25, key)  # more latents than rows
+    np.testing.assert_allclose(jnp.linalg.norm(many, axis=1), 1.0, atol=1e-6)
+    cos = np.asarray(many @ many.T)[np.triu_indices(25, 1)]
+    assert cos.max() < 0.999  # no two equal

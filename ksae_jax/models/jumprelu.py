@@ -105,7 +105,8 @@ class JumpReLUFamily(DenseCodeFamily):
         """b_dec and the encoder scale as TopK's; each threshold where its latent fires on
         init_l0 / hidden of the sample's first rows."""
         params = super().init_from_data(params, sample, cfg)
-        x, valid = sample["x"][:FIT_ROWS], sample["valid"][:FIT_ROWS, None]
+        rows = min(FIT_ROWS, cfg.batch_size)  # no more memory than a training step
+        x, valid = sample["x"][:rows], sample["valid"][:rows, None]
         q = 1.0 - self.model.init_l0 / self.model.hidden
         thresholds = [jnp.nanquantile(jnp.where(valid, (x - params["b_dec"][m]) @ params["W_enc"][m].T
                                                 + params["b_enc"][m], jnp.nan), q, axis=0)

@@ -156,7 +156,7 @@ class TopKFamily(Family):
         return TopKSAE(self.model, rngs=rngs)
 
     def data_sample(self, rows, cfg, mesh=None):
-        """{"x", "valid"}: up to MEDIAN_ROWS training rows drawn with cfg.seed (in row order),
+        """{"x", "valid", "order"}: up to MEDIAN_ROWS training rows drawn with cfg.seed (in row order),
         as one array split over the mesh's devices (padded with invalid rows to a multiple
         of them: the same rows on every mesh); each process reads only its own share."""
         count = min(rows.n, MEDIAN_ROWS)
@@ -167,7 +167,11 @@ class TopKFamily(Family):
         x = np.zeros((per if mesh is not None else count, rows.row_shape[0]), np.float32)
         x[:len(mine)] = rows.take(mine) * np.float32(rows.scale)
         valid = np.arange(len(x)) < len(mine)
-        return {"x": sharding.global_rows(x, mesh), "valid": sharding.global_rows(valid, mesh)}
+        order = np.full(len(x), np.inf, np.float32)  # init_dirs: a priority per row, seeded
+        start = jax.process_index() * per
+        order[:len(mine)] = np.random.default_rng(cfg.seed + 1).random(count)[start:start + len(mine)]
+        return {"x": sharding.global_rows(x, mesh), "valid": sharding.global_rows(valid, mesh),
+                "order": sharding.global_rows(order, mesh)}
 
     def init_from_data(self, params, sample, cfg):
         """b_dec = the geometric median (or the mean) of the sample, or zero; with init_dirs
@@ -180,15 +184,17 @@ class TopKFamily(Family):
             center = (recipe.geometric_median(x, valid) if mc.b_dec_init == "median"
                       else (w @ x) / jnp.maximum(w.sum(), 1.0))
             params = {**params, "b_dec": jnp.broadcast_to(center, params["b_dec"].shape)}
-        if mc.init_dirs == "data":
-            rows = recipe.data_directions(x - params["b_dec"][0], valid, mc.hidden,
-                                          jax.random.key(cfg.seed))
+        if mc.init_dirs != "random":
+            rows = recipe.data_directions(x - params["b_dec"][0], sample["order"], mc.hidden,
+                                          jax.random.key(cfg.seed),
+                                          noise=1.0 if mc.init_dirs == "mixed" else 0.0)
             scale = 1.0 if mc.init_scale == "fit" else mc.init_scale
             params = {**params, "W_dec": jnp.broadcast_to(rows, params["W_dec"].shape),
                       "W_enc": jnp.broadcast_to(rows * scale, params["W_enc"].shape)}
-        if mc.init_scale == "fit":
-            scales = [recipe.fitted_encoder_scale(x[:FIT_ROWS] - params["b_dec"][m],
-                                                  params["W_dec"][m], k, valid[:FIT_ROWS])
+        if mc.init_scale == "fit":  # on at most a batch of rows: no more memory than a step
+            rows = min(FIT_ROWS, cfg.batch_size)
+            scales = [recipe.fitted_encoder_scale(x[:rows] - params["b_dec"][m],
+                                                  params["W_dec"][m], k, valid[:rows])
                       for m, k in enumerate(cfg.max_ks)]
             params = {**params, "W_enc": params["W_dec"] * jnp.stack(scales)[:, None, None]}
         return params
