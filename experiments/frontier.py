@@ -20,7 +20,8 @@ from ksae_jax.files import write_json
 def parse_args(argv):
     p = cli.Parser(prog="python -m experiments.frontier", description=__doc__.split("\n\n")[0])
     p.add_argument("--panel", nargs="+", action="append", required=True, metavar="NAME RUN",
-                   help="a panel's name, then its run folders (repeat for more panels)")
+                   help="a panel's name, then its run folders, each RUN or LABEL=RUN (the label "
+                        "defaults to the run's family); repeat for more panels")
     p.add_argument("--sparsify", type=Path, action="append", default=[],
                    help="a vs_sparsify summary.json (its 'data' names the panel); repeatable")
     p.add_argument("--title", default="")
@@ -61,7 +62,11 @@ def main(argv=None) -> dict:
     for name, *runs in args.panel:
         if not runs:
             raise cli.UsageError(f"--panel {name}: give its run folders after the name")
-        panels[name] = dict(run_points(Path(r)) for r in runs)
+        panels[name] = {}
+        for r in runs:
+            label, _, folder = r.rpartition("=")
+            family, points = run_points(Path(folder))
+            panels[name][label or family] = points
     for summary in args.sparsify:
         for name, series in peer_points(summary).items():
             if name in panels:

@@ -26,7 +26,7 @@ def check_suites(images, sae_dir, peer: bool):
     assert names[0].startswith("(a)") and any(n.startswith("(d)") for n in names)
     for run in res["runs"]:
         assert run["train_s"] > 0 and run["compile_s"] > 0 and run["peak_rss_mb"] > 0
-        assert 0 < run["peak_fraction"] < 1.5 and run["steps"] >= 3
+        assert run["peak_fraction"] > 0 and run["steps"] >= 3  # a ratio of timings: not bounded
     assert "| (a) ksae_jax conv" in (images / "results.md").read_text()
     sae = json.loads((sae_dir / "sae.json").read_text())
     (c,) = sae["configs"]
