@@ -75,9 +75,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_train_write_once_and_equal_one_process(tmp_path):
-    """Two processes share one run folder: each writes its own shards of the checkpoints,
-    process 0 alone the result files; the params equal the one-process run's."""
+def _one_process_reference(tmp_path) -> list:
+    """The flags of the two-process SAE runs, after the same run on one process and device
+    (into tmp_path/ref)."""
     syn = synthetic.generate(3000, d=16, n_features=32, mean_active=3, seed=0)
     np.save(tmp_path / "x.npy", syn.x)
     base = ["--data", str(tmp_path / "x.npy"), "--latents", "64", "--ks", "2", "4", "--steps", "6",
@@ -85,6 +85,13 @@ def test_two_processes_train_write_once_and_equal_one_process(tmp_path):
     ref = subprocess.run([sys.executable, "-m", "experiments.sae", *base, "--out", str(tmp_path / "ref")],
                          cwd=ROOT, env=_env(1), capture_output=True, text=True, timeout=300)
     assert ref.returncode == 0, ref.stderr[-2000:]
+    return base
+
+
+def test_two_processes_train_write_once_and_equal_one_process(tmp_path):
+    """Two processes share one run folder: each writes its own shards of the checkpoints,
+    process 0 alone the result files; the params equal the one-process run's."""
+    base = _one_process_reference(tmp_path)
     shared = tmp_path / "shared"
     procs, outs = _two_processes(base + ["--mesh", "data=8", "--out", str(shared), "--overwrite"],
                                  "-m experiments.sae")
@@ -119,13 +126,7 @@ def test_checkpoint_of_two_processes_resumes_on_other_meshes_and_one_process(tmp
     """2 processes x 4 devices (latent=4, data=2) train, checkpoint and die; the run resumes
     on one process with latent=2, data=4 and on one device, each ending where an
     uninterrupted run ends."""
-    syn = synthetic.generate(3000, d=16, n_features=32, mean_active=3, seed=0)
-    np.save(tmp_path / "x.npy", syn.x)
-    base = ["--data", str(tmp_path / "x.npy"), "--latents", "64", "--ks", "2", "4", "--steps", "6",
-            "--batch-size", "128", "--eval-every", "3", "--no-progress"]
-    ref = subprocess.run([sys.executable, "-m", "experiments.sae", *base, "--out", str(tmp_path / "ref")],
-                         cwd=ROOT, env=_env(1), capture_output=True, text=True, timeout=300)
-    assert ref.returncode == 0, ref.stderr[-2000:]
+    base = _one_process_reference(tmp_path)
     cut = tmp_path / "cut"
     procs, outs = _two_processes(base + ["--mesh", "latent=4,data=2", "--out", str(cut),
                                          "--overwrite"], "tests/stopped_run.py experiments.sae")
