@@ -84,16 +84,22 @@ class BatchTopKSAE(TopKSAE):
 
     def __call__(self, x, w, k, max_k: int, *, dead=None, aux_k=None, terms=True) -> DenseOutput:
         pre, code, min_kept = self.encode_dense(x, w, k, terms)
-        recon = matmul(code, self.W_dec[...], self.cfg.dtype) + self.b_dec[...]
-        selecting = lax.stop_gradient(pre - self.b_enc[...])
-        out = DenseOutput(recon, code, selecting)
-        if not terms:
-            return out
-        denom = losses.total_variance(x, w)
-        out = out._replace(fvu=losses.fvu(recon, x, w, denom), min_kept=min_kept)
-        if dead is not None:
-            out = out._replace(auxk=self.auxk(selecting, x, w, recon, dead, aux_k, denom, True))
+        return dense_output(self, x, w, pre, code, terms, dead, aux_k, min_kept=min_kept)
+
+
+def dense_output(sae: TopKSAE, x, w, pre, code, terms: bool, dead, aux_k, **fields) -> DenseOutput:
+    """The dense-code families' forward from their (B, n) pre-activations and code: decode,
+    and with terms the FVU, the family's own `fields` and AuxK over the `dead` latents."""
+    recon = matmul(code, sae.W_dec[...], sae.cfg.dtype) + sae.b_dec[...]
+    selecting = lax.stop_gradient(pre - sae.b_enc[...])
+    out = DenseOutput(recon, code, selecting)
+    if not terms:
         return out
+    denom = losses.total_variance(x, w)
+    out = out._replace(fvu=losses.fvu(recon, x, w, denom), **fields)
+    if dead is not None:
+        out = out._replace(auxk=sae.auxk(selecting, x, w, recon, dead, aux_k, denom, True))
+    return out
 
 
 class DenseCodeFamily(TopKFamily):

@@ -10,12 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax import lax
 
 from ksae_jax import losses
 from ksae_jax.config import JumpReLUModel
-from ksae_jax.models.batchtopk import DenseCodeFamily, DenseOutput
-from ksae_jax.models.layers import matmul
+from ksae_jax.models.batchtopk import DenseCodeFamily, DenseOutput, dense_output
 from ksae_jax.models.sae import FIT_ROWS, TopKSAE, VectorSAE
 
 
@@ -71,17 +69,9 @@ class JumpReLUSAE(TopKSAE):
         pre = self.dense_pre(x)
         theta = jnp.exp(self.log_threshold[...])
         code = jump_relu(pre, theta, self.cfg.bandwidth)
-        recon = matmul(code, self.W_dec[...], self.cfg.dtype) + self.b_dec[...]
-        selecting = lax.stop_gradient(pre - self.b_enc[...])
-        out = DenseOutput(recon, code, selecting)
-        if not terms:
-            return out
-        denom = losses.total_variance(x, w)
-        l0 = losses.weighted_mean(heaviside(pre, theta, self.cfg.bandwidth).sum(-1), w)
-        out = out._replace(fvu=losses.fvu(recon, x, w, denom), l0=l0)
-        if dead is not None:
-            out = out._replace(auxk=self.auxk(selecting, x, w, recon, dead, aux_k, denom, True))
-        return out
+        l0 = None if not terms else losses.weighted_mean(
+            heaviside(pre, theta, self.cfg.bandwidth).sum(-1), w)
+        return dense_output(self, x, w, pre, code, terms, dead, aux_k, l0=l0)
 
 
 class JumpReLUFamily(DenseCodeFamily):
