@@ -3,6 +3,7 @@ metrics and figures.
 
     python -m experiments.ksweep                       # MNIST (or the offline sample), k = 5..100
     python -m experiments.ksweep --idx-dir /usr/share/datasets/fashion-mnist --out runs/fashion
+    python -m experiments.ksweep --arch mlp --recipe paper   # Makhzani & Frey's own training
 
 Budget: the original's 9 epochs of batch 600 (900 steps on 60,000 images); on the offline
 sample (4,000 images, where 9 epochs would be 63 steps) 700 steps of batch 200 instead, which
@@ -11,7 +12,7 @@ reach the original's quality in a few minutes on 2 CPU cores. --steps or --epoch
 """
 from __future__ import annotations
 
-from ksae_jax import cli, plotting, runner
+from ksae_jax import cli, image_recipes, plotting, runner
 from ksae_jax.config import DEFAULT_EPOCHS, DEFAULT_KS, ImageModel, SweepConfig
 from ksae_jax.data.images import SAMPLE
 from ksae_jax.files import write_json
@@ -19,6 +20,7 @@ from ksae_jax.files import write_json
 N_SHOW = 9  # images per reconstruction figure, as the original
 ORIGINAL = {"epochs": DEFAULT_EPOCHS, "batch_size": 600}
 SAMPLE_BUDGET = {"steps": 700, "batch_size": 200}
+DEFAULT_RECIPE = {"optimizer": "adam", "lr": 1e-3, "l1": 1e-4, "loss": "mse", "tied": False}
 
 
 def default_budget(sample: bool, steps=None, epochs=None, batch_size=None) -> dict:
@@ -38,32 +40,42 @@ class KSweep(runner.Experiment):
         p.add_argument("--ks", type=cli.int_value, nargs="*", default=list(DEFAULT_KS),
                        help="k values, all trained in one compiled run (default 5 10 25 50 100)")
         cli.add_budget_flags(p, batch_size=None)
-        p.add_argument("--lr", type=cli.positive_float, default=1e-3)
-        p.add_argument("--l1", type=cli.nonneg_float, default=1e-4,
-                       help="lambda of the L1 activation penalty (0: pure k-sparse)")
+        p.add_argument("--lr", type=cli.positive_float, default=None,
+                       help="learning rate (default 1e-3; paper recipe 0.01)")
+        p.add_argument("--l1", type=cli.nonneg_float, default=None,
+                       help="lambda of the L1 activation penalty (default 1e-4; 0: pure "
+                            "k-sparse, as the paper recipe)")
         p.add_argument("--arch", choices=("conv", "mlp"), default="conv")
         p.add_argument("--hidden", type=cli.positive_int, default=None,
                        help="code width (default 256 conv, 1000 mlp)")
-        p.add_argument("--tied", action="store_true", help="mlp: decoder = encoder transposed")
-        p.add_argument("--loss", choices=("mse", "bce"), default="mse")
+        p.add_argument("--tied", action="store_const", const=True, default=None,
+                       help="mlp: decoder = encoder transposed (as the paper recipe)")
         p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                        help="compute dtype of the matmuls and convolutions (bfloat16: f32 "
                             "accumulation, f32 weights and Adam)")
+        image_recipes.add_flags(p)
         cli.add_auxk_flags(p, aux_coef=0.0)
         cli.add_data_flags(p)
         p.add_argument("--seed", type=cli.int_value, default=1)
         cli.add_run_flags(p, default_out=self.default_out)
 
+    def parse(self, argv):
+        return image_recipes.fill(self.parser().parse_args(argv), DEFAULT_RECIPE)
+
     def check_flags(self, args):
         cli.check_data_flags(args)
+        if args.recipe == "paper" and args.arch != "mlp":
+            raise cli.UsageError("--recipe paper trains Makhzani & Frey's mlp: add --arch mlp")
 
     def describe(self, args):
         return {"sample": args.idx_dir is None and args.dataset == SAMPLE}
 
     def config(self, args, spec):
-        model = ImageModel(args.arch, args.hidden, args.tied, args.loss, args.l1, args.dtype)
+        model = ImageModel(args.arch, args.hidden, args.tied, args.loss, args.l1, args.dtype,
+                           args.activation, args.init_std)
         return SweepConfig(
             model=model, ks=tuple(args.ks), lr=args.lr, seed=args.seed, batching=args.batching,
+            optimizer=args.optimizer, momentum=args.momentum,
             eval_every=args.eval_every, aux_coef=args.aux_coef, aux_k=args.aux_k,
             dead_tokens=args.dead_tokens,
             **default_budget(spec["sample"], args.steps, args.epochs, args.batch_size))
@@ -92,7 +104,7 @@ class KSweep(runner.Experiment):
             "dataset": ds.name, "data_source": run.data.info["data"]["source"],
             "n_train": len(ds.x_train), "n_test": len(ds.x_test),
             "seconds": result.seconds, "compile_seconds": result.compile_seconds,
-            "config": cfg.to_dict(),
+            "recipe": image_recipes.record(run.args), "config": cfg.to_dict(),
         }
         write_json(run.out / "metrics.json", metrics)
         runner.save(run, metrics, extra={"dataset": ds.name})

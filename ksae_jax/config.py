@@ -11,7 +11,9 @@ import numpy as np
 IMAGE_ARCHS = ("conv", "mlp")
 SAE_ARCHS = ("topk", "batchtopk", "matryoshka", "jumprelu")
 ARCHS = IMAGE_ARCHS + SAE_ARCHS
-IMAGE_LOSSES = ("mse", "bce")
+IMAGE_LOSSES = ("mse", "bce", "half_sse")
+IMAGE_ACTIVATIONS = ("relu", "linear")
+OPTIMIZERS = ("adam", "sgd")
 DEFAULT_HIDDEN = {"conv": 256, "mlp": 1000}
 DEFAULT_KS = (5, 10, 25, 50, 100)
 DEFAULT_EPOCHS = 9
@@ -55,12 +57,19 @@ class ImageModel:
     tied: bool = False
     """mlp only: the decoder weight is the encoder weight transposed."""
     loss: str = "mse"
-    """"mse", or "bce" (sigmoid output)."""
+    """"mse" (mean over pixels), "bce" (sigmoid output), or "half_sse" (0.5 * the sum over
+    pixels of the squared error: Makhzani & Frey's code; the gradient is 392x the MSE's)."""
     l1: float = 1e-4
     """lambda of the L1 activation penalty (the original's; 0: pure k-sparse)."""
     dtype: str = "float32"
     """Compute dtype of the matmuls and convolutions ("bfloat16": bf16 inputs, f32
     accumulation; the weights and Adam stay float32)."""
+    activation: str | None = None
+    """The code's units before the top-k: "relu" or "linear"; None: relu conv (the
+    original's), linear mlp (the paper's text; its released code has relu)."""
+    init_std: float | None = None
+    """None: PyTorch's default init; a number: every parameter, biases included, drawn from
+    init_std * N(0, 1) (Makhzani & Frey's code: 0.01)."""
 
     def __post_init__(self):
         if self.arch not in IMAGE_ARCHS:
@@ -76,6 +85,16 @@ class ImageModel:
             raise ValueError("tied weights exist only for arch 'mlp' (--arch mlp --tied)")
         _finite_nonneg("l1", self.l1)
         _check_dtype(self.dtype)
+        if self.activation is None:
+            object.__setattr__(self, "activation", "relu" if self.arch == "conv" else "linear")
+        if self.activation not in IMAGE_ACTIVATIONS:
+            raise ValueError(f"activation must be one of {IMAGE_ACTIVATIONS}, got "
+                             f"{self.activation!r}")
+        if self.arch == "conv" and self.activation != "relu":
+            raise ValueError("the conv network's units are relu (activation applies to mlp)")
+        if self.init_std is not None and not (isinstance(self.init_std, (int, float))
+                                              and 0 < self.init_std < math.inf):
+            raise ValueError(f"init_std must be positive or None, got {self.init_std!r}")
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -299,7 +318,7 @@ class SweepConfig:
     """Optimizer steps (exclusive with epochs)."""
     batch_size: int = 600
     lr: float | tuple[float, ...] = 1e-3
-    """Adam learning rate: one for all models, or one per k."""
+    """Learning rate: one for all models, or one per k."""
     seed: int = 1
     """Data order, and every model's init unless init_seeds is given."""
     init_seeds: tuple[int, ...] | None = None
@@ -311,6 +330,10 @@ class SweepConfig:
     batching: str = "auto"
     """How the models share the compiled step: "vmap", "loop" (one after another inside the
     step, each with its own static top-k width) or "auto" (by backend)."""
+    optimizer: str = "adam"
+    """"adam" (PyTorch's), or "sgd" (with momentum: v = momentum v + g, step -lr v)."""
+    momentum: float = 0.9
+    """SGD's momentum (unused by Adam)."""
     eps: float = 1e-8
     """Adam epsilon."""
     warmup_steps: int = 0
@@ -379,6 +402,10 @@ class SweepConfig:
         for v in self.lrs:
             if not (isinstance(v, (int, float)) and 0 < v < math.inf):
                 raise ValueError(f"lr must be positive, got {v!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if not (isinstance(self.momentum, (int, float)) and 0 <= self.momentum < 1):
+            raise ValueError(f"momentum must lie in [0, 1), got {self.momentum!r}")
         if not (0 < self.eps < math.inf):
             raise ValueError(f"eps must be positive, got {self.eps!r}")
         if not (_is_int(self.warmup_steps) and self.warmup_steps >= 0):

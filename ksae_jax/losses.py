@@ -23,9 +23,12 @@ def weighted_mean(per_example: jax.Array, weight: jax.Array) -> jax.Array:
 
 
 def reconstruction_error(recon: jax.Array, logits: jax.Array, x: jax.Array, kind: str) -> jax.Array:
-    """Per-example reconstruction error: mean squared error, or BCE on the logits."""
+    """Per-example reconstruction error: mean squared error, BCE on the logits, or half the
+    sum of squared errors ("half_sse")."""
     if kind == "bce":
         return per_example_mean(optax.sigmoid_binary_cross_entropy(logits, x))
+    if kind == "half_sse":
+        return 0.5 * per_example_sum(jnp.square(recon - x))
     return per_example_mean(jnp.square(recon - x))
 
 

@@ -1,4 +1,5 @@
-"""Adam as PyTorch computes it, with per-model learning rates applied by the train step."""
+"""The optimizers' directions (Adam as PyTorch computes it, or SGD with momentum), and the
+learning-rate schedule the train step scales them by (per-model rates)."""
 from __future__ import annotations
 
 import math
@@ -32,11 +33,13 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> opta
 
 
 def make_optimizer(cfg: SweepConfig) -> optax.GradientTransformation:
-    """Optional gradient clipping, then Adam's direction (the step scales it by -lr)."""
-    adam = scale_by_adam(eps=cfg.eps)
+    """Optional gradient clipping, then Adam's direction, or SGD's momentum buffer
+    v = momentum v + g as PyTorch keeps it (the step scales either by -lr)."""
+    direction = (scale_by_adam(eps=cfg.eps) if cfg.optimizer == "adam"
+                 else optax.trace(decay=cfg.momentum))
     if cfg.clip_norm is None:
-        return adam
-    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adam)
+        return direction
+    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), direction)
 
 
 def learning_rate(lr: jax.Array, step: jax.Array, warmup_steps: int, decay_frac: float = 0.0,

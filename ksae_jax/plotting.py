@@ -184,3 +184,31 @@ def frontier(panels: dict, title: str = "") -> Figure:
     if title:
         fig.suptitle(title)
     return fig
+
+
+# ---------------------------------------------------------------- the paper's table
+
+def error_curves(curves: dict, dataset: str, paper: dict | None = None) -> Figure:
+    """Validation and test error % of the feature classifiers against the autoencoders'
+    epochs (log x), one panel per k, one line style per recipe: {label: curve} with
+    curve = {"ks", "epochs", "val_error_pct", "test_error_pct"} (as paper_table writes);
+    paper: optional {k: test error %} drawn as dotted horizontal lines."""
+    ks = sorted({k for c in curves.values() for k in c["ks"]})
+    fig = Figure(figsize=(3.2 * len(ks), 3.6), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(ks), sharey=True))
+    for ax, k in zip(axes, ks):
+        for i, (label, c) in enumerate(curves.items()):
+            if k not in c["ks"]:
+                continue
+            j, color = c["ks"].index(k), f"C{i}"
+            for name, ls, what in (("val_error_pct", "-", "validation"), ("test_error_pct", "--", "test")):
+                ax.plot(c["epochs"], [row[j] for row in c[name]], ls=ls, marker="o", ms=3,
+                        color=color, label=f"{label}, {what}")
+        if paper and k in paper:
+            ax.axhline(paper[k], color="k", ls=":", label="paper, test")
+        ax.set(xscale="log", xlabel="autoencoder epochs", title=f"k = {k}")
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_ylabel("classification error %")
+    axes[-1].legend(fontsize=7)
+    fig.suptitle(f"{dataset}: k-sparse features under a linear classifier")
+    return fig

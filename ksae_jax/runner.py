@@ -91,6 +91,11 @@ class Experiment:
         """Extra keyword arguments of train.prepare (e.g. feeder)."""
         return {}
 
+    def on_eval(self, args, training: Training):
+        """What training calls at every evaluation point, (step, stacked params) -> None
+        (e.g. snapshots for learning curves); None: nothing."""
+        return None
+
     def summary(self, run_cfg: SweepConfig, data: Data, training: Training) -> str:
         """The line printed before training starts."""
         return ""
@@ -134,7 +139,7 @@ def execute(experiment: Experiment, argv: list[str] | None = None) -> Run | None
         if line:
             print(line)
         plan = announce(training)
-        result = _train(training, args)
+        result = _train(training, args, experiment.on_eval(args, training))
         run = Run(args, cfg, data, out, plan, training, result)
         if sharding.is_writer():
             experiment.report(run)
@@ -175,10 +180,10 @@ def _prepare(cfg, data: Data, out: Path, args, mesh, options: dict) -> Training:
         raise cli.UsageError(f"--resume {e}") from None
 
 
-def _train(training: Training, args) -> SweepResult:
+def _train(training: Training, args, on_eval=None) -> SweepResult:
     progress = not args.no_progress and sharding.is_writer()
     try:
-        return training.run(progress, args.on_nan)
+        return training.run(progress, args.on_nan, on_eval)
     except Diverged as e:
         raise cli.RunFailed(f"{e}; try a smaller --lr, or --on-nan continue") from None
 

@@ -29,7 +29,7 @@ class TrainState(NamedTuple):
 
 def train_step(params, opt_state, since_fired, hp, alive, batch, step, *, cfg: SweepConfig,
                max_k: int):
-    """One Adam step of one model on one batch {"x", "w"} (w = 0: padding).
+    """One optimizer step of one model on one batch {"x", "w"} (w = 0: padding).
 
     hp: this model's hyperparameters ({"k", "lr"} and the family's, traced). The parameters
     are left unchanged when `alive` is False or the loss or a gradient is not finite

@@ -248,14 +248,15 @@ class Training:
             spec = sharding.leaf_spec((), 2)
         return sharding.put(np.zeros((self.cfg.n_models, 3), np.float32), spec, self.mesh)
 
-    def run(self, progress: bool = True, on_nan: str = "stop") -> SweepResult:
-        """Trains to the end of the budget (from the checkpoint when resuming)."""
+    def run(self, progress: bool = True, on_nan: str = "stop", on_eval=None) -> SweepResult:
+        """Trains to the end of the budget (from the checkpoint when resuming); on_eval(step,
+        params) is called at every evaluation point (e.g. to keep snapshots)."""
         if on_nan not in ("stop", "continue"):
             raise ValueError(f"on_nan must be 'stop' or 'continue', got {on_nan!r}")
         with sharding.use(self.mesh):
-            return self._loop(progress, on_nan)
+            return self._loop(progress, on_nan, on_eval)
 
-    def _loop(self, progress: bool, on_nan: str) -> SweepResult:
+    def _loop(self, progress: bool, on_nan: str, on_eval) -> SweepResult:
         cfg, budget, history = self.cfg, self.budget, self.history
         bar = tqdm(total=budget.steps, initial=self.start, disable=not progress, unit="step",
                    desc=f"{cfg.n_models} models")
@@ -273,6 +274,8 @@ class Training:
                     self._window_dead(state), diverged_at < 0)
             bar.set_postfix(_postfix(self.family, history))
             self._save_checkpoint(end, state)
+            if on_eval is not None:
+                on_eval(end, batching.stacked(state.params))
             start = end
         bar.close()
         self.batches.close()

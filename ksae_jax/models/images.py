@@ -126,10 +126,12 @@ class ConvKSAE(ImageKSAE):
 
 
 class MlpKSAE(ImageKSAE):
-    """Makhzani & Frey: 784 -> H linear units -> top-k -> 784, decoder tied or untied."""
+    """Makhzani & Frey: 784 -> H linear (or relu) units -> top-k -> 784, decoder tied or
+    untied, linear output (sigmoid with loss='bce')."""
 
     def __init__(self, cfg: ImageModel, *, rngs: nnx.Rngs):
         self.loss, self.tied, self.dtype = cfg.loss, cfg.tied, cfg.dtype
+        self.relu = cfg.activation == "relu"
         self.enc = Linear(N_PIXELS, cfg.hidden, rngs=rngs, dtype=cfg.dtype)
         if cfg.tied:
             self.dec_bias = nnx.Param(jnp.zeros((N_PIXELS,), jnp.float32))
@@ -137,7 +139,8 @@ class MlpKSAE(ImageKSAE):
             self.dec = Linear(cfg.hidden, N_PIXELS, rngs=rngs, dtype=cfg.dtype)
 
     def encode_dense(self, x):
-        return self.enc(x.reshape(x.shape[0], -1)), ()
+        h = self.enc(x.reshape(x.shape[0], -1))
+        return (jax.nn.relu(h) if self.relu else h), ()
 
     def decode_all(self, code):
         if self.tied:
@@ -157,6 +160,16 @@ class ImageFamily(Family):
 
     def module(self, rngs):
         return (ConvKSAE if self.model.arch == "conv" else MlpKSAE)(self.model, rngs=rngs)
+
+    def init(self, key):
+        """PyTorch's init, or with init_std every parameter init_std * N(0, 1)."""
+        params = super().init(key)
+        if self.model.init_std is None:
+            return params
+        leaves, tree = jax.tree.flatten(params)
+        keys = jax.random.split(jax.random.fold_in(key, 1), len(leaves))
+        return jax.tree.unflatten(tree, [self.model.init_std * jax.random.normal(k, a.shape, a.dtype)
+                                         for k, a in zip(keys, leaves)])
 
     def hyperparameters(self, cfg):
         return {"l1": np.full(cfg.n_models, self.model.l1, np.float32)}
@@ -191,7 +204,7 @@ class ImageFamily(Family):
         return self.bind(params).decode_all(code)[0]
 
     def usage(self, out, k, max_k):
-        return top_k_mask(out.dense, k, max_k).sum(axis=0)
+        return (top_k_mask(out.dense, k, max_k) * (out.dense != 0)).sum(axis=0)
 
 
 class Autoencoder(Loaded):

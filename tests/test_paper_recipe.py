@@ -1,0 +1,144 @@
+"""Makhzani & Frey's own training (--recipe paper): its step against a PyTorch reference, its
+init and loss, the flags that set it, and the learning curve's snapshots."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import ksweep, paper_table
+from ksae_jax import cli, image_recipes, models, optim, step
+from ksae_jax.config import ImageModel, SweepConfig
+
+@pytest.fixture(scope="module")
+def images(digits):
+    return digits.x_train[:200]
+
+
+PAPER_MODEL = ImageModel("mlp", hidden=50, tied=True, loss="half_sse", l1=0.0,
+                         activation="relu", init_std=0.01)
+
+
+def _torch_paper_steps(params: dict, batches, k: int, lr: float, momentum: float):
+    """The authors' step written directly in PyTorch: tied weights, relu then the top-k mask,
+    linear output, 0.5 * summed squared error averaged over the batch, SGD with momentum."""
+    import torch
+    w = torch.tensor(np.asarray(params["enc"]["weight"]), requires_grad=True)
+    b = torch.tensor(np.asarray(params["enc"]["bias"]), requires_grad=True)
+    c = torch.tensor(np.asarray(params["dec_bias"]), requires_grad=True)
+    opt = torch.optim.SGD([w, b, c], lr=lr, momentum=momentum)
+    for x in batches:
+        x = torch.tensor(x.reshape(len(x), -1))
+        h = torch.relu(x @ w.T + b)
+        mask = torch.zeros_like(h).scatter(1, torch.topk(h, k, dim=1).indices, 1.0)
+        recon = (h * mask) @ w + c
+        loss = 0.5 * ((recon - x) ** 2).sum(dim=1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return {"enc": {"weight": w.detach().numpy(), "bias": b.detach().numpy()},
+            "dec_bias": c.detach().numpy()}
+
+
+def test_paper_step_matches_pytorch_sgd_with_momentum(images):
+    pytest.importorskip("torch", reason="the LM extra (pip install .[lm]) brings torch")
+    cfg = SweepConfig(model=PAPER_MODEL, ks=(7,), optimizer="sgd", momentum=0.9, lr=0.01,
+                      batch_size=32)
+    params = models.family(cfg.model).init(jax.random.key(3))
+    opt = optim.make_optimizer(cfg).init(params)
+    since = jnp.zeros(cfg.model.hidden, jnp.int32)
+    batches = [np.asarray(images[i * 32:(i + 1) * 32], np.float32) / 255 for i in range(4)]
+    run_cfg = step.resolved(cfg, len(images))
+    ours = params
+    for i, x in enumerate(batches):
+        ours, opt, since, _ = step.train_step(ours, opt, since, {"k": 7, "lr": 0.01, "l1": 0.0}, True,
+                                              {"x": jnp.asarray(x), "w": jnp.ones(32)}, i,
+                                              cfg=run_cfg, max_k=7)
+    want = _torch_paper_steps(params, batches, k=7, lr=0.01, momentum=0.9)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6)
+    assert not np.allclose(ours["dec_bias"], params["dec_bias"])  # the steps moved it
+
+
+def test_init_std_draws_every_parameter_from_a_scaled_normal():
+    params = models.family(ImageModel("mlp", hidden=400, init_std=0.01)).init(jax.random.key(0))
+    for leaf in jax.tree.leaves(params):  # untied: enc and dec weights and biases
+        a = np.asarray(leaf)
+        assert abs(a.std() - 0.01) < 0.0015 and abs(a.mean()) < 0.002 and (a != 0).all()
+    torch_like = models.family(ImageModel("mlp", hidden=400)).init(jax.random.key(0))
+    assert np.abs(torch_like["enc"]["weight"]).max() <= 1 / 784 ** 0.5  # PyTorch's bound
+
+
+def test_half_sse_is_half_the_summed_error_and_relu_codes_are_nonnegative(images):
+    family = models.family(PAPER_MODEL)
+    params = family.init(jax.random.key(1))
+    x = jnp.asarray(images[:16], jnp.float32) / 255
+    out = family.forward(params, x, jnp.ones(16), 5, 5)
+    err = np.square(np.asarray(out.recon - x)).reshape(16, -1)
+    np.testing.assert_allclose(out.rec, 0.5 * err.sum(1).mean(), rtol=1e-5)
+    np.testing.assert_allclose(out.mse, err.mean(), rtol=1e-5)
+    assert (np.asarray(out.code) >= 0).all() and ((np.asarray(out.code) > 0).sum(1) <= 5).all()
+    usage = np.asarray(family.usage(out, 5, 5))
+    assert usage.sum() == (np.asarray(out.code) > 0).sum()  # a zero is not a use
+
+
+def test_the_recipe_fills_only_what_the_user_left_unset():
+    args = paper_table.PaperTable().parse(["--recipe", "paper", "--lr", "0.02"])
+    assert (args.optimizer, args.momentum, args.lr, args.batch_size, args.loss) == \
+        ("sgd", 0.9, 0.02, 128, "half_sse")
+    cfg = paper_table.PaperTable().config(args, {})
+    assert cfg.model.init_std == 0.01 and cfg.model.activation == "relu" and cfg.k_start is None
+    default = paper_table.PaperTable().parse([])
+    assert (default.optimizer, default.lr, default.batch_size, default.loss) == \
+        ("adam", 1e-3, 100, "mse")
+    assert paper_table.PaperTable().config(default, {}).k_start == 100
+    record = image_recipes.record(args)
+    assert record["recipe"] == "paper" and record["momentum"] == 0.9
+    with pytest.raises(cli.UsageError, match="--momentum applies"):
+        paper_table.PaperTable().parse(["--momentum", "0.5"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--recipe", "paper", "--steps", "2"], "add --arch mlp"),
+    (["--arch", "mlp", "--optimizer", "adam", "--momentum", "0.5", "--steps", "2"],
+     "--momentum applies"),
+])
+def test_ksweep_refuses_a_recipe_it_cannot_apply(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        ksweep.runner.main(ksweep.KSweep(), argv + ["--out", str(tmp_path / "x")])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def _table(tmp_path, name, *extra):
+    out = tmp_path / name
+    paper_table.main(["--dataset", "mnist-sample", "--train-limit", "400", "--ks", "5", "10",
+                      "--hidden", "64", "--recipe", "paper", "--cls-epochs", "2",
+                      "--no-progress", "--out", str(out), *extra])
+    return out, json.loads((out / "table.json").read_text())
+
+
+def test_a_curve_point_is_the_run_of_that_budget(tmp_path):
+    """Constant lr and fixed k: the snapshot after epoch 1 of a 2-epoch run is the 1-epoch
+    run, so its classifiers and dead units are that run's."""
+    out, long = _table(tmp_path, "long", "--epochs", "2", "--curve-epochs", "1")
+    _, short = _table(tmp_path, "short", "--epochs", "1")
+    curve = long["curve"]
+    assert curve["epochs"] == [1, 2] and curve["ks"] == [5, 10]
+    rows = short["rows"][1:3]
+    assert curve["val_error_pct"][0] == [r["val_error_pct"] for r in rows]
+    assert curve["test_error_pct"][0] == [r["test_error_pct"] for r in rows]
+    assert curve["dead_units_pct"][0] == [r["dead_units_pct"] for r in rows]
+    assert curve["val_error_pct"][1] == [r["val_error_pct"] for r in long["rows"][1:3]]
+    assert long["recipe"]["recipe"] == "paper" and long["config"]["optimizer"] == "sgd"
+    assert (out / "error_vs_epochs.png").read_bytes()[:4] == b"\x89PNG"
+    assert "Learning curve" in (out / "table.md").read_text()
+
+
+def test_curve_epochs_must_fall_below_the_budget(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        paper_table.runner.main(paper_table.PaperTable(), [
+            "--dataset", "mnist-sample", "--epochs", "2", "--curve-epochs", "2",
+            "--out", str(tmp_path / "x")])
+    assert e.value.code == 2 and "--curve-epochs" in capsys.readouterr().err
