@@ -11,6 +11,7 @@ from experiments import ksweep, paper_table
 from ksae_jax import cli, image_recipes, models, optim, step
 from ksae_jax.config import ImageModel, SweepConfig
 
+
 @pytest.fixture(scope="module")
 def images(digits):
     return digits.x_train[:200]
