@@ -180,11 +180,18 @@ class PaperTable(runner.Experiment):
         write_json(out / "table.json", table)
         write_bytes(out / "table.md", markdown(table).encode())
         if len(curve["epochs"]) > 1:
-            plotting.save(plotting.error_curves({args.recipe: curve}, ds.name),
+            plotting.save(plotting.error_curves({args.recipe: curve}, ds.name, paper_by_k(ds.name)),
                           out / "error_vs_epochs.png")
         runner.save(run, {"test_mse": test_mse.tolist(), "table": rows}, extra={"dataset": ds.name})
         print("\n" + markdown(table))
         print(f"outputs in {out}")
+
+
+def paper_by_k(dataset: str) -> dict | None:
+    """{k: the paper's test error %} of the plain k rows (MNIST only)."""
+    if dataset != "mnist":
+        return None
+    return {int(n[4:]): v for n, v in PAPER_MNIST.items() if n[4:].isdigit()}
 
 
 def _eval_every(args, spec: dict) -> int | None:

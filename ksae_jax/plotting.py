@@ -192,7 +192,7 @@ def error_curves(curves: dict, dataset: str, paper: dict | None = None) -> Figur
     """Validation and test error % of the feature classifiers against the autoencoders'
     epochs (log x), one panel per k, one line style per recipe: {label: curve} with
     curve = {"ks", "epochs", "val_error_pct", "test_error_pct"} (as paper_table writes);
-    paper: optional {k: test error %} drawn as dotted horizontal lines."""
+    paper: optional {k: the paper's test error %} drawn as dotted horizontal lines."""
     ks = sorted({k for c in curves.values() for k in c["ks"]})
     fig = Figure(figsize=(3.2 * len(ks), 3.6), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(ks), sharey=True))
@@ -205,10 +205,18 @@ def error_curves(curves: dict, dataset: str, paper: dict | None = None) -> Figur
                 ax.plot(c["epochs"], [row[j] for row in c[name]], ls=ls, marker="o", ms=3,
                         color=color, label=f"{label}, {what}")
         if paper and k in paper:
-            ax.axhline(paper[k], color="k", ls=":", label="paper, test")
+            ax.axhline(paper[k], color="k", ls=":", label="Makhzani & Frey (test)")
         ax.set(xscale="log", xlabel="autoencoder epochs", title=f"k = {k}")
-        ax.grid(alpha=0.3, which="both")
+        ticks = sorted({e for c in curves.values() for e in c["epochs"]})
+        ax.set_xticks(ticks, [f"{e:g}" for e in ticks])
+        ax.set_xticks([], minor=True)
+        ax.grid(alpha=0.3)
     axes[0].set_ylabel("classification error %")
-    axes[-1].legend(fontsize=7)
+    handles = {}
+    for ax in axes:  # every line once, the paper's too (not every k has one)
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    fig.legend(handles.values(), handles.keys(), loc="outside lower center",
+               ncol=min(len(handles), 5), fontsize=8)
     fig.suptitle(f"{dataset}: k-sparse features under a linear classifier")
     return fig

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import ksweep, paper_table
+from experiments import ksweep, paper_curves, paper_table
 from ksae_jax import cli, image_recipes, models, optim, step
 from ksae_jax.config import ImageModel, SweepConfig
 
@@ -135,6 +135,12 @@ def test_a_curve_point_is_the_run_of_that_budget(tmp_path):
     assert long["recipe"]["recipe"] == "paper" and long["config"]["optimizer"] == "sgd"
     assert (out / "error_vs_epochs.png").read_bytes()[:4] == b"\x89PNG"
     assert "Learning curve" in (out / "table.md").read_text()
+    fig = tmp_path / "curves.png"
+    drawn = paper_curves.main([f"paper={out}", "--out", str(fig)])
+    assert drawn["paper"] == curve and fig.read_bytes()[:4] == b"\x89PNG"
+    assert json.loads(fig.with_suffix(".json").read_text())["curves"]["paper"] == curve
+    with pytest.raises(cli.UsageError, match="no learning curve"):
+        paper_curves.main([str(tmp_path / "short"), "--out", str(fig)])
 
 
 def test_curve_epochs_must_fall_below_the_budget(tmp_path, capsys):
