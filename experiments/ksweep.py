@@ -64,8 +64,6 @@ class KSweep(runner.Experiment):
 
     def check_flags(self, args):
         cli.check_data_flags(args)
-        if args.recipe == "paper" and args.arch != "mlp":
-            raise cli.UsageError("--recipe paper trains Makhzani & Frey's mlp: add --arch mlp")
 
     def describe(self, args):
         return {"sample": args.idx_dir is None and args.dataset == SAMPLE}

@@ -101,7 +101,7 @@ def test_the_recipe_fills_only_what_the_user_left_unset():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--recipe", "paper", "--steps", "2"], "add --arch mlp"),
+    (["--recipe", "paper", "--steps", "2"], "exist only for arch 'mlp'"),
     (["--arch", "mlp", "--optimizer", "adam", "--momentum", "0.5", "--steps", "2"],
      "--momentum applies"),
 ])
