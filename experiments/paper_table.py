@@ -102,8 +102,6 @@ class PaperTable(runner.Experiment):
             raise cli.UsageError("--distributed: the paper table's classifiers run in one process "
                                  "(its autoencoders can still use --mesh over local devices)")
         cli.check_data_flags(args)
-        if args.k_anneal_frac > 1:
-            raise cli.UsageError(f"--k-anneal-frac must lie in [0, 1], got {args.k_anneal_frac:g}")
         if args.k_start is not None and args.k_anneal_frac == 0:
             raise cli.UsageError("--k-start schedules k: give --k-anneal-frac > 0 too (the "
                                  "paper recipe keeps k fixed)")
@@ -216,8 +214,8 @@ def learning_curve(args, cfg, ds, val, snapshots: dict, rows: list, epochs: floa
              "dead_units_pct": [r["dead_units_pct"] for r in rows[1:1 + len(cfg.ks)]]}
     points = {}
     for epoch in sorted(snapshots):
-        state, choice, test = feature_classifiers(args, cfg, ds, val, snapshots[epoch], progress,
-                                                  desc=f"classifiers at epoch {epoch}")
+        _, choice, test = feature_classifiers(args, cfg, ds, val, snapshots[epoch], progress,
+                                              desc=f"classifiers at epoch {epoch}")
         ae = models.loaded(cfg, cfg.ks, snapshots[epoch])
         points[epoch] = {"val_error_pct": [float(v) for v in choice["val_error_pct"]],
                          "test_error_pct": [float(v) for v in test],

@@ -20,7 +20,6 @@ NAMES = ("default", "paper")
 PAPER = {"optimizer": "sgd", "momentum": 0.9, "lr": 0.01, "batch_size": 128,
          "loss": "half_sse", "init_std": 0.01, "activation": "relu", "tied": True, "l1": 0.0,
          "k_anneal_frac": 0.0}
-FLAGS = ("optimizer", "momentum", "loss", "init_std", "activation")
 
 
 def add_flags(p: argparse.ArgumentParser) -> None:
@@ -53,16 +52,15 @@ def fill(args: argparse.Namespace, defaults: dict) -> argparse.Namespace:
             setattr(args, name, value)
     if momentum_given and args.optimizer != "sgd":
         raise cli.UsageError("--momentum applies to --optimizer sgd")
-    if args.optimizer != "sgd" or args.momentum is None:
-        args.momentum = 0.9  # unused by Adam
+    if args.momentum is None:
+        args.momentum = 0.9  # SweepConfig's default; unused by Adam
     return args
 
 
 def record(args: argparse.Namespace) -> dict:
     """The recipe a run used, for its results: the name and every value it set."""
-    names = ("optimizer", "lr", "batch_size") + FLAGS[1:] + ("tied", "l1", "k_anneal_frac")
     out = {"recipe": args.recipe}
-    out.update({n: getattr(args, n) for n in names if hasattr(args, n)})
+    out.update({n: getattr(args, n) for n in PAPER if hasattr(args, n)})
     if out.get("optimizer") != "sgd":
         out.pop("momentum", None)
     return out
