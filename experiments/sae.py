@@ -60,6 +60,11 @@ def add_sae_flags(p, ks=(16, 32, 64, 128), latents=None) -> None:
     p.add_argument("--lr", type=cli.positive_float, default=None,
                    help="Adam learning rate (default 2e-4 / sqrt(latents / 2^14))")
     p.add_argument("--warmup-steps", type=cli.positive_int, default=0)
+    p.add_argument("--k-start", type=cli.positive_int, default=None,
+                   help="k at the start of training, lowered linearly to each model's k over "
+                        "the first --k-anneal-frac of the budget (default: k fixed)")
+    p.add_argument("--k-anneal-frac", type=cli.nonneg_float, default=0.25,
+                   help="fraction of the budget over which k falls from --k-start (default 0.25)")
     p.add_argument("--lr-decay-frac", type=cli.nonneg_float, default=0.0,
                    help="decay the learning rate linearly to 0 over this last fraction of the "
                         "budget (default 0: constant)")
@@ -74,14 +79,22 @@ def add_sae_flags(p, ks=(16, 32, 64, 128), latents=None) -> None:
                         "weights and Adam)")
     p.add_argument("--b-dec-init", choices=("median", "mean", "zero"), default="median",
                    help="b_dec at init: geometric median or mean of training rows, or zero")
-    p.add_argument("--init-dirs", choices=("random", "data", "mixed"), default=None,
-                   help="decoder rows at init: random, along training rows, or those mixed "
-                        "with an equal part of random directions")
+    p.add_argument("--init-dirs", choices=config.INIT_DIRS, default=None,
+                   help="decoder rows at init: random, along training rows, those mixed with "
+                        "--init-mix of a random direction, or training rows no two within "
+                        "cosine 0.9 (diverse)")
+    p.add_argument("--init-mix", type=cli.nonneg_float, default=None,
+                   help="--init-dirs mixed: weight of the random unit direction added to each "
+                        "data direction (default 1)")
     p.add_argument("--clip-norm", type=cli.positive_float, default=None,
                    help="clip each model's gradient to this global norm")
     p.add_argument("--normalize", action="store_true",
                    help="scale the inputs by one constant so that their mean squared norm is d")
     cli.add_auxk_flags(p, aux_coef=1 / 32)
+    p.add_argument("--resample-every", type=cli.int_value, default=0, metavar="STEPS",
+                   help="over the first half of the budget, after every STEPS steps, start the "
+                        "latents that have not fired since again along the batch's residuals "
+                        "(0: off, the default)")
     p.add_argument("--multi-topk", action="store_true", help="add FVU at 4k with weight 1/8")
     p.add_argument("--decoder", choices=("auto", "sparse", "dense"), default="auto",
                    help="sparse (gather/scatter custom VJPs) or dense products (default: by k / n)")
@@ -125,6 +138,15 @@ def sweep_ks(args) -> tuple:
     return tuple(args.default_ks if args.ks is None else args.ks)
 
 
+def k_schedule(args) -> dict:
+    """SweepConfig's k_start and k_anneal_frac from --k-start, --k-anneal-frac."""
+    if args.k_start is None:
+        return {}
+    if args.k_anneal_frac == 0:
+        raise cli.UsageError("--k-start schedules k: give --k-anneal-frac > 0 too")
+    return {"k_start": args.k_start, "k_anneal_frac": args.k_anneal_frac}
+
+
 def start_config(start, args, spec: dict, extra: dict):
     """The config of a run that trains on from an SAE (--init): its model and its models'
     ks, the training flags of this run."""
@@ -143,6 +165,7 @@ def start_config(start, args, spec: dict, extra: dict):
                      eps=args.adam_eps, warmup_steps=args.warmup_steps,
                      lr_decay_frac=args.lr_decay_frac, clip_norm=args.clip_norm,
                      aux_coef=args.aux_coef, aux_k=args.aux_k, dead_tokens=args.dead_tokens,
+                     resample_every=args.resample_every, **k_schedule(args),
                      batching=args.batching, eval_every=args.eval_every,
                      **({"lr": extra["lr"]} if "lr" in extra else {}))
     return dataclasses.replace(cfg, model=mc)
@@ -200,6 +223,8 @@ class Sae(runner.Experiment):
             return
         if args.data is None:
             raise cli.UsageError("the following arguments are required: --data")
+        if args.init_mix is not None and args.init_dirs != "mixed":
+            raise cli.UsageError("--init-mix: only --init-dirs mixed mixes in random directions")
         if args.eval_frac >= 1:
             raise cli.UsageError(f"--eval-frac must be below 1, got {args.eval_frac}")
         self.lm_eval = None if args.lm is None else lm_evaluation(args)
@@ -219,9 +244,11 @@ class Sae(runner.Experiment):
             **({} if args.init_scale is None else {"init_scale": args.init_scale}),
             b_dec_init=args.b_dec_init, dtype=args.dtype,
             **({} if args.init_dirs is None else {"init_dirs": args.init_dirs}),
+            **({} if args.init_mix is None else {"init_mix": args.init_mix}),
             steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
             eps=args.adam_eps, warmup_steps=args.warmup_steps, lr_decay_frac=args.lr_decay_frac,
-            clip_norm=args.clip_norm, aux_coef=args.aux_coef,
+            clip_norm=args.clip_norm, aux_coef=args.aux_coef, **k_schedule(args),
+            resample_every=args.resample_every,
             aux_k=args.aux_k, dead_tokens=args.dead_tokens, batching=args.batching,
             eval_every=args.eval_every, **extra)
 

@@ -19,7 +19,7 @@ DEFAULT_KS = (5, 10, 25, 50, 100)
 DEFAULT_EPOCHS = 9
 BATCHINGS = ("auto", "loop", "vmap")
 DECODERS = ("auto", "sparse", "dense")
-INIT_DIRS = ("random", "data", "mixed")
+INIT_DIRS = ("random", "data", "mixed", "diverse")
 B_DEC_INITS = ("median", "mean", "zero")
 DTYPES = ("float32", "bfloat16")
 N_PIXELS = 28 * 28
@@ -143,7 +143,10 @@ class SaeModel:
     init_dirs: str = "random"
     """Decoder rows at init: random unit vectors; "data": the directions of n training rows
     (centred on b_dec), so that every latent starts as the best match of some row; "mixed":
-    each such direction plus an equal part of a random one."""
+    each such direction plus init_mix times a random unit one; "diverse": data directions
+    with no two closer than cosine 0.9 while the sample has enough."""
+    init_mix: float = 1.0
+    """init_dirs "mixed": the weight of the random unit direction added to each data one."""
     dtype: str = "float32"
     """Compute dtype of the dense matmuls ("bfloat16": bf16 inputs, f32 accumulation; the
     weights, Adam and the sparse gathers and scatters stay float32)."""
@@ -169,6 +172,7 @@ class SaeModel:
             raise ValueError(f"b_dec_init must be one of {B_DEC_INITS}, got {self.b_dec_init!r}")
         if self.init_dirs not in INIT_DIRS:
             raise ValueError(f"init_dirs must be one of {INIT_DIRS}, got {self.init_dirs!r}")
+        _finite_nonneg("init_mix", self.init_mix)
         _check_dtype(self.dtype)
 
     @property
@@ -350,6 +354,9 @@ class SweepConfig:
     dead_tokens: int | None = None
     """A latent is dead when it has not fired in this many training vectors (None: min(10M,
     one pass over the training data))."""
+    resample_every: int = 0
+    """SAEs: after every this many steps of the first half of the budget, the latents that
+    have not fired since the last time start again along the batch's residuals (0: off)."""
     eval_every: int | None = None
     """Steps between evaluations and checkpoints (None: every epoch, or 10 per run when
     that is more than 20 epochs or less than one)."""
@@ -422,6 +429,10 @@ class SweepConfig:
             object.__setattr__(self, "aux_k", min(max(width // 2, 1), self.model.hidden))
         check_k(self.aux_k, self.model.hidden, name="aux_k")
         _positive_int("dead_tokens", self.dead_tokens, allow_none=True)
+        if not (_is_int(self.resample_every) and self.resample_every >= 0):
+            raise ValueError(f"resample_every must be an integer >= 0, got {self.resample_every!r}")
+        if self.resample_every and not isinstance(self.model, SaeModel):
+            raise ValueError("resample_every: only SAEs resample their dead latents")
 
     @property
     def labels(self) -> tuple:

@@ -42,6 +42,20 @@ def make_optimizer(cfg: SweepConfig) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), direction)
 
 
+def map_moments(opt_state, fn):
+    """The optimizer state with fn applied to every params-shaped part of it (Adam's mu and
+    nu, SGD's momentum buffer); counts and clipping state unchanged."""
+    def one(node):
+        if isinstance(node, optax.ScaleByAdamState):
+            return node._replace(mu=fn(node.mu), nu=fn(node.nu))
+        if isinstance(node, optax.TraceState):
+            return node._replace(trace=fn(node.trace))
+        return node
+
+    return jax.tree.map(one, opt_state, is_leaf=lambda node: isinstance(
+        node, (optax.ScaleByAdamState, optax.TraceState)))
+
+
 def learning_rate(lr: jax.Array, step: jax.Array, warmup_steps: int, decay_frac: float = 0.0,
                   total_steps: int = 1) -> jax.Array:
     """lr, ramped up linearly over the first warmup_steps steps (step counts from 0) and

@@ -34,6 +34,23 @@ def dead_mask(since_fired: jax.Array, dead_tokens: int) -> jax.Array:
     return since_fired > dead_tokens
 
 
+def resample_due(step, every: int, total_steps: int):
+    """Whether the latents are resampled after this step (counted from 0): after every
+    `every` steps while at most half the budget is done."""
+    done = step + 1
+    return (every > 0) & (done % max(every, 1) == 0) & (2 * done <= total_steps)
+
+
+def residual_directions(key, residual: jax.Array, w: jax.Array, rank: jax.Array) -> jax.Array:
+    """(n, d) unit directions, one per latent: the residuals of the real batch rows ordered
+    by a draw with probabilities proportional to their squared norms, without replacement
+    (Gumbel top-k), and the latent of `rank` r taking the r-th (cycling past the batch)."""
+    sq = jnp.sum(jnp.square(residual), axis=-1) * w
+    scores = jnp.where(sq > 0, jnp.log(jnp.where(sq > 0, sq, 1.0)), -jnp.inf)
+    order = jnp.argsort(-(scores + jax.random.gumbel(key, sq.shape)))
+    return unit_norm_rows(residual[order[jnp.maximum(rank, 0) % residual.shape[0]]])
+
+
 @jax.jit
 def geometric_median(points: jax.Array, valid: jax.Array | None = None, max_iter: int = 100,
                      tol: float = 1e-5) -> jax.Array:
@@ -80,6 +97,26 @@ def fitted_encoder_scale(x_c: jax.Array, W_dec: jax.Array, k: int,
 
     num, den = jax.lax.map(sums, (x, w))
     return jnp.sum(num) / jnp.maximum(jnp.sum(den), 1e-30)
+
+
+DIVERSE_COS = 0.9  # init_dirs "diverse": rows this close to a row of higher priority wait
+DIVERSE_BLOCK = 2048
+
+
+def diverse_priority(x_c: jax.Array, order: jax.Array, cos: float = DIVERSE_COS) -> jax.Array:
+    """`order` with every row whose direction lies within `cos` of a real row of higher
+    priority (lower order) moved behind all the others (their order kept among them): rows
+    taken in the new order are pairwise less similar than `cos` while there are enough."""
+    unit = unit_norm_rows(x_c)
+    real = jnp.isfinite(order)
+    crowded = []
+    for start in range(0, x_c.shape[0], DIVERSE_BLOCK):
+        block = slice(start, start + DIVERSE_BLOCK)
+        sim = unit[block] @ unit.T
+        before = (order[None, :] < order[block, None]) & real[None, :]
+        crowded.append(jnp.any((sim > cos) & before, axis=1))
+    crowded = jnp.concatenate(crowded)
+    return jnp.where(crowded & real, order + 2.0, order)  # orders lie in [0, 1)
 
 
 def data_directions(x_c: jax.Array, order: jax.Array, n: int, key: jax.Array,

@@ -10,6 +10,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from ksae_jax import batching, models, optim, recipe, sharding
 from ksae_jax.config import SweepConfig
@@ -54,7 +55,41 @@ def train_step(params, opt_state, since_fired, hp, alive, batch, step, *, cfg: S
                               params[name], direction[name]) for name in params}
     new = family.post_update(new, params, keep, metrics)
     since_fired = recipe.update_dead_counters(since_fired, metrics["fired"], batch["w"].sum())
+    if cfg.resample_every:
+        new, opt_state, since_fired = resample_dead(new, opt_state, since_fired, hp, batch,
+                                                    step, cfg=cfg, max_k=max_k)
     return new, opt_state, since_fired, {"loss": loss, "rec": metrics["rec"], "finite": finite}
+
+
+def resample_dead(params, opt_state, since_fired, hp, batch, step, *, cfg: SweepConfig,
+                  max_k: int):
+    """When recipe.resample_due: the latents that have not fired in the last resample_every
+    steps start again along the residuals of this batch (family.resample), with their
+    optimizer moments and dead counters at zero (Bricken et al. 2023's resampling)."""
+    family = models.family(cfg.model)
+
+    def reborn(state):
+        params, opt_state, since_fired = state
+        dead = since_fired >= cfg.resample_every * cfg.batch_size
+        out = family.forward(params, batch["x"], batch["w"], hp["k"], max_k, terms=False)
+        key = jax.random.fold_in(jax.random.key(cfg.seed), step)
+        dirs = recipe.residual_directions(key, batch["x"] - out.recon, batch["w"],
+                                          jnp.cumsum(dead) - 1)
+        params = family.resample(params, dirs, dead)
+        rows = _latent_rows(params, dead)
+        opt_state = optim.map_moments(opt_state, lambda tree: jax.tree.map(
+            lambda leaf, m: jnp.where(m, 0, leaf), tree, rows))
+        return params, opt_state, jnp.where(dead, 0, since_fired)
+
+    due = recipe.resample_due(step, cfg.resample_every, cfg.steps or 1)
+    return lax.cond(due, reborn, lambda state: state, (params, opt_state, since_fired))
+
+
+def _latent_rows(params: dict, dead) -> dict:
+    """A params-shaped tree of masks: the `dead` latents' rows of the latent-indexed leaves."""
+    return {name: dead.reshape(dead.shape + (1,) * (leaf.ndim - 1))
+            if name in sharding.LATENT_LEAVES else jnp.zeros((), bool)
+            for name, leaf in params.items()}
 
 
 def _all_finite(tree) -> jax.Array:

@@ -180,3 +180,97 @@ def test_data_directions_follow_the_rows_whatever_the_padding():
     np.testing.assert_allclose(jnp.linalg.norm(many, axis=1), 1.0, atol=1e-6)
     cos = np.asarray(many @ many.T)[np.triu_indices(25, 1)]
     assert cos.max() < 0.999  # no two equal
+
+
+def test_diverse_priority_puts_near_copies_last(monkeypatch):
+    """A row waits when a real row of higher priority lies within DIVERSE_COS of it (brute
+    force); padding never pushes a row back; rows taken in the new order are pairwise apart."""
+    monkeypatch.setattr(recipe, "DIVERSE_BLOCK", 16)  # several blocks
+    rng = np.random.default_rng(1)
+    base = rng.normal(size=(12, 8))
+    x = np.concatenate([base, base[:8] + 0.05 * rng.normal(size=(8, 8)), np.zeros((4, 8))])
+    order = np.concatenate([rng.random(20), np.full(4, np.inf)]).astype(np.float32)
+    x[20:] = x[0]  # padding rows that copy a real one
+    got = np.asarray(recipe.diverse_priority(jnp.asarray(x, jnp.float32), jnp.asarray(order)))
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    sim = unit @ unit.T
+    for j in range(20):
+        crowded = any(sim[i, j] > recipe.DIVERSE_COS and order[i] < order[j] for i in range(20))
+        assert got[j] == (order[j] + 2 if crowded else order[j])
+    assert np.isinf(got[20:]).all()
+    first = np.argsort(got)[:int(np.sum(got < 1))]
+    assert len(first) >= 12 and (sim[np.ix_(first, first)] - np.eye(len(first)) < 0.9).all()
+
+
+def test_residual_directions_draw_real_rows_without_replacement():
+    rng = np.random.default_rng(3)
+    residual = jnp.asarray(rng.standard_normal((10, 6)), jnp.float32).at[7].set(0.0)
+    w = jnp.ones(10).at[2].set(0.0)  # row 2: padding; row 7: nothing left to explain
+    dirs = recipe.residual_directions(jax.random.key(0), residual, w, jnp.arange(8))
+    unit = np.asarray(residual) / np.maximum(np.linalg.norm(residual, axis=1, keepdims=True), 1e-30)
+    picked = [int(np.argmax(unit @ d)) for d in np.asarray(dirs)]
+    np.testing.assert_allclose(np.asarray(dirs), unit[picked], atol=1e-6)
+    assert sorted(picked) == [0, 1, 3, 4, 5, 6, 8, 9]  # each real row once, before any repeat
+    assert recipe.resample_due(3, 4, 16) and not recipe.resample_due(4, 4, 16)
+    assert not recipe.resample_due(11, 4, 16) and not recipe.resample_due(3, 0, 16)
+
+
+def test_resampling_restarts_exactly_the_dead_latents(syn):
+    """At a due step the latents that have not fired for resample_every steps restart along
+    batch residuals (decoder unit rows, encoder at the live rows' mean norm, b_enc 0, Adam
+    moments and counters 0); every other number is the step without resampling."""
+    cfg = step.resolved(sae_config(32, (4,), latents=64, steps=8, batch_size=200,
+                                   resample_every=2), 4000)
+    plain = step.resolved(sae_config(32, (4,), latents=64, steps=8, batch_size=200), 4000)
+    state = step.state_layout(step.init_state(cfg, models.family(cfg.model).rows(syn.x, "x")), "vmap")
+    params, opt = jax.tree.map(lambda a: a[0], (state.params, state.opt_state))
+    dead = np.zeros(64, bool)
+    dead[[3, 10, 11, 40]] = True
+    since = jnp.where(dead, 10 ** 6, 0).astype(jnp.int32)
+    params = {**params, "b_enc": params["b_enc"].at[dead].set(-100.0)}  # they cannot fire
+    batch = {"x": jnp.asarray(syn.x[:200]), "w": jnp.ones(200)}
+    hp = {"k": 4, "lr": 1e-3}
+
+    def run(c, at):
+        return jax.jit(lambda *a: step.train_step(*a, cfg=c, max_k=4))(
+            params, opt, since, hp, True, batch, jnp.asarray(at))
+    base, due, later = run(plain, 1), run(cfg, 1), run(cfg, 2)
+    for a, b in zip(jax.tree.leaves(later[:3]), jax.tree.leaves(run(plain, 2)[:3])):
+        np.testing.assert_array_equal(a, b)  # not a due step: no resampling
+    new, new_opt, new_since = due[:3]
+    live = ~dead
+    for name in ("W_enc", "b_enc", "W_dec"):
+        np.testing.assert_array_equal(new[name][live], base[0][name][live])
+        for got, want in ((new_opt.mu, base[1].mu), (new_opt.nu, base[1].nu)):
+            assert not np.asarray(got[name][dead]).any()
+            np.testing.assert_array_equal(got[name][live], want[name][live])
+    np.testing.assert_array_equal(new["b_dec"], base[0]["b_dec"])
+    assert not np.asarray(new_since[dead]).any()
+    np.testing.assert_array_equal(new_since[live], base[2][live])
+    W_dec, W_enc = np.asarray(new["W_dec"]), np.asarray(new["W_enc"])
+    np.testing.assert_allclose(np.linalg.norm(W_dec[dead], axis=1), 1, rtol=1e-5)
+    mean_live = np.linalg.norm(W_enc[live], axis=1).mean()
+    np.testing.assert_allclose(W_enc[dead], mean_live * W_dec[dead], rtol=1e-4, atol=1e-6)
+    assert not np.asarray(new["b_enc"][dead]).any()
+    out = models.family(cfg.model).forward(base[0], batch["x"], batch["w"], 4, 4, terms=False)
+    residual = np.array(batch["x"] - out.recon)
+    residual /= np.linalg.norm(residual, axis=1, keepdims=True)
+    assert (np.max(W_dec[dead] @ residual.T, axis=1) > 1 - 1e-5).all()  # along batch residuals
+
+
+@pytest.mark.parametrize("dirs", ["data", "diverse"])
+def test_data_initialised_decoder_rows_lie_along_training_rows(dirs):
+    """Every decoder row starts along a centred training row; "diverse" takes no two rows
+    within DIVERSE_COS of each other while the sample has enough (here: 40 directions, each
+    repeated with small noise, for 32 latents)."""
+    rng = np.random.default_rng(2)
+    centres = rng.normal(size=(40, 16))
+    x = (np.repeat(centres, 30, axis=0) + 0.02 * rng.normal(size=(1200, 16))).astype(np.float32)
+    cfg = sae_config(16, (4,), latents=32, steps=1, batch_size=100, init_dirs=dirs)
+    params = step.init_state(cfg, models.family(cfg.model).rows(x, "x")).params
+    W = np.asarray(params["W_dec"][0])
+    centred = x - np.asarray(params["b_dec"][0])
+    unit = centred / np.linalg.norm(centred, axis=1, keepdims=True)
+    assert (np.max(W @ unit.T, axis=1) > 1 - 1e-5).all()
+    cos = (W @ W.T)[np.triu_indices(32, 1)]
+    assert (cos.max() < recipe.DIVERSE_COS) == (dirs == "diverse")

@@ -213,3 +213,27 @@ def test_frontier_draws_every_family_and_the_peer(tmp_path, capsys):
         cli.run(frontier.main, ["--panel", "lm", str(tmp_path), "--out", str(tmp_path / "g.png")])
     assert e.value.code == 2 and capsys.readouterr().err.count("\n") == 1
     assert not (tmp_path / "g.png").exists()
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--init-mix", "2"], "--init-mix: only --init-dirs mixed"),
+    (["--resample-every", "-1"], "resample_every must be an integer >= 0"),
+    (["--k-start", "8", "--k-anneal-frac", "0"], "--k-start schedules k"),
+    (["--k-start", "999"], "k_start=999 is larger than the hidden width 64"),
+])
+def test_bad_recipe_flags_exit_2_with_one_line(acts, tmp_path, capsys, flags, message):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        cli.run(sae.main, ["--data", str(acts / "train.npy"), "--out", str(out)] + TINY + flags)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and message in err and "\n" not in err and not out.exists()
+
+
+def test_recipe_flags_reach_the_config(acts, tmp_path):
+    out = tmp_path / "run"
+    sae.main(["--data", str(acts / "train.npy"), "--out", str(out), "--init-dirs", "mixed",
+              "--init-mix", "0.5", "--resample-every", "3", "--k-start", "10",
+              "--k-anneal-frac", "0.5"] + TINY)
+    cfg = json.loads((out / "metrics.json").read_text())["config"]
+    assert (cfg["model"]["init_dirs"], cfg["model"]["init_mix"]) == ("mixed", 0.5)
+    assert (cfg["resample_every"], cfg["k_start"], cfg["k_anneal_frac"]) == (3, 10, 0.5)

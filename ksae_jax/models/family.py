@@ -11,6 +11,7 @@ and gives:
 - `loss(...)`: the training objective, read off the forward's output;
 - `eval_sums(out, x, w)`: what evaluation adds up over a held-out set;
 - `project_grads` / `post_update`: the recipe's steps around the optimizer update;
+  `resample(params, dirs, dead)`: dead units started again (SAEs);
 - `rows(data, name)`, `input_scale(rows)`: the data it trains on;
 - `code(out)`, `decode(params, code)`, `usage(out, k, max_k)`: for inference;
 - `unit`, `rec_name`, `progress_names`, `shards_latents`: names and capabilities;
@@ -104,6 +105,10 @@ class Family:
         metrics: the loss's, e.g. what a running estimate follows)."""
         del old, keep, metrics
         return new
+
+    def resample(self, params: dict, dirs, dead) -> dict:
+        """The parameters with the `dead` units started again along `dirs` (n, d) (SAEs)."""
+        raise NotImplementedError
 
     def rows(self, data, name: str) -> Rows:
         raise NotImplementedError

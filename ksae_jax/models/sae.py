@@ -185,9 +185,12 @@ class TopKFamily(Family):
                       else (w @ x) / jnp.maximum(w.sum(), 1.0))
             params = {**params, "b_dec": jnp.broadcast_to(center, params["b_dec"].shape)}
         if mc.init_dirs != "random":
-            rows = recipe.data_directions(x - params["b_dec"][0], sample["order"], mc.hidden,
+            x_c, order = x - params["b_dec"][0], sample["order"]
+            if mc.init_dirs == "diverse":
+                order = recipe.diverse_priority(x_c, order)
+            rows = recipe.data_directions(x_c, order, mc.hidden,
                                           jax.random.key(cfg.seed),
-                                          noise=1.0 if mc.init_dirs == "mixed" else 0.0)
+                                          noise=mc.init_mix if mc.init_dirs == "mixed" else 0.0)
             scale = 1.0 if mc.init_scale == "fit" else mc.init_scale
             params = {**params, "W_dec": jnp.broadcast_to(rows, params["W_dec"].shape),
                       "W_enc": jnp.broadcast_to(rows * scale, params["W_enc"].shape)}
@@ -226,6 +229,16 @@ class TopKFamily(Family):
     def post_update(self, new, old, keep, metrics):
         """Unit decoder rows again; a frozen model's rows are left bit for bit."""
         return {**new, "W_dec": jnp.where(keep, recipe.unit_norm_rows(new["W_dec"]), old["W_dec"])}
+
+    def resample(self, params, dirs, dead):
+        """The `dead` latents reborn along `dirs` (unit rows): their decoder rows dirs, their
+        encoder rows dirs at the live encoder rows' mean norm, their b_enc 0."""
+        live = (~dead).astype(jnp.float32)
+        norm = jnp.sum(jnp.linalg.norm(params["W_enc"], axis=-1) * live) / jnp.maximum(live.sum(), 1)
+        rows = dead[:, None]
+        return {**params, "W_dec": jnp.where(rows, dirs, params["W_dec"]),
+                "W_enc": jnp.where(rows, norm * dirs, params["W_enc"]),
+                "b_enc": jnp.where(dead, 0.0, params["b_enc"])}
 
     def rows(self, data, name):
         if not isinstance(data, VectorSource):
