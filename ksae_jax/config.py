@@ -140,10 +140,11 @@ class SaeModel:
     README's LM table shows why it is the default)."""
     b_dec_init: str = "median"
     """b_dec at init: the geometric median of training rows, their mean, or zero."""
-    init_dirs: str = "random"
-    """Decoder rows at init: random unit vectors; "data": the directions of n training rows
-    (centred on b_dec), so that every latent starts as the best match of some row; "mixed":
-    each such direction plus init_mix times a random unit one; "diverse": data directions
+    init_dirs: str = "mixed"
+    """Decoder rows at init: "random" unit vectors; "data": the directions of n training rows
+    (centred on b_dec), so that every latent starts as the best match of some row; "mixed"
+    (the default: README's LM table shows why): each such direction plus init_mix times a
+    random unit one; "diverse": data directions
     with no two closer than cosine 0.9 while the sample has enough."""
     init_mix: float = 1.0
     """init_dirs "mixed": the weight of the random unit direction added to each data one."""

@@ -5,7 +5,8 @@ recipe around the update (unit-norm decoder rows, the gradient projection, b_dec
 geometric median of the data) and `VectorSAE`, the trained models for inference.
 
 W_enc and W_dec are both stored (n, d), one row per latent (sparsify's layout), so the sparse
-paths move whole rows. The decoder rows start as random unit vectors and W_enc equals W_dec.
+paths move whole rows. The decoder rows start along training rows mixed with random unit
+vectors (init_dirs), W_enc as W_dec times a scale fitted to each k (init_scale "fit").
 """
 from __future__ import annotations
 
