@@ -57,20 +57,21 @@ def train_step(params, opt_state, since_fired, hp, alive, batch, step, *, cfg: S
     since_fired = recipe.update_dead_counters(since_fired, metrics["fired"], batch["w"].sum())
     if cfg.resample_every:
         new, opt_state, since_fired = resample_dead(new, opt_state, since_fired, hp, batch,
-                                                    step, cfg=cfg, max_k=max_k)
+                                                    step, keep, cfg=cfg, max_k=max_k)
     return new, opt_state, since_fired, {"loss": loss, "rec": metrics["rec"], "finite": finite}
 
 
-def resample_dead(params, opt_state, since_fired, hp, batch, step, *, cfg: SweepConfig,
+def resample_dead(params, opt_state, since_fired, hp, batch, step, keep, *, cfg: SweepConfig,
                   max_k: int):
     """When recipe.resample_due: the latents that have not fired in the last resample_every
     steps start again along the residuals of this batch (family.resample), with their
-    optimizer moments and dead counters at zero (Bricken et al. 2023's resampling)."""
+    optimizer moments and dead counters at zero (Bricken et al. 2023's resampling); a model
+    whose update did not apply (`keep` False) is left as it is."""
     family = models.family(cfg.model)
 
     def reborn(state):
         params, opt_state, since_fired = state
-        dead = since_fired >= cfg.resample_every * cfg.batch_size
+        dead = (since_fired >= cfg.resample_every * cfg.batch_size) & keep
         out = family.forward(params, batch["x"], batch["w"], hp["k"], max_k, terms=False)
         key = jax.random.fold_in(jax.random.key(cfg.seed), step)
         dirs = recipe.residual_directions(key, batch["x"] - out.recon, batch["w"],

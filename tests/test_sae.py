@@ -235,6 +235,10 @@ def test_resampling_restarts_exactly_the_dead_latents(syn):
         return jax.jit(lambda *a: step.train_step(*a, cfg=c, max_k=4))(
             params, opt, since, hp, True, batch, jnp.asarray(at))
     base, due, later = run(plain, 1), run(cfg, 1), run(cfg, 2)
+    frozen = jax.jit(lambda *a: step.train_step(*a, cfg=cfg, max_k=4))(
+        params, opt, since, hp, False, batch, jnp.asarray(1))  # a diverged model: untouched
+    for a, b in zip(jax.tree.leaves(frozen[0]), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(a, b)
     for a, b in zip(jax.tree.leaves(later[:3]), jax.tree.leaves(run(plain, 2)[:3])):
         np.testing.assert_array_equal(a, b)  # not a due step: no resampling
     new, new_opt, new_since = due[:3]

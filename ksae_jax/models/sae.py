@@ -235,7 +235,8 @@ class TopKFamily(Family):
         """The `dead` latents reborn along `dirs` (unit rows): their decoder rows dirs, their
         encoder rows dirs at the live encoder rows' mean norm, their b_enc 0."""
         live = (~dead).astype(jnp.float32)
-        norm = jnp.sum(jnp.linalg.norm(params["W_enc"], axis=-1) * live) / jnp.maximum(live.sum(), 1)
+        norms = jnp.linalg.norm(params["W_enc"], axis=-1)
+        norm = jnp.sum(norms * live) / jnp.maximum(live.sum(), 1)
         rows = dead[:, None]
         return {**params, "W_dec": jnp.where(rows, dirs, params["W_dec"]),
                 "W_enc": jnp.where(rows, norm * dirs, params["W_enc"]),
