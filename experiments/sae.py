@@ -138,13 +138,20 @@ def sweep_ks(args) -> tuple:
     return tuple(args.default_ks if args.ks is None else args.ks)
 
 
-def k_schedule(args) -> dict:
-    """SweepConfig's k_start and k_anneal_frac from --k-start, --k-anneal-frac."""
-    if args.k_start is None:
-        return {}
-    if args.k_anneal_frac == 0:
-        raise cli.UsageError("--k-start schedules k: give --k-anneal-frac > 0 too")
-    return {"k_start": args.k_start, "k_anneal_frac": args.k_anneal_frac}
+def training_fields(args) -> dict:
+    """The SweepConfig fields of the budget and recipe flags, the same for a fresh run and
+    one that trains on from an SAE (--init)."""
+    fields = dict(steps=args.steps, epochs=args.epochs, batch_size=args.batch_size,
+                  seed=args.seed, eps=args.adam_eps, warmup_steps=args.warmup_steps,
+                  lr_decay_frac=args.lr_decay_frac, clip_norm=args.clip_norm,
+                  aux_coef=args.aux_coef, aux_k=args.aux_k, dead_tokens=args.dead_tokens,
+                  resample_every=args.resample_every, batching=args.batching,
+                  eval_every=args.eval_every)
+    if args.k_start is not None:
+        if args.k_anneal_frac == 0:
+            raise cli.UsageError("--k-start schedules k: give --k-anneal-frac > 0 too")
+        fields.update(k_start=args.k_start, k_anneal_frac=args.k_anneal_frac)
+    return fields
 
 
 def start_config(start, args, spec: dict, extra: dict):
@@ -160,13 +167,7 @@ def start_config(start, args, spec: dict, extra: dict):
     if args.ks and tuple(args.ks) != start.config.ks:
         raise cli.UsageError(f"--ks: --init {args.init} holds ks {list(start.config.ks)}")
     cfg = sae_config(mc.d_in, start.config.ks, latents=mc.hidden, arch=mc.arch,
-                     l0_coefs=start.config.l0_coefs, steps=args.steps,
-                     epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
-                     eps=args.adam_eps, warmup_steps=args.warmup_steps,
-                     lr_decay_frac=args.lr_decay_frac, clip_norm=args.clip_norm,
-                     aux_coef=args.aux_coef, aux_k=args.aux_k, dead_tokens=args.dead_tokens,
-                     resample_every=args.resample_every, **k_schedule(args),
-                     batching=args.batching, eval_every=args.eval_every,
+                     l0_coefs=start.config.l0_coefs, **training_fields(args),
                      **({"lr": extra["lr"]} if "lr" in extra else {}))
     return dataclasses.replace(cfg, model=mc)
 
@@ -245,12 +246,7 @@ class Sae(runner.Experiment):
             b_dec_init=args.b_dec_init, dtype=args.dtype,
             **({} if args.init_dirs is None else {"init_dirs": args.init_dirs}),
             **({} if args.init_mix is None else {"init_mix": args.init_mix}),
-            steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
-            eps=args.adam_eps, warmup_steps=args.warmup_steps, lr_decay_frac=args.lr_decay_frac,
-            clip_norm=args.clip_norm, aux_coef=args.aux_coef, **k_schedule(args),
-            resample_every=args.resample_every,
-            aux_k=args.aux_k, dead_tokens=args.dead_tokens, batching=args.batching,
-            eval_every=args.eval_every, **extra)
+            **training_fields(args), **extra)
 
     def load(self, args):
         source = vectors.open_vectors(args.data, skip_nonfinite=args.skip_nonfinite)
