@@ -79,6 +79,9 @@ def add_sae_flags(p, ks=(16, 32, 64, 128), latents=None) -> None:
                         "weights and Adam)")
     p.add_argument("--b-dec-init", choices=("median", "mean", "zero"), default="median",
                    help="b_dec at init: geometric median or mean of training rows, or zero")
+    p.add_argument("--b-enc-init", choices=config.B_ENC_INITS, default="zero",
+                   help="b_enc at init: zero, or balanced: each latent's threshold at its own "
+                        "(1 - k/n) quantile over training rows (default zero)")
     p.add_argument("--init-dirs", choices=config.INIT_DIRS, default=None,
                    help="decoder rows at init: random, along training rows, those mixed with "
                         "--init-mix of a random direction, or training rows no two within "
@@ -243,7 +246,7 @@ class Sae(runner.Experiment):
             spec["d"], sweep_ks(args), latents=args.latents, decoder=args.decoder,
             multi_topk=args.multi_topk, normalize=args.normalize,
             **({} if args.init_scale is None else {"init_scale": args.init_scale}),
-            b_dec_init=args.b_dec_init, dtype=args.dtype,
+            b_dec_init=args.b_dec_init, b_enc_init=args.b_enc_init, dtype=args.dtype,
             **({} if args.init_dirs is None else {"init_dirs": args.init_dirs}),
             **({} if args.init_mix is None else {"init_mix": args.init_mix}),
             **training_fields(args), **extra)

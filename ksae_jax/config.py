@@ -21,6 +21,7 @@ BATCHINGS = ("auto", "loop", "vmap")
 DECODERS = ("auto", "sparse", "dense")
 INIT_DIRS = ("random", "data", "mixed", "diverse")
 B_DEC_INITS = ("median", "mean", "zero")
+B_ENC_INITS = ("zero", "balanced")
 DTYPES = ("float32", "bfloat16")
 N_PIXELS = 28 * 28
 
@@ -140,6 +141,9 @@ class SaeModel:
     README's LM table shows why it is the default)."""
     b_dec_init: str = "median"
     """b_dec at init: the geometric median of training rows, their mean, or zero."""
+    b_enc_init: str = "zero"
+    """b_enc at init: zero, or "balanced": each latent's threshold at its own (1 - k/n)
+    quantile over training rows, so that every latent starts firing on about k/n of them."""
     init_dirs: str = "mixed"
     """Decoder rows at init: "random" unit vectors; "data": the directions of n training rows
     (centred on b_dec), so that every latent starts as the best match of some row; "mixed"
@@ -171,6 +175,8 @@ class SaeModel:
             raise ValueError(f"init_scale must be positive or 'fit', got {self.init_scale!r}")
         if self.b_dec_init not in B_DEC_INITS:
             raise ValueError(f"b_dec_init must be one of {B_DEC_INITS}, got {self.b_dec_init!r}")
+        if self.b_enc_init not in B_ENC_INITS:
+            raise ValueError(f"b_enc_init must be one of {B_ENC_INITS}, got {self.b_enc_init!r}")
         if self.init_dirs not in INIT_DIRS:
             raise ValueError(f"init_dirs must be one of {INIT_DIRS}, got {self.init_dirs!r}")
         _finite_nonneg("init_mix", self.init_mix)

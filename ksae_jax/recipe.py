@@ -99,6 +99,29 @@ def fitted_encoder_scale(x_c: jax.Array, W_dec: jax.Array, k: int,
     return jnp.sum(num) / jnp.maximum(jnp.sum(den), 1e-30)
 
 
+def balanced_bias(x_c: jax.Array, W_enc: jax.Array, k: int, valid: jax.Array | None = None,
+                  block: int = 4096) -> jax.Array:
+    """(n,) b_enc that puts each latent's threshold at its own (1 - k/n) quantile over the
+    centred rows x_c: every latent starts positive on r = ceil(rows k / n) of the (valid)
+    rows, at least one, so that none starts out never chosen. Taken over `block`
+    latents at a time: its (rows, block) pre-activations are all it holds."""
+    n = W_enc.shape[0]
+    if x_c.shape[0] < 2:
+        return jnp.zeros(n, W_enc.dtype)
+    valid = jnp.ones(x_c.shape[0], bool) if valid is None else valid
+    r = min(max(1, -(-x_c.shape[0] * k // n)), x_c.shape[0] - 1)
+    pad = (-n) % min(block, n)
+    w = jnp.pad(W_enc, ((0, pad), (0, 0))).reshape(-1, min(block, n), W_enc.shape[1])
+
+    def thresholds(wb):
+        pre = jnp.where(valid[:, None], x_c @ wb.T, -jnp.inf)
+        top = jax.lax.top_k(pre.T, r + 1)[0]  # the threshold halfway between the r-th and next
+        return 0.5 * (top[:, -2] + top[:, -1])
+
+    t = jax.lax.map(thresholds, w).reshape(-1)[:n]
+    return -jnp.where(jnp.isfinite(t), t, 0.0)
+
+
 DIVERSE_COS = 0.9  # init_dirs "diverse": rows this close to a row of higher priority wait
 DIVERSE_BLOCK = 2048
 

@@ -178,7 +178,8 @@ class TopKFamily(Family):
         """b_dec = the geometric median (or the mean) of the sample, or zero; with init_dirs
         "data", the decoder rows along sample rows (the same for every model); with init_scale
         "fit", each model's encoder scale fitted to its first reconstructions of the sample's
-        first rows (recipe.fitted_encoder_scale)."""
+        first rows (recipe.fitted_encoder_scale); with b_enc_init "balanced", each model's b_enc
+        from its k (recipe.balanced_bias) on those rows."""
         mc, x, valid = self.model, sample["x"], sample["valid"]
         if mc.b_dec_init != "zero":
             w = valid.astype(jnp.float32)
@@ -201,6 +202,11 @@ class TopKFamily(Family):
                                                   params["W_dec"][m], k, valid[:rows])
                       for m, k in enumerate(cfg.max_ks)]
             params = {**params, "W_enc": params["W_dec"] * jnp.stack(scales)[:, None, None]}
+        if mc.b_enc_init == "balanced":
+            rows = min(FIT_ROWS, cfg.batch_size)
+            params = {**params, "b_enc": jnp.stack([
+                recipe.balanced_bias(x[:rows] - params["b_dec"][m], params["W_enc"][m], k,
+                                     valid[:rows]) for m, k in enumerate(cfg.max_ks)])}
         return params
 
     def loss(self, params, batch, hp, dead, *, cfg, max_k):
