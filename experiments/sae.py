@@ -77,7 +77,7 @@ def add_sae_flags(p, ks=(16, 32, 64, 128), latents=None) -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="compute dtype of the dense matmuls (bfloat16: f32 accumulation, f32 "
                         "weights and Adam)")
-    p.add_argument("--b-dec-init", choices=("median", "mean", "zero"), default="median",
+    p.add_argument("--b-dec-init", choices=config.B_DEC_INITS, default="median",
                    help="b_dec at init: geometric median or mean of training rows, or zero")
     p.add_argument("--b-enc-init", choices=config.B_ENC_INITS, default="zero",
                    help="b_enc at init: zero, or balanced: each latent's threshold at its own "

@@ -181,6 +181,7 @@ class TopKFamily(Family):
         first rows (recipe.fitted_encoder_scale); with b_enc_init "balanced", each model's b_enc
         from its k (recipe.balanced_bias) on those rows."""
         mc, x, valid = self.model, sample["x"], sample["valid"]
+        fit = min(FIT_ROWS, cfg.batch_size)  # the fits see no more rows than a step's batch
         if mc.b_dec_init != "zero":
             w = valid.astype(jnp.float32)
             center = (recipe.geometric_median(x, valid) if mc.b_dec_init == "median"
@@ -196,17 +197,15 @@ class TopKFamily(Family):
             scale = 1.0 if mc.init_scale == "fit" else mc.init_scale
             params = {**params, "W_dec": jnp.broadcast_to(rows, params["W_dec"].shape),
                       "W_enc": jnp.broadcast_to(rows * scale, params["W_enc"].shape)}
-        if mc.init_scale == "fit":  # on at most a batch of rows: no more memory than a step
-            rows = min(FIT_ROWS, cfg.batch_size)
-            scales = [recipe.fitted_encoder_scale(x[:rows] - params["b_dec"][m],
-                                                  params["W_dec"][m], k, valid[:rows])
+        if mc.init_scale == "fit":
+            scales = [recipe.fitted_encoder_scale(x[:fit] - params["b_dec"][m],
+                                                  params["W_dec"][m], k, valid[:fit])
                       for m, k in enumerate(cfg.max_ks)]
             params = {**params, "W_enc": params["W_dec"] * jnp.stack(scales)[:, None, None]}
         if mc.b_enc_init == "balanced":
-            rows = min(FIT_ROWS, cfg.batch_size)
             params = {**params, "b_enc": jnp.stack([
-                recipe.balanced_bias(x[:rows] - params["b_dec"][m], params["W_enc"][m], k,
-                                     valid[:rows]) for m, k in enumerate(cfg.max_ks)])}
+                recipe.balanced_bias(x[:fit] - params["b_dec"][m], params["W_enc"][m], k,
+                                     valid[:fit]) for m, k in enumerate(cfg.max_ks)])}
         return params
 
     def loss(self, params, batch, hp, dead, *, cfg, max_k):
