@@ -80,8 +80,10 @@ def add_sae_flags(p, ks=(16, 32, 64, 128), latents=None) -> None:
     p.add_argument("--b-dec-init", choices=config.B_DEC_INITS, default="median",
                    help="b_dec at init: geometric median or mean of training rows, or zero")
     p.add_argument("--b-enc-init", choices=config.B_ENC_INITS, default="zero",
-                   help="b_enc at init: zero, or balanced: each latent's threshold at its own "
-                        "(1 - k/n) quantile over training rows (default zero)")
+                   help="b_enc at init: zero; balanced: each latent's threshold at its own "
+                        "(1 - k/n) quantile over training rows; centred: those thresholds less "
+                        "their mean (the same latents chosen, their values not shrunk) "
+                        "(default zero)")
     p.add_argument("--init-dirs", choices=config.INIT_DIRS, default=None,
                    help="decoder rows at init: random, along training rows, those mixed with "
                         "--init-mix of a random direction, or training rows no two within "

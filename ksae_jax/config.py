@@ -21,7 +21,7 @@ BATCHINGS = ("auto", "loop", "vmap")
 DECODERS = ("auto", "sparse", "dense")
 INIT_DIRS = ("random", "data", "mixed", "diverse")
 B_DEC_INITS = ("median", "mean", "zero")
-B_ENC_INITS = ("zero", "balanced")
+B_ENC_INITS = ("zero", "balanced", "centred")
 DTYPES = ("float32", "bfloat16")
 N_PIXELS = 28 * 28
 
@@ -143,7 +143,9 @@ class SaeModel:
     """b_dec at init: the geometric median of training rows, their mean, or zero."""
     b_enc_init: str = "zero"
     """b_enc at init: zero, or "balanced": each latent's threshold at its own (1 - k/n)
-    quantile over training rows, so that every latent starts firing on about k/n of them."""
+    quantile over training rows, so that every latent starts firing on about k/n of them;
+    "centred": those thresholds less their mean (top-k chooses the same latents as with
+    "balanced", but their values are not shrunk by the mean threshold)."""
     init_dirs: str = "mixed"
     """Decoder rows at init: "random" unit vectors; "data": the directions of n training rows
     (centred on b_dec), so that every latent starts as the best match of some row; "mixed"

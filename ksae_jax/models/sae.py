@@ -202,10 +202,12 @@ class TopKFamily(Family):
                                                   params["W_dec"][m], k, valid[:fit])
                       for m, k in enumerate(cfg.max_ks)]
             params = {**params, "W_enc": params["W_dec"] * jnp.stack(scales)[:, None, None]}
-        if mc.b_enc_init == "balanced":
-            params = {**params, "b_enc": jnp.stack([
-                recipe.balanced_bias(x[:fit] - params["b_dec"][m], params["W_enc"][m], k,
-                                     valid[:fit]) for m, k in enumerate(cfg.max_ks)])}
+        if mc.b_enc_init != "zero":
+            b = jnp.stack([recipe.balanced_bias(x[:fit] - params["b_dec"][m], params["W_enc"][m],
+                                                k, valid[:fit]) for m, k in enumerate(cfg.max_ks)])
+            if mc.b_enc_init == "centred":  # the same latents chosen, their values not shrunk
+                b = b - b.mean(axis=1, keepdims=True)
+            params = {**params, "b_enc": b}
         return params
 
     def loss(self, params, batch, hp, dead, *, cfg, max_k):
