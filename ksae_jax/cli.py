@@ -68,6 +68,13 @@ def positive_float(text: str) -> float:
     return v
 
 
+def unit_float(text: str) -> float:
+    v = nonneg_float(text)
+    if v > 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text}")
+    return v
+
+
 def add_data_flags(p: argparse.ArgumentParser, default: str = "mnist") -> None:
     """Image data: --dataset, --idx-dir, --train-limit."""
     p.add_argument("--dataset", default=default,

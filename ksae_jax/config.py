@@ -21,7 +21,7 @@ BATCHINGS = ("auto", "loop", "vmap")
 DECODERS = ("auto", "sparse", "dense")
 INIT_DIRS = ("random", "data", "mixed", "diverse")
 B_DEC_INITS = ("median", "mean", "zero")
-B_ENC_INITS = ("zero", "balanced", "centred")
+B_ENC_INITS = ("zero", "balanced")
 DTYPES = ("float32", "bfloat16")
 N_PIXELS = 28 * 28
 
@@ -143,9 +143,12 @@ class SaeModel:
     """b_dec at init: the geometric median of training rows, their mean, or zero."""
     b_enc_init: str = "zero"
     """b_enc at init: zero, or "balanced": each latent's threshold at its own (1 - k/n)
-    quantile over training rows, so that every latent starts firing on about k/n of them;
-    "centred": those thresholds less their mean (top-k chooses the same latents as with
-    "balanced", but their values are not shrunk by the mean threshold)."""
+    quantile over training rows, so that every latent starts firing on about k/n of them
+    (less a part of their mean: b_enc_mean_keep)."""
+    b_enc_mean_keep: float = 1.0
+    """b_enc_init "balanced": the share of the latents' mean threshold b_enc keeps. 1: each
+    latent's own threshold (the chosen values start shrunk by it); 0: the thresholds less
+    their mean (top-k chooses the same latents, at full value)."""
     init_dirs: str = "mixed"
     """Decoder rows at init: "random" unit vectors; "data": the directions of n training rows
     (centred on b_dec), so that every latent starts as the best match of some row; "mixed"
@@ -182,6 +185,8 @@ class SaeModel:
         if self.init_dirs not in INIT_DIRS:
             raise ValueError(f"init_dirs must be one of {INIT_DIRS}, got {self.init_dirs!r}")
         _finite_nonneg("init_mix", self.init_mix)
+        if not 0 <= self.b_enc_mean_keep <= 1:
+            raise ValueError(f"b_enc_mean_keep must lie in [0, 1], got {self.b_enc_mean_keep!r}")
         _check_dtype(self.dtype)
 
     @property

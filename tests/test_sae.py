@@ -290,13 +290,14 @@ def test_balanced_b_enc_puts_every_latent_above_zero_on_its_share_of_rows():
     np.testing.assert_array_equal(np.asarray((x @ W.T + b > 0).sum(0)), np.full(37, 41))
     np.testing.assert_allclose(b, recipe.balanced_bias(x, W, 3), rtol=1e-6)
     pre = {}
-    for init in ("balanced", "centred"):
-        cfg = sae_config(8, (2,), latents=32, steps=1, batch_size=500, b_enc_init=init)
+    for init, keep in (("balanced", 1.0), ("centred", 0.0)):
+        cfg = sae_config(8, (2,), latents=32, steps=1, batch_size=500, b_enc_init="balanced",
+                         b_enc_mean_keep=keep)
         params = step.init_state(cfg, models.family(cfg.model).rows(np.asarray(x), "x")).params
         pre[init] = np.asarray((x - params["b_dec"][0]) @ params["W_enc"][0].T
                                + params["b_enc"][0])
     np.testing.assert_array_equal((pre["balanced"] > 0).sum(0), np.full(32, 32))  # 500 * 2 / 32
-    shift = pre["centred"] - pre["balanced"]  # "centred": the thresholds less their mean
+    shift = pre["centred"] - pre["balanced"]  # keep 0: the thresholds less their mean
     np.testing.assert_allclose(shift, shift[0, 0], atol=1e-4)
     assert shift[0, 0] > 0
     np.testing.assert_array_equal(np.argsort(pre["centred"], 1)[:, -2:],

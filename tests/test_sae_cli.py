@@ -217,6 +217,8 @@ def test_frontier_draws_every_family_and_the_peer(tmp_path, capsys):
 
 @pytest.mark.parametrize("flags,message", [
     (["--init-mix", "2"], "--init-mix: only --init-dirs mixed"),
+    (["--b-enc-init", "zero", "--b-enc-mean-keep", "0.5"], "--b-enc-mean-keep: only"),
+    (["--b-enc-mean-keep", "1.5"], "expected a number in [0, 1]"),
     (["--resample-every", "-1"], "resample_every must be an integer >= 0"),
     (["--k-start", "8", "--k-anneal-frac", "0"], "--k-start schedules k"),
     (["--k-start", "999"], "k_start=999 is larger than the hidden width 64"),
@@ -233,7 +235,9 @@ def test_recipe_flags_reach_the_config(acts, tmp_path):
     out = tmp_path / "run"
     sae.main(["--data", str(acts / "train.npy"), "--out", str(out), "--init-dirs", "mixed",
               "--init-mix", "0.5", "--resample-every", "3", "--k-start", "10",
-              "--k-anneal-frac", "0.5"] + TINY)
+              "--k-anneal-frac", "0.5", "--b-enc-init", "balanced", "--b-enc-mean-keep", "0.25"]
+             + TINY)
     cfg = json.loads((out / "metrics.json").read_text())["config"]
     assert (cfg["model"]["init_dirs"], cfg["model"]["init_mix"]) == ("mixed", 0.5)
+    assert (cfg["model"]["b_enc_init"], cfg["model"]["b_enc_mean_keep"]) == ("balanced", 0.25)
     assert (cfg["resample_every"], cfg["k_start"], cfg["k_anneal_frac"]) == (3, 10, 0.5)

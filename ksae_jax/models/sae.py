@@ -205,8 +205,7 @@ class TopKFamily(Family):
         if mc.b_enc_init != "zero":
             b = jnp.stack([recipe.balanced_bias(x[:fit] - params["b_dec"][m], params["W_enc"][m],
                                                 k, valid[:fit]) for m, k in enumerate(cfg.max_ks)])
-            if mc.b_enc_init == "centred":  # the same latents chosen, their values not shrunk
-                b = b - b.mean(axis=1, keepdims=True)
+            b = b - (1 - mc.b_enc_mean_keep) * b.mean(axis=1, keepdims=True)  # same choices
             params = {**params, "b_enc": b}
         return params
 
