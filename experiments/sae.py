@@ -79,13 +79,14 @@ def add_sae_flags(p, ks=(16, 32, 64, 128), latents=None) -> None:
                         "weights and Adam)")
     p.add_argument("--b-dec-init", choices=config.B_DEC_INITS, default="median",
                    help="b_dec at init: geometric median or mean of training rows, or zero")
-    p.add_argument("--b-enc-init", choices=config.B_ENC_INITS, default="zero",
+    p.add_argument("--b-enc-init", choices=config.B_ENC_INITS, default=None,
                    help="b_enc at init: zero; balanced: each latent's threshold at its own "
-                        "(1 - k/n) quantile over training rows (default zero)")
+                        "(1 - k/n) quantile over training rows (default balanced; jumprelu: "
+                        "zero)")
     p.add_argument("--b-enc-mean-keep", type=cli.unit_float, default=None, metavar="F",
                    help="--b-enc-init balanced: the share of the latents' mean threshold kept "
-                        "(1, the default: each its own threshold; 0: the thresholds less their "
-                        "mean, the same latents chosen at full value)")
+                        "(1: each its own threshold; 0: the thresholds less their mean, the same "
+                        "latents chosen at full value; default 0.5)")
     p.add_argument("--init-dirs", choices=config.INIT_DIRS, default=None,
                    help="decoder rows at init: random, along training rows, those mixed with "
                         "--init-mix of a random direction, or training rows no two within "
@@ -233,7 +234,8 @@ class Sae(runner.Experiment):
             raise cli.UsageError("the following arguments are required: --data")
         if args.init_mix is not None and args.init_dirs != "mixed":
             raise cli.UsageError("--init-mix: only --init-dirs mixed mixes in random directions")
-        if args.b_enc_mean_keep is not None and args.b_enc_init != "balanced":
+        b_enc_init = args.b_enc_init or config.SAE_MODELS[args.arch or "topk"].b_enc_init
+        if args.b_enc_mean_keep is not None and b_enc_init == "zero":
             raise cli.UsageError("--b-enc-mean-keep: only --b-enc-init balanced has thresholds")
         if args.eval_frac >= 1:
             raise cli.UsageError(f"--eval-frac must be below 1, got {args.eval_frac}")
@@ -252,7 +254,8 @@ class Sae(runner.Experiment):
             spec["d"], sweep_ks(args), latents=args.latents, decoder=args.decoder,
             multi_topk=args.multi_topk, normalize=args.normalize,
             **({} if args.init_scale is None else {"init_scale": args.init_scale}),
-            b_dec_init=args.b_dec_init, b_enc_init=args.b_enc_init, dtype=args.dtype,
+            b_dec_init=args.b_dec_init, dtype=args.dtype,
+            **({} if args.b_enc_init is None else {"b_enc_init": args.b_enc_init}),
             **({} if args.init_dirs is None else {"init_dirs": args.init_dirs}),
             **({} if args.init_mix is None else {"init_mix": args.init_mix}),
             **({} if args.b_enc_mean_keep is None else {"b_enc_mean_keep": args.b_enc_mean_keep}),

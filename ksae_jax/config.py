@@ -141,20 +141,20 @@ class SaeModel:
     README's LM table shows why it is the default)."""
     b_dec_init: str = "median"
     """b_dec at init: the geometric median of training rows, their mean, or zero."""
-    b_enc_init: str = "zero"
-    """b_enc at init: zero, or "balanced": each latent's threshold at its own (1 - k/n)
-    quantile over training rows, so that every latent starts firing on about k/n of them
-    (less a part of their mean: b_enc_mean_keep)."""
-    b_enc_mean_keep: float = 1.0
+    b_enc_init: str = "balanced"
+    """b_enc at init: zero, or "balanced" (the default: README's LM table shows why): each
+    latent's threshold at its own (1 - k/n) quantile over training rows, so that every latent
+    starts firing on about k/n of them (less a part of their mean: b_enc_mean_keep)."""
+    b_enc_mean_keep: float = 0.5
     """b_enc_init "balanced": the share of the latents' mean threshold b_enc keeps. 1: each
     latent's own threshold (the chosen values start shrunk by it); 0: the thresholds less
-    their mean (top-k chooses the same latents, at full value)."""
-    init_dirs: str = "mixed"
-    """Decoder rows at init: "random" unit vectors; "data": the directions of n training rows
-    (centred on b_dec), so that every latent starts as the best match of some row; "mixed"
-    (the default: README's LM table shows why): each such direction plus init_mix times a
-    random unit one; "diverse": data directions
-    with no two closer than cosine 0.9 while the sample has enough."""
+    their mean (top-k chooses the same latents, at full value); 0.5, the default, between."""
+    init_dirs: str = "random"
+    """Decoder rows at init: "random" unit vectors (the default: with the balanced b_enc,
+    README's LM table shows why); "data": the directions of n training rows (centred on
+    b_dec), so that every latent starts as the best match of some row; "mixed": each such
+    direction plus init_mix times a random unit one (the lowest FVU, but more dead latents);
+    "diverse": data directions with no two closer than cosine 0.9 while the sample has enough."""
     init_mix: float = 1.0
     """init_dirs "mixed": the weight of the random unit direction added to each data one."""
     dtype: str = "float32"
@@ -263,6 +263,8 @@ class JumpReLUModel(SaeModel):
     arch: str = "jumprelu"
     init_scale: float | str = 1.0
     """As SaeModel's, but 1 by default (a JumpReLU has no k to fit the scale to)."""
+    b_enc_init: str = "zero"
+    """As SaeModel's, but zero by default (its thresholds start at init_l0, not at a k)."""
     bandwidth: float = 0.05
     """Width of the rectangle kernel of the straight-through pseudo-gradients."""
     init_l0: int | None = None
@@ -508,6 +510,8 @@ class SweepConfig:
         if model.get("arch", "conv") not in IMAGE_ARCHS:  # files from before these fields were
             model.setdefault("init_scale", 1.0)         # trained with W_enc = W_dec, random rows
             model.setdefault("init_dirs", "random")
+            model.setdefault("b_enc_init", "zero")
+            model.setdefault("b_enc_mean_keep", 1.0)
         if "k_anneal_epochs" in d:  # files written before budgets in steps
             anneal = d.pop("k_anneal_epochs")
             d["k_anneal_frac"] = anneal / d["epochs"] if d.get("epochs") else 0.0

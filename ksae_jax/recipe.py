@@ -100,25 +100,28 @@ def fitted_encoder_scale(x_c: jax.Array, W_dec: jax.Array, k: int,
 
 
 def balanced_bias(x_c: jax.Array, W_enc: jax.Array, k: int, valid: jax.Array | None = None,
-                  block: int = 4096) -> jax.Array:
+                  chunk: int = 64) -> jax.Array:
     """(n,) b_enc that puts each latent's threshold at its own (1 - k/n) quantile over the
     centred rows x_c: every latent starts positive on r = ceil(rows k / n) of the (valid)
-    rows, at least one, so that none starts out never chosen. Taken over `block`
-    latents at a time: its (rows, block) pre-activations are all it holds."""
-    n = W_enc.shape[0]
-    if x_c.shape[0] < 2:
+    rows, at least one, so that none starts out never chosen. The rows are taken `chunk` at
+    a time, each latent keeping its r + 1 largest pre-activations so far: it holds (n,
+    chunk + r + 1) numbers, all of them along the latents (split as W_enc is split)."""
+    n, rows = W_enc.shape[0], x_c.shape[0]
+    if rows < 2:
         return jnp.zeros(n, W_enc.dtype)
-    valid = jnp.ones(x_c.shape[0], bool) if valid is None else valid
-    r = min(max(1, -(-x_c.shape[0] * k // n)), x_c.shape[0] - 1)
-    pad = (-n) % min(block, n)
-    w = jnp.pad(W_enc, ((0, pad), (0, 0))).reshape(-1, min(block, n), W_enc.shape[1])
+    valid = jnp.ones(rows, bool) if valid is None else valid
+    r = min(max(1, -(-rows * k // n)), rows - 1)
+    pad = (-rows) % chunk
+    xs = jnp.pad(x_c, ((0, pad), (0, 0))).reshape(-1, chunk, x_c.shape[1])
+    vs = jnp.pad(valid, (0, pad)).reshape(-1, chunk)
 
-    def thresholds(wb):
-        pre = jnp.where(valid[:, None], x_c @ wb.T, -jnp.inf)
-        top = jax.lax.top_k(pre.T, r + 1)[0]  # the threshold halfway between the r-th and next
-        return 0.5 * (top[:, -2] + top[:, -1])
+    def merge(top, part):
+        xc, vc = part
+        pre = jnp.where(vc[None, :], W_enc @ xc.T, -jnp.inf)  # (n, chunk)
+        return jax.lax.top_k(jnp.concatenate([top, pre], axis=1), r + 1)[0], None
 
-    t = jax.lax.map(thresholds, w).reshape(-1)[:n]
+    top, _ = jax.lax.scan(merge, jnp.full((n, r + 1), -jnp.inf, W_enc.dtype), (xs, vs))
+    t = 0.5 * (top[:, -2] + top[:, -1])  # halfway between the r-th largest and the next
     return -jnp.where(jnp.isfinite(t), t, 0.0)
 
 

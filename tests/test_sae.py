@@ -281,14 +281,14 @@ def test_data_initialised_decoder_rows_lie_along_training_rows(dirs):
 
 
 def test_balanced_b_enc_puts_every_latent_above_zero_on_its_share_of_rows():
-    """recipe.balanced_bias: each latent positive on exactly ceil(rows k / n) rows, block by
-    block the same as at once; through the config (b_enc_init "balanced") b_enc is set so."""
+    """recipe.balanced_bias: each latent positive on exactly ceil(rows k / n) rows, chunk by
+    chunk of rows the same as at once; through the config (b_enc_init "balanced") b_enc is set so."""
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(500, 8)).astype(np.float32))
     W = jnp.asarray(rng.normal(size=(37, 8)).astype(np.float32))
-    b = recipe.balanced_bias(x, W, 3, block=16)  # 37 latents in blocks of 16: the last padded
+    b = recipe.balanced_bias(x, W, 3, chunk=16)  # 500 rows in chunks of 16: the last padded
     np.testing.assert_array_equal(np.asarray((x @ W.T + b > 0).sum(0)), np.full(37, 41))
-    np.testing.assert_allclose(b, recipe.balanced_bias(x, W, 3), rtol=1e-6)
+    np.testing.assert_allclose(b, recipe.balanced_bias(x, W, 3, chunk=500), rtol=1e-6)
     pre = {}
     for init, keep in (("balanced", 1.0), ("centred", 0.0)):
         cfg = sae_config(8, (2,), latents=32, steps=1, batch_size=500, b_enc_init="balanced",

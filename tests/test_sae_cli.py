@@ -219,6 +219,7 @@ def test_frontier_draws_every_family_and_the_peer(tmp_path, capsys):
     (["--init-mix", "2"], "--init-mix: only --init-dirs mixed"),
     (["--b-enc-init", "zero", "--b-enc-mean-keep", "0.5"], "--b-enc-mean-keep: only"),
     (["--b-enc-mean-keep", "1.5"], "expected a number in [0, 1]"),
+    (["--arch", "jumprelu", "--b-enc-mean-keep", "0.5"], "--b-enc-mean-keep: only"),
     (["--resample-every", "-1"], "resample_every must be an integer >= 0"),
     (["--k-start", "8", "--k-anneal-frac", "0"], "--k-start schedules k"),
     (["--k-start", "999"], "k_start=999 is larger than the hidden width 64"),
