@@ -100,10 +100,11 @@ def fitted_encoder_scale(x_c: jax.Array, W_dec: jax.Array, k: int,
 
 
 def balanced_bias(x_c: jax.Array, W_enc: jax.Array, k: int, valid: jax.Array | None = None,
-                  chunk: int = 64) -> jax.Array:
+                  chunk: int = 64, mean_keep: float = 1.0) -> jax.Array:
     """(n,) b_enc that puts each latent's threshold at its own (1 - k/n) quantile over the
     centred rows x_c: every latent starts positive on r = ceil(rows k / n) of the (valid)
-    rows, at least one, so that none starts out never chosen. The rows are taken `chunk` at
+    rows, at least one, so that none starts out never chosen; less (1 - mean_keep) times the
+    thresholds' mean (the same latents chosen, their values less shrunk). The rows are taken `chunk` at
     a time, each latent keeping its r + 1 largest pre-activations so far: it holds (n,
     chunk + r + 1) numbers, all of them along the latents (split as W_enc is split)."""
     n, rows = W_enc.shape[0], x_c.shape[0]
@@ -122,7 +123,8 @@ def balanced_bias(x_c: jax.Array, W_enc: jax.Array, k: int, valid: jax.Array | N
 
     top, _ = jax.lax.scan(merge, jnp.full((n, r + 1), -jnp.inf, W_enc.dtype), (xs, vs))
     t = 0.5 * (top[:, -2] + top[:, -1])  # halfway between the r-th largest and the next
-    return -jnp.where(jnp.isfinite(t), t, 0.0)
+    t = jnp.where(jnp.isfinite(t), t, 0.0)
+    return -(t - (1 - mean_keep) * t.mean())
 
 
 DIVERSE_COS = 0.9  # init_dirs "diverse": rows this close to a row of higher priority wait

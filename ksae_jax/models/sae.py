@@ -179,7 +179,7 @@ class TopKFamily(Family):
         "data", the decoder rows along sample rows (the same for every model); with init_scale
         "fit", each model's encoder scale fitted to its first reconstructions of the sample's
         first rows (recipe.fitted_encoder_scale); with b_enc_init "balanced", each model's b_enc
-        from its k (recipe.balanced_bias) on those rows."""
+        from its k and b_enc_mean_keep (recipe.balanced_bias) on those rows."""
         mc, x, valid = self.model, sample["x"], sample["valid"]
         fit = min(FIT_ROWS, cfg.batch_size)  # the fits see no more rows than a step's batch
         if mc.b_dec_init != "zero":
@@ -197,16 +197,16 @@ class TopKFamily(Family):
             scale = 1.0 if mc.init_scale == "fit" else mc.init_scale
             params = {**params, "W_dec": jnp.broadcast_to(rows, params["W_dec"].shape),
                       "W_enc": jnp.broadcast_to(rows * scale, params["W_enc"].shape)}
+        centred = [x[:fit] - params["b_dec"][m] for m in range(len(cfg.max_ks))]
         if mc.init_scale == "fit":
-            scales = [recipe.fitted_encoder_scale(x[:fit] - params["b_dec"][m],
-                                                  params["W_dec"][m], k, valid[:fit])
+            scales = [recipe.fitted_encoder_scale(centred[m], params["W_dec"][m], k, valid[:fit])
                       for m, k in enumerate(cfg.max_ks)]
             params = {**params, "W_enc": params["W_dec"] * jnp.stack(scales)[:, None, None]}
         if mc.b_enc_init != "zero":
-            b = jnp.stack([recipe.balanced_bias(x[:fit] - params["b_dec"][m], params["W_enc"][m],
-                                                k, valid[:fit]) for m, k in enumerate(cfg.max_ks)])
-            b = b - (1 - mc.b_enc_mean_keep) * b.mean(axis=1, keepdims=True)  # same choices
-            params = {**params, "b_enc": b}
+            params = {**params, "b_enc": jnp.stack([
+                recipe.balanced_bias(centred[m], params["W_enc"][m], k, valid[:fit],
+                                     mean_keep=mc.b_enc_mean_keep)
+                for m, k in enumerate(cfg.max_ks)])}
         return params
 
     def loss(self, params, batch, hp, dead, *, cfg, max_k):
