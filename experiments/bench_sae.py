@@ -50,6 +50,7 @@ def child_sae(spec: dict) -> dict:
     from ksae_jax.data import vectors
     from ksae_jax.evaluate import EvalSet, evaluate
     from ksae_jax.models.layers import matmul
+    from ksae_jax.models.sae import sparse_path
 
     src = vectors.open_vectors(spec["data"])
     tr, held = src.view(0, src.n - EVAL_ROWS), src.view(src.n - EVAL_ROWS, src.n)
@@ -72,7 +73,8 @@ def child_sae(spec: dict) -> dict:
     seconds_per_step = (time.perf_counter() - t) / timed_steps
     final = evaluate(run.run_cfg, state.params, EvalSet(held))
     out = {"dtype": cfg.model.dtype, "device": str(jax.devices()[0].platform),
-           "peak_device_gb": _peak_device_gb(),"seconds_per_step": seconds_per_step,
+           "path": sparse_path(cfg.model, max(cfg.ks)),
+           "peak_device_gb": _peak_device_gb(), "seconds_per_step": seconds_per_step,
            "vectors_per_s": spec["batch"] * len(cfg.ks) / seconds_per_step,  # x models
            "compile_s": compile_s, "eval_fvu": final.fvu.tolist(), "dead_fraction_eval":
            final.dead_frac.tolist(), "peak_rss_mb": peak_rss_mb(), "ks": list(cfg.ks)}
@@ -106,8 +108,9 @@ def _peer(script: Path, data: Path, c: dict, k: int, steps: int, warmup: int,
 
 
 def run_config(c: dict, data: Path, args, child, peer: Path | None) -> dict:
-    """One shape's runs: (a) one model, (b) the 4-k sweep, (e) the dense path, in each of
-    args.dtypes ("a" and "b" carry the dtype's name past float32), and sparsify (c)."""
+    """One shape's runs: (a) one model, (b) the 4-k sweep, (e) the dense path, (x) the sparse
+    path on XLA's gathers and scatters (what "auto" takes off CPU: the native kernels' before),
+    in each of args.dtypes ("a" and "b" carry the dtype's name past float32), and sparsify (c)."""
     steps, warmup = args.sae_run
     base = dict(data=str(data), latents=c["latents"], batch=c["batch"], steps=steps, warmup=warmup)
     rows = {}
@@ -120,6 +123,8 @@ def run_config(c: dict, data: Path, args, child, peer: Path | None) -> dict:
         rows["b" + tag] = child("sae", dict(spec, ks=list(SWEEP_KS)), 3600)
     print("  (e) ksae_jax one model, dense reference path ...", flush=True)
     rows["e"] = child("sae", dict(base, ks=[c["k"]], decoder="dense"), 3600)
+    print("  (x) ksae_jax one model, sparse path on XLA ops ...", flush=True)
+    rows["x"] = child("sae", dict(base, ks=[c["k"]], decoder="sparse"), 3600)
     if peer is not None:
         print(f"  (c) sparsify, k = {c['k']} and the {len(SWEEP_KS)} ks one after another ...", flush=True)
         rows["c1"] = _peer(peer, data, c, c["k"], steps, warmup, args.threads)
@@ -135,6 +140,7 @@ def summarize(c: dict, rows: dict) -> dict:
          "sweep_step_s": b["seconds_per_step"],
          "sweep_over_one_model": b["seconds_per_step"] / a["seconds_per_step"],
          "fvu_sparse_vs_dense": a["eval_fvu"][0] / e["eval_fvu"][0] - 1,
+         "xla_sparse_step_over_one_model": rows["x"]["seconds_per_step"] / a["seconds_per_step"],
          "sweep_rss_over_one_model": b["peak_rss_mb"] / a["peak_rss_mb"]}
     if "a_bfloat16" in rows:
         h = rows["a_bfloat16"]
@@ -221,6 +227,7 @@ def markdown(results: dict) -> str:
                          f"{c['batch'] * 4 / seq:.0f} | | {fvus} | {rss:.0f} |")
         lines.append(f"| (d) floor: the encoder matmul alone | {r['a']['floor_seconds']:.3f} | | | | |")
         row(f"(e) ksae_jax, k = {c['k']}, dense reference path", r["e"])
+        row(f"(x) ksae_jax, k = {c['k']}, sparse path on XLA ops", r["x"])
         lines += ["", *(f"- {k.replace('_', ' ')}: {v:.3f}" for k, v in s.items()), ""]
     if results.get("note"):
         lines.append(f"Note: {results['note']}")

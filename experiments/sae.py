@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ksae_jax import cli, config, inference, models, plotting, runner
+from ksae_jax import cli, config, inference, models, native_ops, plotting, runner
 from ksae_jax.config import sae_config
 from ksae_jax.data import vectors
 from ksae_jax.files import write_json
@@ -104,8 +104,10 @@ def add_sae_flags(p, ks=(16, 32, 64, 128), latents=None) -> None:
                         "latents that have not fired since again along the batch's residuals "
                         "(0: off, the default)")
     p.add_argument("--multi-topk", action="store_true", help="add FVU at 4k with weight 1/8")
-    p.add_argument("--decoder", choices=("auto", "sparse", "dense"), default="auto",
-                   help="sparse (gather/scatter custom VJPs) or dense products (default: by k / n)")
+    p.add_argument("--decoder", choices=config.DECODERS, default="auto",
+                   help="sparse (gather/scatter custom VJPs on XLA ops), native (the same on "
+                        "native C++ CPU kernels) or dense products (default: by k / n, native "
+                        "where the kernels serve)")
     p.add_argument("--feeder", choices=("auto", "device", "host"), default="auto",
                    help="data on the device, or read by a background thread (default: by size)")
     p.add_argument("--seed", type=cli.int_value, default=0)
@@ -239,6 +241,8 @@ class Sae(runner.Experiment):
             raise cli.UsageError("--b-enc-mean-keep: only --b-enc-init balanced has thresholds")
         if args.eval_frac >= 1:
             raise cli.UsageError(f"--eval-frac must be below 1, got {args.eval_frac}")
+        if args.decoder == "native" and (why := native_ops.unavailable()):
+            raise cli.UsageError(f"--decoder native: {why}")
         self.lm_eval = None if args.lm is None else lm_evaluation(args)
         self.start = None if args.init is None else inference.load(args.init)
 

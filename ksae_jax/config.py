@@ -18,7 +18,7 @@ DEFAULT_HIDDEN = {"conv": 256, "mlp": 1000}
 DEFAULT_KS = (5, 10, 25, 50, 100)
 DEFAULT_EPOCHS = 9
 BATCHINGS = ("auto", "loop", "vmap")
-DECODERS = ("auto", "sparse", "dense")
+DECODERS = ("auto", "native", "sparse", "dense")
 INIT_DIRS = ("random", "data", "mixed", "diverse")
 B_DEC_INITS = ("median", "mean", "zero")
 B_ENC_INITS = ("zero", "balanced")
@@ -127,7 +127,9 @@ class SaeModel:
     arch: str = "topk"
     """"topk" (Gao et al. 2024); the subclasses below are the other families."""
     decoder: str = "auto"
-    """"sparse" (custom-VJP gather/scatter paths), "dense" (plain autodiff) or "auto"."""
+    """"sparse" (custom-VJP gather/scatter paths on XLA ops), "native" (the same on native_ops'
+    CPU kernels), "dense" (plain autodiff) or "auto" (dense for large k / n, else native
+    where the kernels serve the process, else sparse)."""
     multi_topk: bool = False
     """Add FVU at 4k (weight 1/8), as Gao et al."""
     normalize: bool = False

@@ -10,15 +10,20 @@ it must equal:
   backward: grad values by a gather-dot, grad W_dec by a scatter-add of k rows per vector.
 
 Weights are (n, d) row-per-latent (as sparsify's encoder.weight and W_dec), so every gather
-and scatter moves whole contiguous rows. The loops run over the k columns of idx, each step
-a fused (B, d) gather or scatter: XLA:CPU is several times faster at these than at one
-(B, k, d) gather, which it materialises in fresh memory.
+and scatter moves whole contiguous rows. The XLA ops loop over the k columns of idx, each
+step a fused (B, d) gather or scatter: XLA:CPU is several times faster at these than at one
+(B, k, d) gather, which it materialises in fresh memory. With `native` (static) the
+gathers and scatters are native_ops' CPU kernels where they serve the operands.
 """
 from __future__ import annotations
+
+from functools import partial
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from ksae_jax import native_ops
 
 _IN = "promise_in_bounds"  # indices come from lax.top_k: always in range
 _CHUNK = 8                  # columns of idx unrolled per loop step
@@ -65,10 +70,24 @@ def segment_total(coef: jax.Array, idx: jax.Array, n: int) -> jax.Array:
     return jnp.zeros(n, coef.dtype).at[idx.reshape(-1)].add(coef.reshape(-1), mode=_IN)
 
 
+def _native_or(xla_op, native_op):
+    """native_op where the kernels take the array operands, else xla_op."""
+    def op(*args):
+        arrays = [a for a in args if isinstance(a, jax.Array)]
+        return (native_op if native_ops.serves(*arrays) else xla_op)(*args)
+    return op
+
+
+_OPS = {False: (gather_sum, gather_dot, scatter_rows),
+        True: (_native_or(gather_sum, native_ops.gather_sum),
+               _native_or(gather_dot, native_ops.gather_dot),
+               _native_or(scatter_rows, native_ops.scatter_rows))}
+
+
 # ---------------------------------------------------------------- encoder
 
-@jax.custom_vjp
-def sparse_preacts(values, x, W_enc, b_enc, b_dec, idx):
+@partial(jax.custom_vjp, nondiff_argnums=(6,))
+def sparse_preacts(values, x, W_enc, b_enc, b_dec, idx, native=False):
     """`values` (B, k), the pre-activations (x - b_dec) @ W_enc.T + b_enc at `idx`, as a
     differentiable function of x, W_enc, b_enc and b_dec whose backward touches only the
     kept entries. `values` itself gets no gradient (it is the forward value)."""
@@ -76,16 +95,17 @@ def sparse_preacts(values, x, W_enc, b_enc, b_dec, idx):
     return values
 
 
-def _preacts_fwd(values, x, W_enc, b_enc, b_dec, idx):
+def _preacts_fwd(values, x, W_enc, b_enc, b_dec, idx, native):
     return values, (x, W_enc, b_dec, idx)
 
 
-def _preacts_bwd(res, g):
+def _preacts_bwd(native, res, g):
+    gather_sum_, _, scatter_rows_ = _OPS[native]
     x, W_enc, b_dec, idx = res
     n = W_enc.shape[0]
     g_b_enc = segment_total(g, idx, n)
-    g_W_enc = scatter_rows(g, idx, x - b_dec, n)
-    g_x = gather_sum(g, idx, W_enc)  # dropped by XLA when nothing asks for it
+    g_W_enc = scatter_rows_(g, idx, x - b_dec, n)
+    g_x = gather_sum_(g, idx, W_enc)  # dropped by XLA when nothing asks for it
     g_b_dec = -(g_b_enc @ W_enc)     # = -sum_b g_x[b], without the (B, d) detour
     return (None, g_x, g_W_enc, g_b_enc, g_b_dec, None)
 
@@ -93,35 +113,37 @@ def _preacts_bwd(res, g):
 sparse_preacts.defvjp(_preacts_fwd, _preacts_bwd)
 
 
-def dense_preacts(values, x, W_enc, b_enc, b_dec, idx):
+def dense_preacts(values, x, W_enc, b_enc, b_dec, idx, native=False):
     """Reference for sparse_preacts: the same values by plain autodiff through the matmul."""
-    del values
+    del values, native
     pre = (x - b_dec) @ W_enc.T + b_enc
     return jnp.take_along_axis(pre, idx, axis=-1)
 
 
 # ---------------------------------------------------------------- decoder
 
-@jax.custom_vjp
-def sparse_decode(values, idx, W_dec):
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def sparse_decode(values, idx, W_dec, native=False):
     """(B, d) = sum_j values[:, j] * W_dec[idx[:, j]] (no bias)."""
-    return gather_sum(values, idx, W_dec)
+    return _OPS[native][0](values, idx, W_dec)
 
 
-def _decode_fwd(values, idx, W_dec):
-    return gather_sum(values, idx, W_dec), (values, idx, W_dec)
+def _decode_fwd(values, idx, W_dec, native):
+    return _OPS[native][0](values, idx, W_dec), (values, idx, W_dec)
 
 
-def _decode_bwd(res, g):
+def _decode_bwd(native, res, g):
+    _, gather_dot_, scatter_rows_ = _OPS[native]
     values, idx, W_dec = res
-    return gather_dot(g, idx, W_dec), None, scatter_rows(values, idx, g, W_dec.shape[0])
+    return gather_dot_(g, idx, W_dec), None, scatter_rows_(values, idx, g, W_dec.shape[0])
 
 
 sparse_decode.defvjp(_decode_fwd, _decode_bwd)
 
 
-def dense_decode(values, idx, W_dec):
+def dense_decode(values, idx, W_dec, native=False):
     """Reference for sparse_decode: the dense (B, n) code times W_dec."""
+    del native
     rows = jnp.arange(idx.shape[0])[:, None]
     code = jnp.zeros((idx.shape[0], W_dec.shape[0]), values.dtype).at[rows, idx].add(values)
     return code @ W_dec

@@ -66,9 +66,9 @@ def _auxk_numpy(pre, dead, x, recon, W_dec, aux_k):
     return scale * ((e_hat - e) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
 
 
-@pytest.mark.parametrize("sparse", [True, False])
-def test_auxk_matches_numpy_and_is_zero_without_dead_latents(sparse):
-    cfg = sae_config(12, (3,), latents=40, aux_k=6, decoder="sparse" if sparse else "dense",
+@pytest.mark.parametrize("decoder", ["sparse", "native", "dense"])
+def test_auxk_matches_numpy_and_is_zero_without_dead_latents(decoder):
+    cfg = sae_config(12, (3,), latents=40, aux_k=6, decoder=decoder,
                      dead_tokens=10)
     family = models.family(cfg.model)
     params = family.init(jax.random.key(0))
@@ -118,10 +118,11 @@ def test_sae_sweep_equals_each_k_alone(syn, batching):
         np.testing.assert_array_equal(sweep.since_fired[i], alone.since_fired[0])
 
 
-def test_sparse_and_dense_training_agree(syn):
+@pytest.mark.parametrize("dec", ["sparse", "native"])
+def test_sparse_and_dense_training_agree(syn, dec):
     runs = [train.train_sweep(sae_config(32, (4,), latents=64, steps=10, batch_size=200,
-                                         decoder=dec, dead_tokens=300),
-                              syn.x[:4000], syn.x[4000:], progress=False) for dec in ("sparse", "dense")]
+                                         decoder=d, dead_tokens=300),
+                              syn.x[:4000], syn.x[4000:], progress=False) for d in (dec, "dense")]
     np.testing.assert_allclose(runs[0].history["eval_fvu"], runs[1].history["eval_fvu"], rtol=1e-3)
     for a, b in zip(jax.tree.leaves(runs[0].params), jax.tree.leaves(runs[1].params)):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ksae_jax import sparse_ops
+from ksae_jax import native_ops, sparse_ops
 from ksae_jax.topk import top_k
 
 
@@ -22,30 +22,35 @@ def _problem(B, d, n, seed=0, ties=False):
     return x, W_enc, b_enc, W_dec, b_dec, target
 
 
-def _loss(sparse: bool, k: int):
-    preacts = sparse_ops.sparse_preacts if sparse else sparse_ops.dense_preacts
-    decode = sparse_ops.sparse_decode if sparse else sparse_ops.dense_decode
+def _loss(path: str, k: int):
+    """The loss by `path`: "dense" (the reference), "sparse" (XLA ops) or "native" (kernels)."""
+    dense = path == "dense"
+    preacts = sparse_ops.dense_preacts if dense else sparse_ops.sparse_preacts
+    decode = sparse_ops.dense_decode if dense else sparse_ops.sparse_decode
+    native = path == "native"
 
     def loss(W_enc, b_enc, W_dec, b_dec, x, target):
         pre = jax.lax.stop_gradient((x - b_dec) @ W_enc.T + b_enc)
         top, idx = jax.lax.top_k(pre, k)
-        values = jax.nn.relu(preacts(top, x, W_enc, b_enc, b_dec, idx))
-        recon = decode(values, idx, W_dec) + b_dec
+        values = jax.nn.relu(preacts(top, x, W_enc, b_enc, b_dec, idx, native))
+        recon = decode(values, idx, W_dec, native) + b_dec
         return jnp.sum((recon - target) ** 2) + jnp.sum(values ** 2) * 0.1, recon
 
     return loss
 
 
+@pytest.mark.parametrize("path", ["sparse", "native"])
 @pytest.mark.parametrize("B,d,n,k,ties", [(16, 12, 64, 5, False), (16, 12, 64, 8, True),
-                                          (9, 7, 24, 24, False), (8, 16, 40, 1, True)])
-def test_sparse_paths_equal_dense_autodiff(B, d, n, k, ties):
+                                          (9, 7, 24, 24, False), (8, 16, 40, 1, True),
+                                          (70, 37, 300, 13, True)])
+def test_sparse_paths_equal_dense_autodiff(path, B, d, n, k, ties):
     x, W_enc, b_enc, W_dec, b_dec, target = _problem(B, d, n, ties=ties)
     grads = {}
-    for sparse in (True, False):
-        fn = jax.jit(jax.value_and_grad(_loss(sparse, k), argnums=(0, 1, 2, 3, 4), has_aux=True))
-        grads[sparse] = fn(W_enc, b_enc, W_dec, b_dec, x, target)
-    (v_s, r_s), g_s = grads[True]
-    (v_d, r_d), g_d = grads[False]
+    for p in (path, "dense"):
+        fn = jax.jit(jax.value_and_grad(_loss(p, k), argnums=(0, 1, 2, 3, 4), has_aux=True))
+        grads[p] = fn(W_enc, b_enc, W_dec, b_dec, x, target)
+    (v_s, r_s), g_s = grads[path]
+    (v_d, r_d), g_d = grads["dense"]
     np.testing.assert_allclose(v_s, v_d, rtol=1e-5)
     np.testing.assert_allclose(r_s, r_d, rtol=1e-5, atol=1e-6)
     for name, a, b in zip(("W_enc", "b_enc", "W_dec", "b_dec", "x"), g_s, g_d):
@@ -53,9 +58,10 @@ def test_sparse_paths_equal_dense_autodiff(B, d, n, k, ties):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * scale, err_msg=name)
 
 
-def test_sparse_backward_touches_only_kept_rows():
+@pytest.mark.parametrize("path", ["sparse", "native"])
+def test_sparse_backward_touches_only_kept_rows(path):
     x, W_enc, b_enc, W_dec, b_dec, target = _problem(4, 6, 50)
-    (_, _), g = jax.value_and_grad(_loss(True, 3), argnums=(0, 2), has_aux=True)(
+    (_, _), g = jax.value_and_grad(_loss(path, 3), argnums=(0, 2), has_aux=True)(
         W_enc, b_enc, W_dec, b_dec, x, target)
     _, idx = jax.lax.top_k((x - b_dec) @ W_enc.T + b_enc, 3)
     untouched = np.setdiff1d(np.arange(50), np.asarray(idx))
@@ -74,18 +80,28 @@ def test_two_stage_top_k_equals_lax_top_k(shape, k):
         np.testing.assert_array_equal(i, i_ref)
 
 
-def test_gather_and_scatter_primitives_match_numpy():
+@pytest.mark.parametrize("ops", [sparse_ops, native_ops], ids=["xla", "native"])
+@pytest.mark.parametrize("B,k,n,d", [(7, 16, 30, 5), (70, 13, 300, 37), (1, 1, 1, 1)])
+def test_gather_and_scatter_primitives_match_numpy(ops, B, k, n, d):
     rng = np.random.default_rng(0)
-    table = rng.standard_normal((30, 5)).astype(np.float32)
-    idx = rng.integers(0, 30, (7, 16)).astype(np.int32)  # repeated indices included
-    coef = rng.standard_normal((7, 16)).astype(np.float32)
-    rows = rng.standard_normal((7, 5)).astype(np.float32)
+    table = rng.standard_normal((n, d)).astype(np.float32)
+    idx = rng.integers(0, n, (B, k)).astype(np.int32)  # repeated indices included
+    coef = rng.standard_normal((B, k)).astype(np.float32)
+    rows = rng.standard_normal((B, d)).astype(np.float32)
     table, idx, coef, rows = map(jnp.asarray, (table, idx, coef, rows))
-    np.testing.assert_allclose(sparse_ops.gather_sum(coef, idx, table),
-                               np.einsum("bk,bkd->bd", coef, np.asarray(table)[np.asarray(idx)]), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(sparse_ops.gather_dot(rows, idx, table),
-                               np.einsum("bd,bkd->bk", rows, np.asarray(table)[np.asarray(idx)]), rtol=1e-5, atol=1e-6)
-    want = np.zeros((30, 5), np.float32)
+    picked = np.asarray(table)[np.asarray(idx)]
+    np.testing.assert_allclose(ops.gather_sum(coef, idx, table),
+                               np.einsum("bk,bkd->bd", coef, picked), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ops.gather_dot(rows, idx, table),
+                               np.einsum("bd,bkd->bk", rows, picked), rtol=1e-5, atol=1e-5)
+    want = np.zeros((n, d), np.float32)
     np.add.at(want, np.asarray(idx).reshape(-1),
-              np.asarray(coef[:, :, None] * rows[:, None, :]).reshape(-1, 5))
-    np.testing.assert_allclose(sparse_ops.scatter_rows(coef, idx, rows, 30), want, rtol=1e-5, atol=1e-6)
+              np.asarray(coef[:, :, None] * rows[:, None, :]).reshape(-1, d))
+    np.testing.assert_allclose(ops.scatter_rows(coef, idx, rows, n), want, rtol=1e-5, atol=1e-5)
+
+
+def test_native_kernels_serve_one_cpu_device_and_say_why_not():
+    assert native_ops.unavailable() is None  # this machine has g++: a miss is a broken build
+    assert native_ops.serves(jnp.zeros((2, 3)), jnp.zeros((2, 3), jnp.int32))
+    assert not native_ops.serves(jnp.zeros((2, 3), jnp.bfloat16))
+    assert not native_ops.serves(jnp.zeros((0, 3)))

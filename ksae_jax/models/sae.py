@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
-from ksae_jax import losses, recipe, sharding, sparse_ops
+from ksae_jax import losses, native_ops, recipe, sharding, sparse_ops
 from ksae_jax.config import SaeModel
 from ksae_jax.data.feed import Rows
 from ksae_jax.data.vectors import VectorSource, normalizing_scale, open_vectors
@@ -52,12 +52,18 @@ class SaeOutput(NamedTuple):
     """AuxK loss of the dead latents (None without a dead mask)."""
 
 
-def use_sparse(cfg: SaeModel, k: int) -> bool:
-    """Whether the custom-VJP paths serve this model: forced by cfg.decoder, else while
-    k / n is small enough that gathers and scatters beat dense products."""
+def sparse_path(cfg: SaeModel, k: int) -> str:
+    """How this model's gathers and scatters run: "dense" (plain products), "sparse" (the
+    custom VJPs on XLA ops) or "native" (the same on native_ops' CPU kernels). cfg.decoder
+    forces one; "auto" takes dense while k / n is too large for gathers and scatters to win,
+    else native where the kernels serve this process, else sparse."""
+    if cfg.decoder == "native" and (why := native_ops.unavailable()):
+        raise ValueError(f"decoder 'native': {why}")
     if cfg.decoder != "auto":
-        return cfg.decoder == "sparse"
-    return k <= SPARSE_MAX_DENSITY * cfg.hidden
+        return cfg.decoder
+    if k > SPARSE_MAX_DENSITY * cfg.hidden:
+        return "dense"
+    return "sparse" if native_ops.unavailable() else "native"
 
 
 def squared_error(recon, x, w):
@@ -96,29 +102,29 @@ class TopKSAE(nnx.Module):
             bias = jnp.where(dead, bias, -jnp.inf)
         return top_k(pre, k, bias)
 
-    def kept_values(self, values, x, idx, sparse: bool):
-        """Pre-activations at idx, differentiable in the encoder (sparse or dense backward)."""
-        fn = sparse_ops.sparse_preacts if sparse else sparse_ops.dense_preacts
+    def kept_values(self, values, x, idx, path: str):
+        """Pre-activations at idx, differentiable in the encoder (backward by `path`)."""
+        fn = sparse_ops.dense_preacts if path == "dense" else sparse_ops.sparse_preacts
         return fn(lax.stop_gradient(values), x, self.W_enc[...], self.b_enc[...],
-                  self.b_dec[...], idx)
+                  self.b_dec[...], idx, path == "native")
 
-    def decode_sparse(self, values, idx, sparse: bool):
+    def decode_sparse(self, values, idx, path: str):
         """sum_j values[:, j] W_dec[idx[:, j]], without b_dec."""
-        fn = sparse_ops.sparse_decode if sparse else sparse_ops.dense_decode
-        return fn(values, idx, self.W_dec[...])
+        fn = sparse_ops.dense_decode if path == "dense" else sparse_ops.sparse_decode
+        return fn(values, idx, self.W_dec[...], path == "native")
 
     def __call__(self, x, w, k, max_k: int, *, dead=None, aux_k=None, terms=True) -> SaeOutput:
         """Keeps max_k latents per vector, of which the first k (traced); with terms, the
         top 4 max_k for Multi-TopK when the model has it, and AuxK when `dead` is given."""
         multi = self.cfg.multi_topk and terms
         width = max_k * (MULTI_TOPK_FACTOR if multi else 1)
-        sparse = use_sparse(self.cfg, width)
+        path = sparse_path(self.cfg, width)
         pre = self.preacts(x)
         top, idx = self.select(pre, width)
-        values = jax.nn.relu(self.kept_values(top, x, idx, sparse))
+        values = jax.nn.relu(self.kept_values(top, x, idx, path))
         rank = jnp.arange(width)
         main = jnp.where(rank[:max_k] < k, values[:, :max_k], 0.0)
-        recon = self.decode_sparse(main, idx[:, :max_k], sparse) + self.b_dec[...]
+        recon = self.decode_sparse(main, idx[:, :max_k], path) + self.b_dec[...]
         out = SaeOutput(recon, main, idx[:, :max_k], pre)
         if not terms:
             return out
@@ -127,20 +133,20 @@ class TopKSAE(nnx.Module):
         if multi:
             kept = jnp.where(rank < MULTI_TOPK_FACTOR * k, values, 0.0)
             out = out._replace(multi_topk_fvu=losses.fvu(
-                self.decode_sparse(kept, idx, sparse) + self.b_dec[...], x, w, denom))
+                self.decode_sparse(kept, idx, path) + self.b_dec[...], x, w, denom))
         if dead is not None:
-            out = out._replace(auxk=self.auxk(pre, x, w, recon, dead, aux_k, denom, sparse))
+            out = out._replace(auxk=self.auxk(pre, x, w, recon, dead, aux_k, denom, path))
         return out
 
-    def auxk(self, pre, x, w, recon, dead, aux_k: int, denom, sparse: bool):
+    def auxk(self, pre, x, w, recon, dead, aux_k: int, denom, path: str):
         """AuxK: the aux_k largest pre-activations among the dead latents decode the residual."""
         def select_dead(dead):
             masked, ids = self.select(pre, aux_k, dead)
-            vals = jax.nn.relu(self.kept_values(masked, x, ids, sparse))
+            vals = jax.nn.relu(self.kept_values(masked, x, ids, path))
             return jnp.where(dead[ids], vals, 0.0), ids
 
         def decode_dead(values, ids):
-            return self.decode_sparse(values, ids, sparse)
+            return self.decode_sparse(values, ids, path)
 
         return losses.auxk_loss(select_dead, decode_dead, x, w, recon, dead, aux_k, denom)
 

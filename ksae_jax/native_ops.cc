@@ -1,0 +1,183 @@
+// The TopK SAE's three row kernels for XLA:CPU, through the XLA FFI (ksae_jax/native_ops.py
+// builds this file with the host's compiler and registers its handlers):
+//   ksae_scatter_rows: out (n, d) = sum over (b, j) of coef[b, j] * rows[b] into row idx[b, j]
+//   ksae_gather_sum:   out (B, d) = sum_j coef[b, j] * table[idx[b, j]]
+//   ksae_gather_dot:   out (B, k) = <rows[b], table[idx[b, j]]>
+// XLA:CPU adds a scatter one row at a time into a zeroed (n, d) buffer. Here the B k pairs
+// are counting-sorted by latent once, and each output row is summed in cache and written
+// once. The work is split into chunks that the caller and XLA's intra-op threads claim from
+// one counter, so that nothing waits on a thread that never comes. Indices outside [0, n)
+// are skipped (lax.top_k never makes them).
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+struct Claims {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+};
+
+// body(c) for every chunk c in [0, chunks), on the caller and up to the pool's threads.
+template <typename F>
+void ParallelFor(ffi::ThreadPool& pool, int64_t chunks, const F& body) {
+  int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, chunks - 1);
+  if (helpers <= 0) {
+    for (int64_t c = 0; c < chunks; ++c) body(c);
+    return;
+  }
+  auto claims = std::make_shared<Claims>();
+  // A helper that starts after the last chunk was claimed touches only `claims`.
+  auto work = [claims, chunks, &body]() {
+    for (int64_t c; (c = claims->next.fetch_add(1)) < chunks;) {
+      body(c);
+      claims->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([work] { work(); });
+  work();
+  while (claims->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
+}
+
+// row[0:d] += sum_p weight(p) * src(p)[0:d] over p < count, four source rows per pass so that
+// `row` is loaded and stored a quarter as often.
+template <typename W, typename S>
+void AddScaledRows(float* row, int64_t d, int64_t count, const W& weight, const S& src) {
+  int64_t p = 0;
+  for (; p + 4 <= count; p += 4) {
+    const float w0 = weight(p), w1 = weight(p + 1), w2 = weight(p + 2), w3 = weight(p + 3);
+    const float *s0 = src(p), *s1 = src(p + 1), *s2 = src(p + 2), *s3 = src(p + 3);
+#pragma omp simd
+    for (int64_t t = 0; t < d; ++t)
+      row[t] += (w0 * s0[t] + w1 * s1[t]) + (w2 * s2[t] + w3 * s3[t]);
+  }
+  for (; p < count; ++p) {
+    const float w0 = weight(p);
+    const float* s0 = src(p);
+#pragma omp simd
+    for (int64_t t = 0; t < d; ++t) row[t] += w0 * s0[t];
+  }
+}
+
+constexpr int64_t kLatentsPerChunk = 64;
+constexpr int64_t kRowsPerChunk = 32;
+
+int64_t Chunks(int64_t total, int64_t per) { return (total + per - 1) / per; }
+
+ffi::Error ScatterRows(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> coef,
+                       ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::F32> rows,
+                       ffi::ResultBuffer<ffi::F32> out) {
+  const int64_t pairs = idx.element_count(), d = rows.dimensions().back();
+  const int64_t batch = rows.element_count() / d, k = pairs / batch;
+  const int64_t n = out->element_count() / d;
+  const int32_t* ids = idx.typed_data();
+  std::vector<int64_t> start(n + 1, 0), order(pairs);
+  for (int64_t e = 0; e < pairs; ++e)
+    if (ids[e] >= 0 && ids[e] < n) ++start[ids[e] + 1];
+  for (int64_t i = 0; i < n; ++i) start[i + 1] += start[i];
+  std::vector<int64_t> fill(start.begin(), start.end() - 1);
+  for (int64_t e = 0; e < pairs; ++e)  // e in order: each latent's pairs keep (b, j) order
+    if (ids[e] >= 0 && ids[e] < n) order[fill[ids[e]]++] = e;
+  const float* c = coef.typed_data();
+  const float* x = rows.typed_data();
+  float* o = out->typed_data();
+  ParallelFor(pool, Chunks(n, kLatentsPerChunk), [&](int64_t chunk) {
+    const int64_t end = std::min(n, (chunk + 1) * kLatentsPerChunk);
+    for (int64_t i = chunk * kLatentsPerChunk; i < end; ++i) {
+      float* row = o + i * d;
+      std::fill(row, row + d, 0.0f);
+      const int64_t* pair = order.data() + start[i];
+      AddScaledRows(row, d, start[i + 1] - start[i],
+                    [&](int64_t p) { return c[pair[p]]; },
+                    [&](int64_t p) { return x + (pair[p] / k) * d; });
+    }
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error GatherSum(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> coef,
+                     ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::F32> table,
+                     ffi::ResultBuffer<ffi::F32> out) {
+  const int64_t d = table.dimensions().back(), n = table.element_count() / d;
+  const int64_t batch = out->element_count() / d, k = idx.element_count() / batch;
+  const int32_t* ids = idx.typed_data();
+  const float* c = coef.typed_data();
+  const float* w = table.typed_data();
+  float* o = out->typed_data();
+  ParallelFor(pool, Chunks(batch, kRowsPerChunk), [&](int64_t chunk) {
+    const int64_t end = std::min(batch, (chunk + 1) * kRowsPerChunk);
+    for (int64_t b = chunk * kRowsPerChunk; b < end; ++b) {
+      float* row = o + b * d;
+      std::fill(row, row + d, 0.0f);
+      const int32_t* kept = ids + b * k;
+      AddScaledRows(row, d, k,
+                    [&](int64_t j) { return kept[j] >= 0 && kept[j] < n ? c[b * k + j] : 0.0f; },
+                    [&](int64_t j) { return w + int64_t{std::clamp<int32_t>(kept[j], 0, n - 1)} * d; });
+    }
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error GatherDot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> rows,
+                     ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::F32> table,
+                     ffi::ResultBuffer<ffi::F32> out) {
+  const int64_t d = table.dimensions().back(), n = table.element_count() / d;
+  const int64_t batch = rows.element_count() / d, k = idx.element_count() / batch;
+  const int32_t* ids = idx.typed_data();
+  const float* x = rows.typed_data();
+  const float* w = table.typed_data();
+  float* o = out->typed_data();
+  ParallelFor(pool, Chunks(batch, kRowsPerChunk), [&](int64_t chunk) {
+    const int64_t end = std::min(batch, (chunk + 1) * kRowsPerChunk);
+    for (int64_t b = chunk * kRowsPerChunk; b < end; ++b) {
+      const float* a = x + b * d;
+      const int32_t* kept = ids + b * k;
+      auto src = [&](int64_t j) { return w + int64_t{std::clamp<int32_t>(kept[j], 0, n - 1)} * d; };
+      auto put = [&](int64_t j, float s) { o[b * k + j] = kept[j] >= 0 && kept[j] < n ? s : 0.0f; };
+      int64_t j = 0;
+      for (; j + 4 <= k; j += 4) {  // four dots per pass over `a`
+        const float *s0 = src(j), *s1 = src(j + 1), *s2 = src(j + 2), *s3 = src(j + 3);
+        float d0 = 0.0f, d1 = 0.0f, d2 = 0.0f, d3 = 0.0f;
+#pragma omp simd reduction(+ : d0, d1, d2, d3)
+        for (int64_t t = 0; t < d; ++t) {
+          d0 += a[t] * s0[t];
+          d1 += a[t] * s1[t];
+          d2 += a[t] * s2[t];
+          d3 += a[t] * s3[t];
+        }
+        put(j, d0), put(j + 1, d1), put(j + 2, d2), put(j + 3, d3);
+      }
+      for (; j < k; ++j) {
+        const float* s0 = src(j);
+        float d0 = 0.0f;
+#pragma omp simd reduction(+ : d0)
+        for (int64_t t = 0; t < d; ++t) d0 += a[t] * s0[t];
+        put(j, d0);
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+#define KSAE_HANDLER(name, fn)                                               \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, fn,                                            \
+                                ffi::Ffi::Bind()                                     \
+                                    .Ctx<ffi::ThreadPool>()                          \
+                                    .Arg<ffi::Buffer<ffi::F32>>()                    \
+                                    .Arg<ffi::Buffer<ffi::S32>>()                    \
+                                    .Arg<ffi::Buffer<ffi::F32>>()                    \
+                                    .Ret<ffi::Buffer<ffi::F32>>());
+
+KSAE_HANDLER(KsaeScatterRows, ScatterRows)
+KSAE_HANDLER(KsaeGatherSum, GatherSum)
+KSAE_HANDLER(KsaeGatherDot, GatherDot)
