@@ -71,10 +71,12 @@ def segment_total(coef: jax.Array, idx: jax.Array, n: int) -> jax.Array:
 
 
 def _native_or(xla_op, native_op):
-    """native_op where the kernels take the array operands, else xla_op."""
+    """native_op where the kernels serve this process and take the array operands (float32
+    matrices on one CPU device), else xla_op: the same sums either way."""
     def op(*args):
         arrays = [a for a in args if isinstance(a, jax.Array)]
-        return (native_op if native_ops.serves(*arrays) else xla_op)(*args)
+        native = native_ops.unavailable() is None and native_ops.serves(*arrays)
+        return (native_op if native else xla_op)(*args)
     return op
 
 
