@@ -7,8 +7,9 @@ run; write params, metrics and figures.
 --data: one .npy (memory-mapped, never read whole), or a folder of .npy shards of equal d
 (in name order). Held out: --eval-data, or the last --eval-frac of the data (at most 65,536
 rows). The recipe (Gao et al. 2024): decoder rows kept at unit norm, b_dec initialised at the
-geometric median, Adam eps 6.25e-10 and lr 2e-4 / sqrt(latents / 2^14), AuxK on the latents
-that have not fired for --dead-tokens training vectors.
+training rows' mean (Gao et al.: their geometric median, --b-dec-init median), Adam eps
+6.25e-10 and lr 2e-4 / sqrt(latents / 2^14), AuxK on the latents that have not fired for
+--dead-tokens training vectors.
 """
 from __future__ import annotations
 
@@ -77,8 +78,9 @@ def add_sae_flags(p, ks=(16, 32, 64, 128), latents=None) -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="compute dtype of the dense matmuls (bfloat16: f32 accumulation, f32 "
                         "weights and Adam)")
-    p.add_argument("--b-dec-init", choices=config.B_DEC_INITS, default="median",
-                   help="b_dec at init: geometric median or mean of training rows, or zero")
+    p.add_argument("--b-dec-init", choices=config.B_DEC_INITS, default="mean",
+                   help="b_dec at init: mean (the default) or geometric median of training "
+                        "rows, or zero")
     p.add_argument("--b-enc-init", choices=config.B_ENC_INITS, default=None,
                    help="b_enc at init: zero; balanced: each latent's threshold at its own "
                         "(1 - k/n) quantile over training rows (default balanced; jumprelu: "

@@ -141,8 +141,9 @@ class SaeModel:
     0.577; SAELens starts at 0.1); "fit" (the default): each model's scale is the one whose
     first reconstructions of training rows have the least squared error (it falls with k;
     README's LM table shows why it is the default)."""
-    b_dec_init: str = "median"
-    """b_dec at init: the geometric median of training rows, their mean, or zero."""
+    b_dec_init: str = "mean"
+    """b_dec at init: the mean of training rows (the default, as sparsify: README's LM section
+    shows why), their geometric median (Gao et al.), or zero."""
     b_enc_init: str = "balanced"
     """b_enc at init: zero, or "balanced" (the default: README's LM table shows why): each
     latent's threshold at its own (1 - k/n) quantile over training rows, so that every latent
@@ -314,6 +315,7 @@ def model_from_dict(d: dict) -> ModelConfig:
         return ImageModel(**{**d, "loss": d.get("loss") or "mse"})
     d.pop("tied", None)
     d.pop("loss", None)
+    d.setdefault("b_dec_init", "median")  # what every version before the field did
     if "prefixes" in d:
         d["prefixes"] = tuple(d["prefixes"])
     return SAE_MODELS[d.get("arch", "topk")](**d)

@@ -1,6 +1,6 @@
 """The TopK SAE recipe's pieces, each a small pure function the train step calls in a visible
 order: unit-norm decoder rows, the gradient projection that keeps them so, dead-latent
-counters, and the geometric median that initialises b_dec."""
+counters, and the geometric median that can initialise b_dec."""
 from __future__ import annotations
 
 import functools

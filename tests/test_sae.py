@@ -98,10 +98,14 @@ def test_training_keeps_decoder_rows_unit_norm_and_reduces_fvu(syn):
     assert (np.array([f[-1] for f in r.history["eval_fvu"]]) < 0.7 * untrained).all()
     assert r.history["eval_fvu"][1][-1] < r.history["eval_fvu"][0][-1]  # larger k, lower FVU
     assert r.final.l0.tolist() == pytest.approx([3, 6], abs=0.2)
-    median = recipe.geometric_median(jnp.asarray(syn.x[:5000][np.sort(
-        np.random.default_rng(0).permutation(5000)[:MEDIAN_ROWS])]))
-    init = step.init_state(cfg, rows)
-    np.testing.assert_allclose(init.params["b_dec"][1], median, rtol=1e-5, atol=1e-6)
+    sample = syn.x[:5000][np.sort(np.random.default_rng(0).permutation(5000)[:MEDIAN_ROWS])]
+    init = step.init_state(cfg, rows)  # b_dec: the sample's mean by default
+    np.testing.assert_allclose(init.params["b_dec"][1], sample.mean(0), rtol=1e-5, atol=1e-6)
+    median_cfg = sae_config(32, (3, 6), latents=96, steps=60, batch_size=256, b_dec_init="median")
+    median = recipe.geometric_median(jnp.asarray(sample))
+    np.testing.assert_allclose(step.init_state(median_cfg, rows).params["b_dec"][1], median,
+                               rtol=1e-5, atol=1e-6)
+    assert np.abs(median - sample.mean(0)).max() > 1e-3  # the two starts differ here
 
 
 @pytest.mark.parametrize("batching", ["vmap", "loop"])

@@ -2,7 +2,7 @@
 z = ReLU(TopK(W_enc (x - b_dec) + b_enc)), x_hat = W_dec^T z + b_dec, as a Flax NNX module;
 its one forward pass (reconstruction, kept latents, FVU, Multi-TopK and AuxK terms), the
 recipe around the update (unit-norm decoder rows, the gradient projection, b_dec at the
-geometric median of the data) and `VectorSAE`, the trained models for inference.
+mean or geometric median of the data) and `VectorSAE`, the trained models for inference.
 
 W_enc and W_dec are both stored (n, d), one row per latent (sparsify's layout), so the sparse
 paths move whole rows. The decoder rows start along training rows mixed with random unit
