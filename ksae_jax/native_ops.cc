@@ -1,8 +1,9 @@
-// The TopK SAE's three row kernels for XLA:CPU, through the XLA FFI (ksae_jax/native_ops.py
+// The TopK SAE's row kernels for XLA:CPU, through the XLA FFI (ksae_jax/native_ops.py
 // builds this file with the host's compiler and registers its handlers):
 //   ksae_scatter_rows: out (n, d) = sum over (b, j) of coef[b, j] * rows[b] into row idx[b, j]
 //   ksae_gather_sum:   out (B, d) = sum_j coef[b, j] * table[idx[b, j]]
 //   ksae_gather_dot:   out (B, k) = <rows[b], table[idx[b, j]]>
+//   ksae_top_k:        (values, idx) (B, k) = lax.top_k(x + bias, k), row by row
 // XLA:CPU adds a scatter one row at a time into a zeroed (n, d) buffer. Here the B k pairs
 // are counting-sorted by latent once, and each output row is summed in cache and written
 // once. The work is split into chunks that the caller and XLA's intra-op threads claim from
@@ -11,6 +12,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -167,6 +169,61 @@ ffi::Error GatherDot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> rows,
   return ffi::Error::Success();
 }
 
+// lax.top_k's order as an integer: -NaN < -inf < ... < -0 < +0 < ... < +inf < +NaN.
+inline int32_t OrderKey(float value) {
+  int32_t bits;
+  std::memcpy(&bits, &value, sizeof bits);
+  return bits ^ ((bits >> 31) & 0x7fffffff);
+}
+
+constexpr int64_t kScanBlock = 16;
+
+// The k best of r[0:n] + bias[0:n] into key/id, best first, ties to the lower index (lax.top_k):
+// entries come in index order, so a later one enters only when strictly better than the
+// k-th kept, and blocks of kScanBlock whose best key is not better are skipped whole.
+void TopKRow(const float* r, const float* bias, int64_t n, int64_t k, int32_t* key,
+             int32_t* id) {
+  int64_t kept = 0;
+  auto offer = [&](int32_t v, int32_t i) {
+    if (kept == k && v <= key[k - 1]) return;
+    int64_t p = kept < k ? kept++ : k - 1;
+    for (; p > 0 && v > key[p - 1]; --p) key[p] = key[p - 1], id[p] = id[p - 1];
+    key[p] = v, id[p] = static_cast<int32_t>(i);
+  };
+  int64_t i = 0;
+  for (; i < std::min(n, k); ++i) offer(OrderKey(r[i] + bias[i]), static_cast<int32_t>(i));
+  for (; i + kScanBlock <= n; i += kScanBlock) {
+    int32_t best = INT32_MIN;
+#pragma omp simd reduction(max : best)
+    for (int64_t t = 0; t < kScanBlock; ++t) best = std::max(best, OrderKey(r[i + t] + bias[i + t]));
+    if (best <= key[k - 1]) continue;
+    for (int64_t t = 0; t < kScanBlock; ++t)
+      offer(OrderKey(r[i + t] + bias[i + t]), static_cast<int32_t>(i + t));
+  }
+  for (; i < n; ++i) offer(OrderKey(r[i] + bias[i]), static_cast<int32_t>(i));
+}
+
+ffi::Error TopK(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> bias,
+                ffi::ResultBuffer<ffi::F32> values, ffi::ResultBuffer<ffi::S32> idx) {
+  const int64_t n = bias.element_count(), batch = x.element_count() / n;
+  const int64_t k = values->element_count() / batch;
+  if (k < 1 || k > n) return ffi::Error::InvalidArgument("ksae_top_k: k must lie in [1, n]");
+  const float* xs = x.typed_data();
+  const float* b = bias.typed_data();
+  float* v = values->typed_data();
+  int32_t* ids = idx->typed_data();
+  ParallelFor(pool, Chunks(batch, kRowsPerChunk), [&](int64_t chunk) {
+    std::vector<int32_t> key(k);
+    const int64_t end = std::min(batch, (chunk + 1) * kRowsPerChunk);
+    for (int64_t row = chunk * kRowsPerChunk; row < end; ++row) {
+      int32_t* kept = ids + row * k;
+      TopKRow(xs + row * n, b, n, k, key.data(), kept);
+      for (int64_t j = 0; j < k; ++j) v[row * k + j] = xs[row * n + kept[j]] + b[kept[j]];
+    }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 #define KSAE_HANDLER(name, fn)                                               \
@@ -181,3 +238,11 @@ ffi::Error GatherDot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> rows,
 KSAE_HANDLER(KsaeScatterRows, ScatterRows)
 KSAE_HANDLER(KsaeGatherSum, GatherSum)
 KSAE_HANDLER(KsaeGatherDot, GatherDot)
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KsaeTopK, TopK,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());

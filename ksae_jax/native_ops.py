@@ -1,9 +1,10 @@
-"""Native CPU kernels for the sparse paths' gathers and scatters (native_ops.cc), built once
-per machine with the host's C++ compiler and called through `jax.ffi`.
+"""Native CPU kernels for the sparse paths' gathers and scatters and the top-k
+(native_ops.cc), built once per machine with the host's C++ compiler and called through
+`jax.ffi`.
 
 XLA:CPU runs a scatter-add one row at a time into a zeroed buffer. The kernels sort the
 B k (latent, row) pairs once and write each output row once, from cache, over XLA's
-intra-op threads. They serve float32 on a single CPU device (`available()`); everywhere
+intra-op threads; the top-k scans each row once against its k-th best so far. They serve float32 on a single CPU device (`available()`); everywhere
 else the XLA ops of sparse_ops run. The build goes to $KSAE_JAX_CACHE (default
 ~/.cache/ksae_jax), keyed by the source, the jaxlib version and the processor, so that a
 machine with other vector units builds its own.
@@ -23,10 +24,11 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import jaxlib
+from jax import lax
 
 SOURCE = Path(__file__).with_name("native_ops.cc")
 TARGETS = {"ksae_scatter_rows": "KsaeScatterRows", "ksae_gather_sum": "KsaeGatherSum",
-           "ksae_gather_dot": "KsaeGatherDot"}
+           "ksae_gather_dot": "KsaeGatherDot", "ksae_top_k": "KsaeTopK"}
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC")
 
 
@@ -92,10 +94,10 @@ def serves(*arrays: jax.Array) -> bool:
     return all(a.ndim == 2 and a.size and jnp.dtype(a.dtype) in ok for a in arrays)
 
 
-def _call(name: str, shape: tuple[int, int], *args: jax.Array) -> jax.Array:
+def _call(name: str, shape: tuple[int, int], *args: jax.Array, out=None):
     if why := _load():
         raise RuntimeError(why)
-    out = jax.ShapeDtypeStruct(shape, jnp.float32)
+    out = out or jax.ShapeDtypeStruct(shape, jnp.float32)
     return jax.ffi.ffi_call(name, out, vmap_method="sequential")(*args)
 
 
@@ -109,3 +111,13 @@ def gather_sum(coef: jax.Array, idx: jax.Array, table: jax.Array) -> jax.Array:
 
 def gather_dot(rows: jax.Array, idx: jax.Array, table: jax.Array) -> jax.Array:
     return _call("ksae_gather_dot", idx.shape, rows, idx, table)
+
+
+def top_k(x: jax.Array, k: int, bias: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """lax.top_k(x + bias, k) of a (B, n) x: the same values and indices, ties and NaNs
+    ordered as lax orders them; no gradient (the SAE's selection is a constant)."""
+    shape = (x.shape[0], k)
+    out = (jax.ShapeDtypeStruct(shape, jnp.float32), jax.ShapeDtypeStruct(shape, jnp.int32))
+    values, idx = _call("ksae_top_k", shape, lax.stop_gradient(x), lax.stop_gradient(bias),
+                        out=out)
+    return values, idx

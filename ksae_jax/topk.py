@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from ksae_jax import native_ops
 from ksae_jax.config import check_k
 from ksae_jax.sharding import latent_top_k
 
@@ -26,12 +27,22 @@ def top_k_mask(z: jax.Array, k: jax.Array | int, max_k: int) -> jax.Array:
     return jnp.zeros_like(z2).at[rows, idx].set(keep).reshape(*lead, hidden)
 
 
-def top_k(x: jax.Array, k: int, bias: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+def top_k(x: jax.Array, k: int, bias: jax.Array | None = None, native: bool = False
+          ) -> tuple[jax.Array, jax.Array]:
     """lax.top_k of x + bias over the last axis, exactly (values, indices, ties to the lower
-    index), without materialising x + bias; faster for wide rows (see blocked_top_k), and
-    per shard then over the candidates when the last axis is split over a `latent` mesh axis
-    (see sharding.latent_top_k)."""
-    return latent_top_k(x, k, blocked_top_k, bias)
+    index), without materialising x + bias; faster for wide rows (see blocked_top_k; with
+    `native`, native_ops' kernel where it serves), and per shard then over the candidates when
+    the last axis is split over a `latent` mesh axis (see sharding.latent_top_k). No gradient
+    flows through the native kernel."""
+    return latent_top_k(x, k, native_top_k if native else blocked_top_k, bias)
+
+
+def native_top_k(x: jax.Array, k: int, bias: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """native_ops.top_k where the kernels serve this process and take x (a float32 (B, n)
+    matrix on one CPU device), else blocked_top_k: the same result either way."""
+    if native_ops.unavailable() is None and native_ops.serves(x) and bias.dtype == jnp.float32:
+        return native_ops.top_k(x, k, bias)
+    return blocked_top_k(x, k, bias)
 
 
 def blocked_top_k(x: jax.Array, k: int, bias: jax.Array | None = None

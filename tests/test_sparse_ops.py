@@ -73,14 +73,25 @@ def test_sparse_backward_touches_only_kept_rows(path):
         assert np.all(np.asarray(grad)[untouched] == 0)
 
 
-@pytest.mark.parametrize("shape,k", [((6, 4096), 32), ((3, 1024), 7), ((5, 640), 20), ((4, 100), 3)])
-def test_two_stage_top_k_equals_lax_top_k(shape, k):
+@pytest.mark.parametrize("native", [False, True][:1 + NATIVE], ids=["xla", "native"][:1 + NATIVE])
+@pytest.mark.parametrize("shape,k", [((6, 4096), 32), ((3, 1024), 7), ((5, 640), 20), ((4, 100), 3),
+                                     ((3, 17), 17), ((2, 33), 1), ((1, 1), 1)])
+def test_top_k_of_x_plus_bias_equals_lax_top_k(native, shape, k):
     x = jax.random.normal(jax.random.key(1), shape)
-    for z in (x, jnp.round(x * 2) / 2, jnp.zeros(shape)):  # continuous, many ties, all tied
-        v, i = top_k(z, k)
-        v_ref, i_ref = jax.lax.top_k(z, k)
-        np.testing.assert_array_equal(v, v_ref)
+    bias = jax.random.normal(jax.random.key(2), shape[-1:]) * 0.5
+    masked = jnp.where(jax.random.uniform(jax.random.key(3), shape[-1:]) < 0.7, -jnp.inf, bias)
+    # +-0 and +-inf; NaNs (a diverged model's) on the native kernel only: the XLA path's block
+    # maxima propagate them
+    special = jnp.array([0.0, -0.0, jnp.inf, -jnp.inf, 1.0] + [jnp.nan, -jnp.nan] * native)
+    odd = special[jax.random.randint(jax.random.key(4), shape, 0, len(special))]
+    cases = [(x, bias), (jnp.round(x * 2) / 2, jnp.round(bias)),  # continuous, many ties
+             (jnp.zeros(shape), jnp.zeros(shape[-1:])),  # all tied
+             (x, masked), (odd, jnp.zeros(shape[-1:]))]  # AuxK's -inf mask; the specials
+    for z, b in cases:
+        v, i = jax.jit(top_k, static_argnums=(1, 3))(z, k, b, native)
+        v_ref, i_ref = jax.lax.top_k(z + b, k)
         np.testing.assert_array_equal(i, i_ref)
+        np.testing.assert_array_equal(v, v_ref)
 
 
 @pytest.mark.parametrize("ops", [sparse_ops, native_ops][:1 + NATIVE], ids=["xla", "native"][:1 + NATIVE])

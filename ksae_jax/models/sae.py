@@ -94,13 +94,13 @@ class TopKSAE(nnx.Module):
         families' encoder)."""
         return matmul(x - self.b_dec[...], self.W_enc[...].T, self.cfg.dtype) + self.b_enc[...]
 
-    def select(self, pre, k: int, dead=None):
+    def select(self, pre, k: int, dead=None, path: str = "sparse"):
         """(values, indices) of the k largest pre-activations pre + b_enc of each row, among
-        the `dead` latents only when a mask is given."""
+        the `dead` latents only when a mask is given (native_ops' kernel on the native path)."""
         bias = lax.stop_gradient(self.b_enc[...])
         if dead is not None:
             bias = jnp.where(dead, bias, -jnp.inf)
-        return top_k(pre, k, bias)
+        return top_k(pre, k, bias, native=path == "native")
 
     def kept_values(self, values, x, idx, path: str):
         """Pre-activations at idx, differentiable in the encoder (backward by `path`)."""
@@ -120,7 +120,7 @@ class TopKSAE(nnx.Module):
         width = max_k * (MULTI_TOPK_FACTOR if multi else 1)
         path = sparse_path(self.cfg, width)
         pre = self.preacts(x)
-        top, idx = self.select(pre, width)
+        top, idx = self.select(pre, width, path=path)
         values = jax.nn.relu(self.kept_values(top, x, idx, path))
         rank = jnp.arange(width)
         main = jnp.where(rank[:max_k] < k, values[:, :max_k], 0.0)
@@ -141,7 +141,7 @@ class TopKSAE(nnx.Module):
     def auxk(self, pre, x, w, recon, dead, aux_k: int, denom, path: str):
         """AuxK: the aux_k largest pre-activations among the dead latents decode the residual."""
         def select_dead(dead):
-            masked, ids = self.select(pre, aux_k, dead)
+            masked, ids = self.select(pre, aux_k, dead, path)
             vals = jax.nn.relu(self.kept_values(masked, x, ids, path))
             return jnp.where(dead[ids], vals, 0.0), ids
 
