@@ -188,7 +188,7 @@ void TopKRow(const float* r, const float* bias, int64_t n, int64_t k, int32_t* k
     if (kept == k && v <= key[k - 1]) return;
     int64_t p = kept < k ? kept++ : k - 1;
     for (; p > 0 && v > key[p - 1]; --p) key[p] = key[p - 1], id[p] = id[p - 1];
-    key[p] = v, id[p] = static_cast<int32_t>(i);
+    key[p] = v, id[p] = i;
   };
   int64_t i = 0;
   for (; i < std::min(n, k); ++i) offer(OrderKey(r[i] + bias[i]), static_cast<int32_t>(i));

@@ -4,8 +4,8 @@
 
 XLA:CPU runs a scatter-add one row at a time into a zeroed buffer. The kernels sort the
 B k (latent, row) pairs once and write each output row once, from cache, over XLA's
-intra-op threads; the top-k scans each row once against its k-th best so far. They serve float32 on a single CPU device (`available()`); everywhere
-else the XLA ops of sparse_ops run. The build goes to $KSAE_JAX_CACHE (default
+intra-op threads; the top-k scans each row once against its k-th best so far. They serve
+float32 on a single CPU device (`takes`); everywhere else the XLA ops run. The build goes to $KSAE_JAX_CACHE (default
 ~/.cache/ksae_jax), keyed by the source, the jaxlib version and the processor, so that a
 machine with other vector units builds its own.
 """
@@ -89,35 +89,42 @@ def unavailable() -> str | None:
 
 
 def serves(*arrays: jax.Array) -> bool:
-    """Whether the kernels take these operands: float32 and int32 matrices, none empty."""
+    """Whether the kernels take these operands: float32 and int32 matrices (or vectors),
+    none empty."""
     ok = {jnp.dtype(jnp.float32), jnp.dtype(jnp.int32)}
-    return all(a.ndim == 2 and a.size and jnp.dtype(a.dtype) in ok for a in arrays)
+    return all(a.ndim in (1, 2) and a.size and jnp.dtype(a.dtype) in ok for a in arrays)
 
 
-def _call(name: str, shape: tuple[int, int], *args: jax.Array, out=None):
+def takes(*arrays: jax.Array) -> bool:
+    """Whether the kernels serve this process and take these operands (where not, the
+    callers run their XLA ops: the same results)."""
+    return unavailable() is None and serves(*arrays)
+
+
+def _call(name: str, out, *args: jax.Array):
     if why := _load():
         raise RuntimeError(why)
-    out = out or jax.ShapeDtypeStruct(shape, jnp.float32)
     return jax.ffi.ffi_call(name, out, vmap_method="sequential")(*args)
 
 
+def _f32(*shape: int) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(shape, jnp.float32)
+
+
 def scatter_rows(coef: jax.Array, idx: jax.Array, rows: jax.Array, n: int) -> jax.Array:
-    return _call("ksae_scatter_rows", (n, rows.shape[1]), coef, idx, rows)
+    return _call("ksae_scatter_rows", _f32(n, rows.shape[1]), coef, idx, rows)
 
 
 def gather_sum(coef: jax.Array, idx: jax.Array, table: jax.Array) -> jax.Array:
-    return _call("ksae_gather_sum", (idx.shape[0], table.shape[1]), coef, idx, table)
+    return _call("ksae_gather_sum", _f32(idx.shape[0], table.shape[1]), coef, idx, table)
 
 
 def gather_dot(rows: jax.Array, idx: jax.Array, table: jax.Array) -> jax.Array:
-    return _call("ksae_gather_dot", idx.shape, rows, idx, table)
+    return _call("ksae_gather_dot", _f32(*idx.shape), rows, idx, table)
 
 
 def top_k(x: jax.Array, k: int, bias: jax.Array) -> tuple[jax.Array, jax.Array]:
     """lax.top_k(x + bias, k) of a (B, n) x: the same values and indices, ties and NaNs
     ordered as lax orders them; no gradient (the SAE's selection is a constant)."""
-    shape = (x.shape[0], k)
-    out = (jax.ShapeDtypeStruct(shape, jnp.float32), jax.ShapeDtypeStruct(shape, jnp.int32))
-    values, idx = _call("ksae_top_k", shape, lax.stop_gradient(x), lax.stop_gradient(bias),
-                        out=out)
-    return values, idx
+    out = (_f32(x.shape[0], k), jax.ShapeDtypeStruct((x.shape[0], k), jnp.int32))
+    return _call("ksae_top_k", out, lax.stop_gradient(x), lax.stop_gradient(bias))

@@ -75,8 +75,7 @@ def _native_or(xla_op, native_op):
     matrices on one CPU device), else xla_op: the same sums either way."""
     def op(*args):
         arrays = [a for a in args if isinstance(a, jax.Array)]
-        native = native_ops.unavailable() is None and native_ops.serves(*arrays)
-        return (native_op if native else xla_op)(*args)
+        return (native_op if native_ops.takes(*arrays) else xla_op)(*args)
     return op
 
 

@@ -40,7 +40,7 @@ def top_k(x: jax.Array, k: int, bias: jax.Array | None = None, native: bool = Fa
 def native_top_k(x: jax.Array, k: int, bias: jax.Array) -> tuple[jax.Array, jax.Array]:
     """native_ops.top_k where the kernels serve this process and take x (a float32 (B, n)
     matrix on one CPU device), else blocked_top_k: the same result either way."""
-    if native_ops.unavailable() is None and native_ops.serves(x) and bias.dtype == jnp.float32:
+    if x.ndim == 2 and native_ops.takes(x, bias):
         return native_ops.top_k(x, k, bias)
     return blocked_top_k(x, k, bias)
 
