@@ -4,6 +4,8 @@
 //   ksae_gather_sum:   out (B, d) = sum_j coef[b, j] * table[idx[b, j]]
 //   ksae_gather_dot:   out (B, k) = <rows[b], table[idx[b, j]]>
 //   ksae_top_k:        (values, idx) (B, k) = lax.top_k(x + bias, k), row by row
+//   ksae_pixel_gather: out (N, I, C) = sum_r src[b, tab[i, r]] over r with tab[i, r] in range:
+//                      a convolution's patches (im2col) and their adjoint (col2im), per image
 // XLA:CPU adds a scatter one row at a time into a zeroed (n, d) buffer. Here the B k pairs
 // are counting-sorted by latent once, and each output row is summed in cache and written
 // once. The work is split into chunks that the caller and XLA's intra-op threads claim from
@@ -224,6 +226,46 @@ ffi::Error TopK(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::
   return ffi::Error::Success();
 }
 
+
+constexpr int64_t kImagesPerChunk = 8;
+
+ffi::Error PixelGather(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> src, ffi::Buffer<ffi::S32> tab,
+                       ffi::ResultBuffer<ffi::F32> out) {
+  if (src.dimensions().size() != 3 || tab.dimensions().size() != 2)
+    return ffi::Error::InvalidArgument("ksae_pixel_gather: src (N, P, C), tab (I, R)");
+  const int64_t batch = src.dimensions()[0], pixels = src.dimensions()[1];
+  const int64_t c = src.dimensions()[2];
+  const int64_t rows = tab.dimensions()[0], reads = tab.dimensions()[1];
+  const int32_t* t = tab.typed_data();
+  const float* s = src.typed_data();
+  float* o = out->typed_data();
+  ParallelFor(pool, Chunks(batch, kImagesPerChunk), [&](int64_t chunk) {
+    const int64_t end = std::min(batch, (chunk + 1) * kImagesPerChunk);
+    for (int64_t b = chunk * kImagesPerChunk; b < end; ++b) {
+      const float* image = s + b * pixels * c;
+      for (int64_t i = 0; i < rows; ++i) {
+        float* row = o + (b * rows + i) * c;
+        const int32_t* read = t + i * reads;
+        auto valid = [&](int64_t r) { return read[r] >= 0 && read[r] < pixels; };
+        int64_t r = 0;
+        while (r < reads && !valid(r)) ++r;
+        if (r == reads) {  // padding only
+          std::memset(row, 0, c * sizeof(float));
+          continue;
+        }
+        std::memcpy(row, image + read[r] * c, c * sizeof(float));
+        for (++r; r < reads; ++r) {
+          if (!valid(r)) continue;
+          const float* from = image + read[r] * c;
+#pragma omp simd
+          for (int64_t j = 0; j < c; ++j) row[j] += from[j];
+        }
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 #define KSAE_HANDLER(name, fn)                                               \
@@ -246,3 +288,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KsaeTopK, TopK,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KsaePixelGather, PixelGather,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

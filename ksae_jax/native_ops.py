@@ -28,7 +28,8 @@ from jax import lax
 
 SOURCE = Path(__file__).with_name("native_ops.cc")
 TARGETS = {"ksae_scatter_rows": "KsaeScatterRows", "ksae_gather_sum": "KsaeGatherSum",
-           "ksae_gather_dot": "KsaeGatherDot", "ksae_top_k": "KsaeTopK"}
+           "ksae_gather_dot": "KsaeGatherDot", "ksae_top_k": "KsaeTopK",
+           "ksae_pixel_gather": "KsaePixelGather"}
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC")
 
 
@@ -89,10 +90,9 @@ def unavailable() -> str | None:
 
 
 def serves(*arrays: jax.Array) -> bool:
-    """Whether the kernels take these operands: float32 and int32 matrices (or vectors),
-    none empty."""
+    """Whether the kernels take these operands: float32 and int32 arrays, none empty."""
     ok = {jnp.dtype(jnp.float32), jnp.dtype(jnp.int32)}
-    return all(a.ndim in (1, 2) and a.size and jnp.dtype(a.dtype) in ok for a in arrays)
+    return all(a.ndim and a.size and jnp.dtype(a.dtype) in ok for a in arrays)
 
 
 def takes(*arrays: jax.Array) -> bool:
@@ -128,3 +128,10 @@ def top_k(x: jax.Array, k: int, bias: jax.Array) -> tuple[jax.Array, jax.Array]:
     ordered as lax orders them; no gradient (the SAE's selection is a constant)."""
     out = (_f32(x.shape[0], k), jax.ShapeDtypeStruct((x.shape[0], k), jnp.int32))
     return _call("ksae_top_k", out, lax.stop_gradient(x), lax.stop_gradient(bias))
+
+
+def pixel_gather(src: jax.Array, table) -> jax.Array:
+    """out[b, i] = sum_r src[b, table[i, r]] of a float32 (N, P, C) src, skipping entries of
+    the int32 (I, R) table outside [0, P): a convolution's patches and their adjoint."""
+    table = jnp.asarray(table, jnp.int32)
+    return _call("ksae_pixel_gather", _f32(src.shape[0], table.shape[0], src.shape[2]), src, table)

@@ -1,9 +1,12 @@
 """Convolutions with PyTorch semantics against direct NumPy definitions; the original's shapes."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ksae_jax import native_ops
 from ksae_jax.models import conv
 
 
@@ -86,30 +89,56 @@ CONV_CASES = ENCODER + [(9, 3, 4, 4, 3, 2), (12, 2, 3, 3, 1, 1), (5, 3, 2, 3, 2,
 CONVT_CASES = DECODER + [(4, 3, 2, 4, 3, 2, 1), (6, 2, 3, 3, 1, 1, 0), (10, 3, 2, 5, 2, 2, 1)]
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native", "xla"])
 @pytest.mark.parametrize("size,c_in,c_out,k,s,p", CONV_CASES)
-def test_fast_conv2d_equals_reference_forward_and_gradient(size, c_in, c_out, k, s, p):
+def test_fast_conv2d_equals_reference_forward_and_gradient(size, c_in, c_out, k, s, p, native):
     x, w, b = (jnp.float32(_random(shape, i)) for i, shape in
                enumerate([(3, size, size, c_in), (c_out, c_in, k, k), (c_out,)]))
-    _rel_close(conv.conv2d(x, w, b, s, p), conv.conv2d_ref(x, w, b, s, p))
+    fast = functools.partial(conv.conv2d, native=native)
+    _rel_close(fast(x, w, b, s, p), conv.conv2d_ref(x, w, b, s, p))
     ct = jnp.float32(_random(conv.conv2d_ref(x, w, b, s, p).shape, 9))
     grads = [jax.grad(lambda *a: jnp.vdot(f(*a, s, p), ct), argnums=(0, 1, 2))(x, w, b)
-             for f in (conv.conv2d, conv.conv2d_ref)]
+             for f in (fast, conv.conv2d_ref)]
     for g_fast, g_ref in zip(*grads):
         _rel_close(g_fast, g_ref)
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native", "xla"])
 @pytest.mark.parametrize("size,c_in,c_out,k,s,p,op", CONVT_CASES)
-def test_fast_conv_transpose2d_equals_reference_forward_and_gradient(size, c_in, c_out, k, s, p, op):
+def test_fast_conv_transpose2d_equals_reference_forward_and_gradient(size, c_in, c_out, k, s, p, op,
+                                                                      native):
     x, w, b = (jnp.float32(_random(shape, i)) for i, shape in
                enumerate([(3, size, size, c_in), (c_in, c_out, k, k), (c_out,)]))
-    _rel_close(conv.conv_transpose2d(x, w, b, s, p, op), conv.conv_transpose2d_ref(x, w, b, s, p, op))
+    fast = functools.partial(conv.conv_transpose2d, native=native)
+    _rel_close(fast(x, w, b, s, p, op), conv.conv_transpose2d_ref(x, w, b, s, p, op))
     ct = jnp.float32(_random(conv.conv_transpose2d_ref(x, w, b, s, p, op).shape, 9))
     grads = [jax.grad(lambda *a: jnp.vdot(f(*a, s, p, op), ct), argnums=(0, 1, 2))(x, w, b)
-             for f in (conv.conv_transpose2d, conv.conv_transpose2d_ref)]
+             for f in (fast, conv.conv_transpose2d_ref)]
     for g_fast, g_ref in zip(*grads):
         _rel_close(g_fast, g_ref)
 
 
-def test_both_fast_paths_are_exercised():
+def test_every_fast_path_is_exercised():
     assert conv._is_tiny(jnp.zeros((1, 7, 7, 1)), 3) and conv._is_tiny(jnp.zeros((1, 3, 3, 1)), 7)
     assert not conv._is_tiny(jnp.zeros((1, 14, 14, 1)), 7)
+    x, w = jnp.zeros((2, 7, 7, 3)), jnp.zeros((4, 3, 3, 3))
+    assert conv._native(x, w, True) and not conv._native(x, w, False)
+    lowered = jax.jit(lambda x, w: conv.conv2d(x, w, jnp.zeros(4), 2, 1)).lower(x, w).as_text()
+    assert "ksae_pixel_gather" in lowered
+
+
+@pytest.mark.parametrize("size,k,s,p", [(14, 3, 2, 1), (7, 5, 2, 1), (5, 3, 2, 0), (9, 4, 3, 2)])
+def test_patch_tables_are_each_others_inverse(size, k, s, p):
+    """Every patch entry that reads a pixel is listed, once, in that pixel's reader row."""
+    reads = conv._window_table(size, k, s, p)[:, 0]
+    readers = conv._reader_table(size, k, s, p)
+    pairs = {(int(q), e) for e, q in enumerate(reads) if q >= 0}
+    listed = [(q, int(e)) for q in range(size * size) for e in readers[q] if e >= 0]
+    assert len(listed) == len(set(listed)) and set(listed) == pairs
+
+
+def test_pixel_gather_sums_the_listed_rows():
+    src = jnp.float32(_random((3, 5, 4), 0))
+    table = np.array([[0, -1], [4, 2], [-1, -1], [5, 1]], np.int32)  # 5 is out of range: skipped
+    want = [[src[b, 0], src[b, 4] + src[b, 2], 0 * src[b, 0], src[b, 1]] for b in range(3)]
+    np.testing.assert_allclose(native_ops.pixel_gather(src, table), np.array(want), rtol=1e-6)

@@ -12,6 +12,11 @@ transposed convolution and in the input gradient of a strided one. Here
 - layers whose input and output grids are both tiny (the 7x7 <-> 3x3 ones) multiply by
   the dense matrix of the convolution, built from the kernel, instead.
 
+Where native_ops' kernels serve (float32, one CPU device) every layer is instead one matmul
+with its patches (im2col), gathered by a native kernel from a table of which input pixel
+each output pixel reads through each tap; the adjoint (col2im, for the transposed
+convolution and the gradients) is the same kernel with the inverted table.
+
 Each is tested against the lax reference, forward and gradient.
 """
 from __future__ import annotations
@@ -22,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from ksae_jax import native_ops
 
 _DN_CONV = ("NHWC", "OIHW", "NHWC")  # torch Conv2d weight: (out, in, kh, kw)
 _DN_CONVT = ("NHWC", "IOHW", "NHWC")  # torch ConvTranspose2d weight: (in, out, kh, kw)
@@ -99,19 +106,38 @@ def _subpixel_conv_transpose(x, w, stride, padding, output_padding):
 
 
 @functools.cache
+def _window_table(size: int, kernel: int, stride: int, padding: int) -> np.ndarray:
+    """T[(oy, ox, i, j)] = the input pixel iy * size + ix that output pixel (oy, ox) reads
+    through kernel tap (i, j) of a square convolution, -1 where that is padding; (P, 1)."""
+    out = conv_out_size(size, kernel, stride, padding)
+    o, i = np.arange(out)[:, None], np.arange(kernel)[None, :]
+    rows = o * stride - padding + i  # (out, kernel): the input row (or column) read
+    ok = (rows >= 0) & (rows < size)
+    pix = rows[:, None, :, None] * size + rows[None, :, None, :]
+    valid = ok[:, None, :, None] & ok[None, :, None, :]
+    return np.where(valid, pix, -1).astype(np.int32).reshape(-1, 1)
+
+
+@functools.cache
+def _reader_table(size: int, kernel: int, stride: int, padding: int) -> np.ndarray:
+    """The inverse of _window_table: row q lists the patch entries that read input pixel q,
+    padded with -1; (size * size, most readers of one pixel)."""
+    reads = _window_table(size, kernel, stride, padding)[:, 0]
+    readers = [np.flatnonzero(reads == q) for q in range(size * size)]
+    table = np.full((size * size, max(map(len, readers))), -1, np.int32)
+    for q, r in enumerate(readers):
+        table[q, :len(r)] = r
+    return table
+
+
+@functools.cache
 def _placement(size: int, kernel: int, stride: int, padding: int) -> np.ndarray:
     """P[(oy, ox), (iy, ix), (i, j)] = 1 where output pixel (oy, ox) reads input (iy, ix)
     through kernel tap (i, j) of a square convolution."""
     out = conv_out_size(size, kernel, stride, padding)
-    p = np.zeros((out, out, size, size, kernel, kernel), np.float32)
-    for oy in range(out):
-        for ox in range(out):
-            for i in range(kernel):
-                for j in range(kernel):
-                    iy, ix = oy * stride - padding + i, ox * stride - padding + j
-                    if 0 <= iy < size and 0 <= ix < size:
-                        p[oy, ox, iy, ix, i, j] = 1.0
-    return p
+    reads = _window_table(size, kernel, stride, padding).reshape(out, out, 1, kernel, kernel)
+    p = reads == np.arange(size * size)[:, None, None]
+    return p.reshape(out, out, size, size, kernel, kernel).astype(np.float32)
 
 
 def _dense_conv(x, w, stride, padding):
@@ -136,6 +162,54 @@ def _dense_conv_transpose(x, w, stride, padding, output_padding):
 
 def _is_tiny(x: jax.Array, size_out: int) -> bool:
     return x.shape[1] == x.shape[2] and (x.shape[1] * size_out) ** 2 <= DENSE_MAX_PIXEL_PAIRS
+
+
+# ---------------------------------------------------------------- native im2col layers
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _gather_patches(src, geometry, adjoint):
+    """(N, pixels, C) -> the patches (N, out pixels * taps, C) of a square convolution of
+    `geometry` (size, kernel, stride, padding), or with `adjoint` their col2im back."""
+    table = (_reader_table if adjoint else _window_table)(*geometry)
+    return native_ops.pixel_gather(src, table)
+
+
+def _gather_patches_fwd(src, geometry, adjoint):
+    return _gather_patches(src, geometry, adjoint), None
+
+
+def _gather_patches_bwd(geometry, adjoint, _, g):
+    return (_gather_patches(g, geometry, not adjoint),)
+
+
+_gather_patches.defvjp(_gather_patches_fwd, _gather_patches_bwd)
+
+
+def _weight_matrix(w):
+    """torch Conv2d weight (out, in, k, k) -> (k * k * in, out), rows in patch order."""
+    c_out, c_in, k, _ = w.shape
+    return w.transpose(2, 3, 1, 0).reshape(k * k * c_in, c_out)
+
+
+def _im2col_conv(x, w, stride, padding):
+    n, h, _, c_in = x.shape
+    c_out, _, k, _ = w.shape
+    ho = conv_out_size(h, k, stride, padding)
+    cols = _gather_patches(x.reshape(n, h * h, c_in), (h, k, stride, padding), False)
+    return (cols.reshape(n * ho * ho, -1) @ _weight_matrix(w)).reshape(n, ho, ho, c_out)
+
+
+def _im2col_conv_transpose(x, w, stride, padding, output_padding):
+    """The adjoint of _im2col_conv: x @ W^T per input pixel, then col2im."""
+    n, h, _, c_in = x.shape
+    _, c_out, k, _ = w.shape
+    ho = conv_transpose_out_size(h, k, stride, padding, output_padding)
+    cols = (x.reshape(n * h * h, c_in) @ _weight_matrix(w).T).reshape(n, h * h * k * k, c_out)
+    return _gather_patches(cols, (ho, k, stride, padding), True).reshape(n, ho, ho, c_out)
+
+
+def _native(x, w, native: bool) -> bool:
+    return native and x.shape[1] == x.shape[2] and native_ops.takes(x, w)
 
 
 # ---------------------------------------------------------------- fast layers
@@ -180,8 +254,12 @@ def _conv_transpose2d_bwd(stride, padding, output_padding, res, dy):
 _conv_transpose2d_vjp.defvjp(_conv_transpose2d_fwd, _conv_transpose2d_bwd)
 
 
-def conv2d(x: jax.Array, w: jax.Array, b: jax.Array, stride: int, padding: int) -> jax.Array:
-    """Same function as conv2d_ref, computed without input-dilated convolutions."""
+def conv2d(x: jax.Array, w: jax.Array, b: jax.Array, stride: int, padding: int,
+           native: bool = True) -> jax.Array:
+    """Same function as conv2d_ref, computed without input-dilated convolutions: with
+    `native`, as im2col + matmul where native_ops' kernels serve the operands."""
+    if _native(x, w, native):
+        return _im2col_conv(x, w, stride, padding) + b
     size_out = conv_out_size(x.shape[1], w.shape[-1], stride, padding)
     if _is_tiny(x, size_out):
         return _dense_conv(x, w, stride, padding) + b
@@ -189,8 +267,11 @@ def conv2d(x: jax.Array, w: jax.Array, b: jax.Array, stride: int, padding: int) 
 
 
 def conv_transpose2d(x: jax.Array, w: jax.Array, b: jax.Array, stride: int, padding: int,
-                     output_padding: int = 0) -> jax.Array:
-    """Same function as conv_transpose2d_ref, computed without input-dilated convolutions."""
+                     output_padding: int = 0, native: bool = True) -> jax.Array:
+    """Same function as conv_transpose2d_ref, computed without input-dilated convolutions:
+    with `native`, as matmul + col2im where native_ops' kernels serve the operands."""
+    if _native(x, w, native):
+        return _im2col_conv_transpose(x, w, stride, padding, output_padding) + b
     size_out = conv_transpose_out_size(x.shape[1], w.shape[-1], stride, padding, output_padding)
     if _is_tiny(x, size_out):
         return _dense_conv_transpose(x, w, stride, padding, output_padding) + b
