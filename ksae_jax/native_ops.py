@@ -1,11 +1,13 @@
-"""Native CPU kernels for the sparse paths' gathers and scatters and the top-k
-(native_ops.cc), built once per machine with the host's C++ compiler and called through
-`jax.ffi`.
+"""Native CPU kernels for the sparse paths' gathers and scatters, the top-k and the
+convolutions' patches (native_ops.cc), built once per machine with the host's C++ compiler
+and called through `jax.ffi`.
 
 XLA:CPU runs a scatter-add one row at a time into a zeroed buffer. The kernels sort the
 B k (latent, row) pairs once and write each output row once, from cache, over XLA's
-intra-op threads; the top-k scans each row once against its k-th best so far. They serve
-float32 on a single CPU device (`takes`); everywhere else the XLA ops run. The build goes to $KSAE_JAX_CACHE (default
+intra-op threads; the top-k scans each row once against its k-th best so far; the pixel
+gather copies (or sums) each image's pixel rows by a table, where XLA's strided slices and
+concatenates move a few GB/s. They serve float32 on a single CPU device (`takes`);
+everywhere else the XLA ops run. The build goes to $KSAE_JAX_CACHE (default
 ~/.cache/ksae_jax), keyed by the source, the jaxlib version and the processor, so that a
 machine with other vector units builds its own.
 """
