@@ -76,6 +76,14 @@ constexpr int64_t kRowsPerChunk = 32;
 
 int64_t Chunks(int64_t total, int64_t per) { return (total + per - 1) / per; }
 
+// body(begin, end) for the consecutive ranges of `per` items that cover [0, total), in parallel.
+template <typename F>
+void ParallelRanges(ffi::ThreadPool& pool, int64_t total, int64_t per, const F& body) {
+  ParallelFor(pool, Chunks(total, per), [&](int64_t chunk) {
+    body(chunk * per, std::min(total, (chunk + 1) * per));
+  });
+}
+
 ffi::Error ScatterRows(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> coef,
                        ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::F32> rows,
                        ffi::ResultBuffer<ffi::F32> out) {
@@ -93,9 +101,8 @@ ffi::Error ScatterRows(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> coef,
   const float* c = coef.typed_data();
   const float* x = rows.typed_data();
   float* o = out->typed_data();
-  ParallelFor(pool, Chunks(n, kLatentsPerChunk), [&](int64_t chunk) {
-    const int64_t end = std::min(n, (chunk + 1) * kLatentsPerChunk);
-    for (int64_t i = chunk * kLatentsPerChunk; i < end; ++i) {
+  ParallelRanges(pool, n, kLatentsPerChunk, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
       float* row = o + i * d;
       std::fill(row, row + d, 0.0f);
       const int64_t* pair = order.data() + start[i];
@@ -116,9 +123,8 @@ ffi::Error GatherSum(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> coef,
   const float* c = coef.typed_data();
   const float* w = table.typed_data();
   float* o = out->typed_data();
-  ParallelFor(pool, Chunks(batch, kRowsPerChunk), [&](int64_t chunk) {
-    const int64_t end = std::min(batch, (chunk + 1) * kRowsPerChunk);
-    for (int64_t b = chunk * kRowsPerChunk; b < end; ++b) {
+  ParallelRanges(pool, batch, kRowsPerChunk, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
       float* row = o + b * d;
       std::fill(row, row + d, 0.0f);
       const int32_t* kept = ids + b * k;
@@ -139,9 +145,8 @@ ffi::Error GatherDot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> rows,
   const float* x = rows.typed_data();
   const float* w = table.typed_data();
   float* o = out->typed_data();
-  ParallelFor(pool, Chunks(batch, kRowsPerChunk), [&](int64_t chunk) {
-    const int64_t end = std::min(batch, (chunk + 1) * kRowsPerChunk);
-    for (int64_t b = chunk * kRowsPerChunk; b < end; ++b) {
+  ParallelRanges(pool, batch, kRowsPerChunk, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
       const float* a = x + b * d;
       const int32_t* kept = ids + b * k;
       auto src = [&](int64_t j) { return w + int64_t{std::clamp<int32_t>(kept[j], 0, n - 1)} * d; };
@@ -214,10 +219,9 @@ ffi::Error TopK(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::
   const float* b = bias.typed_data();
   float* v = values->typed_data();
   int32_t* ids = idx->typed_data();
-  ParallelFor(pool, Chunks(batch, kRowsPerChunk), [&](int64_t chunk) {
+  ParallelRanges(pool, batch, kRowsPerChunk, [&](int64_t begin, int64_t end) {
     std::vector<int32_t> key(k);
-    const int64_t end = std::min(batch, (chunk + 1) * kRowsPerChunk);
-    for (int64_t row = chunk * kRowsPerChunk; row < end; ++row) {
+    for (int64_t row = begin; row < end; ++row) {
       int32_t* kept = ids + row * k;
       TopKRow(xs + row * n, b, n, k, key.data(), kept);
       for (int64_t j = 0; j < k; ++j) v[row * k + j] = xs[row * n + kept[j]] + b[kept[j]];
@@ -225,7 +229,6 @@ ffi::Error TopK(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::
   });
   return ffi::Error::Success();
 }
-
 
 constexpr int64_t kImagesPerChunk = 8;
 
@@ -239,9 +242,8 @@ ffi::Error PixelGather(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> src, ffi::Buf
   const int32_t* t = tab.typed_data();
   const float* s = src.typed_data();
   float* o = out->typed_data();
-  ParallelFor(pool, Chunks(batch, kImagesPerChunk), [&](int64_t chunk) {
-    const int64_t end = std::min(batch, (chunk + 1) * kImagesPerChunk);
-    for (int64_t b = chunk * kImagesPerChunk; b < end; ++b) {
+  ParallelRanges(pool, batch, kImagesPerChunk, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
       const float* image = s + b * pixels * c;
       for (int64_t i = 0; i < rows; ++i) {
         float* row = o + (b * rows + i) * c;
