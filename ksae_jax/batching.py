@@ -40,8 +40,8 @@ def choose(platform: str) -> str:
 def resolve(cfg: SweepConfig, platform: str | None = None) -> str:
     """The sweep's batching, with "auto" resolved for its arch and the default backend; vmap
     whenever a mesh splits the models over devices (each device runs its own models)."""
-    if cfg.batching != "auto":
-        return cfg.batching
+    if cfg.execution.batching != "auto":
+        return cfg.execution.batching
     if sharding.axis_size("model") > 1:
         return "vmap"
     return choose(platform or jax.default_backend())

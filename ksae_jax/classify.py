@@ -4,7 +4,10 @@ encoder when fine-tuning), the epoch chosen on a validation split; and a small M
 whose hidden activations serve as real vectors for the SAEs."""
 from __future__ import annotations
 
+import dataclasses
 import functools
+import io
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +32,8 @@ def features(x, enc_params, n_active, *, cfg: ImageModel | None, max_k: int):
     if cfg is None:
         return x.reshape(x.shape[0], -1)
     family = models.family(cfg)
-    return family.forward(enc_params, x, jnp.ones(x.shape[0]), n_active, max_k, terms=False).code
+    return family.forward(enc_params, x, jnp.ones(x.shape[0]), {"k": n_active}, max_k,
+                          terms=False).code
 
 
 def _padded(order: np.ndarray, batch_size: int) -> jax.Array:
@@ -223,3 +227,54 @@ def mlp_activations(layers, images, batch_size: int = 5000):
         acts.append(np.asarray(a))
         preds.append(np.asarray(p))
     return np.concatenate(acts), np.concatenate(preds)
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivationsConfig:
+    """The classifier whose last hidden layer gives the vectors: a ReLU MLP 784-W-W-10."""
+
+    width: int = 512
+    """Hidden layer width W."""
+    epochs: int = 5
+    """Adam epochs."""
+    batch_size: int = 128
+    """Images per step."""
+    lr: float = 1e-3
+    """Adam's learning rate."""
+    seed: int = 0
+    """Init and data order."""
+
+    def __post_init__(self):
+        for name in ("width", "epochs", "batch_size"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) > 0):
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+
+
+def write_activations(cfg: ActivationsConfig, ds, out: Path, source: str, progress: bool) -> dict:
+    """Trains the classifier on ds and writes out/{train,test}.npy (its last hidden layer's
+    activations of every image, in order), their labels and info.json."""
+    from ksae_jax.files import atomic_write, write_json
+
+    widths = (784, cfg.width, cfg.width, 10)
+    print(f"dataset {ds.name}: {len(ds.x_train)} train / {len(ds.x_test)} test images; "
+          f"MLP {'-'.join(map(str, widths))}, {cfg.epochs} epochs")
+    layers = train_mlp(ds.x_train, ds.y_train, widths, epochs=cfg.epochs, lr=cfg.lr,
+                       batch_size=cfg.batch_size, seed=cfg.seed, progress=progress)
+    info = {"dataset": ds.name, "source": source, "widths": list(widths), "epochs": cfg.epochs,
+            "layer": "last hidden (ReLU)",
+            "rows": "train.npy: the training images in order; test.npy: the test images"}
+    for split, x, y in (("train", ds.x_train, ds.y_train), ("test", ds.x_test, ds.y_test)):
+        acts, pred = mlp_activations(layers, x)
+        for name, array in ((split, acts.astype(np.float32)), (f"{split}_labels", y.astype(np.int64))):
+            buf = io.BytesIO()
+            np.save(buf, array)
+            atomic_write(out / f"{name}.npy", lambda f, b=buf: f.write(b.getvalue()))
+        info[f"{split}_error_pct"] = float(100 * np.mean(pred != y))
+        info[f"{split}_shape"] = list(acts.shape)
+        info[f"{split}_active_frac"] = float(np.mean(acts > 0))
+    write_json(out / "info.json", info)
+    print(f"classifier error: {info['train_error_pct']:.2f}% train, {info['test_error_pct']:.2f}% test; "
+          f"{100 * info['train_active_frac']:.1f}% of activations non-zero")
+    print(f"wrote {out / 'train.npy'} {tuple(info['train_shape'])} and {out / 'test.npy'} "
+          f"{tuple(info['test_shape'])}")
+    return info

@@ -1,249 +1,184 @@
-"""Command-line plumbing every experiment shares: flags and their parsers, one-line errors
-(exit code 2 for the user's mistakes, 1 for a run that failed), image data, output folders,
-devices. The order of a run's steps is the runner's (ksae_jax.runner)."""
+"""`ksae`, the installed command line (also `python -m ksae_jax`): one subcommand per step of
+the SAE workflow. Every flag is generated from a config dataclass (ksae_jax.flags), so
+`ksae COMMAND --help` lists every setting with its docstring. Exit codes: 0, 2 with one line
+for a mistake of the user, 1 with one line for a run that failed, 130 when interrupted.
+
+    ksae train --data acts.npy --latents 8192 --ks 8 16 32 64 --steps 2000
+    ksae plan --d-in 4096 --latents 1048576 --ks 64 --mesh latent=8
+    ksae lm --out runs/lm                                    # the offline GPT-2
+    ksae cache --model runs/lm --layer 2 --tokens 2097152 --out runs/acts_lm
+    ksae evaluate --sae runs/sae/params.pkl --model runs/lm --layer 2
+    ksae browse runs/sae
+    ksae export runs/sae/params.pkl --format saelens --model 32
+"""
 from __future__ import annotations
 
-import argparse
 import sys
-import tempfile
 from collections.abc import Callable
-from pathlib import Path
+from typing import NamedTuple
 
-from ksae_jax import models, sharding
-from ksae_jax.data import images as image_data
-from ksae_jax.safe_pickle import ParamsFileError
+from ksae_jax import flags
 
 USAGE_ERROR = 2
 
 
-class UsageError(Exception):
-    """A mistake in the command line or its inputs: reported in one line, exit code 2."""
+class Command(NamedTuple):
+    summary: str
+    main: Callable  # main(argv, prog) -> whatever the command returns
 
 
-class RunFailed(Exception):
-    """A run that could not produce its result (e.g. diverged): one line, exit code 1."""
+def train(argv, prog):
+    from ksae_jax import sae_run
+    return sae_run.main(argv, prog=prog)
 
 
-CHECKPOINTS, LEGACY_CHECKPOINT = "checkpoints", "checkpoint.pkl"  # Orbax; ksae_jax 0.2's
+def plan(argv, prog):
+    from ksae_jax import plan as compiler_plan
+    from ksae_jax import runner, sae_run, sharding
+    from ksae_jax.config import Execution, Optimizer, SweepConfig
 
-
-class Parser(argparse.ArgumentParser):
-    """argparse, but a bad flag ends with one line and exit code 2."""
-
-    def error(self, message):
-        raise UsageError(message)
-
-
-def positive_int(text: str) -> int:
+    groups = [flags.Group("model (the family: --arch)", tuple(sae_run.model_classes().values())),
+              flags.Group("sweep and budget", (SweepConfig,)),
+              flags.Group("optimizer and schedules", (Optimizer,)),
+              flags.Group("execution", (Execution,)),
+              flags.Group("output", (runner.Output,), frozenset({"overwrite", "progress"})),
+              flags.Group("devices", (runner.Devices,),
+                          frozenset({"distributed", "coordinator", "num_processes", "process_id"}))]
+    values = {"arch": "topk", **flags.parse(flags.make_parser(
+        prog, "The compiler's plan of one training step on a device mesh, from abstract shapes "
+        "(nothing is allocated): memory, FLOPs and collectives per device.", groups), argv)}
+    if "mesh" not in values:
+        raise flags.UsageError("give --mesh (the devices the plan is for)")
+    model = flags.build_choice(sae_run.model_classes(), "arch", values, "topk")
+    cfg = flags.build(SweepConfig, values, model=model)
     try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
-
-
-def int_value(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-
-
-def nonneg_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not v >= 0 or v == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
-    return v
-
-
-def positive_float(text: str) -> float:
-    v = nonneg_float(text)
-    if v == 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
-    return v
-
-
-def unit_float(text: str) -> float:
-    v = nonneg_float(text)
-    if v > 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text}")
-    return v
-
-
-def add_data_flags(p: argparse.ArgumentParser, default: str = "mnist") -> None:
-    """Image data: --dataset, --idx-dir, --train-limit."""
-    p.add_argument("--dataset", default=default,
-                   help=f"one of {', '.join(image_data.DATASETS)} (TFDS, downloaded on first use; "
-                        f"{image_data.SAMPLE!r}: 5,000 real MNIST digits, offline); default {default}")
-    p.add_argument("--idx-dir", type=Path, default=None,
-                   help="folder with the four MNIST-format IDX files (overrides --dataset)")
-    p.add_argument("--train-limit", type=positive_int, default=None, metavar="N",
-                   help="use only the first N training images")
-
-
-def add_budget_flags(p: argparse.ArgumentParser, batch_size: int | None) -> None:
-    """--steps or --epochs (exclusive), --batch-size, --eval-every."""
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--steps", type=positive_int, default=None, help="optimizer steps")
-    g.add_argument("--epochs", type=positive_int, default=None, help="passes over the training data")
-    p.add_argument("--batch-size", type=positive_int, default=batch_size,
-                   help=f"rows per step (default {batch_size or 'see above'})")
-    p.add_argument("--eval-every", type=positive_int, default=None, metavar="STEPS",
-                   help="steps between evaluations and checkpoints (default: every epoch, or 10 "
-                        "per run when that is more than 20 epochs or less than one)")
-
-
-def add_auxk_flags(p: argparse.ArgumentParser, aux_coef: float) -> None:
-    """AuxK (dead-latent revival): --aux-coef, --aux-k, --dead-tokens."""
-    p.add_argument("--aux-coef", type=nonneg_float, default=aux_coef,
-                   help=f"weight of the AuxK loss (0: off; default {aux_coef:g})")
-    p.add_argument("--aux-k", type=positive_int, default=None,
-                   help="dead units that reconstruct the residual (default: input width / 2)")
-    p.add_argument("--dead-tokens", type=positive_int, default=None,
-                   help="a unit is dead after this many training rows without firing "
-                        "(default min(10M, one pass over the data))")
-
-
-def add_run_flags(p: argparse.ArgumentParser, default_out: str) -> None:
-    """--out, --overwrite, --resume, --on-nan, --no-progress."""
-    p.add_argument("--out", type=Path, default=None, help=f"output folder (default {default_out})")
-    p.add_argument("--overwrite", action="store_true", help="replace results in a non-empty --out")
-    p.add_argument("--resume", type=Path, default=None, metavar="DIR",
-                   help="continue the run in DIR from its last checkpoint (same flags as before)")
-    p.add_argument("--keep-checkpoints", type=positive_int, default=2, metavar="N",
-                   help="keep the last N checkpoints (default 2)")
-    p.add_argument("--host-params-gb", type=positive_float, default=None, metavar="GB",
-                   help="params larger than this are saved sharded, not gathered into one "
-                        "params.pkl (default: a quarter of the host's memory)")
-    p.add_argument("--on-nan", choices=("stop", "continue"), default="stop",
-                   help="when a model's loss becomes NaN/Inf: stop (default) or freeze that "
-                        "model and train the others on")
-    p.add_argument("--batching", choices=("auto", "loop", "vmap"), default="auto",
-                   help="how the models share the compiled step (auto: one after another on "
-                        "CPU, vmapped on accelerators and when the mesh splits the models)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    g = p.add_argument_group("devices and hosts")
-    g.add_argument("--mesh", default=None, metavar="AXES",
-                   help="device mesh, e.g. data=2,model=4 (axes data, model, latent; product = "
-                        "device count; default: every device on model when there are at least "
-                        "as many models, else on data)")
-    g.add_argument("--distributed", action="store_true",
-                   help="one process of a multi-host run (jax.distributed.initialize)")
-    g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
-                   help="--distributed: process 0's address (default: from the environment)")
-    g.add_argument("--num-processes", type=positive_int, default=None)
-    g.add_argument("--process-id", type=int_value, default=None)
-
-
-def check_data_flags(args) -> None:
-    """Cheap checks before anything is loaded or trained (no TFDS import for a bad name)."""
-    if args.idx_dir is not None and not args.idx_dir.is_dir():
-        raise UsageError(f"--idx-dir {args.idx_dir}: no such directory")
-    if args.idx_dir is None and args.dataset not in image_data.DATASETS:
-        raise UsageError(f"--dataset {args.dataset!r}: unknown dataset (choose from "
-                         f"{', '.join(image_data.DATASETS)}, or give --idx-dir)")
-
-
-FALLBACK_NOTE = (
-    "using the offline sample {sample!r} instead (5,000 real MNIST digits). For full MNIST run "
-    "once on a machine with network (TFDS downloads it on first use); for Fashion-MNIST offline: "
-    "apt-get install dataset-fashion-mnist, then --idx-dir /usr/share/datasets/fashion-mnist")
-
-
-def load_data(args, log: Callable[[str], None] = print) -> image_data.Dataset:
-    """The dataset the flags ask for; the default MNIST falls back to the offline sample."""
-    check_data_flags(args)
-    try:
-        ds = image_data.load(args.dataset, args.idx_dir, args.train_limit)
-    except image_data.DatasetUnavailable as e:
-        if args.dataset != "mnist" or args.idx_dir is not None:
-            raise UsageError(str(e)) from None
-        log(f"note: {e}; " + FALLBACK_NOTE.format(sample=image_data.SAMPLE))
-        ds = image_data.load(image_data.SAMPLE, None, args.train_limit)
-    except image_data.DataError as e:
-        raise UsageError(str(e)) from None
-    return ds
-
-
-def prepare_out_dir(path: Path, overwrite: bool) -> Path:
-    """Creates --out, refusing a non-empty one without --overwrite and an unwritable one."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"--out {path}: exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise UsageError(f"--out {path}: directory is not empty (pass --overwrite to replace "
-                         "its results)")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as e:
-        raise UsageError(f"--out {path}: not writable ({e.strerror or e})") from None
-    return path
-
-
-def output_dir(args, default: str) -> Path:
-    """--out (prepared, refused if non-empty without --overwrite), or the --resume folder."""
-    if args.resume is None:
-        return prepare_out_dir(args.out or Path(default), args.overwrite)
-    folder = args.resume
-    if args.out is not None and args.out.resolve() != folder.resolve():
-        raise UsageError(f"--resume {folder} continues in that folder; drop --out {args.out}")
-    if not (folder / CHECKPOINTS).is_dir() and not (folder / LEGACY_CHECKPOINT).is_file():
-        raise UsageError(f"--resume {folder}: no {CHECKPOINTS}/ there (nothing to resume)")
-    for stale in folder.glob(".*.tmp"):  # partial writes of the interrupted run
-        stale.unlink()
-    return folder
-
-
-def check_batch_size(cfg, n_train: int) -> None:
-    if cfg.batch_size > n_train:
-        raise UsageError(f"--batch-size {cfg.batch_size} is larger than the training set "
-                         f"({n_train} rows)")
-
-
-def start_devices(args) -> None:
-    """First thing a multi-host run does: join the other processes (--distributed)."""
-    if not getattr(args, "distributed", False):
-        return
-    try:
-        sharding.initialize(args.coordinator, args.num_processes, args.process_id)
-    except (RuntimeError, ValueError) as e:
-        raise UsageError(f"--distributed: {e}") from None
-
-
-def device_mesh(args, cfg, log: Callable[[str], None] = print):
-    """The mesh the flags ask for (None on one device without --mesh), checked and printed."""
-    import jax
-
-    n = jax.device_count()
-    if args.mesh is None and n == 1:
-        return None
-    try:
-        axes = sharding.parse_mesh(args.mesh) if args.mesh else sharding.default_axes(n, cfg.n_models)
-        sharding.check_axes(axes, n, cfg, models.family(cfg.model).shards_latents)
+        return compiler_plan.run(cfg, sharding.parse_mesh(values["mesh"]), values.get("out"), argv)
     except ValueError as e:
-        raise UsageError(f"--mesh: {e}") from None
-    hosts = f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""
-    log(f"mesh: {sharding.format_axes(axes)} over {n} {jax.devices()[0].platform} devices{hosts}")
-    return sharding.make_mesh(axes)
+        raise flags.UsageError(f"--mesh: {e}") from None
 
 
-def run(main: Callable[[list[str] | None], object], argv: list[str] | None = None,
-        prog: str | None = None) -> None:
-    """Runs an experiment's main and exits: 0 (or the int main returns), 2 with one line on
-    stderr for a user's mistake, 1 for a run that failed, 130 when interrupted."""
-    prog = prog or main.__module__.rsplit(".", 1)[-1]
-    if prog == "__main__":
-        prog = Path(sys.argv[0]).stem
+def lm_train(argv, prog):
+    from ksae_jax import runner
+    from ksae_jax.lm import offline_lm
+
+    values = _lm_values(argv, prog, "Train the offline GPT-2 (BPE and model from a config) on "
+                        "English text, saved as a Hugging Face folder.", offline_lm.LMConfig)
+    cfg = flags.build(offline_lm.LMConfig, values)
+    docs = _lm_call(lambda: offline_lm.text.documents(cfg.text))  # refused before writing
+    out = runner.prepare_out_dir(values.get("out", "runs/lm"), values.get("overwrite", False))
+    return _lm_call(lambda: offline_lm.run(cfg, out, docs, values.get("progress", True)))
+
+
+def cache(argv, prog):
+    from ksae_jax.lm import cache as lm_cache
+
+    values = _lm_values(argv, prog, "Cache a causal LM's residual stream after block L as .npy "
+                        "shards (DIR/train, DIR/heldout, DIR/meta.json).", lm_cache.CacheConfig,
+                        out_required=True)
+    cfg = flags.build(lm_cache.CacheConfig, values)
+    return _lm_call(lambda: lm_cache.run(cfg, values["out"], values.get("overwrite", False),
+                                         values.get("progress", True)))
+
+
+def evaluate(argv, prog):
+    from ksae_jax.lm import splice
+
+    values = flags.parse(flags.make_parser(prog, "A saved SAE's LM loss with its reconstruction "
+                                           "spliced in (every model it holds).", [flags.Group(
+                                               "evaluation", (splice.EvaluateConfig,))]), argv)
+    return _lm_call(lambda: splice.evaluate(flags.build(splice.EvaluateConfig, values)))
+
+
+def browse(argv, prog):
+    from ksae_jax import browse as pages
+
+    values = flags.parse(flags.make_parser(prog, "Static HTML pages of a run's features.",
+                                           [flags.Group("pages", (pages.BrowseConfig,))]), argv)
+    return pages.write(flags.build(pages.BrowseConfig, values))
+
+
+def export(argv, prog):
+    from ksae_jax import export as exports
+
+    values = flags.parse(flags.make_parser(prog, "Write a trained sweep in the ecosystem's "
+                                           "formats.", [flags.Group(
+                                               "export", (exports.ExportConfig,))]), argv)
     try:
-        code = main(argv)
-    except (UsageError, ParamsFileError, image_data.DataError) as e:
+        return exports.export(flags.build(exports.ExportConfig, values))
+    except ValueError as e:
+        raise flags.UsageError(str(e)) from None
+
+
+def _lm_values(argv, prog, description, config, out_required=False) -> dict:
+    from ksae_jax import runner
+
+    groups = [flags.Group("settings", (config,)), flags.Group("output", (runner.Output,))]
+    values = flags.parse(flags.make_parser(prog, description, groups), argv)
+    if out_required and "out" not in values:
+        raise flags.UsageError("the following arguments are required: --out")
+    return values
+
+
+def _lm_call(fn):
+    """fn() with the LM extra required and its errors as one line (exit code 2)."""
+    from ksae_jax import lm
+
+    try:
+        lm.require()
+        from ksae_jax.lm.cache import CacheError
+        from ksae_jax.lm.model import LMError
+        from ksae_jax.lm.text import TextError
+    except lm.LMUnavailable as e:
+        raise flags.UsageError(str(e)) from None
+    try:
+        return fn()
+    except (CacheError, LMError, TextError, ValueError) as e:
+        raise flags.UsageError(str(e)) from None
+
+
+COMMANDS = {
+    "train": Command("train SAEs of any family on vectors, every model of a sweep in one "
+                     "compiled run", train),
+    "plan": Command("compile one training step on a device mesh from abstract shapes: memory, "
+                    "FLOPs and collectives per device", plan),
+    "lm": Command("train the offline GPT-2 on English text (needs requirements-lm.txt)", lm_train),
+    "cache": Command("cache a language model's residual stream as .npy shards", cache),
+    "evaluate": Command("a saved SAE's LM loss with its reconstruction spliced in", evaluate),
+    "browse": Command("static HTML pages of a run's features", browse),
+    "export": Command("write a trained sweep as safetensors, or one SAE for SAELens or "
+                      "sparsify", export),
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    return ("usage: ksae COMMAND [FLAGS]   (ksae COMMAND --help lists every flag)\n\n"
+            + "\n".join(f"  {name:<{width}}  {c.summary}" for name, c in COMMANDS.items()) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The `ksae` console script."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage() + "\n" + __doc__.split("\n\n")[1].rstrip())
+        sys.exit(0 if argv else USAGE_ERROR)
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"ksae: error: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        sys.exit(USAGE_ERROR)
+    run(lambda: COMMANDS[name].main(rest, f"ksae {name}"), f"ksae {name}")
+
+
+def run(fn: Callable[[], object], prog: str) -> None:
+    """Runs a command and exits: 0 (or the int it returns), 2 with one line on stderr for a
+    user's mistake, 1 for a run that failed, 130 when interrupted."""
+    from ksae_jax.data.images import DataError
+    from ksae_jax.runner import RunFailed
+    from ksae_jax.safe_pickle import ParamsFileError
+
+    try:
+        code = fn()
+    except (flags.UsageError, ParamsFileError, DataError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(USAGE_ERROR)
     except RunFailed as e:

@@ -7,7 +7,7 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from ksae_jax import batching, models, sharding
+from ksae_jax import batching, sharding
 from ksae_jax.config import SweepConfig
 from ksae_jax.data.feed import Rows, gather
 
@@ -19,7 +19,7 @@ class EvalResult(NamedTuple):
     fvu: np.ndarray         # sum of squared error / total variance of the held-out set
     l0: np.ndarray          # mean number of non-zero code units per row
     dead_frac: np.ndarray   # fraction of units that never fire on the set
-    counts: np.ndarray      # (models, hidden): rows on which each unit fires
+    counts: np.ndarray      # (models, latents): rows on which each unit fires
     n: int                  # rows in the set
     extra: dict = {}        # family-specific FVUs, e.g. "prefix_fvu" (models, prefixes)
 
@@ -38,37 +38,37 @@ class EvalSet:
         self.n_elements = int(flat.size)
 
 
-def _sums(params, k, batch, *, cfg: SweepConfig, max_k: int):
+def _sums(params, hp, batch, *, cfg: SweepConfig, max_k: int | None):
     """The family's evaluation sums (squared error, firing counts, ...) of one model on one
     batch: its forward (the one training runs), without the loss terms."""
-    family = models.family(cfg.model)
+    family = cfg.family
     x, w = batch["x"], batch["w"]
-    return (family.eval_sums(family.forward(params, x, w, k, max_k, terms=False), x, w),)
+    return (family.eval_sums(family.forward(params, x, w, hp, max_k, terms=False), x, w),)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "batch_size", "how"))
-def _eval_batch(params, data, order, i, scale, ks, *, cfg: SweepConfig, batch_size: int,
+def _eval_batch(params, data, order, i, scale, hp, *, cfg: SweepConfig, batch_size: int,
                 how: str):
     batch = gather(data, order, i, scale, batch_size=batch_size)
     fn = functools.partial(_sums, cfg=cfg)
-    return batching.stacked(batching.over_models(fn, cfg, how, (params, ks), (batch,)))[0]
+    return batching.stacked(batching.over_models(fn, cfg, how, (params, hp), (batch,)))[0]
 
 
 def evaluate(cfg: SweepConfig, params, evalset: EvalSet, ks=None) -> EvalResult:
     """Every model's metrics over all of `evalset` (models keep their own k, or `ks`)."""
     how = batching.resolve(cfg)
-    ks = np.asarray(cfg.ks or cfg.max_ks if ks is None else ks, np.int32)
+    hp = {} if not cfg.ks else {"k": np.asarray(cfg.ks if ks is None else ks, np.int32)}
     sums = None
     for i in range(evalset.order.shape[0] // evalset.batch_size):
         got = _eval_batch(params, evalset.data, evalset.order, np.int32(i),
-                          np.float32(evalset.rows.scale), ks,
+                          np.float32(evalset.rows.scale), hp,
                           cfg=cfg, batch_size=evalset.batch_size, how=how)
         sums = got if sums is None else jax.tree.map(lambda a, b: a + b, sums, got)
     sums = {name: np.asarray(v, np.float64) for name, v in sharding.to_host(sums).items()}
     sse, counts = sums.pop("sse"), sums.pop("counts").astype(np.float32)
     denom = max(evalset.total_variance, 1e-30)
     # images: MSE on pixels in [0, 1], as the original; vectors: in the data's own units
-    unit = models.family(cfg.model).mse_unit(evalset.rows.scale)
+    unit = cfg.family.mse_unit(evalset.rows.scale)
     return EvalResult(mse=sse / evalset.n_elements / unit, fvu=sse / denom,
                       l0=counts.sum(axis=1) / evalset.n, dead_frac=(counts == 0).mean(axis=1),
                       counts=counts, n=evalset.n,

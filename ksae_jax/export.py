@@ -4,8 +4,10 @@ sparsify's on-disk layout (SparseCoder.load_from_disk), and one SAE of any famil
 (SAE.load_from_disk)."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
+from typing import ClassVar, Literal
 
 import numpy as np
 
@@ -13,6 +15,7 @@ from ksae_jax import interop
 from ksae_jax.files import write_bytes, write_json
 from ksae_jax.formats import write_safetensors_dir
 from ksae_jax.inference import Loaded, VectorSAE, load
+from ksae_jax.models.topk import TopKSAEs
 
 
 def _as_models(path_or_models) -> Loaded:
@@ -39,41 +42,77 @@ def sparsify_tensors(params: dict, input_scale: float) -> dict:
             "b_dec": np.asarray(params["b_dec"]) / s}
 
 
-def export_sparsify(path_or_models, k: int, out_dir: str | os.PathLike) -> Path:
+def export_sparsify(path_or_models, k: int | None, out_dir: str | os.PathLike) -> Path:
     """Writes the TopK SAE of k in sparsify's layout: out_dir/sae.safetensors and cfg.json,
     so that sparsify.SparseCoder.load_from_disk(out_dir) reconstructs what ours does."""
     from safetensors.numpy import save
 
     m = _as_models(path_or_models)
-    if type(m) is not VectorSAE:
+    if not isinstance(m, TopKSAEs):
         raise ValueError(f"sparsify holds TopK SAEs on vectors; this file holds "
                          f"{m.model_config.arch!r} models (export_saelens takes every SAE)")
-    mc = m.model_config
+    mc, k = m.model_config, m.ks[m.index(k)]
     tensors = {name: np.ascontiguousarray(a, np.float32)
                for name, a in sparsify_tensors(m.params_for(k), m.input_scale).items()}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_bytes(out / "sae.safetensors", save(tensors))
-    write_json(out / "cfg.json", {"activation": "topk", "expansion_factor": max(1, mc.hidden // mc.d_in),
-                                  "normalize_decoder": True, "num_latents": mc.hidden, "k": int(k),
+    write_json(out / "cfg.json", {"activation": "topk", "expansion_factor": max(1, mc.latents // mc.d_in),
+                                  "normalize_decoder": True, "num_latents": mc.latents, "k": int(k),
                                   "multi_topk": mc.multi_topk, "skip_connection": False,
                                   "transcode": False, "d_in": mc.d_in})
     return out
 
 
-def export_saelens(path_or_models, k_or_index=None, out_dir: str | os.PathLike = "sae") -> Path:
+def export_saelens(path_or_models, label=None, out_dir: str | os.PathLike = "sae") -> Path:
     """Writes one SAE of a params file (or a loaded sweep) in SAELens's layout: out_dir/cfg.json
     and sae_weights.safetensors, so that sae_lens.SAE.load_from_disk(out_dir) reconstructs
-    what ours does. k_or_index names the model (its k, JumpReLU's L0 coefficient, or None for
-    a file of one model); TopK becomes SAELens's topk, the other families its jumprelu."""
+    what ours does. label names the model (its k, JumpReLU's L0 coefficient, "k=32", or None
+    for a file of one model); TopK becomes SAELens's topk, the other families its jumprelu."""
     m = _as_models(path_or_models)
     if not isinstance(m, VectorSAE):
         raise ValueError(f"SAELens holds SAEs on vectors; this file holds {m.model_config.arch!r} "
                          "image models")
-    architecture, k, threshold = m.saelens_view(k_or_index)
+    architecture, k, threshold = m.saelens_view(label)
     mc = m.model_config
-    tensors = interop.saelens_tensors(m.params_for(k_or_index), m.input_scale, threshold)
+    tensors = interop.saelens_tensors(m.params_for(label), m.input_scale, threshold)
     metadata = {"exported_by": "ksae_jax", "ksae_jax_arch": mc.arch,
-                m.config.label_name: m.labels[m.index(k_or_index)]}
+                m.label_name: m.labels[m.index(label)]}
     return interop.write_saelens(Path(out_dir), architecture=architecture, d_in=mc.d_in,
-                                 d_sae=mc.hidden, tensors=tensors, k=k, metadata=metadata)
+                                 d_sae=mc.latents, tensors=tensors, k=k, metadata=metadata)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    """A trained sweep (or one model of it) written in the ecosystem's formats."""
+
+    params: Path
+    """A params.pkl (or any folder ksae_jax.load reads)."""
+    format: Literal["safetensors", "saelens", "sparsify"] = "safetensors"
+    """safetensors: every model, readable by ksae_jax.load; saelens: one SAE of any family
+    (SAE.load_from_disk); sparsify: one TopK SAE (SparseCoder.load_from_disk)."""
+    model: str | None = None
+    """saelens, sparsify: the model, by its label (32, k=32, l0_coef=0.001; None: the only one)."""
+    out: Path | None = None
+    """The folder written (None: beside params, named after the format and the model)."""
+
+    positional: ClassVar[tuple] = ("params",)
+
+
+def export(cfg: ExportConfig) -> Path:
+    """`ksae export`: the folder cfg asks for, written."""
+    m = load(cfg.params)
+    label = None if cfg.model is None else (cfg.model if "=" in cfg.model else
+                                            f"{m.label_name}={cfg.model}")
+    tag = "" if label is None else "_" + label.replace("=", "")
+    out = cfg.out or Path(cfg.params).parent / f"{cfg.format}{tag}"
+    if cfg.format == "safetensors":
+        if label is not None:
+            raise ValueError("the safetensors export holds every model: drop --model")
+        path = export_safetensors(m, out)
+    elif cfg.format == "saelens":
+        path = export_saelens(m, label, out)
+    else:
+        path = export_sparsify(m, label, out)
+    print(f"wrote {path}")
+    return path

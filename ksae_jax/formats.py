@@ -9,7 +9,8 @@
 - the ecosystem's SAE folders (sparsify's, SAELens's), read through `interop`.
 
 Reading returns the payload after checking format, version and checksum; what the arrays
-must be for a model is checked by `inference.load`.
+must be for a model is checked by `inference.load`. `read_config` reads the config a file
+holds, in this version's layout or in any earlier one.
 """
 from __future__ import annotations
 
@@ -33,6 +34,85 @@ CHECKPOINT_FORMAT = "ksae_jax.checkpoint"
 CHECKPOINT_VERSION = 2       # 2: step-based train state
 EXPORT_FORMAT = "ksae_jax.safetensors"
 EXPORT_PARAMS, EXPORT_CONFIG = "params.safetensors", "config.json"
+
+
+# ---------------------------------------------------------------- configs of every version
+
+IMAGE_ARCHS = ("conv", "mlp")
+OPTIMIZER_FIELDS = ("optimizer", "lr", "momentum", "warmup_steps", "lr_decay_frac", "clip_norm",
+                    "k_start", "k_anneal_frac")
+
+
+def read_config(d: dict):
+    """The SweepConfig a to_dict wrote, in this version's layout (model, optim, execution
+    nested) or an earlier one's: one flat config with the optimizer, AuxK and execution
+    beside the budget (0.3), or a model config with every field and l1, multi_topk and
+    normalize beside the budget (0.2)."""
+    from ksae_jax.config import Execution, Optimizer, SweepConfig
+    from ksae_jax.models import registry
+
+    d = dict(d) if "optim" in d else _flat_to_nested(d)
+    model = _model_fields(dict(d.pop("model")))
+    tuples = lambda v: tuple(v) if isinstance(v, list) else v
+    optim = {k: tuples(v) for k, v in d.pop("optim").items()}
+    return SweepConfig(model=registry.lookup(model.get("arch", "conv")).config(**model),
+                       optim=Optimizer(**optim), execution=Execution(**d.pop("execution")),
+                       **{k: tuples(v) for k, v in d.items()})
+
+
+def _flat_to_nested(d: dict) -> dict:
+    """An earlier version's flat config in this version's layout."""
+    d, model = dict(d), dict(d["model"])
+    image = model.get("arch", "conv") in IMAGE_ARCHS
+    for moved in ("l1", "multi_topk", "normalize"):  # 0.2: beside the budget
+        if moved in d:
+            value = d.pop(moved)
+            if (moved == "l1") == image:
+                model[moved] = value
+    if "k_anneal_epochs" in d:  # 0.2: before budgets in steps
+        anneal = d.pop("k_anneal_epochs")
+        d["k_anneal_frac"] = anneal / d["epochs"] if d.get("epochs") else 0.0
+    for name in ("aux_coef", "aux_k", "dead_tokens") + (() if image else ("resample_every",)):
+        if name in d:
+            model[name] = d.pop(name)
+    d.pop("resample_every", None)
+    optim = {name: d.pop(name) for name in OPTIMIZER_FIELDS if name in d}
+    if "eps" in d:
+        optim["adam_eps"] = d.pop("eps")
+    if optim.get("k_start") is None:  # k fixed: the anneal fraction was inert, now its default
+        optim.pop("k_anneal_frac", None)
+    if optim.get("optimizer", "adam") != "sgd":
+        optim.pop("momentum", None)
+    execution = {name: d.pop(name) for name in ("batching", "eval_every") if name in d}
+    return {**d, "model": model, "optim": optim, "execution": execution}
+
+
+def _model_fields(model: dict) -> dict:
+    """A model config's fields as this version names them (earlier versions: one config for
+    every arch, the latents called hidden, fields from before the SAE recipe's choices)."""
+    if model.get("arch", "conv") in IMAGE_ARCHS:
+        for old in ("d_in", "decoder", "normalize", "multi_topk"):
+            model.pop(old, None)
+        return {**model, "loss": model.get("loss") or "mse"}
+    for old in ("tied", "loss", "l1"):
+        model.pop(old, None)
+    if "hidden" in model:
+        model["latents"] = model.pop("hidden")
+        model.setdefault("b_dec_init", "median")  # what every version before the mean did
+        model.setdefault("init_scale", 1.0)       # ... before these fields: W_enc = W_dec,
+        model.setdefault("init_dirs", "random")   # random rows, b_enc zero
+        model.setdefault("b_enc_init", "zero")
+        model.setdefault("b_enc_mean_keep", 1.0)
+        if model.get("arch", "topk") != "topk":   # fields every SAE config held then
+            model.pop("decoder", None)
+            model.pop("multi_topk", None)
+        if model["b_enc_init"] == "zero":         # inert without thresholds: its default
+            model.pop("b_enc_mean_keep")
+        if model["init_dirs"] != "mixed":
+            model.pop("init_mix", None)
+    if "prefixes" in model:
+        model["prefixes"] = tuple(model["prefixes"])
+    return model
 
 
 # ---------------------------------------------------------------- params files

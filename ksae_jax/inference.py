@@ -1,6 +1,6 @@
-"""Trained models read back from a params file (or a safetensors export): `load` checks
-everything a file holds and gives the family's inference class (Autoencoder for images,
-VectorSAE for vectors) with encode, decode and reconstruct."""
+"""Trained models read back from a params file (or a safetensors export, or a sparsify or
+SAELens folder): `load` checks everything a file holds and gives the family's inference class
+(Autoencoder for images, the SAE families' for vectors) with encode, decode and reconstruct."""
 from __future__ import annotations
 
 import os
@@ -11,8 +11,9 @@ import jax
 import numpy as np
 
 from ksae_jax import models
-from ksae_jax.config import SweepConfig, _is_int
-from ksae_jax.formats import read_payload
+from ksae_jax.checks import is_int
+from ksae_jax.config import SweepConfig
+from ksae_jax.formats import read_config, read_payload
 from ksae_jax.models import Autoencoder, Loaded, VectorSAE
 from ksae_jax.models.images import as_images
 from ksae_jax.safe_pickle import ParamsFileError
@@ -25,17 +26,17 @@ def _bad(path, msg: str):
 
 
 def check_payload(path, config: SweepConfig, ks, params) -> dict:
-    """The params of a file checked against its config: ks distinct positive ints <= hidden
+    """The params of a file checked against its config: ks distinct positive ints <= latents
     equal to config.ks; arrays of the configured models' shapes, float32 (float64 is cast
     with a warning), finite."""
-    if not isinstance(ks, (list, tuple)) or not all(_is_int(k) for k in ks):
+    if not isinstance(ks, (list, tuple)) or not all(is_int(k) for k in ks):
         _bad(path, f"'ks' must be a list of integers, got {ks!r}"[:300])
     ks = [int(k) for k in ks]
-    if len(set(ks)) != len(ks) or any(k <= 0 or k > config.model.hidden for k in ks):
-        _bad(path, f"'ks' must be distinct integers in 1..{config.model.hidden}, got {ks}")
+    if len(set(ks)) != len(ks) or any(k <= 0 or k > config.model.latents for k in ks):
+        _bad(path, f"'ks' must be distinct integers in 1..{config.model.latents}, got {ks}")
     if tuple(ks) != config.ks:
         _bad(path, f"'ks' {ks} are not the config's ks {list(config.ks)}")
-    expected = jax.eval_shape(models.family(config.model).init, jax.random.key(0))
+    expected = jax.eval_shape(config.family.init, jax.random.key(0))
     want = jax.tree.map(lambda s: (config.n_models,) + s.shape, expected)
     try:
         got = jax.tree.map(np.shape, params)
@@ -66,7 +67,7 @@ def load(path: str | os.PathLike) -> Loaded:
     path = Path(path)
     payload = read_payload(path)
     try:
-        config = SweepConfig.from_dict(payload["config"])
+        config = read_config(payload["config"])
     except (TypeError, ValueError, KeyError, AttributeError) as e:
         raise ParamsFileError(f"{path}: invalid config: {e}") from None
     params = check_payload(path, config, payload["ks"], payload["params"])
@@ -74,5 +75,4 @@ def load(path: str | os.PathLike) -> Loaded:
     if not (isinstance(scale, float) and 0 < scale < np.inf):
         _bad(path, f"input_scale must be a positive float, got {scale!r}")
     metrics = payload.get("metrics")
-    return models.loaded(config, payload["ks"], params, metrics if isinstance(metrics, dict) else {},
-                         scale)
+    return models.loaded(config, params, metrics if isinstance(metrics, dict) else {}, scale)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ksae_jax.config import JumpReLUModel, SaeModel, SweepConfig
+from ksae_jax.config import JumpReLUModel, SweepConfig, TopKModel
 from ksae_jax.files import write_bytes, write_json
 from ksae_jax.safe_pickle import ParamsFileError
 
@@ -81,7 +81,7 @@ def read_sparsify(path: Path) -> dict:
     _expect(path, t, {"encoder.weight": (n, d), "encoder.bias": (n,), "W_dec": (n, d), "b_dec": (d,)})
     params = {"W_enc": t["encoder.weight"], "b_enc": t["encoder.bias"], "W_dec": t["W_dec"],
               "b_dec": t["b_dec"]}
-    return _payload(SaeModel(d, n), {"ks": (k,)}, params, f"sparsify:{path}")
+    return _payload(TopKModel(d, n), {"ks": (k,)}, params, f"sparsify:{path}")
 
 
 def read_saelens(path: Path) -> dict:
@@ -108,7 +108,7 @@ def read_saelens(path: Path) -> dict:
         W_enc, b_enc, W_dec = W_enc * norms[:, None], b_enc * norms, W_dec / norms[:, None]
     params = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": t["b_dec"]}
     if kind == "topk":
-        return _payload(SaeModel(d, n), {"ks": (int(cfg.get("k", 100)),)}, params,
+        return _payload(TopKModel(d, n), {"ks": (int(cfg.get("k", 100)),)}, params,
                         f"saelens:{path}")
     threshold = t["threshold"] if kind == "jumprelu" else np.zeros(n, np.float32)
     if (threshold < 0).any() or not np.isfinite(threshold).all():
@@ -120,7 +120,7 @@ def read_saelens(path: Path) -> dict:
               "W_dec": params["W_dec"] / norms[:, None]}
     threshold = threshold * norms
     params["log_threshold"] = np.log(np.maximum(threshold, MIN_THRESHOLD)).astype(np.float32)
-    return _payload(JumpReLUModel(d, n), {"ks": (), "l0_coefs": (0.0,)}, params, f"saelens:{path}")
+    return _payload(JumpReLUModel(d, n), {"l0_coefs": (0.0,)}, params, f"saelens:{path}")
 
 
 READERS = {"sparsify": read_sparsify, "saelens": read_saelens}

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ksae_jax.config import SweepConfig
+from ksae_jax.config import Optimizer
 
 
 def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> optax.GradientTransformation:
@@ -32,10 +32,10 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> opta
     return optax.GradientTransformation(init, update)
 
 
-def make_optimizer(cfg: SweepConfig) -> optax.GradientTransformation:
+def make_optimizer(cfg: Optimizer) -> optax.GradientTransformation:
     """Optional gradient clipping, then Adam's direction, or SGD's momentum buffer
     v = momentum v + g as PyTorch keeps it (the step scales either by -lr)."""
-    direction = (scale_by_adam(eps=cfg.eps) if cfg.optimizer == "adam"
+    direction = (scale_by_adam(eps=cfg.adam_eps) if cfg.optimizer == "adam"
                  else optax.trace(decay=cfg.momentum))
     if cfg.clip_norm is None:
         return direction

@@ -49,7 +49,7 @@ def _abstract(tree, mesh, specs):
 def plan(cfg: SweepConfig, mesh, n_rows: int = 10_000_000) -> dict:
     """Compiles one training step of cfg on `mesh` from abstract shapes; returns the plan
     (see the module docstring). The models share the program as on accelerators (vmap)."""
-    cfg = dataclasses.replace(cfg, batching="vmap")
+    cfg = dataclasses.replace(cfg, execution=dataclasses.replace(cfg.execution, batching="vmap"))
     run_cfg = resolved(cfg, n_rows)
     with sharding.use(mesh):
         state = state_layout(jax.eval_shape(lambda: init_state(cfg)), batching.resolve(cfg))
@@ -62,7 +62,7 @@ def plan(cfg: SweepConfig, mesh, n_rows: int = 10_000_000) -> dict:
                                            sharding=NamedSharding(mesh, sharding.batch_spec(2))),
                  "w": jax.ShapeDtypeStruct((b,), jnp.float32,
                                            sharding=NamedSharding(mesh, sharding.batch_spec(1)))}
-        ks = np.asarray(cfg.ks or cfg.max_ks, np.int32)
+        ks = np.asarray(cfg.ks, np.int32) if cfg.ks else None
         compiled = sweep_step.lower(state, sums, batch, ks, np.int32(0), cfg=run_cfg).compile()
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
@@ -88,3 +88,32 @@ def summary(p: dict) -> dict:
             "arguments_gb": d["argument_bytes"] / 1e9, "outputs_gb": d["output_bytes"] / 1e9,
             "temp_gb": d["temp_bytes"] / 1e9, "tflop": d["flops"] / 1e12,
             "collective_gb": {op: b / 1e9 for op, b in sorted(moved.items())}}
+
+
+def run(cfg: SweepConfig, axes: dict[str, int], out=None, argv=None) -> dict | None:
+    """`ksae plan`: the plan of cfg on a mesh of `axes`, printed (and written to out/plan.json).
+    On CPU the devices are forced in a child process when there are too few."""
+    import os
+    import subprocess
+    import sys
+
+    need = int(np.prod(list(axes.values())))
+    if jax.device_count() < need and jax.default_backend() == "cpu":
+        env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} "
+                                          f"--xla_force_host_platform_device_count={need}"}
+        args = sys.argv[1:] if argv is None else list(argv)
+        sys.exit(subprocess.run([sys.executable, "-m", "ksae_jax", "plan", *args], env=env).returncode)
+    sharding.check_axes(axes, jax.device_count(), cfg, cfg.family.shards_latents)
+    p = plan(cfg, sharding.make_mesh(axes))
+    s = summary(p)
+    print(f"plan: {cfg.model.arch} d = {cfg.model.d_in}, n = {cfg.model.latents:,}, "
+          f"{cfg.label_name}s {list(cfg.labels)}, batch {cfg.batch_size}, mesh {s['mesh']} "
+          f"({s['devices']} devices); per device: arguments {s['arguments_gb']:.2f} GB, outputs "
+          f"{s['outputs_gb']:.2f} GB, temporaries {s['temp_gb']:.2f} GB, {s['tflop']:.2f} TFLOP; "
+          "collectives " + (", ".join(f"{op} {gb:.3f} GB" for op, gb in
+                                      s["collective_gb"].items()) or "none"))
+    if out is not None:
+        from ksae_jax.files import write_json
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "plan.json", {**p, "summary": s})
+    return p

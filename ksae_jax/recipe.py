@@ -1,15 +1,154 @@
-"""The TopK SAE recipe's pieces, each a small pure function the train step calls in a visible
-order: unit-norm decoder rows, the gradient projection that keeps them so, dead-latent
-counters, and the geometric median that can initialise b_dec."""
+"""The training recipes: the steps around the optimizer update, apart from the families'
+maths. `Recipe` (the image models: none) and `VectorRecipe` (the SAEs on vectors: b_dec, the
+decoder's directions, the encoder's scale and b_enc initialised from training rows; the
+decoder rows kept at unit norm by projecting their gradient and renormalising them; dead
+latents resampled) are the hooks the train step calls; below them, the pieces each is made of,
+small pure functions: unit-norm rows, the gradient projection, dead-latent counters, the
+geometric median, the fitted encoder scale, the balanced b_enc, data directions."""
 from __future__ import annotations
 
 import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
+from ksae_jax import sharding
+
 COUNTER_CAP = 2 ** 30  # counters saturate here (int32), far above any dead_tokens
+MEDIAN_ROWS = 32_768  # training rows the b_dec init (mean or geometric median) is taken over
+FIT_ROWS = 4096       # ... of which the fitted init scale and the balanced b_enc see these
+
+
+class Recipe:
+    """The hooks of a training recipe, in the order the train step calls them; this one
+    changes nothing (the image models train with the optimizer alone)."""
+
+    def data_sample(self, rows, cfg, mesh=None):
+        """The training rows init_from_data reads, as arrays (None: it reads none)."""
+        del rows, cfg, mesh
+
+    def init_from_data(self, params: dict, sample, cfg) -> dict:
+        """Stacked fresh params (one per model of the sweep cfg) with what is initialised from
+        the sample of training rows set (traced: runs inside the jitted init)."""
+        del sample, cfg
+        return params
+
+    def project_grads(self, params: dict, grads: dict) -> dict:
+        return grads
+
+    def post_update(self, new: dict, old: dict, keep, out, model) -> dict:
+        """The parameters after an optimizer update (`keep`: whether the update applied; out:
+        the step's forward output, e.g. what a running estimate follows)."""
+        del old, keep, out, model
+        return new
+
+    def resample_every(self, model) -> int:
+        """Steps between resamplings of the dead units (0: never)."""
+        del model
+        return 0
+
+    def resample(self, params: dict, dirs, dead) -> dict:
+        """The parameters with the `dead` units started again along `dirs` (n, d)."""
+        raise NotImplementedError("this recipe does not resample dead units")
+
+
+class VectorRecipe(Recipe):
+    """The SAE recipe on vectors (Gao et al. 2024, and the choices README's LM section
+    measured): see the module docstring."""
+
+    def data_sample(self, rows, cfg, mesh=None):
+        """{"x", "valid", "order"}: up to MEDIAN_ROWS training rows drawn with cfg.seed (in
+        row order), as one array split over the mesh's devices (padded with invalid rows to a
+        multiple of them: the same rows on every mesh); each process reads only its own share."""
+        count = min(rows.n, MEDIAN_ROWS)
+        pick = np.sort(np.random.default_rng(cfg.seed).permutation(rows.n)[:count])
+        devices = 1 if mesh is None else mesh.size
+        per = -(-count // devices) * devices // jax.process_count()
+        mine = pick[jax.process_index() * per:(jax.process_index() + 1) * per]
+        x = np.zeros((per if mesh is not None else count, rows.row_shape[0]), np.float32)
+        x[:len(mine)] = rows.take(mine) * np.float32(rows.scale)
+        valid = np.arange(len(x)) < len(mine)
+        order = np.full(len(x), np.inf, np.float32)  # init_dirs: a priority per row, seeded
+        start = jax.process_index() * per
+        order[:len(mine)] = np.random.default_rng(cfg.seed + 1).random(count)[start:start + len(mine)]
+        return {"x": sharding.global_rows(x, mesh), "valid": sharding.global_rows(valid, mesh),
+                "order": sharding.global_rows(order, mesh)}
+
+    def init_from_data(self, params, sample, cfg):
+        """b_dec = the geometric median (or the mean) of the sample, or zero; with init_dirs
+        "data", the decoder rows along sample rows (the same for every model); with init_scale
+        "fit", each model's encoder scale fitted to its first reconstructions of the sample's
+        first rows (fitted_encoder_scale); with b_enc_init "balanced", each model's b_enc
+        from its k and b_enc_mean_keep (balanced_bias) on those rows."""
+        mc, x, valid = cfg.model, sample["x"], sample["valid"]
+        params = self._b_dec(params, x, valid, mc)
+        if mc.init_dirs != "random":
+            params = self._directions(params, x, sample["order"], cfg)
+        fit = min(FIT_ROWS, cfg.batch_size)  # the fits see no more rows than a step's batch
+        centred = [x[:fit] - params["b_dec"][m] for m in range(cfg.n_models)]
+        if mc.init_scale == "fit":
+            scales = [fitted_encoder_scale(centred[m], params["W_dec"][m], k, valid[:fit])
+                      for m, k in enumerate(self.init_ks(cfg))]
+            params = {**params, "W_enc": params["W_dec"] * jnp.stack(scales)[:, None, None]}
+        if mc.b_enc_init != "zero":
+            params = {**params, "b_enc": jnp.stack([
+                balanced_bias(centred[m], params["W_enc"][m], k, valid[:fit],
+                              mean_keep=mc.b_enc_mean_keep)
+                for m, k in enumerate(self.init_ks(cfg))])}
+        return params
+
+    def init_ks(self, cfg) -> tuple[int, ...]:
+        """The k each model's fitted scale and balanced b_enc are fitted for: its top-k width."""
+        return cfg.max_ks
+
+    @staticmethod
+    def _b_dec(params, x, valid, mc):
+        if mc.b_dec_init == "zero":
+            return params
+        w = valid.astype(jnp.float32)
+        center = (geometric_median(x, valid) if mc.b_dec_init == "median"
+                  else (w @ x) / jnp.maximum(w.sum(), 1.0))
+        return {**params, "b_dec": jnp.broadcast_to(center, params["b_dec"].shape)}
+
+    @staticmethod
+    def _directions(params, x, order, cfg):
+        """Decoder rows (and the encoder's, times the fixed scale) along training rows."""
+        mc = cfg.model
+        x_c = x - params["b_dec"][0]
+        if mc.init_dirs == "diverse":
+            order = diverse_priority(x_c, order)
+        rows = data_directions(x_c, order, mc.latents, jax.random.key(cfg.seed),
+                               noise=mc.init_mix if mc.init_dirs == "mixed" else 0.0)
+        scale = 1.0 if mc.init_scale == "fit" else mc.init_scale
+        return {**params, "W_dec": jnp.broadcast_to(rows, params["W_dec"].shape),
+                "W_enc": jnp.broadcast_to(rows * scale, params["W_enc"].shape)}
+
+    def project_grads(self, params, grads):
+        """The decoder rows' gradient without its component along the rows."""
+        return {**grads, "W_dec": remove_parallel_component(params["W_dec"], grads["W_dec"])}
+
+    def post_update(self, new, old, keep, out, model):
+        """Unit decoder rows again; a frozen model's rows are left bit for bit."""
+        return {**new, "W_dec": jnp.where(keep, unit_norm_rows(new["W_dec"]), old["W_dec"])}
+
+    def resample_every(self, model) -> int:
+        return model.resample_every
+
+    def resample(self, params, dirs, dead):
+        """The `dead` latents reborn along `dirs` (unit rows): their decoder rows dirs, their
+        encoder rows dirs at the live encoder rows' mean norm, their b_enc 0."""
+        live = (~dead).astype(jnp.float32)
+        norms = jnp.linalg.norm(params["W_enc"], axis=-1)
+        norm = jnp.sum(norms * live) / jnp.maximum(live.sum(), 1)
+        rows = dead[:, None]
+        return {**params, "W_dec": jnp.where(rows, dirs, params["W_dec"]),
+                "W_enc": jnp.where(rows, norm * dirs, params["W_enc"]),
+                "b_enc": jnp.where(dead, 0.0, params["b_enc"])}
+
+
+# ---------------------------------------------------------------- the pieces
 
 
 def unit_norm_rows(W: jax.Array, eps: float = 1e-12) -> jax.Array:

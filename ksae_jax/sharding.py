@@ -63,8 +63,8 @@ def check_axes(axes: dict[str, int], n_devices: int, cfg, shards_latents: bool) 
     if axes.get("latent", 1) > 1:
         if not shards_latents:
             raise ValueError(f"the latent axis splits SAEs on vectors, not {cfg.model.arch!r} models")
-        if cfg.model.hidden % axes["latent"]:
-            raise ValueError(f"latent={axes['latent']} does not divide the {cfg.model.hidden} latents")
+        if cfg.model.latents % axes["latent"]:
+            raise ValueError(f"latent={axes['latent']} does not divide the {cfg.model.latents} latents")
 
 
 def format_axes(axes: dict[str, int]) -> str:

@@ -1,6 +1,7 @@
-"""The train step: a pure optax step of one model, one compiled step for every model of a
-sweep, the train state they carry, its initialisation and layouts, and the k schedule.
-Whatever the family, the step asks it for its loss and the recipe's steps around the update."""
+"""The train step: the loss (assembled once, for every family: reconstruction + penalty +
+AuxK), a pure optax step of one model with the recipe's steps around the update, one compiled
+step for every model of a sweep, the train state they carry, its initialisation and layouts,
+and the k schedule."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ksae_jax import batching, models, optim, recipe, sharding
+from ksae_jax import batching, optim, recipe, sharding
 from ksae_jax.config import SweepConfig
 from ksae_jax.data.feed import Rows
 
@@ -24,41 +25,60 @@ class TrainState(NamedTuple):
 
     params: dict
     opt_state: tuple
-    since_fired: jax.Array  # (models, hidden) int32: training rows since each unit fired
+    since_fired: jax.Array  # (models, latents) int32: training rows since each unit fired
     diverged_at: jax.Array  # (models,) int32: global step at which a model diverged, or -1
 
 
+def loss_fn(params, batch, hp, dead, *, cfg: SweepConfig, max_k: int | None):
+    """(loss, (metrics, forward output)) of one model on one batch {"x", "w"}: the family's
+    reconstruction objective, plus its weighted penalty, plus aux_coef * AuxK over the
+    `dead` units."""
+    family, aux_coef = cfg.family, cfg.model.aux_coef
+    x, w = batch["x"], batch["w"]
+    out = family.forward(params, x, w, hp, max_k, dead=dead if aux_coef else None)
+    terms = family.loss_terms(out, hp)
+    loss = terms.reconstruction
+    if terms.penalty is not None:
+        loss = loss + terms.penalty
+    if aux_coef:
+        loss = loss + aux_coef * out.auxk
+    metrics = {"loss": loss, "rec": getattr(out, family.rec_name), "fired": family.fired(out, w)}
+    return loss, (metrics, out)
+
+
 def train_step(params, opt_state, since_fired, hp, alive, batch, step, *, cfg: SweepConfig,
-               max_k: int):
+               max_k: int | None):
     """One optimizer step of one model on one batch {"x", "w"} (w = 0: padding).
 
-    hp: this model's hyperparameters ({"k", "lr"} and the family's, traced). The parameters
-    are left unchanged when `alive` is False or the loss or a gradient is not finite
-    (metrics["finite"]); the optimizer state of such a step is not used again. (An update
-    that overflows from finite gradients shows in the model's outputs, which the training
-    loop checks at every evaluation point.)
+    hp: this model's hyperparameters ({"lr"}, "k" where the family keeps k, and the
+    family's, traced). The parameters are left unchanged when `alive` is False or the loss
+    or a gradient is not finite (metrics["finite"]); the optimizer state of such a step is
+    not used again. (An update that overflows from finite gradients shows in the model's
+    outputs, which the training loop checks at every evaluation point.)
     """
-    family = models.family(cfg.model)
-    dead = recipe.dead_mask(since_fired, cfg.dead_tokens)
-    grad_fn = jax.value_and_grad(functools.partial(family.loss, cfg=cfg, max_k=max_k),
-                                 has_aux=True)
-    (loss, metrics), grads = grad_fn(params, batch, hp, dead)
-    grads = family.project_grads(params, grads)
+    family = cfg.family
+    hooks = family.recipe
+    dead = recipe.dead_mask(since_fired, cfg.model.dead_tokens)
+    grad_fn = jax.value_and_grad(functools.partial(loss_fn, cfg=cfg, max_k=max_k), has_aux=True)
+    (loss, (metrics, out)), grads = grad_fn(params, batch, hp, dead)
+    grads = hooks.project_grads(params, grads)
     finite = jnp.isfinite(loss) & _all_finite(grads)
-    direction, opt_state = optim.make_optimizer(cfg).update(grads, opt_state)
+    direction, opt_state = optim.make_optimizer(cfg.optim).update(grads, opt_state)
     # the update is masked, not the result selected: every buffer stays updated in place
     # (selecting between old and new states forced fresh buffers: MLP step 20 -> 35 ms)
     keep = finite & alive
-    rate = optim.learning_rate(hp["lr"], step, cfg.warmup_steps, cfg.lr_decay_frac, cfg.steps or 1)
+    o = cfg.optim
+    rate = optim.learning_rate(hp["lr"], step, o.warmup_steps, o.lr_decay_frac, cfg.steps or 1)
     new = {name: jax.tree.map(lambda p, u, r=rate * family.lr_scales[name] if name in
                               family.lr_scales else rate: p - jnp.where(keep, r * u, 0.0),
                               params[name], direction[name]) for name in params}
-    new = family.post_update(new, params, keep, metrics)
+    new = hooks.post_update(new, params, keep, out, cfg.model)
     since_fired = recipe.update_dead_counters(since_fired, metrics["fired"], batch["w"].sum())
-    if cfg.resample_every:
+    if hooks.resample_every(cfg.model):
         new, opt_state, since_fired = resample_dead(new, opt_state, since_fired, hp, batch,
                                                     step, keep, cfg=cfg, max_k=max_k)
     return new, opt_state, since_fired, {"loss": loss, "rec": metrics["rec"], "finite": finite}
+
 
 
 def resample_dead(params, opt_state, since_fired, hp, batch, step, keep, *, cfg: SweepConfig,
@@ -67,22 +87,23 @@ def resample_dead(params, opt_state, since_fired, hp, batch, step, keep, *, cfg:
     steps start again along the residuals of this batch (family.resample), with their
     optimizer moments and dead counters at zero (Bricken et al. 2023's resampling); a model
     whose update did not apply (`keep` False) is left as it is."""
-    family = models.family(cfg.model)
+    family = cfg.family
+    every = family.recipe.resample_every(cfg.model)
 
     def reborn(state):
         params, opt_state, since_fired = state
-        dead = (since_fired >= cfg.resample_every * cfg.batch_size) & keep
-        out = family.forward(params, batch["x"], batch["w"], hp["k"], max_k, terms=False)
+        dead = (since_fired >= every * cfg.batch_size) & keep
+        out = family.forward(params, batch["x"], batch["w"], hp, max_k, terms=False)
         key = jax.random.fold_in(jax.random.key(cfg.seed), step)
         dirs = recipe.residual_directions(key, batch["x"] - out.recon, batch["w"],
                                           jnp.cumsum(dead) - 1)
-        params = family.resample(params, dirs, dead)
+        params = family.recipe.resample(params, dirs, dead)
         rows = _latent_rows(params, dead)
         opt_state = optim.map_moments(opt_state, lambda tree: jax.tree.map(
             lambda leaf, m: jnp.where(m, 0, leaf), tree, rows))
         return params, opt_state, jnp.where(dead, 0, since_fired)
 
-    due = recipe.resample_due(step, cfg.resample_every, cfg.steps or 1)
+    due = recipe.resample_due(step, every, cfg.steps or 1)
     return lax.cond(due, reborn, lambda state: state, (params, opt_state, since_fired))
 
 
@@ -99,17 +120,19 @@ def _all_finite(tree) -> jax.Array:
 
 def hyperparameters(cfg: SweepConfig, ks) -> dict:
     """Per-model hyperparameters of a step (one entry per model): k (the schedule's at this
-    step), lr, and the family's own (e.g. the image models' L1 lambda)."""
-    return {"k": jnp.asarray(ks, jnp.int32), "lr": jnp.asarray(cfg.lrs, jnp.float32),
-            **{name: jnp.asarray(v) for name, v in
-               models.family(cfg.model).hyperparameters(cfg).items()}}
+    step; none for a family without k), lr, and the family's own (e.g. the image models' L1
+    lambda, JumpReLU's L0 coefficient)."""
+    return {**({} if ks is None else {"k": jnp.asarray(ks, jnp.int32)}),
+            "lr": jnp.asarray(cfg.lrs, jnp.float32),
+            **{name: jnp.asarray(v) for name, v in cfg.family.hyperparameters(cfg).items()}}
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("state", "sums"))
 def sweep_step(state: TrainState, sums: jax.Array, batch: dict, ks, step, *, cfg: SweepConfig):
     """One step of every model of the sweep on one batch.
 
-    ks: each model's k at this step (the k schedule; traced). A model whose loss or gradients
+    ks: each model's k at this step (the k schedule; traced; None for a family without k).
+    A model whose loss or gradients
     are not finite keeps its last finite parameters from then on; diverged_at records the
     step. sums accumulates per-model (loss, rec) x real rows, and the real rows.
     """
@@ -138,8 +161,8 @@ def init_state(cfg: SweepConfig, rows: Rows | None = None, params: dict | None =
     process builds an array that is split across devices, on the host or on one device.
     The rows it reads (family.data_sample) are each process's own, combined by the
     program's collectives."""
-    family = models.family(cfg.model)
-    sample = None if rows is None or params is not None else family.data_sample(rows, cfg, mesh)
+    sample = None if rows is None or params is not None else cfg.family.recipe.data_sample(
+        rows, cfg, mesh)
     fn = functools.partial(_fresh_state, cfg)
     out = sharding.state_shardings(jax.eval_shape(fn, sample, params), mesh)
     with sharding.use(mesh):
@@ -147,17 +170,17 @@ def init_state(cfg: SweepConfig, rows: Rows | None = None, params: dict | None =
 
 
 def _fresh_state(cfg: SweepConfig, sample, params) -> TrainState:
-    family = models.family(cfg.model)
+    family = cfg.family
     if params is None:
         keys = jax.vmap(jax.random.key)(jnp.asarray(cfg.seeds, jnp.uint32))
         params = jax.vmap(family.init)(keys)
         if sample is not None:
-            params = family.init_from_data(params, sample, cfg)
+            params = family.recipe.init_from_data(params, sample, cfg)
     else:
         params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
-    opt_state = jax.vmap(optim.make_optimizer(cfg).init)(params)
+    opt_state = jax.vmap(optim.make_optimizer(cfg.optim).init)(params)
     n = cfg.n_models
-    return TrainState(params, opt_state, jnp.zeros((n, cfg.model.hidden), jnp.int32),
+    return TrainState(params, opt_state, jnp.zeros((n, cfg.model.latents), jnp.int32),
                       jnp.full(n, -1, jnp.int32))
 
 
@@ -173,18 +196,18 @@ def resolved(cfg: SweepConfig, n_rows: int) -> SweepConfig:
     """cfg as the step runs it: the data-dependent defaults filled in (dead_tokens) and the
     budget in steps (what the learning-rate schedule counts)."""
     steps = cfg.steps or cfg.epochs * -(-n_rows // cfg.batch_size)
-    return dataclasses.replace(cfg, dead_tokens=cfg.dead_tokens or min(MAX_DEAD_TOKENS, n_rows),
+    dead = cfg.model.dead_tokens or min(MAX_DEAD_TOKENS, n_rows)
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dead_tokens=dead),
                                steps=steps, epochs=None)
 
 
-def k_at(cfg: SweepConfig, step: int, total_steps: int) -> np.ndarray:
+def k_at(cfg: SweepConfig, step: int, total_steps: int) -> np.ndarray | None:
     """Per-model k at a step: the schedule's k (from k_start towards each k over the first
-    k_anneal_frac of the budget), or the target k."""
-    if not cfg.ks:  # JumpReLU: no k (its forward does not read one)
-        return np.ones(cfg.n_models, np.int32)
-    ks = np.asarray(cfg.ks)
-    frac = step / total_steps
-    if cfg.k_start is None or frac >= cfg.k_anneal_frac:
+    k_anneal_frac of the budget), or the target k; None for a family without k."""
+    if not cfg.ks:
+        return None
+    ks, start, frac = np.asarray(cfg.ks), cfg.optim.k_start, step / total_steps
+    if start is None or frac >= cfg.optim.k_anneal_frac:
         return ks.astype(np.int32)
-    moved = cfg.k_start + frac / cfg.k_anneal_frac * (ks - cfg.k_start)
+    moved = start + frac / cfg.optim.k_anneal_frac * (ks - start)
     return np.maximum(ks, np.round(moved)).astype(np.int32)

@@ -8,7 +8,7 @@ import numpy as np
 from jax import lax
 
 from ksae_jax import native_ops
-from ksae_jax.config import check_k
+from ksae_jax.checks import check_k
 from ksae_jax.sharding import latent_top_k
 
 

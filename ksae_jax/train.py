@@ -23,7 +23,7 @@ from ksae_jax.config import SweepConfig
 from ksae_jax.data.feed import ArrayRows, Rows, make_feeder
 from ksae_jax.evaluate import EvalResult, EvalSet, evaluate
 from ksae_jax.files import strict_json
-from ksae_jax.formats import config_diff, save_params
+from ksae_jax.formats import config_diff, read_config, save_params
 from ksae_jax.step import (
     TrainState,
     init_state,
@@ -62,7 +62,7 @@ def make_budget(cfg: SweepConfig, n_rows: int) -> Budget:
     when that would be more than 20 epochs or less than one (unless cfg.eval_every)."""
     per_epoch = -(-n_rows // cfg.batch_size)
     steps = cfg.steps or cfg.epochs * per_epoch
-    every = cfg.eval_every
+    every = cfg.execution.eval_every
     if every is None:
         every = per_epoch if per_epoch <= steps <= 20 * per_epoch else -(-steps // EVALS_PER_RUN)
     return Budget(steps, per_epoch, min(every, steps), n_rows)
@@ -90,7 +90,7 @@ class SweepResult(NamedTuple):
     diverged: dict        # label (k) -> {"step": s, "epoch": e} (1-based) of models that diverged
     budget: Budget
     final: EvalResult | None  # held-out metrics of the final params
-    since_fired: np.ndarray   # (models, hidden) training rows since each unit last fired
+    since_fired: np.ndarray   # (models, latents) training rows since each unit last fired
     input_scale: float = 1.0  # what the inputs were multiplied by (normalize), 1 otherwise
 
     @property
@@ -108,7 +108,7 @@ class SweepResult(NamedTuple):
     def models(self, metrics: dict | None = None):
         """The healthy models for inference (ksae_jax.load's classes)."""
         cfg, params = self.healthy()
-        return models.loaded(cfg, cfg.ks, params, metrics, self.input_scale)
+        return models.loaded(cfg, params, metrics, self.input_scale)
 
     def save(self, folder, metrics: dict | None = None, extra: dict | None = None) -> Path:
         """folder/params.pkl with the healthy models, their config, the input scale and
@@ -178,7 +178,7 @@ class Training:
         self.cfg, self.run_info, self.mesh, self.checkpoint = cfg, run_info, mesh, checkpoint
         self.host_limit = host_limit
         self.checkpoints = None if checkpoint is None else Checkpoints(checkpoint, keep_checkpoints)
-        self.family, self.clock = models.family(cfg.model), _Clock()
+        self.family, self.clock = cfg.family, _Clock()
         rows = self.family.rows(train, "train")
         self.input_scale = self.family.input_scale(rows) if input_scale is None else input_scale
         rows = _scaled(rows, self.input_scale)
@@ -233,7 +233,7 @@ class Training:
         """The jitted step of the sweep: (state, sums, batch, ks, step) -> (state, sums)."""
         return functools.partial(sweep_step, cfg=self.run_cfg)
 
-    def ks_at(self, step: int) -> np.ndarray:
+    def ks_at(self, step: int) -> np.ndarray | None:
         return k_at(self.cfg, step, self.budget.steps)
 
     def compile(self, batch):
@@ -286,7 +286,7 @@ class Training:
     def _window_dead(self, state: TrainState) -> np.ndarray:
         """Per model, the fraction of latents dead by the training window (on the devices:
         the counters are never gathered)."""
-        frac = jax.tree.map(lambda c: jnp.mean(recipe.dead_mask(c, self.run_cfg.dead_tokens),
+        frac = jax.tree.map(lambda c: jnp.mean(recipe.dead_mask(c, self.run_cfg.model.dead_tokens),
                                                axis=-1), state.since_fired)
         return np.asarray(sharding.to_host(batching.stacked(frac)))
 
@@ -359,7 +359,7 @@ def _current_form(saved: dict, run_info: dict) -> dict:
     saved = dict(saved)
     info = {k: saved.pop(k) for k in run_info if k in saved}
     try:
-        return {**SweepConfig.from_dict(saved).to_dict(), **info}
+        return {**read_config(saved).to_dict(), **info}
     except (TypeError, ValueError, KeyError):
         return {**saved, **info}
 

@@ -1,14 +1,16 @@
 """Image datasets as uint8 arrays (N, 28, 28) with labels: TFDS, IDX files, or an offline
-MNIST sample."""
+MNIST sample; `ImageData`, the setting that names one."""
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import math
 import os
 import socket
 import zlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import numpy as np
 
@@ -206,3 +208,46 @@ def load(name: str = "mnist", idx_dir: str | os.PathLike | None = None,
     else:
         ds = load_tfds(name)
     return ds.limit_train(train_limit)
+
+
+FALLBACK_NOTE = (
+    "using the offline sample {sample!r} instead (5,000 real MNIST digits). For full MNIST run "
+    "once on a machine with network (TFDS downloads it on first use); for Fashion-MNIST offline: "
+    "apt-get install dataset-fashion-mnist, then --idx-dir /usr/share/datasets/fashion-mnist")
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageData:
+    """The images a run trains and tests on."""
+
+    dataset: Literal["mnist", "fashion_mnist", "kmnist", "mnist-sample"] = "mnist"
+    """A TFDS dataset (downloaded on first use), or "mnist-sample": 5,000 real MNIST digits,
+    offline."""
+    idx_dir: Path | None = None
+    """A folder with the four MNIST-format IDX files (.gz or raw); overrides dataset."""
+    train_limit: int | None = None
+    """Use only the first N training images."""
+
+    def __post_init__(self):
+        if self.dataset not in DATASETS:
+            raise ValueError(f"dataset {self.dataset!r}: unknown (choose from "
+                             f"{', '.join(DATASETS)}, or give idx_dir)")
+        if self.idx_dir is not None and not Path(self.idx_dir).is_dir():
+            raise ValueError(f"idx_dir {self.idx_dir}: no such directory")
+        if self.train_limit is not None and not (isinstance(self.train_limit, int)
+                                                 and self.train_limit > 0):
+            raise ValueError(f"train_limit must be a positive integer, got {self.train_limit!r}")
+
+    @property
+    def is_sample(self) -> bool:
+        return self.idx_dir is None and self.dataset == SAMPLE
+
+    def load(self, log: Callable[[str], None] = print) -> Dataset:
+        """The dataset; the default MNIST falls back to the offline sample without network."""
+        try:
+            return load(self.dataset, self.idx_dir, self.train_limit)
+        except DatasetUnavailable as e:
+            if self.dataset != "mnist" or self.idx_dir is not None:
+                raise DataError(str(e)) from None
+            log(f"note: {e}; " + FALLBACK_NOTE.format(sample=SAMPLE))
+            return load(SAMPLE, None, self.train_limit)

@@ -6,6 +6,7 @@ plus optional Gaussian noise. The correlated variant draws the firing events thr
 Gaussian copula (correlated normals thresholded at each feature's probability)."""
 from __future__ import annotations
 
+import dataclasses
 from statistics import NormalDist
 from typing import NamedTuple
 
@@ -68,3 +69,40 @@ def recovery(decoder_rows: np.ndarray, features: np.ndarray, threshold: float = 
     rows = decoder_rows / np.maximum(np.linalg.norm(decoder_rows, axis=1, keepdims=True), 1e-12)
     best = (features @ rows.T).max(axis=1)
     return float(best.mean()), float((best >= threshold).mean()), best
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticData:
+    """Generated vectors with known features (see the module docstring): training rows, then
+    held-out rows of the same draw."""
+
+    rows: int = 262_144
+    """Training vectors."""
+    eval_rows: int = 16_384
+    """Held-out vectors."""
+    d: int = 256
+    """Width of the vectors."""
+    features: int = 512
+    """True features G."""
+    mean_active: float = 5.0
+    """Features active per vector, on average."""
+    decay: float = 0.99
+    """Feature i fires with probability proportional to decay^i."""
+    noise: float = 0.0
+    """Standard deviation of Gaussian noise added to every coordinate."""
+    correlation: float = 0.0
+    """> 0: correlated firing through a Gaussian copula."""
+    data_seed: int = 0
+    """The draw."""
+
+    def __post_init__(self):
+        for name in ("rows", "eval_rows", "d", "features"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) > 0):
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not (self.mean_active > 0 and 0 < self.decay and self.noise >= 0):
+            raise ValueError("mean_active and decay must be positive, noise >= 0")
+
+    def generate(self) -> Synthetic:
+        return generate(self.rows + self.eval_rows, d=self.d, n_features=self.features,
+                        mean_active=self.mean_active, decay=self.decay, noise=self.noise,
+                        correlation=self.correlation, seed=self.data_seed)

@@ -3,6 +3,7 @@ folder of .npy shards of equal d (in name order), or an array passed from Python
 opening: 2-D, a float dtype, non-empty, complete, finite (or non-finite rows dropped)."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import NamedTuple
@@ -178,3 +179,39 @@ def split(source: VectorSource, eval_source: VectorSource | None = None,
         raise DataError(f"{eval_source.name}: rows of width {eval_source.d}, but the "
                         f"training data have d = {source.d}")
     return Split(source, eval_source)
+
+
+@dataclasses.dataclass(frozen=True)
+class VectorData:
+    """The vectors a run trains on, and those it holds out."""
+
+    data: Path
+    """One .npy file (memory-mapped, never read whole) or a folder of .npy shards of equal d
+    (in name order)."""
+    eval_data: Path | None = None
+    """Held-out .npy file or folder (default: the last eval_frac of data)."""
+    eval_frac: float = 0.05
+    """Held out from the end of data when there is no eval_data (at most 65,536 rows)."""
+    skip_nonfinite: bool = False
+    """Drop rows holding NaN or Inf instead of refusing the data."""
+
+    def __post_init__(self):
+        if not 0 < self.eval_frac < 1:
+            raise ValueError(f"eval_frac must lie in (0, 1), got {self.eval_frac!r}")
+
+    @property
+    def d(self) -> int:
+        """The vectors' width, read from the files' headers."""
+        return open_vectors(self.data, scan=False).d
+
+    def open(self) -> Split:
+        """The training and held-out rows, checked."""
+        source = open_vectors(self.data, skip_nonfinite=self.skip_nonfinite)
+        held = None if self.eval_data is None else open_vectors(
+            self.eval_data, skip_nonfinite=self.skip_nonfinite)
+        return split(source, held, self.eval_frac)
+
+    def info(self, n_train: int) -> dict:
+        """What metrics.json and the checkpoints record of the data."""
+        return {"data": str(self.data), "eval_data": str(self.eval_data) if self.eval_data else None,
+                "eval_frac": self.eval_frac, "n_train": n_train}

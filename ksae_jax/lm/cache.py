@@ -35,17 +35,33 @@ class CacheError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class CacheConfig:
+    """An activation cache: which model, which block, how many tokens of which text."""
+
     model: str
+    """A Hugging Face causal LM: a local folder or a hub name."""
     layer: int
+    """Block L: its output (resid_post) is cached."""
     tokens: int
     """Training activations (rows) to write."""
     heldout_tokens: int = 65_536
+    """Held-out activations, from the text's held-out documents."""
     context: int = 128
+    """Tokens per context, BOS included."""
     text: str = "gcide"
-    batch: int = 32
+    """'gcide' (apt-get install dict-gcide), a UTF-8 text file or a folder of .txt."""
+    batch_size: int = 32
     """Contexts per forward pass."""
     shard_tokens: int = 262_144
+    """Rows per .npy shard."""
     seed: int = 0
+    """Which training contexts are drawn."""
+
+    def __post_init__(self):
+        for name in ("tokens", "heldout_tokens", "context", "batch_size", "shard_tokens"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) > 0):
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.context < 2:
+            raise ValueError("context must be at least 2 (BOS and one token)")
 
 
 class _Captured(Exception):
@@ -129,8 +145,8 @@ def _write_split(model, cfg, stream, starts, rows: int, folder: Path, first_shar
     for shard in range(first_shard, -(-len(starts) // windows_per_shard)):
         chunk = starts[shard * windows_per_shard:(shard + 1) * windows_per_shard]
         parts = []
-        for i in range(0, len(chunk), cfg.batch):
-            ids = offline_lm.windows(stream, chunk[i:i + cfg.batch], cfg.context, bos)
+        for i in range(0, len(chunk), cfg.batch_size):
+            ids = offline_lm.windows(stream, chunk[i:i + cfg.batch_size], cfg.context, bos)
             acts = residuals(model, cfg.layer, ids)[:, 1:]  # BOS dropped
             parts.append(acts.reshape(-1, acts.shape[-1]))
             bar.update(acts.shape[0] * acts.shape[1])
@@ -187,3 +203,17 @@ def _meta(cfg: CacheConfig, model, tokenizer, stream_tokens: int, seconds: float
         "settings": dataclasses.asdict(cfg), "seconds": seconds,
         "tokens_per_s": (cfg.tokens + cfg.heldout_tokens) / acts_seconds,
     }
+
+
+def run(cfg: CacheConfig, out: Path, overwrite: bool = False, progress: bool = True) -> dict:
+    """`ksae cache`: builds the cache on every core, and says what it wrote."""
+    import os
+
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    meta = build(cfg, out, overwrite=overwrite, progress=progress)
+    print(f"{meta['train_tokens']:,} training and {meta['heldout_tokens']:,} held-out activations "
+          f"of d = {meta['d']} ({meta['hook']}) in {out}; {meta['tokens_per_s']:,.0f} tokens/s, "
+          f"{meta['seconds']:.0f} s in all")
+    return meta

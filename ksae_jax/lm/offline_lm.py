@@ -19,25 +19,42 @@ EOS = "<|endoftext|>"  # GPT-2's one special token: document separator and BOS
 
 @dataclasses.dataclass(frozen=True)
 class LMConfig:
-    """The offline LM and its training run."""
+    """The offline LM (a GPT-2 from a config) and its training run."""
 
     layers: int = 4
+    """Transformer blocks."""
     d_model: int = 256
+    """Width of the residual stream."""
     heads: int = 4
+    """Attention heads (d_model must be a multiple)."""
     context: int = 128
     """Tokens per window, BOS included."""
     vocab: int = 4096
-    batch: int = 32
+    """Tokens of the byte-level BPE trained on the text."""
+    batch_size: int = 32
     """Windows per step."""
     steps: int = 400
+    """AdamW steps."""
     lr: float = 2e-3
     """AdamW peak learning rate: linear warmup, then cosine to a tenth."""
     warmup: int = 30
+    """Steps of the linear warmup."""
     weight_decay: float = 0.1
+    """AdamW's weight decay."""
     seed: int = 0
+    """Init and the windows drawn."""
     eval_windows: int = 128
     """Held-out windows for the reported loss."""
     text: str = "gcide"
+    """'gcide' (apt-get install dict-gcide), a UTF-8 text file or a folder of .txt."""
+
+    def __post_init__(self):
+        for name in ("layers", "d_model", "heads", "context", "vocab", "batch_size", "steps",
+                     "eval_windows"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) > 0):
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.d_model % self.heads:
+            raise ValueError(f"d_model {self.d_model} is not a multiple of heads {self.heads}")
 
 
 def train_tokenizer(docs: list[str], vocab: int):
@@ -147,7 +164,7 @@ def train(cfg: LMConfig, out: Path, *, docs: list[str] | None = None, progress: 
     rng = np.random.default_rng(cfg.seed)
     curve = []
     for step in tqdm(range(cfg.steps), disable=not progress, desc="LM", unit="step"):
-        starts = rng.integers(0, len(stream) - cfg.context, cfg.batch)
+        starts = rng.integers(0, len(stream) - cfg.context, cfg.batch_size)
         x = torch.from_numpy(windows(stream, starts, cfg.context, tok.bos_token_id)).long()
         loss = model(x, labels=x).loss
         loss.backward()
@@ -160,8 +177,23 @@ def train(cfg: LMConfig, out: Path, *, docs: list[str] | None = None, progress: 
     model.save_pretrained(out)
     tok.save_pretrained(out)
     summary = {"config": dataclasses.asdict(cfg), "params": sum(p.numel() for p in model.parameters()),
-               "train_tokens": len(stream), "tokens_seen": cfg.steps * cfg.batch * cfg.context,
+               "train_tokens": len(stream), "tokens_seen": cfg.steps * cfg.batch_size * cfg.context,
                "heldout": result, "train_loss_curve": curve[::10] + curve[-1:],
                "seconds": time.perf_counter() - t0}
     (out / "train_lm.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
+
+
+def run(cfg: LMConfig, out: Path, docs: list[str], progress: bool = True) -> dict:
+    """`ksae lm`: trains the offline LM on every core into out, and says how it went."""
+    import os
+
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    s = train(cfg, out, docs=docs, progress=progress)
+    h = s["heldout"]
+    print(f"{s['params']:,} parameters, {s['tokens_seen']:,} tokens seen; held-out loss "
+          f"{h['loss']:.4f} nats/token = {h['bits_per_byte']:.4f} bits per byte over "
+          f"{h['tokens']:,} tokens; {s['seconds'] / 60:.1f} min; saved in {out}")
+    return s

@@ -12,8 +12,11 @@ back through DLPack (no host copy when both sit on one device).
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
@@ -120,7 +123,7 @@ class SpliceEval:
     def __call__(self, sae, ks) -> dict:
         """metrics.json's LM fields: clean and zero-ablated losses, and per k (None where a k
         has no model) the spliced loss, delta_loss, loss_recovered and KL."""
-        present = [k for k in ks if k in sae.ks]
+        present = [k for k in ks if k in sae.labels]
         losses = self.losses({str(k): sae_replacement(sae, k) for k in present})
         per_k = {k: scores(losses, str(k)) for k in present}
         fields = ("lm_loss_sae", "delta_loss", "delta_bits_per_byte", "loss_recovered", "kl")
@@ -128,3 +131,87 @@ class SpliceEval:
                 "lm_loss_clean": losses["clean"]["loss"], "lm_loss_zero": losses["zero"]["loss"],
                 "lm_bits_per_byte_clean": losses["clean"]["bits_per_byte"],
                 **{f: [per_k[k][f] if k in per_k else None for k in ks] for f in fields}}
+
+
+@dataclasses.dataclass(frozen=True)
+class SpliceConfig:
+    """The language model the vectors came from: each SAE is judged by the model's loss with
+    its reconstruction spliced in (needs requirements-lm.txt)."""
+
+    lm: str | None = None
+    """The causal LM of the activations (a folder or a hub name): adds delta_loss,
+    loss_recovered and KL to the run's metrics."""
+    layer: int | None = None
+    """The block whose output the activations are (None: the cache's meta.json says)."""
+    lm_text: str | None = None
+    """Text whose held-out documents are evaluated (None: the cache's, or gcide)."""
+    lm_tokens: int = 16_384
+    """Predictions evaluated."""
+
+    def evaluation(self, data: Path) -> SpliceEval | None:
+        """The evaluation set up (model, layer and text checked), or None without lm; the
+        cache's meta.json beside `data` fills in what is not given."""
+        if self.lm is None:
+            return None
+        meta = cache_meta(Path(data))
+        layer = self.layer if self.layer is not None else meta.get("layer")
+        if layer is None:
+            raise ValueError("give --layer (no meta.json beside --data says which)")
+        return SpliceEval(self.lm, layer, self.lm_text or meta.get("text", "gcide"),
+                          self.lm_tokens, meta.get("context", 128))
+
+
+def cache_meta(data: Path) -> dict:
+    """The meta.json of the activation cache `data` belongs to (DIR/train -> DIR/meta.json)."""
+    for folder in (data, data.parent):
+        if (folder / "meta.json").is_file():
+            return json.loads((folder / "meta.json").read_text())
+    return {}
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateConfig:
+    """A saved SAE judged in its language model."""
+
+    sae: Path
+    """A trained SAE: params.pkl, a ksae_jax export, or a sparsify / SAELens folder."""
+    model: str
+    """The causal LM of its activations."""
+    layer: int
+    """The block it reads."""
+    text: str = "gcide"
+    """Text whose held-out documents are evaluated."""
+    tokens: int = 16_384
+    """Predictions evaluated."""
+    context: int = 128
+    """Tokens per context, BOS included."""
+    out: Path | None = None
+    """Write the metrics here (.json)."""
+
+
+def evaluate(cfg: EvaluateConfig) -> dict:
+    """`ksae evaluate`: the spliced evaluation of a saved SAE (every model it holds), printed
+    (and written to cfg.out)."""
+    import os
+
+    import torch
+
+    from ksae_jax import inference
+    from ksae_jax.files import write_json
+    from ksae_jax.safe_pickle import ParamsFileError
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        sae = inference.load(cfg.sae)
+    except (ParamsFileError, OSError) as e:
+        raise ValueError(f"--sae {cfg.sae}: {e}") from None
+    labels = list(sae.labels)
+    m = SpliceEval(cfg.model, cfg.layer, cfg.text, cfg.tokens, cfg.context)(sae, labels)
+    print(f"clean {m['lm_loss_clean']:.4f}, zero-ablated {m['lm_loss_zero']:.4f} nats/token over "
+          f"{m['lm_tokens']:,} tokens\n{sae.label_name:>7} {'delta loss':>11} {'recovered':>10} "
+          f"{'KL':>8}")
+    for i, k in enumerate(labels):
+        print(f"{k!s:>7} {m['delta_loss'][i]:>11.4f} {m['loss_recovered'][i]:>10.4f} {m['kl'][i]:>8.4f}")
+    if cfg.out is not None:
+        write_json(cfg.out, {"sae": str(cfg.sae), sae.label_name + "s": labels, **m})
+    return m

@@ -1,10 +1,12 @@
 """The image family: k-sparse autoencoders of 28 x 28 images, the original conv network and
-Makhzani & Frey's MLP, as Flax NNX modules (PyTorch's layouts and init, see layers), their
-one forward pass, their loss (reconstruction error + lambda * L1, optional AuxK on the code)
-and `Autoencoder`, the trained models for inference."""
+Makhzani & Frey's MLP: their config (`ImageModel`), Flax NNX modules (PyTorch's layouts and
+init, see layers), their one forward pass, their loss terms (reconstruction error + lambda *
+L1; AuxK on the code is the train step's), and `Autoencoder`, the trained models for
+inference. Registered as arch "conv" and "mlp"."""
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
+from typing import ClassVar, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -12,13 +14,13 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
-from ksae_jax import losses
-from ksae_jax.config import ImageModel
+from ksae_jax import checks, losses
 from ksae_jax.data.feed import ArrayRows
 from ksae_jax.models import conv
-from ksae_jax.models.family import Family
+from ksae_jax.models.family import Family, LossTerms, ModelConfig
 from ksae_jax.models.layers import Conv2d, ConvTranspose2d, Linear, matmul
 from ksae_jax.models.loaded import Loaded
+from ksae_jax.models.registry import register
 from ksae_jax.topk import k_sparse, top_k_mask
 
 IMAGE_SHAPE = (28, 28)
@@ -29,6 +31,64 @@ DECODER_CONVS = ((64, 32, 5, 2, 1, 0), (32, 16, 3, 2, 1, 1), (16, 1, 3, 2, 1, 1)
 BOTTLENECK = (64, 3, 3)  # channels, height, width between the convs and the Linear layers
 
 
+@dataclasses.dataclass(frozen=True)
+class ImageModel(ModelConfig):
+    """A k-sparse autoencoder of 28 x 28 images (static shapes, and its loss)."""
+
+    arch: Literal["conv", "mlp"] = "conv"
+    """"conv" (the original PyTorch network) or "mlp" (Makhzani & Frey)."""
+    hidden: int | None = None
+    """Width of the code; None: 256 conv, 1000 mlp."""
+    tied: bool = False
+    """mlp only: the decoder weight is the encoder weight transposed."""
+    loss: Literal["mse", "bce", "half_sse"] = "mse"
+    """"mse" (mean over pixels), "bce" (sigmoid output), or "half_sse" (0.5 * the sum over
+    pixels of the squared error: Makhzani & Frey's code; the gradient is 392x the MSE's)."""
+    l1: float = 1e-4
+    """lambda of the L1 activation penalty (the original's; 0: pure k-sparse)."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Compute dtype of the matmuls and convolutions ("bfloat16": bf16 inputs, f32
+    accumulation; the weights and Adam stay float32)."""
+    activation: Literal["relu", "linear"] | None = None
+    """The code's units before the top-k: "relu" or "linear"; None: relu conv (the
+    original's), linear mlp (the paper's text; its released code has relu)."""
+    init_std: float | None = None
+    """None: PyTorch's default init; a number: every parameter, biases included, drawn from
+    init_std * N(0, 1) (Makhzani & Frey's code: 0.01)."""
+
+    default_sweep: ClassVar[tuple] = (5, 10, 25, 50, 100)
+    training_defaults: ClassVar[dict] = {"batch_size": 600, "seed": 1, "adam_eps": 1e-8}
+    DEFAULT_HIDDEN: ClassVar[dict] = {"conv": 256, "mlp": 1000}
+
+    def __post_init__(self):
+        checks.choice(self, "arch", "loss", "dtype", "activation")
+        if self.hidden is None:
+            object.__setattr__(self, "hidden", self.DEFAULT_HIDDEN[self.arch])
+        checks.positive_int("hidden", self.hidden)
+        object.__setattr__(self, "hidden", int(self.hidden))
+        if self.tied and self.arch != "mlp":
+            raise ValueError("tied weights exist only for arch 'mlp' (--arch mlp --tied)")
+        checks.finite_nonneg("l1", self.l1)
+        if self.activation is None:
+            object.__setattr__(self, "activation", "relu" if self.arch == "conv" else "linear")
+        if self.arch == "conv" and self.activation != "relu":
+            raise ValueError("the conv network's units are relu (activation applies to mlp)")
+        checks.positive("init_std", self.init_std, allow_none=True)
+        super().__post_init__()
+
+    @property
+    def latents(self) -> int:
+        return self.hidden
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return IMAGE_SHAPE
+
+    def default_lr(self) -> float:
+        """Adam's 1e-3, the original's."""
+        return 1e-3
+
+
 class ImageOutput(NamedTuple):
     """One forward pass of an image model on a batch."""
 
@@ -37,9 +97,9 @@ class ImageOutput(NamedTuple):
     logits: jax.Array
     """(B, 28, 28) pre-activation of the output layer."""
     code: jax.Array
-    """(B, hidden) k-sparse code."""
+    """(B, latents) k-sparse code."""
     dense: jax.Array
-    """(B, hidden) the code before the top-k (what the top-k chose from)."""
+    """(B, latents) the code before the top-k (what the top-k chose from)."""
     acts: tuple
     """The activations the L1 penalty is taken over (every layer's output, the code's too)."""
     rec: jax.Array | None = None
@@ -56,6 +116,7 @@ class ImageKSAE(nnx.Module):
     """The forward pass both image networks share; they give encode_dense and decode_all."""
 
     loss: str
+    aux_k: int
 
     def encode_dense(self, x) -> tuple[jax.Array, tuple]:
         raise NotImplementedError
@@ -63,9 +124,9 @@ class ImageKSAE(nnx.Module):
     def decode_all(self, code) -> tuple[jax.Array, jax.Array, tuple]:
         raise NotImplementedError
 
-    def __call__(self, x, w, k, max_k: int, *, dead=None, aux_k=None, terms=True) -> ImageOutput:
+    def __call__(self, x, w, hp, max_k: int, *, dead=None, terms=True) -> ImageOutput:
         dense, enc_acts = self.encode_dense(x)
-        code = k_sparse(dense, k, max_k)
+        code = k_sparse(dense, hp["k"], max_k)
         recon, logits, dec_acts = self.decode_all(code)
         acts = enc_acts + (code,) + dec_acts
         if not terms:
@@ -74,7 +135,7 @@ class ImageKSAE(nnx.Module):
         mse = rec if self.loss == "mse" else losses.weighted_mean(
             losses.per_example_mean(jnp.square(recon - x)), w)
         l1 = losses.weighted_mean(losses.l1_penalty(acts), w)
-        aux = None if dead is None else self.auxk(x, w, recon, dense, dead, aux_k)
+        aux = None if dead is None else self.auxk(x, w, recon, dense, dead, self.aux_k)
         return ImageOutput(recon, logits, code, dense, acts, rec, mse, l1, aux)
 
     def auxk(self, x, w, recon, dense, dead, aux_k: int):
@@ -99,7 +160,7 @@ class ConvKSAE(ImageKSAE):
     """
 
     def __init__(self, cfg: ImageModel, *, rngs: nnx.Rngs):
-        self.loss = cfg.loss
+        self.loss, self.aux_k = cfg.loss, cfg.aux_k
         flat = int(np.prod(BOTTLENECK))  # 576
         kw = dict(rngs=rngs, dtype=cfg.dtype)
         self.enc1, self.enc2, self.enc3 = (Conv2d(*spec, **kw) for spec in ENCODER_CONVS)
@@ -130,7 +191,7 @@ class MlpKSAE(ImageKSAE):
     untied, linear output (sigmoid with loss='bce')."""
 
     def __init__(self, cfg: ImageModel, *, rngs: nnx.Rngs):
-        self.loss, self.tied, self.dtype = cfg.loss, cfg.tied, cfg.dtype
+        self.loss, self.tied, self.dtype, self.aux_k = cfg.loss, cfg.tied, cfg.dtype, cfg.aux_k
         self.relu = cfg.activation == "relu"
         self.enc = Linear(N_PIXELS, cfg.hidden, rngs=rngs, dtype=cfg.dtype)
         if cfg.tied:
@@ -174,15 +235,11 @@ class ImageFamily(Family):
     def hyperparameters(self, cfg):
         return {"l1": np.full(cfg.n_models, self.model.l1, np.float32)}
 
-    def loss(self, params, batch, hp, dead, *, cfg, max_k):
-        x, w = batch["x"], batch["w"]
-        out = self.forward(params, x, w, hp["k"], max_k, dead=dead if cfg.aux_coef else None,
-                           aux_k=cfg.aux_k)
-        loss = out.rec + hp["l1"] * out.l1
-        if cfg.aux_coef:
-            loss += cfg.aux_coef * out.auxk
-        fired = jnp.any((out.code != 0) & (w[:, None] > 0), axis=0)
-        return loss, {"loss": loss, "rec": out.mse, "fired": fired}
+    def loss_terms(self, out, hp):
+        return LossTerms(out.rec, hp["l1"] * out.l1)
+
+    def fired(self, out, w):
+        return jnp.any((out.code != 0) & (w[:, None] > 0), axis=0)
 
     def eval_sums(self, out, x, w):
         sse = jnp.sum(jnp.square(out.recon - x).reshape(x.shape[0], -1).sum(-1) * w)
@@ -203,14 +260,12 @@ class ImageFamily(Family):
     def decode(self, params, code):
         return self.bind(params).decode_all(code)[0]
 
-    def usage(self, out, k, max_k):
-        return (top_k_mask(out.dense, k, max_k) * (out.dense != 0)).sum(axis=0)
+    def usage(self, out, hp, max_k):
+        return (top_k_mask(out.dense, hp["k"], max_k) * (out.dense != 0)).sum(axis=0)
 
 
 class Autoencoder(Loaded):
     """Image models (conv, mlp): inputs uint8 pixels 0..255 or floats in [0, 1], (N, 28, 28)."""
-
-    family_class = ImageFamily
 
     def _inputs(self, images) -> np.ndarray:
         return as_images(images)
@@ -272,3 +327,7 @@ def forward_flops(cfg: ImageModel) -> int:
         macs += size * size * c_in * c_out * k * k  # every input pixel scatters a k x k patch
         size = conv.conv_transpose_out_size(size, k, s, p, op)
     return 2 * macs
+
+
+register("conv", ImageModel, ImageFamily, Autoencoder)
+register("mlp", ImageModel, ImageFamily, Autoencoder)
