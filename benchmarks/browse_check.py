@@ -1,12 +1,12 @@
-"""Benchmark-time check of experiments.browse in a real browser (not a CI dependency): headless
+"""Benchmark-time check of `ksae browse` in a real browser (not a CI dependency): headless
 Chromium (Debian's `chromium`) opens every page of a report and takes a screenshot, which must
 show content (not a blank page).
 
     apt-get install chromium
-    python benchmarks/browse_check.py runs/sae/browse [more report folders]
+    python -m benchmarks.browse_check runs/sae/browse [more report folders]
 
 Prints, per page, the share of pixels that are not background, and writes
-benchmarks/browse_check.json.
+benchmarks/results/DATE_MACHINE/browse_check.json.
 """
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib import image as mpimg
+
+from benchmarks.measure import results_folder
 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -52,7 +54,8 @@ def main(folders: list[str]) -> dict:
                 print(f"{page}: {100 * share:.1f}% of the screenshot is content")
                 if page.stem != "index":
                     (folder / f"{page.stem}_screenshot.png").write_bytes(png.read_bytes())
-    out = Path(__file__).with_name("browse_check.json")
+    out = results_folder() / "browse_check.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
     return report
 

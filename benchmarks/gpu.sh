@@ -1,16 +1,15 @@
 #!/usr/bin/env bash
-# The GPU benchmark, one prepared script for one lent GPU (about 9 minutes on an H200).
+# The GPU benchmark: every stage of the speed benchmark on one GPU, in about 9 minutes on an H200.
 #
-#   bash benchmarks/gpu_prepare.sh          # here, once, with network: wheels + Fashion-MNIST
-#   bash benchmarks/gpu.sh [OUT]            # there: writes OUT/gpu.json and OUT/gpu.md
+#   bash benchmarks/gpu_prepare.sh          # once, with network: wheels + Fashion-MNIST in benchmarks/carry
+#   bash benchmarks/gpu.sh [OUT]            # on the GPU machine: writes OUT/gpu.json and OUT/gpu.md
 #   bash benchmarks/gpu.sh --dry-run [OUT]  # anywhere: JAX_PLATFORMS=cpu, tiny shapes, < 3 min
 #
-# OUT defaults to $OUT (the device tool's folder), else runs/gpu. Each stage runs under its own
-# time limit and a failed stage is recorded, not fatal: the first machine gives every figure
-# it can. Stages: a GPU test subset; images (conv 5-k sweep vmapped and looped, the PyTorch
-# original loop on the same device, the MLP sweep); SAEs at d 768 and 4096 in float32 and
-# bfloat16 against sparsify with its Triton kernels, beside the matmul floor; one step of the
-# 1M-latent SAE.
+# OUT defaults to $OUT, else runs/gpu. Each stage runs under its own time limit and a failed
+# stage is recorded, not fatal: one run gives every figure it can. Stages: a GPU test subset;
+# images (conv 5-k sweep vmapped and looped, the original PyTorch loop on the same device, the
+# MLP sweep); SAEs at d 768 and 4096 in float32 and bfloat16 against sparsify with its Triton
+# kernels, beside the matmul floor; one step of the 1M-latent SAE.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=0
@@ -46,11 +45,10 @@ stage() {  # stage NAME SECONDS COMMAND...: its log in OUT/NAME.log, its status 
 }
 
 stage tests 150 python -m pytest -q -n 0 -p no:randomly -p no:cacheprovider "${TESTS[@]}"
-stage images 170 python -m experiments.benchmark --suite images "${QUICK[@]}" "${IDX[@]}" \
+stage images 170 python -m benchmarks.speed --suite images "${QUICK[@]}" "${IDX[@]}" \
   "${TORCH[@]}" --out "$OUT_DIR/images"
-stage sae 170 python -m experiments.benchmark --suite sae "${QUICK[@]}" --sae-shapes gpu \
-  --dtypes float32 bfloat16 --sae-steps 30 --sae-peer benchmarks/sparsify_cuda.py \
-  --out "$OUT_DIR/sae"
-stage largest 60 python -m experiments.benchmark --suite largest "${QUICK[@]}" \
+stage sae 170 python -m benchmarks.speed --suite sae "${QUICK[@]}" --sae-shapes gpu \
+  --dtypes float32 bfloat16 --sae-steps 30 --out "$OUT_DIR/sae"
+stage largest 60 python -m benchmarks.speed --suite largest "${QUICK[@]}" \
   --dtypes bfloat16 --out "$OUT_DIR/largest"
 python benchmarks/gpu_report.py "$OUT_DIR" $( (( DRY )) && echo --dry-run )

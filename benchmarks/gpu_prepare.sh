@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fills benchmarks/carry/ (ignored by git; carried to the GPU machine, which has no network):
+# Fills benchmarks/carry/ (ignored by git; copied to a GPU machine without network):
 # the eai-sparsify wheel and the pure-Python packages its coder imports, for the machine's
 # python 3.12, and the Fashion-MNIST IDX files. About 55 MB.
 set -euo pipefail

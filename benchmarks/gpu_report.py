@@ -4,7 +4,8 @@
 
 gpu.json always holds the same keys: dry_run, stages (name -> rc, seconds), tests (the pytest
 summary line), images, sae, largest (each suite's JSON, null where its stage failed) and
-targets (the figures the GPU issue asks for, null where unmeasured).
+targets (the GPU targets: the conv sweep against the PyTorch loop, the SAE against sparsify;
+null where unmeasured).
 """
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import json
 import sys
 from pathlib import Path
 
-SUITES = {"images": "images/results.json", "sae": "sae/sae.json", "largest": "largest/largest.json"}
-MARKDOWN = {"images": "images/results.md", "sae": "sae/sae.md", "largest": "largest/largest.md"}
+SUITES = {"images": "images/images.json", "sae": "sae/sae.json", "largest": "largest/largest.json"}
+MARKDOWN = {"images": "images/images.md", "sae": "sae/sae.md", "largest": "largest/largest.md"}
 
 
 def _load(path: Path):

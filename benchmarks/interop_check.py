@@ -2,7 +2,7 @@
 sparsify's own loaders read ksae_jax's exports and reconstruct as ksae_jax does.
 
     pip install sae-lens eai-sparsify torch==2.13.0
-    python benchmarks/interop_check.py            # writes benchmarks/interop.json
+    python -m benchmarks.interop_check       # writes benchmarks/results/DATE_MACHINE/interop.json
 
 Trains a tiny sweep of every SAE family on synthetic vectors (normalised inputs, so that the
 input scale must be folded in), exports each to SAELens (and the TopK one to sparsify), loads
@@ -11,16 +11,14 @@ them with those libraries and prints the largest reconstruction difference.
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import ksae_jax
+from benchmarks.measure import results_folder
 from ksae_jax.data import synthetic
 
 FAMILIES = [("topk", {}), ("batchtopk", {}), ("matryoshka", {"prefixes": (8, 32)}),
@@ -36,8 +34,8 @@ def main() -> dict:
     report = {}
     with tempfile.TemporaryDirectory() as tmp:
         for arch, extra in FAMILIES:
-            cfg = ksae_jax.sae_config(16, () if arch == "jumprelu" else (3,), latents=64, steps=30,
-                                      batch_size=256, normalize=True, arch=arch, **extra)
+            cfg = ksae_jax.sae_config(16, None if arch == "jumprelu" else (3,), latents=64,
+                                      steps=30, batch_size=256, normalize=True, arch=arch, **extra)
             model = ksae_jax.train_sweep(cfg, x[:2500], progress=False).models()
             label = model.labels[0]
             ours = model.reconstruct(held, label)
@@ -57,7 +55,8 @@ def main() -> dict:
               "all_within": all(v <= 1e-5 for v in report.values()),
               "versions": {"sae_lens": sae_lens.__version__,
                            "sparsify": getattr(sparsify, "__version__", "?")}}
-    out = Path(__file__).with_name("interop.json")
+    out = results_folder() / "interop.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
     return result
