@@ -21,8 +21,10 @@ import ksae_jax
 from benchmarks.measure import results_folder
 from ksae_jax.data import synthetic
 
-FAMILIES = [("topk", {}), ("batchtopk", {}), ("matryoshka", {"prefixes": (8, 32)}),
-            ("jumprelu", {"l0_coefs": (1e-3,)})]
+# each family's sweep of one model, and whether sparsify (TopK only) reads it too
+FAMILIES = [("topk", {"ks": (3,)}, True), ("batchtopk", {"ks": (3,)}, False),
+            ("matryoshka", {"ks": (3,), "prefixes": (8, 32)}, False),
+            ("jumprelu", {"l0_coefs": (1e-3,)}, False)]
 
 
 def main() -> dict:
@@ -33,9 +35,9 @@ def main() -> dict:
     held = x[2500:2600]
     report = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for arch, extra in FAMILIES:
-            cfg = ksae_jax.sae_config(16, None if arch == "jumprelu" else (3,), latents=64,
-                                      steps=30, batch_size=256, normalize=True, arch=arch, **extra)
+        for arch, extra, sparsify_reads in FAMILIES:
+            cfg = ksae_jax.sae_config(16, latents=64, steps=30, batch_size=256, normalize=True,
+                                      arch=arch, **extra)
             model = ksae_jax.train_sweep(cfg, x[:2500], progress=False).models()
             label = model.labels[0]
             ours = model.reconstruct(held, label)
@@ -43,7 +45,7 @@ def main() -> dict:
             with torch.no_grad():
                 theirs = sl.decode(sl.encode(torch.from_numpy(held))).numpy()
             report[f"saelens {arch}"] = float(np.abs(theirs - ours).max())
-            if arch == "topk":
+            if sparsify_reads:
                 coder = SparseCoder.load_from_disk(ksae_jax.export_sparsify(model, 3, Path(tmp) / "sp"))
                 with torch.no_grad():
                     enc = coder.encode(torch.from_numpy(held))

@@ -37,7 +37,8 @@ def plan(argv, prog):
     from ksae_jax import runner, sae_run, sharding
     from ksae_jax.config import Execution, Optimizer, SweepConfig
 
-    groups = [flags.Group("model (the family: --arch)", tuple(sae_run.model_classes().values())),
+    groups = [flags.Group("model (the family: --arch)", tuple(sae_run.model_classes().values()),
+                          key="arch"),
               flags.Group("sweep and budget", (SweepConfig,)),
               flags.Group("optimizer and schedules", (Optimizer,)),
               flags.Group("execution", (Execution,)),

@@ -33,11 +33,13 @@ class Parser(argparse.ArgumentParser):
 
 
 class Group(NamedTuple):
-    """Flags from one concern: the fields of `classes` but those in `skip`."""
+    """Flags from one concern: the fields of `classes` but those in `skip`; with several
+    classes, `key` names the field whose value picks one (listed first)."""
 
     title: str
     classes: tuple[type, ...]
     skip: frozenset = frozenset()
+    key: str | None = None
 
 
 @functools.cache
@@ -128,21 +130,21 @@ def add_group(parser: argparse.ArgumentParser, group: Group, preset: dict,
                                              "positional": f.name in getattr(cls, "positional", ())})
             default = f.default if f.default is not dataclasses.MISSING else None
             entry["required"] = f.default is dataclasses.MISSING and f.name not in preset
-            entry["defaults"][_class_name(cls, f.name)] = preset.get(
+            entry["defaults"][_class_name(cls, group.key, f.name)] = preset.get(
                 f.name, (shown or {}).get(f.name, default))
             _, choices, _ = _kinds(hints[f.name])
             if choices:
                 entry["choices"] = tuple(dict.fromkeys(entry.get("choices", ()) + choices))
-    first = [n for n in seen if n == "arch"] + [n for n in seen if n != "arch" and not seen[n]["kw"]]
+    first = [n for n in seen if n == group.key]
+    first += [n for n in seen if n not in first and not seen[n]["kw"]]
     for name in first + [n for n in seen if n not in first]:
         _add_flag(g, name, seen[name])
 
 
-def _class_name(cls: type, field: str) -> str:
-    """How help names a class where defaults differ: its arch, else its name."""
-    f = {x.name: x for x in dataclasses.fields(cls)}.get("arch")
-    return f.default if f is not None and isinstance(f.default, str) and field != "arch" \
-        else cls.__name__
+def _class_name(cls: type, key: str | None, field: str) -> str:
+    """How help names a class where defaults differ: its key's default, else its name."""
+    f = {x.name: x for x in dataclasses.fields(cls)}.get(key)
+    return cls.__name__ if f is None or field == key else str(f.default)
 
 
 def _add_flag(g, name: str, e: dict) -> None:
@@ -211,7 +213,9 @@ def build(cls: type, values: dict, **fixed):
     try:
         return cls(**kw)
     except (ValueError, TypeError) as e:
-        raise UsageError(str(e)) from None
+        names = {f.name for f in dataclasses.fields(cls)}  # a setting named as its flag
+        raise UsageError(re.sub(r"^(\w+)(?=[ :=])", lambda m: flag(m.group(1))
+                                if m.group(1) in names else m.group(1), str(e))) from None
 
 
 def build_choice(classes: dict[str, type], key: str, values: dict, default: str, **fixed):

@@ -47,7 +47,7 @@ def groups(data_cls: type = VectorData) -> list[flags.Group]:
 
     return [flags.Group("data", (data_cls,)),
             flags.Group("model (the family: --arch)", tuple(model_classes().values()),
-                        frozenset({"d_in"})),
+                        frozenset({"d_in"}), key="arch"),
             flags.Group("sweep and budget", (SweepConfig,)),
             flags.Group("optimizer and schedules", (Optimizer,)),
             flags.Group("execution", (Execution,)),

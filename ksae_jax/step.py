@@ -40,7 +40,7 @@ def loss_fn(params, batch, hp, dead, *, cfg: SweepConfig, max_k: int | None):
     loss = terms.reconstruction
     if terms.penalty is not None:
         loss = loss + terms.penalty
-    if aux_coef:
+    if out.auxk is not None:  # AuxK is on and a dead mask was given
         loss = loss + aux_coef * out.auxk
     metrics = {"loss": loss, "rec": getattr(out, family.rec_name), "fired": family.fired(out, w)}
     return loss, (metrics, out)

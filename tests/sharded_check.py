@@ -3,6 +3,7 @@ one-device run (the flag must be set before JAX starts, so tests run this in a s
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharded_check.py OUT_DIR
 """
+import dataclasses
 import json
 import shutil
 import sys
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 
 from ksae_jax import sae_config, sharding, train
 from ksae_jax.checkpoint import Checkpoints
-from ksae_jax.config import ImageModel, SweepConfig
+from ksae_jax.config import Execution, ImageModel, SweepConfig
 from ksae_jax.data import synthetic
 from ksae_jax.topk import top_k
 
@@ -73,7 +74,7 @@ def main(out: Path):
 
     # a checkpoint written on data=8 (killed after its first evaluation point) resumes on one
     # device and on model=2 x data=4, each ending where an uninterrupted run ends
-    cfg = SweepConfig(**{**sae_cfg.__dict__, "eval_every": 3})
+    cfg = dataclasses.replace(sae_cfg, execution=Execution(eval_every=3))
     full = run(cfg, syn.x[:2600], syn.x[2600:])
     real_save, ckpt = Checkpoints.save, out / "first" / "checkpoints"
 

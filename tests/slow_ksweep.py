@@ -1,4 +1,4 @@
-"""experiments.ksweep with injected slowness, so that tests can kill it at a chosen moment.
+"""The image k sweep (python -m experiments.ksweep) with injected slowness, so that tests can kill it at a chosen moment.
 
 KSAE_TEST_STEP_DELAY=s       sleep s seconds before every training step
 KSAE_TEST_SLOW_WRITE=s       from the 2nd checkpoint's step on, stall s seconds before the rename
@@ -11,10 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ksae_jax import (
-    cli,
-    train,
-)
+from ksae_jax import cli, image_run, train
 
 step_delay = float(os.environ.get("KSAE_TEST_STEP_DELAY", "0"))
 write_delay = float(os.environ.get("KSAE_TEST_SLOW_WRITE", "0"))
@@ -45,6 +42,4 @@ if write_delay:  # hold back the atomic rename that completes an (asynchronous) 
 
     atomicity.AtomicRenameTemporaryPath.finalize = slow_finalize
 
-from experiments import ksweep
-
-cli.run(ksweep.main)
+cli.run(lambda: image_run.main(sys.argv[1:]), "ksweep")

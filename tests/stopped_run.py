@@ -1,7 +1,7 @@
-"""An experiment that dies (os._exit, as if killed) right after its first checkpoint is
-complete, so that tests can resume it elsewhere.
+"""A run that dies (os._exit, as if killed) right after its first checkpoint is complete, so
+that tests can resume it elsewhere.
 
-    python tests/stopped_run.py experiments.sae FLAGS...
+    python tests/stopped_run.py ksae_jax train FLAGS...
 """
 import os
 import runpy

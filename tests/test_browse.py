@@ -1,4 +1,4 @@
-"""experiments.browse: self-contained HTML pages of a run's features (the structure, checked
+"""ksae browse: self-contained HTML pages of a run's features (the structure, checked
 by parsing; benchmarks/browse_check.py opens them in headless Chromium)."""
 import json
 from html.parser import HTMLParser
@@ -6,9 +6,12 @@ from html.parser import HTMLParser
 import numpy as np
 import pytest
 
-from experiments import browse, ksweep, sae
 from ksae_jax import browse as pages
-from ksae_jax import cli
+from ksae_jax import cli, image_run, sae_run
+
+
+def browse(argv):
+    return cli.browse(argv, "ksae browse")
 
 
 class Tally(HTMLParser):
@@ -37,10 +40,10 @@ def tally(path) -> Tally:
 
 def test_image_run_pages(tmp_path):
     run = tmp_path / "run"
-    ksweep.main(["--dataset", "mnist-sample", "--train-limit", "300", "--arch", "mlp", "--hidden", "48",
+    image_run.main(["--dataset", "mnist-sample", "--train-limit", "300", "--arch", "mlp", "--hidden", "48",
                  "--ks", "3", "8", "--steps", "6", "--batch-size", "100", "--no-progress",
                  "--out", str(run)])
-    browse.main([str(run), "--max-rows", "400"])
+    browse([str(run), "--max-rows", "400"])
     out = run / "browse"
     assert sorted(p.name for p in out.iterdir()) == ["index.html", "k3.html", "k8.html"]
     index = tally(out / "index.html")
@@ -57,9 +60,9 @@ def test_vector_run_pages_list_dead_latents_without_panels(tmp_path):
     rng = np.random.default_rng(0)
     np.save(tmp_path / "x.npy", rng.standard_normal((3000, 12)).astype(np.float32))
     run = tmp_path / "run"
-    sae.main(["--data", str(tmp_path / "x.npy"), "--latents", "96", "--ks", "2", "--steps", "3",
-              "--batch-size", "256", "--no-progress", "--out", str(run)])
-    browse.main([str(run)])
+    sae_run.main(["--data", str(tmp_path / "x.npy"), "--latents", "96", "--ks", "2", "--steps", "3",
+                  "--batch-size", "256", "--no-progress", "--out", str(run)])
+    browse([str(run)])
     html = (run / "browse" / "k2.html").read_text()
     m = json.loads((run / "metrics.json").read_text())
     dead = round(m["dead_frac"][0] * 96)
@@ -91,6 +94,6 @@ def test_latent_stats_against_a_direct_computation():
 
 def test_not_a_run_folder_is_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        cli.run(browse.main, [str(tmp_path)])
+        cli.run(lambda: browse([str(tmp_path)]), "ksae browse")
     err = capsys.readouterr().err
     assert e.value.code == 2 and "not a run folder" in err and err.count("\n") == 1

@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 
 import ksae_jax
-from experiments import sae as sae_cli
-from ksae_jax import cli, sae_config, train
+from ksae_jax import cli, sae_config, sae_run, train
 from ksae_jax.data import synthetic
 from ksae_jax.safe_pickle import ParamsFileError
 
@@ -25,7 +24,7 @@ THIRD_PARTY = ["sparsify_topk", "saelens_topk", "saelens_topk_no_b_dec_in", "sae
 def test_folders_written_by_sparsify_and_saelens_reconstruct_as_they_do(name):
     expected = np.load(FIXTURES / name / "expected.npz")
     model = ksae_jax.load(FIXTURES / name)
-    assert model.model_config.d_in == 16 and model.model_config.hidden == 64
+    assert model.model_config.d_in == 16 and model.model_config.latents == 64
     label = int(expected["k"]) if model.ks else None
     np.testing.assert_allclose(model.reconstruct(expected["x"], label), expected["recon"],
                                rtol=1e-5, atol=1e-5)
@@ -109,8 +108,9 @@ def test_bad_folders_are_one_line_exit_2_and_nothing_is_written(tmp_path, capsys
     np.save(tmp_path / "x.npy", np.ones((600, 16), np.float32))
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as e:
-        cli.run(sae_cli.main, ["--data", str(tmp_path / "x.npy"), "--init", str(folder),
-                               "--steps", "2", "--batch-size", "100", "--out", str(out)])
+        cli.run(lambda: sae_run.main(["--data", str(tmp_path / "x.npy"), "--init", str(folder),
+                                      "--steps", "2", "--batch-size", "100", "--out", str(out)]),
+                "ksae train")
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err and err.count("\n") == 1, err
     assert not out.exists()
@@ -122,7 +122,7 @@ def test_training_continues_from_an_imported_sae(name, tmp_path):
     np.save(tmp_path / "x.npy", x)
     start = ksae_jax.load(FIXTURES / name)
     out = tmp_path / "run"
-    sae_cli.main(["--data", str(tmp_path / "x.npy"), "--init", str(FIXTURES / name), "--steps", "1",
+    sae_run.main(["--data", str(tmp_path / "x.npy"), "--init", str(FIXTURES / name), "--steps", "1",
                   "--batch-size", "256", "--lr", "1e-9", "--out", str(out), "--no-progress"])
     after = ksae_jax.load(out / "params.pkl")
     assert after.model_config.arch == start.model_config.arch and after.labels == start.labels

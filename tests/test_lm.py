@@ -12,9 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")  # the lm extra: .ci/run installs requirements-lm.txt
 pytest.importorskip("transformers")
 
-from experiments import browse, sae
-from experiments import lm as lm_cli
-from ksae_jax import cli
+from ksae_jax import cli, sae_run
 from ksae_jax.lm import cache, offline_lm, splice, text
 from ksae_jax.lm import model as lm_model
 
@@ -25,7 +23,7 @@ TEXT = ROOT / "README.md"  # English prose that ships with the repository
 @pytest.fixture(scope="module")
 def tiny_lm(tmp_path_factory):
     out = tmp_path_factory.mktemp("lm")
-    cfg = offline_lm.LMConfig(layers=2, d_model=32, heads=2, context=16, vocab=400, batch=4,
+    cfg = offline_lm.LMConfig(layers=2, d_model=32, heads=2, context=16, vocab=400, batch_size=4,
                               steps=4, text=str(TEXT), eval_windows=4)
     summary = offline_lm.train(cfg, out, progress=False)
     return out, summary
@@ -33,7 +31,7 @@ def tiny_lm(tmp_path_factory):
 
 def small_cache(lm_dir, **kw) -> cache.CacheConfig:
     return cache.CacheConfig(**{"model": str(lm_dir), "layer": 0, "tokens": 300, "heldout_tokens": 45,
-                                "context": 16, "text": str(TEXT), "batch": 4,
+                                "context": 16, "text": str(TEXT), "batch_size": 4,
                                 "shard_tokens": 100, **kw})
 
 
@@ -136,7 +134,7 @@ def test_sae_on_a_cache_reports_the_lm_metrics(tiny_lm, tmp_path):
     lm_dir, _ = tiny_lm
     cache.build(small_cache(lm_dir, tokens=600, heldout_tokens=90), tmp_path / "c", progress=False)
     out = tmp_path / "sae"
-    sae.main(["--data", str(tmp_path / "c" / "train"), "--eval-data", str(tmp_path / "c" / "heldout"),
+    sae_run.main(["--data", str(tmp_path / "c" / "train"), "--eval-data", str(tmp_path / "c" / "heldout"),
               "--latents", "64", "--ks", "2", "8", "--steps", "4", "--batch-size", "100",
               "--lm", str(lm_dir), "--lm-text", str(TEXT), "--lm-tokens", "60", "--no-progress",
               "--out", str(out)])
@@ -149,13 +147,14 @@ def test_sae_on_a_cache_reports_the_lm_metrics(tiny_lm, tmp_path):
     np.testing.assert_allclose((m["lm_loss_zero"] - sae_loss) / (m["lm_loss_zero"] - m["lm_loss_clean"]),
                                m["loss_recovered"])
     # the separate evaluate command on the saved SAE gives the run's own numbers
-    lm_cli.main(["evaluate", "--sae", str(out / "params.pkl"), "--model", str(lm_dir), "--layer", "0",
-             "--text", str(TEXT), "--tokens", "60", "--context", "16", "--out", str(tmp_path / "e.json")])
+    cli.evaluate(["--sae", str(out / "params.pkl"), "--model", str(lm_dir), "--layer", "0",
+                  "--text", str(TEXT), "--tokens", "60", "--context", "16",
+                  "--out", str(tmp_path / "e.json")], "ksae evaluate")
     e = json.loads((tmp_path / "e.json").read_text())
     assert e["ks"] == [2, 8]
     np.testing.assert_allclose(e["delta_loss"], m["delta_loss"], rtol=1e-5, atol=1e-6)
     # the features in their text: browse finds the cache's contexts and tokenizer
-    browse.main([str(out)])
+    cli.browse([str(out)], "ksae browse")
     page = (out / "browse" / "k8.html").read_text()
     assert page.count('class="ctx"') >= 5 and page.count("tok fire") >= 5 and "<svg" in page
 
@@ -169,12 +168,12 @@ def test_bad_cache_input_is_one_line_exit_2_and_writes_nothing(tiny_lm, tmp_path
                                                                message):
     lm_dir, _ = tiny_lm
     (tmp_path / "empty.txt").write_text("\n\n")
-    argv = ["cache", "--model", str(lm_dir), "--layer", "0", "--tokens", "100",
+    argv = ["--model", str(lm_dir), "--layer", "0", "--tokens", "100",
             "--text", str(TEXT), "--out", str(tmp_path / "c"), "--no-progress"]
     for flag, value in zip(flags[::2], flags[1::2]):
         argv[argv.index(flag) + 1] = str(tmp_path / "empty.txt") if value == "EMPTY" else value
     with pytest.raises(SystemExit) as e:
-        cli.run(lm_cli.main, argv)
+        cli.run(lambda: cli.cache(argv, "ksae cache"), "ksae cache")
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err and err.count("\n") == 1, err
     assert not (tmp_path / "c").exists()
@@ -182,8 +181,7 @@ def test_bad_cache_input_is_one_line_exit_2_and_writes_nothing(tiny_lm, tmp_path
 
 def test_without_the_lm_extra_the_commands_say_what_to_install(tmp_path):
     probe = ("import sys\nsys.modules['torch'] = None\n"  # as if torch were not installed
-             "from ksae_jax import cli\nfrom experiments import lm\n"
-             "cli.run(lm.main, ['train', '--out', sys.argv[1]])\n")
+             "from ksae_jax import cli\ncli.main(['lm', '--out', sys.argv[1]])\n")
     r = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "x")], cwd=ROOT,
                        capture_output=True, text=True)
     assert r.returncode == 2 and "requirements-lm.txt" in r.stderr and r.stderr.count("\n") == 1

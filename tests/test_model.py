@@ -15,7 +15,7 @@ def init(cfg, seed):
 
 
 def forward(cfg, params, x, k):
-    return models.family(cfg).forward(params, x, jnp.ones(x.shape[0]), k, k)
+    return models.family(cfg).forward(params, x, jnp.ones(x.shape[0]), {"k": k}, k)
 
 
 def test_conv_layer_shapes_match_the_original():
@@ -46,13 +46,18 @@ def test_init_follows_torch_default_bounds():
         assert np.abs(w).max() <= bound and np.abs(w).max() > 0.9 * bound
 
 
-def test_code_is_k_sparse_and_outputs_nonnegative():
+def test_code_keeps_the_k_largest_units_and_outputs_are_nonnegative():
     cfg = ImageModel("conv")
     params = init(cfg, 1)
     x = jax.random.uniform(jax.random.key(2), (4, 28, 28))
     out = forward(cfg, params, x, 10)
-    assert (np.count_nonzero(np.asarray(out.code), axis=1) <= 10).all()
-    assert (np.asarray(out.recon) >= 0).all()
+    dense, code = np.asarray(out.dense), np.asarray(out.code)
+    top = np.argsort(-dense, axis=1, kind="stable")[:, :10]
+    want = np.zeros_like(dense)
+    np.put_along_axis(want, top, np.take_along_axis(dense, top, axis=1), axis=1)
+    np.testing.assert_array_equal(code, want)  # the 10 largest of each row, the rest zero
+    assert (np.count_nonzero(code, axis=1) > 0).all() and (dense >= 0).all()
+    assert (np.asarray(out.recon) >= 0).all() and np.asarray(out.recon).max() > 0
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -83,7 +88,8 @@ def test_module_and_functional_paths_agree():
     m = family.module(nnx.Rngs(params=jax.random.key(3)))
     params = nnx.to_pure_dict(nnx.state(m, nnx.Param))
     x = jax.random.uniform(jax.random.key(4), (2, 28, 28))
-    np.testing.assert_array_equal(m(x, jnp.ones(2), 7, 7).recon, forward(cfg, params, x, 7).recon)
+    np.testing.assert_array_equal(m(x, jnp.ones(2), {"k": 7}, 7).recon,
+                                  forward(cfg, params, x, 7).recon)
     np.testing.assert_array_equal(params["enc1"]["weight"], init(cfg, 3)["enc1"]["weight"])
     np.testing.assert_array_equal(family.decode(params, forward(cfg, params, x, 7).code),
                                   forward(cfg, params, x, 7).recon)

@@ -7,7 +7,7 @@ import pytest
 from ksae_jax import losses, models, recipe, sae_config, step, train
 from ksae_jax.data import synthetic
 from ksae_jax.evaluate import EvalSet, evaluate
-from ksae_jax.models.sae import MEDIAN_ROWS
+from ksae_jax.recipe import MEDIAN_ROWS
 
 
 @pytest.fixture(scope="module")
@@ -75,15 +75,15 @@ def test_auxk_matches_numpy_and_is_zero_without_dead_latents(decoder):
     x = jax.random.normal(jax.random.key(1), (16, 12))
     batch = {"x": x, "w": jnp.ones(16)}
     dead = jnp.zeros(40, bool).at[jnp.array([1, 5, 6, 20, 33])].set(True)
-    loss_fn = jax.jit(lambda d: family.loss(params, batch, {"k": 3}, d, cfg=cfg, max_k=3))
-    with_dead, m = loss_fn(dead)
-    without, m0 = loss_fn(jnp.zeros(40, bool))
+    loss_fn = jax.jit(lambda d: step.loss_fn(params, batch, {"k": 3}, d, cfg=cfg, max_k=3))
+    with_dead, (m, _) = loss_fn(dead)
+    without, (m0, _) = loss_fn(jnp.zeros(40, bool))
     np.testing.assert_allclose(without, m0["rec"], rtol=1e-6)  # AuxK adds exactly 0
-    out = family.forward(params, x, jnp.ones(16), 3, 3, terms=False)
+    out = family.forward(params, x, jnp.ones(16), {"k": 3}, 3, terms=False)
     p = jax.tree.map(np.asarray, params)
     pre = (np.asarray(x) - p["b_dec"]) @ p["W_enc"].T + p["b_enc"]
     want = _auxk_numpy(pre, np.asarray(dead), np.asarray(x), np.asarray(out.recon), p["W_dec"], 6)
-    np.testing.assert_allclose(with_dead - m["rec"], cfg.aux_coef * want, rtol=1e-4)
+    np.testing.assert_allclose(with_dead - m["rec"], cfg.model.aux_coef * want, rtol=1e-4)
     assert want > 0
 
 
@@ -261,7 +261,8 @@ def test_resampling_restarts_exactly_the_dead_latents(syn):
     mean_live = np.linalg.norm(W_enc[live], axis=1).mean()
     np.testing.assert_allclose(W_enc[dead], mean_live * W_dec[dead], rtol=1e-4, atol=1e-6)
     assert not np.asarray(new["b_enc"][dead]).any()
-    out = models.family(cfg.model).forward(base[0], batch["x"], batch["w"], 4, 4, terms=False)
+    out = models.family(cfg.model).forward(base[0], batch["x"], batch["w"], {"k": 4}, 4,
+                                           terms=False)
     residual = np.array(batch["x"] - out.recon)
     residual /= np.linalg.norm(residual, axis=1, keepdims=True)
     assert (np.max(W_dec[dead] @ residual.T, axis=1) > 1 - 1e-5).all()  # along batch residuals

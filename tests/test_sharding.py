@@ -82,7 +82,7 @@ def _one_process_reference(tmp_path) -> list:
     np.save(tmp_path / "x.npy", syn.x)
     base = ["--data", str(tmp_path / "x.npy"), "--latents", "64", "--ks", "2", "4", "--steps", "6",
             "--batch-size", "128", "--eval-every", "3", "--no-progress"]
-    ref = subprocess.run([sys.executable, "-m", "experiments.sae", *base, "--out", str(tmp_path / "ref")],
+    ref = subprocess.run([sys.executable, "-m", "ksae_jax", "train", *base, "--out", str(tmp_path / "ref")],
                          cwd=ROOT, env=_env(1), capture_output=True, text=True, timeout=300)
     assert ref.returncode == 0, ref.stderr[-2000:]
     return base
@@ -94,7 +94,7 @@ def test_two_processes_train_write_once_and_equal_one_process(tmp_path):
     base = _one_process_reference(tmp_path)
     shared = tmp_path / "shared"
     procs, outs = _two_processes(base + ["--mesh", "data=8", "--out", str(shared), "--overwrite"],
-                                 "-m experiments.sae")
+                                 "-m ksae_jax train")
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
     assert "mesh: data=8 over 8 cpu devices in 2 processes" in outs[0][0]
@@ -129,14 +129,14 @@ def test_checkpoint_of_two_processes_resumes_on_other_meshes_and_one_process(tmp
     base = _one_process_reference(tmp_path)
     cut = tmp_path / "cut"
     procs, outs = _two_processes(base + ["--mesh", "latent=4,data=2", "--out", str(cut),
-                                         "--overwrite"], "tests/stopped_run.py experiments.sae")
+                                         "--overwrite"], "tests/stopped_run.py ksae_jax train")
     assert [p.returncode for p in procs] == [75, 75], outs[0][1][-2000:] + outs[1][1][-2000:]
     assert sorted(p.name for p in (cut / "checkpoints").iterdir()) == ["3"]
     b = formats.load_params_file(tmp_path / "ref" / "params.pkl")["params"]
     for name, mesh, devices in (("mesh", ["--mesh", "latent=2,data=4"], 8), ("one", [], 1)):
         copy = tmp_path / name
         shutil.copytree(cut, copy)
-        r = subprocess.run([sys.executable, "-m", "experiments.sae", *base, *mesh, "--resume",
+        r = subprocess.run([sys.executable, "-m", "ksae_jax", "train", *base, *mesh, "--resume",
                             str(copy)], cwd=ROOT, env=_env(devices), capture_output=True, text=True,
                            timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
@@ -170,10 +170,10 @@ def test_state_is_born_and_checkpointed_in_shards_within_the_memory_bound(tmp_pa
 
 
 def test_plan_compiles_the_step_from_abstract_shapes(tmp_path):
-    """--plan on a mesh larger than the machine's devices (forced in a child process): the
+    """ksae plan on a mesh larger than the machine's devices (forced in a child process): the
     per-device memory is the state's share, and the latent split shows its collectives."""
     out = tmp_path / "plan"
-    r = subprocess.run([sys.executable, "-m", "experiments.sae", "--plan", "--d-in", "64",
+    r = subprocess.run([sys.executable, "-m", "ksae_jax", "plan", "--d-in", "64",
                         "--latents", "4096", "--ks", "8", "--batch-size", "256", "--mesh",
                         "latent=4,data=2", "--out", str(out)], cwd=ROOT, capture_output=True,
                        text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})

@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ksae_jax import batching, models, optim, step, train
-from ksae_jax.config import ImageModel, SweepConfig
+from ksae_jax import batching, models, optim, sae_config, step, train
+from ksae_jax.config import Execution, ImageModel, Optimizer, SweepConfig
 from ksae_jax.data.feed import ArrayRows
 from ksae_jax.evaluate import EvalSet, evaluate
 
@@ -48,7 +48,7 @@ def test_evaluate_is_the_true_mean_over_the_test_set(images):
     x = images.astype(np.float32) / 255
     for i, k in enumerate(cfg.ks):
         p = jax.tree.map(lambda a: a[i], params)
-        out = models.family(cfg.model).forward(p, jnp.asarray(x), jnp.ones(len(x)), k, k)
+        out = models.family(cfg.model).forward(p, jnp.asarray(x), jnp.ones(len(x)), {"k": k}, k)
         np.testing.assert_allclose(got.mse[i], np.mean((np.asarray(out.recon) - x) ** 2), rtol=1e-5)
         np.testing.assert_allclose(got.l0[i], np.count_nonzero(np.asarray(out.code)) / len(x), rtol=1e-6)
         np.testing.assert_array_equal(got.counts[i], np.count_nonzero(np.asarray(out.code), axis=0))
@@ -59,7 +59,7 @@ def test_padded_batch_equals_the_unpadded_batch(images):
     """The last, partial batch is padded to a full one with zero weights: same step."""
     cfg = SweepConfig(model=ImageModel(l1=1e-4), ks=(5,))
     params = models.family(cfg.model).init(jax.random.key(0))
-    opt = optim.make_optimizer(cfg).init(params)
+    opt = optim.make_optimizer(cfg.optim).init(params)
     since = jnp.zeros(cfg.model.hidden, jnp.int32)
     x = jnp.asarray(images[:30], jnp.float32) / 255
     hp = {"k": 5, "lr": 1e-3, "l1": 1e-4}
@@ -111,8 +111,8 @@ def test_run_makes_exactly_the_budgeted_steps(images, tmp_path):
 
 
 def test_k_schedule_moves_from_k_start_to_each_k():
-    cfg = SweepConfig(model=ImageModel("mlp"), ks=(10, 40), steps=400, k_start=100,
-                      k_anneal_frac=0.5)
+    cfg = SweepConfig(model=ImageModel("mlp"), ks=(10, 40), steps=400,
+                      optim=Optimizer(k_start=100, k_anneal_frac=0.5))
     np.testing.assert_array_equal(step.k_at(cfg, 0, 400), [100, 100])
     np.testing.assert_array_equal(step.k_at(cfg, 100, 400), [55, 70])
     np.testing.assert_array_equal(step.k_at(cfg, 200, 400), [10, 40])
@@ -120,18 +120,44 @@ def test_k_schedule_moves_from_k_start_to_each_k():
     assert cfg.max_k == 100 and cfg.max_ks == (100, 100)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(ks=()), "empty"), (dict(ks=(0,)), "k must be positive"), (dict(ks=(300,)), "larger"),
-    (dict(ks=(5, 5)), "repeated"), (dict(batch_size=0), "batch_size"), (dict(lr=-1.0), "lr"),
-    (dict(ks=(2.5,)), "integer"), (dict(steps=0), "steps"),
-    (dict(lr=(1e-3,)), "one value per model"), (dict(init_seeds=(1, 2)), "one seed per model")])
-def test_sweep_config_rejects_bad_values(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        SweepConfig(**kwargs)
+@pytest.mark.parametrize("make,match", [
+    (lambda: SweepConfig(ks=()), "empty"), (lambda: SweepConfig(ks=(0,)), "k must be positive"),
+    (lambda: SweepConfig(ks=(300,)), "larger"), (lambda: SweepConfig(ks=(5, 5)), "repeated"),
+    (lambda: SweepConfig(batch_size=0), "batch_size"), (lambda: Optimizer(lr=-1.0), "lr"),
+    (lambda: SweepConfig(ks=(2.5,)), "integer"), (lambda: SweepConfig(steps=0), "steps"),
+    (lambda: SweepConfig(optim=Optimizer(lr=(1e-3,))), "one value per model"),
+    (lambda: SweepConfig(init_seeds=(1, 2)), "one seed per model"),
+    (lambda: Optimizer(k_start=50, k_anneal_frac=0.0), "k_anneal_frac > 0"),
+    (lambda: SweepConfig(ks=(5,), optim=Optimizer(k_start=300)), "k_start=300 is larger"),
+    (lambda: Optimizer(momentum=0.5), "momentum applies to optimizer 'sgd'"),
+    (lambda: Execution(batching="scan"), "batching must be one of"),
+    (lambda: sae_config(8, (2,), l0_coefs=(1e-3,)), "l0_coefs are JumpReLU's"),
+    (lambda: sae_config(8, (2,), arch="jumprelu"), "JumpReLU has no k"),
+    (lambda: sae_config(8, (2,), init_mix=2.0), "init_mix: only init_dirs 'mixed'"),
+    (lambda: sae_config(8, (2,), b_enc_init="zero", b_enc_mean_keep=1.0), "only b_enc_init"),
+    (lambda: sae_config(8, (2,), arch="batchtopk", multi_topk=True), "'multi_topk' is not a setting")])
+def test_configs_refuse_bad_values_naming_the_setting(make, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        make()
+
+
+def test_defaults_left_unset_are_the_models():
+    images, sae = SweepConfig(), sae_config(512, latents=2 ** 16)
+    assert (images.ks, images.batch_size, images.seed) == ((5, 10, 25, 50, 100), 600, 1)
+    assert (images.optim.lr, images.optim.adam_eps, images.model.aux_coef) == (1e-3, 1e-8, 0.0)
+    assert (sae.ks, sae.batch_size, sae.seed) == ((16, 32, 64, 128), 4096, 0)
+    assert (sae.optim.lr, sae.optim.adam_eps, sae.model.aux_coef) == (1e-4, 6.25e-10, 1 / 32)
+    jump = sae_config(512, arch="jumprelu")
+    assert (jump.ks, jump.l0_coefs, jump.label_name, jump.max_ks) == \
+        ((), (3e-4, 1e-3, 3e-3, 1e-2), "l0_coef", (None,) * 4)
+    given = sae_config(512, (8,), batch_size=100, seed=7, lr=3e-3, adam_eps=1e-8)
+    assert (given.batch_size, given.seed, given.optim.lr, given.optim.adam_eps) == \
+        (100, 7, 3e-3, 1e-8)
 
 
 def test_loop_and_vmap_batching_agree(images):
-    runs = [train.train_sweep(SweepConfig(ks=(3, 12), epochs=1, batch_size=50, batching=b),
+    runs = [train.train_sweep(SweepConfig(ks=(3, 12), epochs=1, batch_size=50,
+                                          execution=Execution(batching=b)),
                               images, images[:20], progress=False) for b in ("loop", "vmap")]
     for a, b in zip(jax.tree.leaves(runs[0].params), jax.tree.leaves(runs[1].params)):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
@@ -141,7 +167,7 @@ def test_loop_and_vmap_batching_agree(images):
 def test_auto_batching_is_chosen_by_backend():
     assert batching.choose("cpu") == "loop"
     assert batching.choose("gpu") == "vmap" and batching.choose("tpu") == "vmap"
-    assert batching.resolve(SweepConfig(batching="vmap")) == "vmap"
+    assert batching.resolve(SweepConfig(execution=Execution(batching="vmap"))) == "vmap"
 
 
 def test_over_models_gives_each_model_its_own_static_width():
@@ -164,9 +190,20 @@ def test_over_models_gives_each_model_its_own_static_width():
 
 def test_per_model_learning_rates_and_seeds(images):
     base = dict(model=ImageModel("mlp", hidden=32), steps=3, batch_size=50)
-    both = train.train_sweep(SweepConfig(ks=(3, 4), lr=(1e-3, 3e-3), init_seeds=(5, 6), **base),
-                             images, progress=False)
-    second = train.train_sweep(SweepConfig(ks=(4,), lr=3e-3, init_seeds=(6,), **base), images,
-                               progress=False)
+    both = train.train_sweep(SweepConfig(ks=(3, 4), optim=Optimizer(lr=(1e-3, 3e-3)),
+                                         init_seeds=(5, 6), **base), images, progress=False)
+    second = train.train_sweep(SweepConfig(ks=(4,), optim=Optimizer(lr=3e-3), init_seeds=(6,),
+                                           **base), images, progress=False)
     for a, b in zip(jax.tree.leaves(both.params), jax.tree.leaves(second.params)):
         np.testing.assert_allclose(a[1], b[0], rtol=2e-5, atol=2e-6)
+
+
+def test_training_entry_points_check_their_arrays(images):
+    cfg = SweepConfig(ks=(5,), epochs=1, batch_size=100)
+    with pytest.raises(ValueError, match=r"train must be a non-empty uint8 array of shape \(N, 28, 28\), got float64"):
+        train.train_sweep(cfg, images / 255.0)
+    with pytest.raises(ValueError, match="test must be"):
+        train.train_sweep(cfg, images, images[:, :14])
+    with pytest.raises(ValueError, match="on_nan"):
+        train.train_sweep(cfg, images, on_nan="ignore")
+

@@ -1,5 +1,7 @@
-"""Makhzani & Frey's own training (--recipe paper): its step against a PyTorch reference, its
-init and loss, the flags that set it, and the learning curve's snapshots."""
+"""Makhzani & Frey's protocol (python -m experiments.paper_table): the table end to end on a
+tiny config, the validation choice, the authors' own training (--recipe paper: its step
+against a PyTorch reference, its init and loss, the flags that set it) and the learning
+curve's snapshots."""
 import json
 
 import jax
@@ -7,14 +9,52 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import ksweep, paper_curves, paper_table
-from ksae_jax import cli, image_recipes, models, optim, step
-from ksae_jax.config import ImageModel, SweepConfig
+from ksae_jax import cli, flags, image_recipes, image_run, models, optim, paper_table, step
+from ksae_jax.config import ImageModel, Optimizer, SweepConfig
 
 
 @pytest.fixture(scope="module")
 def images(digits):
     return digits.x_train[:200]
+
+
+def test_tiny_paper_table_writes_every_output(tmp_path):
+    out = tmp_path / "table"
+    paper_table.main(["--dataset", "mnist-sample", "--train-limit", "400", "--ks", "5", "10",
+                      "--hidden", "64", "--epochs", "2", "--k-start", "30", "--cls-epochs", "2",
+                      "--finetune", "--ft-epochs", "1", "--batch-size", "100", "--no-progress",
+                      "--out", str(out)])
+    assert {p.name for p in out.iterdir()} == {"table.md", "table.json", "features.png", "params.pkl",
+                                               "checkpoints"}
+    t = json.loads((out / "table.json").read_text())
+    names = [r["name"] for r in t["rows"]]
+    assert names == ["raw pixels", "k = 5", "k = 10", "k = 5 fine-tuned", "k = 10 fine-tuned"]
+    for r in t["rows"]:
+        assert 0 <= r["test_error_pct"] <= 100 and 0 <= r["val_error_pct"] <= 100
+        assert 1 <= r["epoch"] <= 2  # the epoch chosen on validation
+    for r in t["rows"][1:3]:
+        assert 0 <= r["dead_units_pct"] <= 100 and 0 < r["recon_mse"] < 0.2
+    assert t["choices"]["n_active"] == [15, 30] and t["config"]["optim"]["k_start"] == 30
+    assert (t["n_train"], t["n_val"]) == (334, 66)  # a sixth of the 400 held out
+    assert {k: t["config"]["model"][k] for k in ("arch", "hidden", "tied", "loss")} == \
+        {"arch": "mlp", "hidden": 64, "tied": True, "loss": "mse"}
+    md = (out / "table.md").read_text()
+    assert "| k = 10 fine-tuned |" in md and "| raw pixels |" in md and "validation error %" in md
+    assert (out / "features.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_validation_choice_keeps_the_best_epoch_per_model():
+    from test_classify import quadrant_images
+
+    from ksae_jax import classify
+    x, y = quadrant_images(300)
+    xv, yv = quadrant_images(100, seed=5)
+    state, choice = classify.fit_on_validation(
+        {"cls": classify.init_linear(784, 2)}, x, y, [0, 0], (xv, yv), cfg=None, max_k=1,
+        epochs=3, lr=1e-2, batch_size=50, progress=False)
+    errs = classify.error_rate(state, xv, yv, [0, 0], cfg=None, max_k=1)
+    np.testing.assert_allclose(errs, choice["val_error_pct"])
+    assert all(1 <= e <= 3 for e in choice["epoch"])
 
 
 PAPER_MODEL = ImageModel("mlp", hidden=50, tied=True, loss="half_sse", l1=0.0,
@@ -44,10 +84,10 @@ def _torch_paper_steps(params: dict, batches, k: int, lr: float, momentum: float
 
 def test_paper_step_matches_pytorch_sgd_with_momentum(images):
     pytest.importorskip("torch", reason="the LM extra (pip install .[lm]) brings torch")
-    cfg = SweepConfig(model=PAPER_MODEL, ks=(7,), optimizer="sgd", momentum=0.9, lr=0.01,
-                      batch_size=32)
+    cfg = SweepConfig(model=PAPER_MODEL, ks=(7,), batch_size=32,
+                      optim=Optimizer(optimizer="sgd", momentum=0.9, lr=0.01))
     params = models.family(cfg.model).init(jax.random.key(3))
-    opt = optim.make_optimizer(cfg).init(params)
+    opt = optim.make_optimizer(cfg.optim).init(params)
     since = jnp.zeros(cfg.model.hidden, jnp.int32)
     batches = [np.asarray(images[i * 32:(i + 1) * 32], np.float32) / 255 for i in range(4)]
     run_cfg = step.resolved(cfg, len(images))
@@ -75,39 +115,46 @@ def test_half_sse_is_half_the_summed_error_and_relu_codes_are_nonnegative(images
     family = models.family(PAPER_MODEL)
     params = family.init(jax.random.key(1))
     x = jnp.asarray(images[:16], jnp.float32) / 255
-    out = family.forward(params, x, jnp.ones(16), 5, 5)
+    out = family.forward(params, x, jnp.ones(16), {"k": 5}, 5)
     err = np.square(np.asarray(out.recon - x)).reshape(16, -1)
     np.testing.assert_allclose(out.rec, 0.5 * err.sum(1).mean(), rtol=1e-5)
     np.testing.assert_allclose(out.mse, err.mean(), rtol=1e-5)
     assert (np.asarray(out.code) >= 0).all() and ((np.asarray(out.code) > 0).sum(1) <= 5).all()
-    usage = np.asarray(family.usage(out, 5, 5))
+    usage = np.asarray(family.usage(out, {"k": 5}, 5))
     assert usage.sum() == (np.asarray(out.code) > 0).sum()  # a zero is not a use
 
 
+def _paper_config(argv):
+    parser = flags.make_parser("paper_table", "", paper_table.GROUPS, paper_table.PRESET)
+    return paper_table.sweep_config(paper_table.settings(flags.parse(parser, argv)), None)
+
+
 def test_the_recipe_fills_only_what_the_user_left_unset():
-    args = paper_table.PaperTable().parse(["--recipe", "paper", "--lr", "0.02"])
-    assert (args.optimizer, args.momentum, args.lr, args.batch_size, args.loss) == \
+    cfg = _paper_config(["--recipe", "paper", "--lr", "0.02"])
+    o = cfg.optim
+    assert (o.optimizer, o.momentum, o.lr, cfg.batch_size, cfg.model.loss) == \
         ("sgd", 0.9, 0.02, 128, "half_sse")
-    cfg = paper_table.PaperTable().config(args, {})
-    assert cfg.model.init_std == 0.01 and cfg.model.activation == "relu" and cfg.k_start is None
-    default = paper_table.PaperTable().parse([])
-    assert (default.optimizer, default.lr, default.batch_size, default.loss) == \
-        ("adam", 1e-3, 100, "mse")
-    assert paper_table.PaperTable().config(default, {}).k_start == 100
-    record = image_recipes.record(args)
-    assert record["recipe"] == "paper" and record["momentum"] == 0.9
-    with pytest.raises(cli.UsageError, match="--momentum applies"):
-        paper_table.PaperTable().parse(["--momentum", "0.5"])
+    assert cfg.model.init_std == 0.01 and cfg.model.activation == "relu" and o.k_start is None
+    assert cfg.model.tied and cfg.model.l1 == 0.0 and cfg.epochs == 30
+    default = _paper_config([])
+    o = default.optim
+    assert (o.optimizer, o.lr, default.batch_size, default.model.loss) == ("adam", 1e-3, 100, "mse")
+    assert (o.k_start, o.k_anneal_frac, default.ks) == (100, 0.5, (10, 25, 40, 70))
+    record = image_recipes.record("paper", cfg)
+    assert record["recipe"] == "paper" and record["momentum"] == 0.9 and record["lr"] == 0.02
+    with pytest.raises(flags.UsageError, match="--momentum applies"):
+        _paper_config(["--momentum", "0.5"])
+    assert _paper_config(["--steps", "7"]).steps == 7  # the preset's epochs give way
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--recipe", "paper", "--steps", "2"], "exist only for arch 'mlp'"),
     (["--arch", "mlp", "--optimizer", "adam", "--momentum", "0.5", "--steps", "2"],
-     "--momentum applies"),
+     "--momentum applies to optimizer 'sgd'"),
 ])
 def test_ksweep_refuses_a_recipe_it_cannot_apply(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        ksweep.runner.main(ksweep.KSweep(), argv + ["--out", str(tmp_path / "x")])
+        cli.run(lambda: image_run.main(argv + ["--out", str(tmp_path / "x")]), "ksweep")
     assert e.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
@@ -132,20 +179,20 @@ def test_a_curve_point_is_the_run_of_that_budget(tmp_path):
     assert curve["test_error_pct"][0] == [r["test_error_pct"] for r in rows]
     assert curve["dead_units_pct"][0] == [r["dead_units_pct"] for r in rows]
     assert curve["val_error_pct"][1] == [r["val_error_pct"] for r in long["rows"][1:3]]
-    assert long["recipe"]["recipe"] == "paper" and long["config"]["optimizer"] == "sgd"
+    assert long["recipe"]["recipe"] == "paper" and long["config"]["optim"]["optimizer"] == "sgd"
     assert (out / "error_vs_epochs.png").read_bytes()[:4] == b"\x89PNG"
     assert "Learning curve" in (out / "table.md").read_text()
     fig = tmp_path / "curves.png"
-    drawn = paper_curves.main([f"paper={out}", "--out", str(fig)])
+    drawn = paper_table.curves([f"paper={out}"], fig)
     assert drawn["paper"] == curve and fig.read_bytes()[:4] == b"\x89PNG"
     assert json.loads(fig.with_suffix(".json").read_text())["curves"]["paper"] == curve
-    with pytest.raises(cli.UsageError, match="no learning curve"):
-        paper_curves.main([str(tmp_path / "short"), "--out", str(fig)])
+    with pytest.raises(flags.UsageError, match="no learning curve"):
+        paper_table.curves([str(tmp_path / "short")], fig)
 
 
 def test_curve_epochs_must_fall_below_the_budget(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        paper_table.runner.main(paper_table.PaperTable(), [
-            "--dataset", "mnist-sample", "--epochs", "2", "--curve-epochs", "2",
-            "--out", str(tmp_path / "x")])
+        cli.run(lambda: paper_table.main(["--dataset", "mnist-sample", "--epochs", "2",
+                                          "--curve-epochs", "2", "--out", str(tmp_path / "x")]),
+                "paper_table")
     assert e.value.code == 2 and "--curve-epochs" in capsys.readouterr().err

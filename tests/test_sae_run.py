@@ -1,5 +1,9 @@
-"""The vector experiments end to end on tiny configs: outputs, loading, exports, errors, resume."""
+"""ksae train (SAEs on vectors) end to end on tiny configs: outputs, loading, exports, errors,
+resume; and the reproductions built on it (synthetic features, the Fashion activations)."""
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -7,10 +11,16 @@ import pytest
 from helpers import latest_checkpoint
 
 import ksae_jax
-from experiments import activations, sae, synthetic
-from ksae_jax import cli, formats, sae_config, train
+from ksae_jax import cli, formats, sae_config, sae_run, train
 from ksae_jax.checkpoint import Checkpoints
 from ksae_jax.data import synthetic as synth
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def train_cli(argv):
+    """ksae train as the command line runs it: exit codes and one-line errors."""
+    cli.run(lambda: sae_run.main(argv), "ksae train")
 
 SAE_OUTPUTS = {"params.pkl", "metrics.json", "checkpoints", "fvu_vs_k.png", "firing_freq.png",
                "training_curves.png"}
@@ -31,7 +41,7 @@ TINY = ["--latents", "64", "--ks", "2", "5", "--steps", "12", "--batch-size", "2
 
 def test_tiny_sae_run_writes_every_output_and_loads_back(acts, tmp_path):
     out = tmp_path / "run"
-    sae.main(["--data", str(acts / "train.npy"), "--eval-data", str(acts / "test.npy"),
+    sae_run.main(["--data", str(acts / "train.npy"), "--eval-data", str(acts / "test.npy"),
               "--normalize", "--multi-topk", "--out", str(out)] + TINY)
     assert {p.name for p in out.iterdir()} == SAE_OUTPUTS
     m = json.loads((out / "metrics.json").read_text())
@@ -67,7 +77,7 @@ def test_normalize_is_applied_by_the_library_as_by_the_cli(acts, tmp_path):
     assert not np.array_equal(lib.params["W_enc"], plain.params["W_enc"])
     saved = ksae_jax.load(lib.save(tmp_path / "lib"))
     out = tmp_path / "cli"
-    sae.main(["--data", str(acts / "train.npy"), "--eval-data", str(acts / "test.npy"),
+    sae_run.main(["--data", str(acts / "train.npy"), "--eval-data", str(acts / "test.npy"),
               "--normalize", "--out", str(out)] + TINY)
     by_cli = ksae_jax.load(out / "params.pkl")
     assert saved.input_scale == by_cli.input_scale == lib.input_scale
@@ -78,7 +88,7 @@ def test_normalize_is_applied_by_the_library_as_by_the_cli(acts, tmp_path):
 
 def test_export_to_sparsify_layout_reconstructs_the_same(acts, tmp_path):
     out = tmp_path / "run"
-    sae.main(["--data", str(acts / "train.npy"), "--normalize", "--out", str(out)] + TINY)
+    sae_run.main(["--data", str(acts / "train.npy"), "--normalize", "--out", str(out)] + TINY)
     model = ksae_jax.load(out / "params.pkl")
     exported = ksae_jax.export_sparsify(out / "params.pkl", 5, tmp_path / "sp")
     from safetensors.numpy import load_file
@@ -104,7 +114,7 @@ def test_sparsify_loads_the_export(acts, tmp_path):
     sparsify = pytest.importorskip("sparsify")
     import torch
     out = tmp_path / "run"
-    sae.main(["--data", str(acts / "train.npy"), "--normalize", "--out", str(out)] + TINY)
+    sae_run.main(["--data", str(acts / "train.npy"), "--normalize", "--out", str(out)] + TINY)
     model = ksae_jax.load(out / "params.pkl")
     coder = sparsify.SparseCoder.load_from_disk(ksae_jax.export_sparsify(model, 5, tmp_path / "sp"))
     x = np.load(acts / "test.npy")[:50]
@@ -116,7 +126,7 @@ def test_sparsify_loads_the_export(acts, tmp_path):
 
 def test_safetensors_export_round_trip(acts, tmp_path, digits):
     out = tmp_path / "run"
-    sae.main(["--data", str(acts / "train.npy"), "--out", str(out)] + TINY)
+    sae_run.main(["--data", str(acts / "train.npy"), "--out", str(out)] + TINY)
     model = ksae_jax.load(out / "params.pkl")
     again = ksae_jax.load(ksae_jax.export_safetensors(out / "params.pkl", tmp_path / "st"))
     x = np.load(acts / "test.npy")[:20]
@@ -126,7 +136,7 @@ def test_safetensors_export_round_trip(acts, tmp_path, digits):
 
 def test_interrupted_sae_run_resumes_to_the_same_params(acts, tmp_path, monkeypatch):
     args = ["--data", str(acts / "train.npy"), "--out"] + TINY
-    sae.main(args[:2] + args[2:3] + [str(tmp_path / "ref")] + args[3:])
+    sae_run.main(args[:2] + args[2:3] + [str(tmp_path / "ref")] + args[3:])
     real = Checkpoints.save
 
     def save_then_die(self, step, state, meta):
@@ -137,10 +147,10 @@ def test_interrupted_sae_run_resumes_to_the_same_params(acts, tmp_path, monkeypa
     monkeypatch.setattr(Checkpoints, "save", save_then_die)
     out = tmp_path / "cut"
     with pytest.raises(SystemExit) as e:
-        cli.run(sae.main, args[:3] + [str(out)] + args[3:])
+        train_cli(args[:3] + [str(out)] + args[3:])
     assert e.value.code == 130 and latest_checkpoint(out)[0] == 6
     monkeypatch.setattr(Checkpoints, "save", real)
-    sae.main(["--data", str(acts / "train.npy"), "--resume", str(out)] + TINY)
+    sae_run.main(["--data", str(acts / "train.npy"), "--resume", str(out)] + TINY)
     a = formats.load_params_file(out / "params.pkl")["params"]
     b = formats.load_params_file(tmp_path / "ref" / "params.pkl")["params"]
     for name in a:
@@ -159,7 +169,7 @@ def test_bad_data_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, mak
     make(data)
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as e:
-        cli.run(sae.main, ["--data", str(data), "--out", str(out)] + TINY)
+        train_cli(["--data", str(data), "--out", str(out)] + TINY)
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err and "bad.npy" in err and err.count("\n") == 1, err
     assert not out.exists()
@@ -169,30 +179,35 @@ def test_skip_nonfinite_drops_rows(acts, tmp_path, capsys):
     x = np.load(acts / "train.npy")
     x[[3, 50]] = np.inf
     np.save(tmp_path / "x.npy", x)
-    sae.main(["--data", str(tmp_path / "x.npy"), "--skip-nonfinite", "--out", str(tmp_path / "o")] + TINY)
+    sae_run.main(["--data", str(tmp_path / "x.npy"), "--skip-nonfinite", "--out", str(tmp_path / "o")] + TINY)
     assert "dropped 2 row(s) holding NaN or Inf" in capsys.readouterr().out
     m = json.loads((tmp_path / "o" / "metrics.json").read_text())
     assert m["n_train"] + m["n_eval"] == len(x) - 2
 
 
-def test_synthetic_and_activations_experiments_run(tmp_path):
+def test_synthetic_and_activations_reproductions_run(tmp_path):
     out = tmp_path / "syn"
-    synthetic.main(["--rows", "3000", "--eval-rows", "500", "--d", "16", "--features", "24",
-                    "--mean-active", "2", "--latents", "48", "--ks", "2", "4", "--steps", "8",
-                    "--batch-size", "256", "--no-progress", "--out", str(out)])
+    r = subprocess.run([sys.executable, "-m", "experiments.synthetic", "--rows", "3000",
+                        "--eval-rows", "500", "--d", "16", "--features", "24", "--mean-active", "2",
+                        "--latents", "48", "--ks", "2", "4", "--steps", "8", "--batch-size", "256",
+                        "--no-progress", "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
     m = json.loads((out / "metrics.json").read_text())
     assert len(m["mmcs"]) == len(m["recovered_frac"]) == len(m["dead_frac"]) == 2
     assert 0 < m["mmcs"][0] <= 1 and (out / "mmcs_vs_k.png").exists()
+    assert m["config"]["model"]["aux_coef"] == 1.0  # the protocol's AuxK, not ksae train's
     acts_out = tmp_path / "acts"
-    activations.main(["--dataset", "mnist-sample", "--train-limit", "600", "--width", "32",
-                      "--epochs", "1", "--no-progress", "--out", str(acts_out)])
+    r = subprocess.run([sys.executable, "-m", "experiments.activations", "--dataset", "mnist-sample",
+                        "--train-limit", "600", "--width", "32", "--epochs", "1", "--no-progress",
+                        "--out", str(acts_out)], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
     tr, te = np.load(acts_out / "train.npy"), np.load(acts_out / "test.npy")
     assert tr.shape == (600, 32) and te.shape == (1000, 32) and tr.dtype == np.float32
     assert (tr >= 0).all() and json.loads((acts_out / "info.json").read_text())["test_error_pct"] < 90
 
 
 def test_frontier_draws_every_family_and_the_peer(tmp_path, capsys):
-    from experiments import frontier
+    from benchmarks import frontier
     runs = []
     for arch, fvu in (("topk", [0.3, 0.2]), ("jumprelu", [0.35, 0.25])):
         run = tmp_path / arch
@@ -210,35 +225,41 @@ def test_frontier_draws_every_family_and_the_peer(tmp_path, capsys):
                              "sparsify": ([8.0], [0.31])}}
     assert (tmp_path / "f.png").stat().st_size > 1000 and (tmp_path / "f.json").is_file()
     with pytest.raises(SystemExit) as e:
-        cli.run(frontier.main, ["--panel", "lm", str(tmp_path), "--out", str(tmp_path / "g.png")])
+        cli.run(lambda: frontier.main(["--panel", "lm", str(tmp_path), "--out", str(tmp_path / "g.png")]),
+                "frontier")
     assert e.value.code == 2 and capsys.readouterr().err.count("\n") == 1
     assert not (tmp_path / "g.png").exists()
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--init-mix", "2"], "--init-mix: only --init-dirs mixed"),
-    (["--b-enc-init", "zero", "--b-enc-mean-keep", "0.5"], "--b-enc-mean-keep: only"),
-    (["--b-enc-mean-keep", "1.5"], "expected a number in [0, 1]"),
-    (["--arch", "jumprelu", "--b-enc-mean-keep", "0.5"], "--b-enc-mean-keep: only"),
-    (["--resample-every", "-1"], "resample_every must be an integer >= 0"),
+    (["--init-mix", "2"], "--init-mix: only init_dirs 'mixed'"),
+    (["--b-enc-init", "zero", "--b-enc-mean-keep", "0.25"], "--b-enc-mean-keep: only"),
+    (["--b-enc-mean-keep", "1.5"], "--b-enc-mean-keep must lie in [0, 1]"),
+    (["--arch", "jumprelu", "--b-enc-mean-keep", "0.25"], "--b-enc-mean-keep: only"),
+    (["--resample-every", "-1"], "--resample-every must be an integer >= 0"),
     (["--k-start", "8", "--k-anneal-frac", "0"], "--k-start schedules k"),
-    (["--k-start", "999"], "k_start=999 is larger than the hidden width 64"),
+    (["--k-start", "999"], "k_start=999 is larger than the code's 64 units"),
+    (["--arch", "batchtopk", "--multi-topk"], "--multi-topk: a setting of topk models, not batchtopk"),
+    (["--arch", "topk", "--l0-coefs", "0.1"], "--l0-coefs are JumpReLU's"),
+    (["--arch", "jumprelu", "--init-l0", "0"], "--init-l0 must be positive"),
 ])
 def test_bad_recipe_flags_exit_2_with_one_line(acts, tmp_path, capsys, flags, message):
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as e:
-        cli.run(sae.main, ["--data", str(acts / "train.npy"), "--out", str(out)] + TINY + flags)
+        train_cli(["--data", str(acts / "train.npy"), "--out", str(out)] + TINY + flags)
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and message in err and "\n" not in err and not out.exists()
 
 
 def test_recipe_flags_reach_the_config(acts, tmp_path):
     out = tmp_path / "run"
-    sae.main(["--data", str(acts / "train.npy"), "--out", str(out), "--init-dirs", "mixed",
-              "--init-mix", "0.5", "--resample-every", "3", "--k-start", "10",
-              "--k-anneal-frac", "0.5", "--b-enc-init", "balanced", "--b-enc-mean-keep", "0.25"]
-             + TINY)
+    sae_run.main(["--data", str(acts / "train.npy"), "--out", str(out), "--init-dirs", "mixed",
+                  "--init-mix", "0.5", "--resample-every", "3", "--k-start", "10",
+                  "--k-anneal-frac", "0.5", "--b-enc-init", "balanced", "--b-enc-mean-keep", "0.25",
+                  "--adam-eps", "1e-8", "--aux-coef", "0.5"] + TINY)
     cfg = json.loads((out / "metrics.json").read_text())["config"]
-    assert (cfg["model"]["init_dirs"], cfg["model"]["init_mix"]) == ("mixed", 0.5)
-    assert (cfg["model"]["b_enc_init"], cfg["model"]["b_enc_mean_keep"]) == ("balanced", 0.25)
-    assert (cfg["resample_every"], cfg["k_start"], cfg["k_anneal_frac"]) == (3, 10, 0.5)
+    model, optim = cfg["model"], cfg["optim"]
+    assert (model["init_dirs"], model["init_mix"]) == ("mixed", 0.5)
+    assert (model["b_enc_init"], model["b_enc_mean_keep"]) == ("balanced", 0.25)
+    assert (model["resample_every"], optim["k_start"], optim["k_anneal_frac"]) == (3, 10, 0.5)
+    assert (model["latents"], model["aux_coef"], optim["adam_eps"]) == (64, 0.5, 1e-8)

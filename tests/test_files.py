@@ -1,29 +1,138 @@
-"""Hostile or odd params files and inputs: a clear refusal, never a hang, a traceback or a
-silently wrong result."""
+"""Params files: the round trip, refusal of unsafe, hostile or damaged files (never a hang,
+a traceback or a silently wrong result), atomic writes, and files of earlier versions."""
 import io
-import json
+import os
 import pickle
 import pickletools
-import subprocess
-import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
 import ksae_jax
-from experiments import ksweep
-from ksae_jax import cli, files, formats, safe_pickle
+from ksae_jax import files, formats, models, safe_pickle, step, train
 from ksae_jax.config import ImageModel, SweepConfig
 from ksae_jax.safe_pickle import ParamsFileError
 
-ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).parent / "fixtures"
 MLP = SweepConfig(model=ImageModel("mlp", hidden=16), ks=(2, 4))
 
 
 @pytest.fixture(scope="module")
+def saved(tmp_path_factory, digits):
+    cfg = SweepConfig(ks=(5, 20), epochs=1, batch_size=100)
+    r = train.train_sweep(cfg, digits.x_train[:300], digits.x_test[:100], progress=False)
+    path = r.save(tmp_path_factory.mktemp("run"), metrics={"test_mse": r.history["eval_mse"]})
+    return path, cfg, r
+
+
+def test_round_trip_gives_identical_reconstructions(saved, digits):
+    path, cfg, r = saved
+    ae = ksae_jax.load(path)
+    in_memory = ksae_jax.Autoencoder(cfg, r.params)
+    assert ae.ks == (5, 20) and ae.config == cfg
+    x = digits.x_test[:16]
+    for i, k in enumerate(cfg.ks):
+        np.testing.assert_array_equal(ae.reconstruct(x, k), in_memory.reconstruct(x, k))
+        p = jax.tree.map(lambda a: a[i], r.params)
+        x01 = x.astype(np.float32) / 255
+        want = models.family(cfg.model).forward(p, x01, np.ones(len(x)), {"k": k}, k).recon
+        np.testing.assert_allclose(ae.reconstruct(x, k), want, rtol=1e-5, atol=1e-6)
+        code = ae.encode(x, k)
+        assert (np.count_nonzero(code, axis=1) <= k).all()
+        np.testing.assert_array_equal(ae.decode(code, k), ae.reconstruct(x, k))
+    assert ae.encode(x, 5, n_active=15).shape == (16, 256)
+
+
+def test_loaded_model_checks_its_inputs(saved):
+    ae = ksae_jax.load(saved[0])
+    with pytest.raises(ValueError, match="no model for k=7"):
+        ae.reconstruct(np.zeros((2, 28, 28), np.uint8), 7)
+    with pytest.raises(ValueError, match=r"shape \(N, 28, 28\)"):
+        ae.encode(np.zeros((2, 784), np.float32), 5)
+    with pytest.raises(ValueError, match="dtype"):
+        ae.encode(np.zeros((2, 28, 28), np.int64), 5)
+    with pytest.raises(ValueError, match=r"code must have shape \(N, 256\)"):
+        ae.decode(np.zeros((2, 10)), 5)
+    assert ae.reconstruct(np.zeros((28, 28), np.uint8), 5).shape == (1, 28, 28)
+
+
+class _RunsShell:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path):
+    marker = tmp_path / "pwned"
+    bad = tmp_path / "params.pkl"
+    bad.write_bytes(pickle.dumps({"format": formats.PARAMS_FORMAT, "version": 1,
+                                  "params": _RunsShell(marker)}))
+    with pytest.raises(ParamsFileError, match=r"refused to load (posix|os)\.system"):
+        ksae_jax.load(bad)
+    assert not marker.exists()
+    pickle.loads(bad.read_bytes())  # the plain unpickler would have run it: the test can fail
+    assert marker.exists()
+
+
+def test_damaged_files_give_one_clear_error(saved, tmp_path):
+    good = saved[0].read_bytes()
+    cases = {
+        "truncated.pkl": good[: len(good) // 2],
+        "empty.pkl": b"",
+        "garbage.pkl": b"not a pickle at all",
+    }
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ParamsFileError, match=name):
+            ksae_jax.load(tmp_path / name)
+    with pytest.raises(ParamsFileError, match="file not found"):
+        ksae_jax.load(tmp_path / "missing.pkl")
+
+
+def test_wrong_version_or_format_is_refused(saved, tmp_path):
+    payload = safe_pickle.read_pickle(saved[0])
+    del payload["sha256"]
+    for change, match in [({"version": 99}, "version 99 is not supported"),
+                          ({"format": "other"}, "not a ksae_jax params file")]:
+        path = tmp_path / "p.pkl"
+        files.write_pickle(path, safe_pickle.with_digest({**payload, **change}))
+        with pytest.raises(ParamsFileError, match=match):
+            ksae_jax.load(path)
+    wrong_cfg = {**payload, "config": SweepConfig(model=ImageModel("mlp"), ks=(5, 20)).to_dict()}
+    files.write_pickle(tmp_path / "p.pkl", safe_pickle.with_digest(wrong_cfg))
+    with pytest.raises(ParamsFileError, match="do not match"):
+        ksae_jax.load(tmp_path / "p.pkl")
+
+
+def test_atomic_write_leaves_old_file_on_failure(tmp_path):
+    path = tmp_path / "out.json"
+    files.write_json(path, {"a": 1})
+
+    def failing(f):
+        f.write(b'{"half": ')
+        raise RuntimeError("disk on fire")
+
+    with pytest.raises(RuntimeError):
+        files.atomic_write(path, failing)
+    assert path.read_text() == '{\n "a": 1\n}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]  # no temporary left behind
+
+
+def test_written_files_get_ordinary_permissions(tmp_path):
+    mask = os.umask(0o022)
+    try:
+        path = files.write_json(tmp_path / "m.json", {})
+    finally:
+        os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
+@pytest.fixture(scope="module")
 def good_payload():
-    from ksae_jax import step
     params = step.init_state(MLP).params
     return {"format": formats.PARAMS_FORMAT, "version": formats.PARAMS_VERSION,
             "config": MLP.to_dict(), "ks": [2, 4],
@@ -163,91 +272,15 @@ def test_corrupted_array_bytes_are_detected(tmp_path, good_payload):
     assert formats.load_params_file(tmp_path / "v1.pkl")["checksum"].startswith("none")
 
 
-def test_bad_checkpoints_end_resume_with_one_line(tmp_path, capsys):
-    folder = tmp_path / "run"
-    folder.mkdir()
-    for content in (b"garbage", _laughs(), _object_scalar_pickle()):
-        (folder / "checkpoint.pkl").write_bytes(content)
-        with pytest.raises(SystemExit) as e:
-            cli.run(ksweep.main, ["--dataset", "mnist-sample", "--steps", "2", "--resume", str(folder),
-                                  "--no-progress"])
-        err = capsys.readouterr().err
-        assert e.value.code == 2 and err.count("\n") == 1 and "checkpoint.pkl" in err, err
-
-
-def test_a_damaged_sharded_checkpoint_ends_resume_with_one_line(tmp_path, capsys):
-    run = tmp_path / "run"
-    flags = ["--dataset", "mnist-sample", "--train-limit", "200", "--arch", "mlp", "--hidden", "16",
-             "--ks", "3", "--steps", "2", "--batch-size", "100", "--no-progress"]
-    ksweep.main(flags + ["--out", str(run)])
-    step = run / "checkpoints" / "2"
-    for f in (step / "meta").iterdir():
-        f.write_bytes(b"{not json")
-    with pytest.raises(SystemExit) as e:
-        cli.run(ksweep.main, flags + ["--resume", str(run)])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and err.count("\n") == 1 and "unreadable checkpoint" in err, err
-
-
-# ---------------------------------------------------------------- the CLI
-
-def test_a_run_that_diverges_on_its_only_step_fails(tmp_path, capsys):
-    out = tmp_path / "run"
-    with pytest.raises(SystemExit) as e:
-        cli.run(ksweep.main, ["--dataset", "mnist-sample", "--train-limit", "200", "--arch", "mlp",
-                              "--hidden", "16", "--ks", "3", "--steps", "1", "--batch-size", "100",
-                              "--lr", "1e38", "--no-progress", "--out", str(out)])
-    err = capsys.readouterr().err
-    assert e.value.code == 1 and err.count("\n") == 1 and "non-finite" in err
-    assert not out.exists()  # the run made the folder and wrote nothing into it: removed
-    with pytest.raises(SystemExit) as e:
-        cli.run(ksweep.main, ["--dataset", "mnist-sample", "--train-limit", "200", "--arch", "mlp",
-                              "--hidden", "16", "--ks", "3", "--steps", "1", "--batch-size", "100",
-                              "--lr", "1e38", "--on-nan", "continue", "--no-progress", "--out",
-                              str(out), "--overwrite"])
-    assert e.value.code == 1 and not (out / "params.pkl").exists()
-    text = (out / "metrics.json").read_text()
-    json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict JSON token {c}"))
-    assert "NaN" not in text and "Infinity" not in text
-
-
-def test_data_errors_leave_no_output_folder(tmp_path, capsys):
-    bad_idx = tmp_path / "idx"
-    bad_idx.mkdir()
-    (bad_idx / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03")
-    for flags in (["--idx-dir", str(bad_idx)], ["--idx-dir", str(tmp_path / "none")],
-                  ["--dataset", "nonsense"]):
-        out = tmp_path / "out"
-        with pytest.raises(SystemExit) as e:
-            cli.run(ksweep.main, flags + ["--out", str(out), "--no-progress"])
-        assert e.value.code == 2 and not out.exists()
-        capsys.readouterr()
-
-
-def test_unknown_dataset_is_refused_before_tensorflow_is_imported():
-    """The refusal happens before TensorFlow (TFDS) is imported: nothing slow, no TF noise."""
-    probe = ("import runpy, sys\n"
-             "sys.argv = ['ksweep', '--dataset', 'nonsense']\n"
-             "try:\n    runpy.run_module('experiments.ksweep', run_name='__main__')\n"
-             "except SystemExit as e:\n"
-             "    tf = any(m.split('.')[0] in ('tensorflow', 'tensorflow_datasets') for m in sys.modules)\n"
-             "    print('exit', e.code, 'tensorflow' if tf else 'no tensorflow')\n")
-    r = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True)
-    assert r.stdout.strip() == "exit 2 no tensorflow", (r.stdout, r.stderr)
-    assert r.stderr.count("\n") == 1 and "unknown dataset" in r.stderr, r.stderr
-
-
 # ---------------------------------------------------------------- the Python API
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    from ksae_jax import train
     from ksae_jax.data.images import load_mnist_sample
     ds = load_mnist_sample()
-    r = train.train_sweep(SweepConfig(model=ImageModel("mlp", hidden=32), ks=(4, 8), steps=5,
-                                      batch_size=100), ds.x_train[:500], progress=False)
-    return ksae_jax.Autoencoder(SweepConfig(model=ImageModel("mlp", hidden=32), ks=(4, 8), steps=5,
-                                            batch_size=100), (4, 8), r.params), ds.x_test[:8]
+    cfg = SweepConfig(model=ImageModel("mlp", hidden=32), ks=(4, 8), steps=5, batch_size=100)
+    r = train.train_sweep(cfg, ds.x_train[:500], progress=False)
+    return ksae_jax.Autoencoder(cfg, r.params), ds.x_test[:8]
 
 
 def test_api_refuses_inputs_it_would_get_wrong(model):
@@ -275,3 +308,59 @@ def test_keep_top_k_drops_infinities_to_exact_zeros():
     out = np.asarray(ksae_jax.keep_top_k(z, 2))
     np.testing.assert_array_equal(out[0], [3.0, 0, 0, np.inf, 0])
     assert not np.isnan(out).any()
+
+
+# ---------------------------------------------------------------- files of earlier versions
+
+def test_files_of_version_0_2_still_load_and_reconstruct_the_same(digits):
+    ae = ksae_jax.load(FIXTURES / "v0.2_mlp_params.pkl")
+    assert ae.config.model == ImageModel("mlp", hidden=16, tied=True, l1=0.0) and ae.ks == (2, 4)
+    np.testing.assert_allclose(ae.reconstruct(digits.x_test[:4], 4),
+                               np.load(FIXTURES / "v0.2_mlp_recon_k4.npy"), rtol=1e-5, atol=1e-6)
+    sae = ksae_jax.load(FIXTURES / "v0.2_sae_params.pkl")
+    assert sae.model_config.normalize and sae.model_config.multi_topk and sae.input_scale != 1
+    x = np.load(FIXTURES / "v0.2_vectors.npy")[:5]
+    np.testing.assert_allclose(sae.reconstruct(x, 3), np.load(FIXTURES / "v0.2_sae_recon_k3.npy"),
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["topk", "batchtopk", "matryoshka", "jumprelu"])
+def test_files_of_the_flat_layout_load_and_reconstruct_the_same(name):
+    """Params files written before the configs were split by concern (one flat SweepConfig,
+    the latents called hidden): read into today's layout, they reconstruct as they did."""
+    sae = ksae_jax.load(FIXTURES / "flat" / name / "params.pkl")
+    assert sae.model_config.arch == name and sae.model_config.latents == 16
+    x = np.load(FIXTURES / "v0.2_vectors.npy")[:5]
+    np.testing.assert_allclose(sae.reconstruct(x, sae.labels[-1]),
+                               np.load(FIXTURES / "flat" / name / "recon.npy"), rtol=1e-5, atol=1e-6)
+    cfg = sae.config
+    assert cfg.model.aux_coef == 1 / 32 and cfg.optim.adam_eps == 6.25e-10  # moved, not lost
+    assert formats.read_config(cfg.to_dict()) == cfg  # and today's layout reads back as it is
+
+
+def test_the_flat_image_layout_loads_and_reconstructs_the_same(digits):
+    ae = ksae_jax.load(FIXTURES / "flat" / "mlp" / "params.pkl")
+    assert ae.config.model == ImageModel("mlp", hidden=16, tied=True, l1=0.0) and ae.ks == (2, 4)
+    assert (ae.config.optim.lr, ae.config.execution.batching) == (1e-3, "auto")
+    np.testing.assert_allclose(ae.reconstruct(digits.x_test[:4], 4),
+                               np.load(FIXTURES / "flat" / "mlp" / "recon_k4.npy"), rtol=1e-5, atol=1e-6)
+
+
+def test_read_config_moves_every_field_of_the_flat_layout():
+    flat = {"model": {"d_in": 8, "hidden": 32, "arch": "batchtopk", "decoder": "auto",
+                      "multi_topk": False, "normalize": True, "threshold_lr": 0.02},
+            "ks": [2, 4], "l0_coefs": [], "epochs": None, "steps": 10, "batch_size": 64,
+            "lr": [1e-3, 2e-3], "seed": 5, "init_seeds": None, "k_start": 8, "k_anneal_frac": 0.5,
+            "batching": "vmap", "optimizer": "adam", "momentum": 0.9, "eps": 1e-7,
+            "warmup_steps": 3, "lr_decay_frac": 0.1, "clip_norm": 1.0, "aux_coef": 0.5,
+            "aux_k": 4, "dead_tokens": 100, "resample_every": 2, "eval_every": 5}
+    cfg = formats.read_config(flat)
+    m, o = cfg.model, cfg.optim
+    assert (m.arch, m.latents, m.normalize, m.threshold_lr) == ("batchtopk", 32, True, 0.02)
+    assert (m.aux_coef, m.aux_k, m.dead_tokens, m.resample_every) == (0.5, 4, 100, 2)
+    assert (m.b_dec_init, m.init_scale, m.init_dirs, m.b_enc_init) == ("median", 1.0, "random", "zero")
+    assert (o.lr, o.adam_eps, o.warmup_steps, o.lr_decay_frac, o.clip_norm) == \
+        ((1e-3, 2e-3), 1e-7, 3, 0.1, 1.0)
+    assert (o.k_start, o.k_anneal_frac, cfg.execution.batching, cfg.execution.eval_every) == \
+        (8, 0.5, "vmap", 5)
+    assert (cfg.ks, cfg.steps, cfg.batch_size, cfg.seed) == ((2, 4), 10, 64, 5)
