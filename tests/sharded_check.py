@@ -1,7 +1,7 @@
 """Runs sweeps on meshes of forced CPU devices and prints, as JSON, how far each lands from the
 one-device run (the flag must be set before JAX starts, so tests run this in a subprocess).
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharded_check.py OUT_DIR
+    XLA_FLAGS=--xla_force_host_platform_device_count=4 python tests/sharded_check.py OUT_DIR
 """
 import dataclasses
 import json
@@ -42,20 +42,20 @@ def run(cfg, train_x, test_x, axes=None, **kw):
 
 
 def main(out: Path):
-    assert jax.device_count() == 8, jax.devices()
+    assert jax.device_count() == 4, jax.devices()
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (400, 28, 28), dtype=np.uint8)
-    image_cfg = SweepConfig(model=ImageModel("mlp", hidden=64), ks=(3, 5, 8, 12), steps=6,
+    image_cfg = SweepConfig(model=ImageModel("mlp", hidden=64), ks=(3, 12), steps=4,
                             batch_size=64)
     syn = synthetic.generate(3000, d=16, n_features=32, mean_active=3, seed=0)
-    sae_cfg = sae_config(16, (2, 4, 6, 8), latents=64, steps=6, batch_size=128, dead_tokens=256,
+    sae_cfg = sae_config(16, (2, 8), latents=64, steps=4, batch_size=128, dead_tokens=256,
                          multi_topk=True)
     report = {"devices": jax.device_count()}
     for name, cfg, tr, te, meshes in [
             ("images", image_cfg, images[:320], images[320:],
-             [{"data": 8}, {"model": 4, "data": 2}]),
+             [{"data": 4}, {"model": 2, "data": 2}]),
             ("sae", sae_cfg, syn.x[:2600], syn.x[2600:],
-             [{"data": 8}, {"model": 4, "data": 2}, {"latent": 4, "data": 2}])]:
+             [{"data": 4}, {"model": 2, "data": 2}, {"latent": 2, "data": 2}])]:
         ref = run(cfg, tr, te)
         for axes in meshes:
             got = run(cfg, tr, te, axes)
@@ -67,14 +67,14 @@ def main(out: Path):
 
     # sharded top-k against lax.top_k, ties included
     x = jnp.round(jax.random.normal(jax.random.key(0), (6, 64)) * 2) / 2
-    with sharding.use(sharding.make_mesh({"latent": 4, "data": 2})):
+    with sharding.use(sharding.make_mesh({"latent": 4})):
         got = jax.jit(lambda a: top_k(a, 7))(x)
     ref = jax.lax.top_k(x, 7)
     report["top_k_equal"] = bool(np.array_equal(got[0], ref[0]) and np.array_equal(got[1], ref[1]))
 
-    # a checkpoint written on data=8 (killed after its first evaluation point) resumes on one
-    # device and on model=2 x data=4, each ending where an uninterrupted run ends
-    cfg = dataclasses.replace(sae_cfg, execution=Execution(eval_every=3))
+    # a checkpoint written on data=4 (killed after its first evaluation point) resumes on one
+    # device and on model=2 x data=2, each ending where an uninterrupted run ends
+    cfg = dataclasses.replace(sae_cfg, execution=Execution(eval_every=2))
     full = run(cfg, syn.x[:2600], syn.x[2600:])
     real_save, ckpt = Checkpoints.save, out / "first" / "checkpoints"
 
@@ -85,16 +85,16 @@ def main(out: Path):
 
     Checkpoints.save = save_then_stop
     try:
-        run(cfg, syn.x[:2600], syn.x[2600:], {"data": 8}, checkpoint=ckpt)
+        run(cfg, syn.x[:2600], syn.x[2600:], {"data": 4}, checkpoint=ckpt)
     except KeyboardInterrupt:
         pass
     Checkpoints.save = real_save
-    for i, axes in enumerate((None, {"model": 2, "data": 4})):
+    for i, axes in enumerate((None, {"model": 2, "data": 2})):
         copy = out / f"copy{i}" / "checkpoints"
         shutil.copytree(ckpt, copy)
         resumed = run(cfg, syn.x[:2600], syn.x[2600:], axes, checkpoint=copy, resume=True)
         where = sharding.format_axes(axes) if axes else "one device"
-        report[f"resume from data=8 on {where}"] = rel_diff(resumed.params, full.params)
+        report[f"resume from data=4 on {where}"] = rel_diff(resumed.params, full.params)
     print(json.dumps(report))
 
 

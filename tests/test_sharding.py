@@ -28,17 +28,17 @@ def _env(devices: int) -> dict:
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     r = subprocess.run([sys.executable, str(ROOT / "tests" / "sharded_check.py"),
-                        str(tmp_path_factory.mktemp("sharded"))], cwd=ROOT, env=_env(8),
+                        str(tmp_path_factory.mktemp("sharded"))], cwd=ROOT, env=_env(4),
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def test_meshes_give_the_one_device_result(report):
-    assert report["devices"] == 8
+    assert report["devices"] == 4
     runs = {k: v for k, v in report.items() if isinstance(v, dict)}
-    assert set(runs) == {"images data=8", "images model=4,data=2", "sae data=8",
-                         "sae model=4,data=2", "sae latent=4,data=2"}
+    assert set(runs) == {"images data=4", "images model=2,data=2", "sae data=4",
+                         "sae model=2,data=2", "sae latent=2,data=2"}
     for name, r in runs.items():
         assert r["params"] < TOL, (name, r)
         assert r["eval_fvu"] < TOL and r["since_fired_equal"], (name, r)
@@ -46,8 +46,8 @@ def test_meshes_give_the_one_device_result(report):
 
 def test_sharded_top_k_and_resume_across_meshes(report):
     assert report["top_k_equal"]
-    assert report["resume from data=8 on one device"] < TOL
-    assert report["resume from data=8 on model=2,data=4"] < TOL
+    assert report["resume from data=4 on one device"] < TOL
+    assert report["resume from data=4 on model=2,data=2"] < TOL
 
 
 def test_mesh_flags_are_checked():
@@ -75,65 +75,66 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _one_process_reference(tmp_path) -> list:
-    """The flags of the two-process SAE runs, after the same run on one process and device
-    (into tmp_path/ref)."""
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> tuple[list, Path]:
+    """The flags of the two-process SAE runs, and the same run on one process and device."""
+    folder = tmp_path_factory.mktemp("reference")
     syn = synthetic.generate(3000, d=16, n_features=32, mean_active=3, seed=0)
-    np.save(tmp_path / "x.npy", syn.x)
-    base = ["--data", str(tmp_path / "x.npy"), "--latents", "64", "--ks", "2", "4", "--steps", "6",
+    np.save(folder / "x.npy", syn.x)
+    base = ["--data", str(folder / "x.npy"), "--latents", "64", "--ks", "2", "4", "--steps", "6",
             "--batch-size", "128", "--eval-every", "3", "--no-progress"]
-    ref = subprocess.run([sys.executable, "-m", "ksae_jax", "train", *base, "--out", str(tmp_path / "ref")],
+    ref = subprocess.run([sys.executable, "-m", "ksae_jax", "train", *base, "--out", str(folder / "ref")],
                          cwd=ROOT, env=_env(1), capture_output=True, text=True, timeout=300)
     assert ref.returncode == 0, ref.stderr[-2000:]
-    return base
+    return base, folder / "ref"
 
 
-def test_two_processes_train_write_once_and_equal_one_process(tmp_path):
+def test_two_processes_train_write_once_and_equal_one_process(reference, tmp_path):
     """Two processes share one run folder: each writes its own shards of the checkpoints,
     process 0 alone the result files; the params equal the one-process run's."""
-    base = _one_process_reference(tmp_path)
+    base, ref = reference
     shared = tmp_path / "shared"
-    procs, outs = _two_processes(base + ["--mesh", "data=8", "--out", str(shared), "--overwrite"],
+    procs, outs = _two_processes(base + ["--mesh", "data=4", "--out", str(shared), "--overwrite"],
                                  "-m ksae_jax train")
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
-    assert "mesh: data=8 over 8 cpu devices in 2 processes" in outs[0][0]
+    assert "mesh: data=4 over 4 cpu devices in 2 processes" in outs[0][0]
     assert {f.name for f in shared.iterdir()} == {"params.pkl", "metrics.json", "checkpoints",
                                                   "fvu_vs_k.png", "firing_freq.png",
                                                   "training_curves.png"}  # written once
     assert sorted(p.name for p in (shared / "checkpoints").iterdir()) == ["3", "6"]
     a = formats.load_params_file(shared / "params.pkl")["params"]
-    b = formats.load_params_file(tmp_path / "ref" / "params.pkl")["params"]
+    b = formats.load_params_file(ref / "params.pkl")["params"]
     for name in a:
         assert np.linalg.norm(a[name] - b[name]) <= TOL * np.linalg.norm(b[name]), name
     ma = json.loads((shared / "metrics.json").read_text())
-    mb = json.loads((tmp_path / "ref" / "metrics.json").read_text())
+    mb = json.loads((ref / "metrics.json").read_text())
     np.testing.assert_allclose(ma["fvu"], mb["fvu"], rtol=TOL)
-    assert ma["processes"] == 2 and ma["mesh"] == {"data": 8}
+    assert ma["processes"] == 2 and ma["mesh"] == {"data": 4}
 
 
 def _two_processes(args: list[str], script: str, timeout: int = 300):
     port = _free_port()
     procs = [subprocess.Popen([sys.executable, *script.split(), *args, "--distributed",
                                "--coordinator", f"localhost:{port}", "--num-processes", "2",
-                               "--process-id", str(i)], cwd=ROOT, env=_env(4),
+                               "--process-id", str(i)], cwd=ROOT, env=_env(2),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in (0, 1)]
     return procs, [p.communicate(timeout=timeout) for p in procs]
 
 
-def test_checkpoint_of_two_processes_resumes_on_other_meshes_and_one_process(tmp_path):
-    """2 processes x 4 devices (latent=4, data=2) train, checkpoint and die; the run resumes
-    on one process with latent=2, data=4 and on one device, each ending where an
-    uninterrupted run ends."""
-    base = _one_process_reference(tmp_path)
+def test_checkpoint_of_two_processes_resumes_on_other_meshes_and_one_process(reference, tmp_path):
+    """2 processes x 2 devices (latent=2, data=2) train, checkpoint and die; the run resumes
+    on one process with latent=4 and on one device, each ending where an uninterrupted run
+    ends."""
+    base, ref = reference
     cut = tmp_path / "cut"
-    procs, outs = _two_processes(base + ["--mesh", "latent=4,data=2", "--out", str(cut),
+    procs, outs = _two_processes(base + ["--mesh", "latent=2,data=2", "--out", str(cut),
                                          "--overwrite"], "tests/stopped_run.py ksae_jax train")
     assert [p.returncode for p in procs] == [75, 75], outs[0][1][-2000:] + outs[1][1][-2000:]
     assert sorted(p.name for p in (cut / "checkpoints").iterdir()) == ["3"]
-    b = formats.load_params_file(tmp_path / "ref" / "params.pkl")["params"]
-    for name, mesh, devices in (("mesh", ["--mesh", "latent=2,data=4"], 8), ("one", [], 1)):
+    b = formats.load_params_file(ref / "params.pkl")["params"]
+    for name, mesh, devices in (("mesh", ["--mesh", "latent=4"], 4), ("one", [], 1)):
         copy = tmp_path / name
         shutil.copytree(cut, copy)
         r = subprocess.run([sys.executable, "-m", "ksae_jax", "train", *base, *mesh, "--resume",
