@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from ksae_jax import batching, cli, image_run, train
-from ksae_jax.config import SweepConfig
+from ksae_jax.config import ImageModel, SweepConfig
+
+MLP = ImageModel("mlp", hidden=64)  # divergence does not depend on the architecture
 
 RUN = ["--arch", "mlp", "--hidden", "64", "--dataset", "mnist-sample", "--train-limit", "1200",
        "--ks", "5", "20"]
@@ -24,7 +26,7 @@ def _blow_up_model_1(monkeypatch):
 
     def init_with_a_huge_model(cfg, rows=None, params=None, mesh=None):
         state = init(cfg, rows, params, mesh)
-        state.params["enc4"]["weight"] = state.params["enc4"]["weight"].at[1].multiply(1e30)
+        state.params["enc"]["weight"] = state.params["enc"]["weight"].at[1].multiply(1e30)
         return state
 
     monkeypatch.setattr(train, "init_state", init_with_a_huge_model)
@@ -32,7 +34,7 @@ def _blow_up_model_1(monkeypatch):
 
 def test_diverging_model_is_frozen_and_the_others_train_on(images, monkeypatch):
     _blow_up_model_1(monkeypatch)
-    cfg = SweepConfig(ks=(5, 20), epochs=2, batch_size=100)
+    cfg = SweepConfig(model=MLP, ks=(5, 20), epochs=2, batch_size=100)
     r = train.train_sweep(cfg, images, images[:50], progress=False, on_nan="continue")
     assert r.diverged == {20: {"epoch": 1, "step": 1}}
     assert r.history["step"] == [2, 4]
@@ -40,12 +42,12 @@ def test_diverging_model_is_frozen_and_the_others_train_on(images, monkeypatch):
     for leaf in jax.tree.leaves(r.params):
         assert np.isfinite(leaf).all()  # never NaN params
     huge = train.init_state(cfg).params  # the patched init: model 1 stays exactly there
-    np.testing.assert_array_equal(r.params["enc4"]["weight"][1], huge["enc4"]["weight"][1])
-    assert not np.array_equal(r.params["enc4"]["weight"][0], huge["enc4"]["weight"][0])
+    np.testing.assert_array_equal(r.params["enc"]["weight"][1], huge["enc"]["weight"][1])
+    assert not np.array_equal(r.params["enc"]["weight"][0], huge["enc"]["weight"][0])
 
 
 def test_divergence_stops_the_run_and_keeps_the_last_finite_checkpoint(images, monkeypatch, tmp_path):
-    cfg = SweepConfig(ks=(5, 20), epochs=3, batch_size=100)
+    cfg = SweepConfig(model=MLP, ks=(5, 20), epochs=3, batch_size=100)
     ckpt = tmp_path / "checkpoints"
     real_step = train.sweep_step
 
