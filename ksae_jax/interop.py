@@ -7,7 +7,7 @@
   W_dec (n, d), b_dec, threshold (n,) for jumprelu); topk, jumprelu and standard (ReLU).
 
 Reading gives the payload of a ksae_jax params file (one model), so `ksae_jax.load` serves
-it and `experiments.sae --init` trains on from it; the arithmetic is folded, not
+it and `ksae train --init` trains on from it; the arithmetic is folded, not
 approximated (SAELens's apply_b_dec_to_input = False and rescale_acts_by_decoder_norm; a
 JumpReLU's decoder norms, which ksae_jax keeps at 1, go into its encoder and thresholds).
 Writing maps every ksae_jax SAE family onto SAELens: TopK onto topk, BatchTopK, Matryoshka

@@ -85,7 +85,7 @@ class SweepResult(NamedTuple):
     params: dict          # stacked params, leading axis = model (one per k): numpy, or sharded
                           # jax arrays when they do not fit one host (see on_host)
     history: dict         # per-model lists over the evaluations (None after a divergence)
-    seconds: float        # wall time of training (compilation included; all sessions)
+    seconds: float        # wall time of training (compilation and every part of a resumed run)
     compile_seconds: float
     diverged: dict        # label (k) -> {"step": s, "epoch": e} (1-based) of models that diverged
     budget: Budget
@@ -399,7 +399,7 @@ def _process_rows(batch_size: int) -> tuple[int, int] | None:
 
 
 class _Clock:
-    """Wall time of a run (earlier sessions of a resumed run included) and its compile time."""
+    """Wall time of a run (the parts before a resume included) and its compile time."""
 
     def __init__(self):
         self.t0, self.before, self.compile_seconds = time.perf_counter(), 0.0, 0.0

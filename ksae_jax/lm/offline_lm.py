@@ -1,7 +1,7 @@
 """The offline language model: a byte-level BPE tokenizer trained on the text with
 `tokenizers`, and a small GPT-2 (`transformers.GPT2LMHeadModel` from a config, random init)
 trained on it with AdamW in torch; saved with `save_pretrained` so that any Hugging Face
-loader (and `experiments.lm cache`) reads it as a local folder."""
+loader (and `ksae cache`) reads it as a local folder."""
 from __future__ import annotations
 
 import dataclasses
