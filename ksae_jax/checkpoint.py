@@ -23,12 +23,13 @@ from ksae_jax.safe_pickle import ParamsFileError
 
 FOLDER, LEGACY = "checkpoints", "checkpoint.pkl"
 FORMAT, VERSION = "ksae_jax.orbax_checkpoint", 1
+KEEP = 2  # checkpoints kept unless a run says otherwise
 
 
 class Checkpoints:
     """The checkpoints of one run folder (an Orbax CheckpointManager)."""
 
-    def __init__(self, folder: str | Path, keep: int = 2, async_save: bool = True):
+    def __init__(self, folder: str | Path, keep: int = KEEP, async_save: bool = True):
         import orbax.checkpoint as ocp
 
         self.ocp, self.folder = ocp, Path(folder).absolute()

@@ -13,6 +13,7 @@ for a mistake of the user, 1 with one line for a run that failed, 130 when inter
 """
 from __future__ import annotations
 
+import importlib
 import sys
 from collections.abc import Callable
 from typing import NamedTuple
@@ -24,15 +25,14 @@ USAGE_ERROR = 2
 
 class Command(NamedTuple):
     summary: str
-    main: Callable  # main(argv, prog) -> whatever the command returns
+    target: str  # "module:function", called as function(argv, prog), imported when it runs
+
+    def main(self, argv, prog):
+        module, function = self.target.split(":")
+        return getattr(importlib.import_module(module), function)(argv, prog=prog)
 
 
-def train(argv, prog):
-    from ksae_jax import sae_run
-    return sae_run.main(argv, prog=prog)
-
-
-def plan(argv, prog):
+def plan(argv, prog="ksae plan"):
     from ksae_jax import plan as compiler_plan
     from ksae_jax import runner, sae_run, sharding
     from ksae_jax.config import Execution, Optimizer, SweepConfig
@@ -58,7 +58,7 @@ def plan(argv, prog):
         raise flags.UsageError(f"--mesh: {e}") from None
 
 
-def lm_train(argv, prog):
+def lm_train(argv, prog="ksae lm"):
     from ksae_jax import runner
     from ksae_jax.lm import offline_lm
 
@@ -70,7 +70,7 @@ def lm_train(argv, prog):
     return _lm_call(lambda: offline_lm.run(cfg, out, docs, values.get("progress", True)))
 
 
-def cache(argv, prog):
+def cache(argv, prog="ksae cache"):
     from ksae_jax.lm import cache as lm_cache
 
     values = _lm_values(argv, prog, "Cache a causal LM's residual stream after block L as .npy "
@@ -81,7 +81,7 @@ def cache(argv, prog):
                                          values.get("progress", True)))
 
 
-def evaluate(argv, prog):
+def evaluate(argv, prog="ksae evaluate"):
     from ksae_jax.lm import splice
 
     values = flags.parse(flags.make_parser(prog, "A saved SAE's LM loss with its reconstruction "
@@ -90,7 +90,7 @@ def evaluate(argv, prog):
     return _lm_call(lambda: splice.evaluate(flags.build(splice.EvaluateConfig, values)))
 
 
-def browse(argv, prog):
+def browse(argv, prog="ksae browse"):
     from ksae_jax import browse as pages
 
     values = flags.parse(flags.make_parser(prog, "Static HTML pages of a run's features.",
@@ -98,7 +98,7 @@ def browse(argv, prog):
     return pages.write(flags.build(pages.BrowseConfig, values))
 
 
-def export(argv, prog):
+def export(argv, prog="ksae export"):
     from ksae_jax import export as exports
 
     values = flags.parse(flags.make_parser(prog, "Write a trained sweep in the ecosystem's "
@@ -139,15 +139,17 @@ def _lm_call(fn):
 
 COMMANDS = {
     "train": Command("train SAEs of any family on vectors, every model of a sweep in one "
-                     "compiled run", train),
+                     "compiled run", "ksae_jax.sae_run:main"),
     "plan": Command("compile one training step on a device mesh from abstract shapes: memory, "
-                    "FLOPs and collectives per device", plan),
-    "lm": Command("train the offline GPT-2 on English text (needs requirements-lm.txt)", lm_train),
-    "cache": Command("cache a language model's residual stream as .npy shards", cache),
-    "evaluate": Command("a saved SAE's LM loss with its reconstruction spliced in", evaluate),
-    "browse": Command("static HTML pages of a run's features", browse),
+                    "FLOPs and collectives per device", "ksae_jax.cli:plan"),
+    "lm": Command("train the offline GPT-2 on English text (needs requirements-lm.txt)",
+                  "ksae_jax.cli:lm_train"),
+    "cache": Command("cache a language model's residual stream as .npy shards", "ksae_jax.cli:cache"),
+    "evaluate": Command("a saved SAE's LM loss with its reconstruction spliced in",
+                        "ksae_jax.cli:evaluate"),
+    "browse": Command("static HTML pages of a run's features", "ksae_jax.cli:browse"),
     "export": Command("write a trained sweep as safetensors, or one SAE for SAELens or "
-                      "sparsify", export),
+                      "sparsify", "ksae_jax.cli:export"),
 }
 
 

@@ -11,13 +11,12 @@ reach the original's quality in a few minutes on 2 CPU cores. --steps or --epoch
 from __future__ import annotations
 
 from ksae_jax import flags, image_recipes, plotting, runner, sharding
-from ksae_jax.config import DEFAULT_EPOCHS, Execution, ImageModel, Optimizer, SweepConfig
+from ksae_jax.config import Execution, ImageModel, Optimizer, SweepConfig
 from ksae_jax.data.images import ImageData
 from ksae_jax.files import write_json
 
 N_SHOW = 9  # images per reconstruction figure, as the original
-ORIGINAL = {"epochs": DEFAULT_EPOCHS, "batch_size": 600}
-SAMPLE_BUDGET = {"steps": 700, "batch_size": 200}
+SAMPLE_BUDGET = {"steps": 700, "batch_size": 200}  # the offline sample's (the original's: the config's)
 GROUPS = [flags.Group("data", (ImageData,)),
           flags.Group("model", (ImageModel,)),
           flags.Group("training recipe", (image_recipes.ImageRecipe,)),
@@ -30,16 +29,18 @@ GROUPS = [flags.Group("data", (ImageData,)),
 
 
 def budget(values: dict, sample: bool) -> dict:
-    """The budget flags with defaults filled in: the original's 9 epochs of batch 600, or on
-    the offline sample 700 steps of batch 200 (9 of its epochs would be 63 steps)."""
-    base = SAMPLE_BUDGET if sample else ORIGINAL
-    out = {} if "steps" in values or "epochs" in values else dict(base)
-    return {**out, "batch_size": values.get("batch_size", base["batch_size"])}
+    """The offline sample's budget where the flags give none: 700 steps of batch 200 (9 of
+    its epochs would be 63 steps); elsewhere the config's, the original's 9 epochs of 600."""
+    if not sample:
+        return {}
+    given = "steps" in values or "epochs" in values
+    return {"batch_size": SAMPLE_BUDGET["batch_size"], **({} if given else
+                                                           {"steps": SAMPLE_BUDGET["steps"]})}
 
 
 def sweep_config(values: dict, sample: bool) -> SweepConfig:
     """The sweep the flags, the recipe and the data's budget ask for."""
-    values = {**values, **budget(values, sample)}
+    values = {**budget(values, sample), **values}
     return flags.build(SweepConfig, values, model=flags.build(ImageModel, values))
 
 

@@ -17,6 +17,7 @@ import jax
 
 from ksae_jax import checks, sharding
 from ksae_jax.checkpoint import FOLDER as CHECKPOINTS
+from ksae_jax.checkpoint import KEEP
 from ksae_jax.checkpoint import LEGACY as LEGACY_CHECKPOINT
 from ksae_jax.config import SweepConfig
 from ksae_jax.flags import UsageError
@@ -46,7 +47,7 @@ class RunOptions:
 
     resume: Path | None = None
     """Continue the run in this folder from its last checkpoint (same flags as before)."""
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = KEEP
     """Keep the last N checkpoints."""
     host_params_gb: float | None = None
     """Params larger than this are saved sharded, not gathered into one params.pkl (None: a

@@ -17,8 +17,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ksae_jax import batching, models, recipe, sharding
+from ksae_jax.checkpoint import KEEP, Checkpoints, read_legacy, save_sharded_params
 from ksae_jax.checkpoint import LEGACY as LEGACY_CHECKPOINT
-from ksae_jax.checkpoint import Checkpoints, read_legacy, save_sharded_params
 from ksae_jax.config import SweepConfig
 from ksae_jax.data.feed import ArrayRows, Rows, make_feeder
 from ksae_jax.evaluate import EvalResult, EvalSet, evaluate
@@ -158,7 +158,7 @@ def train_sweep(cfg: SweepConfig, train, test=None, *, progress: bool = True, ch
 def prepare(cfg: SweepConfig, train, test=None, *, checkpoint=None, resume: bool = False,
             run_info: dict | None = None, feeder: str = "auto", mesh=None,
             init: dict | None = None, input_scale: float | None = None,
-            keep_checkpoints: int = 2, host_limit: int | None = None) -> Training:
+            keep_checkpoints: int = KEEP, host_limit: int | None = None) -> Training:
     """A sweep ready to train (see train_sweep for the arguments): its budget, batching,
     state, batches and compiled step, for the loop, the benchmarks and the experiments.
     keep_checkpoints: how many checkpoints stay; host_limit: the bytes of params that are
@@ -174,7 +174,7 @@ class Training:
     """One prepared sweep. `run` trains it; `compile` gives the compiled step alone."""
 
     def __init__(self, cfg, train, test, checkpoint, resume, run_info, feeder, mesh, init=None,
-                 input_scale=None, keep_checkpoints=2, host_limit=None):
+                 input_scale=None, keep_checkpoints=KEEP, host_limit=None):
         self.cfg, self.run_info, self.mesh, self.checkpoint = cfg, run_info, mesh, checkpoint
         self.host_limit = host_limit
         self.checkpoints = None if checkpoint is None else Checkpoints(checkpoint, keep_checkpoints)

@@ -47,7 +47,7 @@ class CacheConfig:
     """Held-out activations, from the text's held-out documents."""
     context: int = 128
     """Tokens per context, BOS included."""
-    text: str = "gcide"
+    text: str = text.DEFAULT
     """'gcide' (apt-get install dict-gcide), a UTF-8 text file or a folder of .txt."""
     batch_size: int = 32
     """Contexts per forward pass."""

@@ -45,7 +45,7 @@ class LMConfig:
     """Init and the windows drawn."""
     eval_windows: int = 128
     """Held-out windows for the reported loss."""
-    text: str = "gcide"
+    text: str = text.DEFAULT
     """'gcide' (apt-get install dict-gcide), a UTF-8 text file or a folder of .txt."""
 
     def __post_init__(self):

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ksae_jax.lm import model as lm_model
-from ksae_jax.lm import offline_lm
+from ksae_jax.lm import offline_lm, text
 
 Replacement = Callable  # torch (B, T, d) -> torch (B, T, d)
 
@@ -105,10 +105,7 @@ class SpliceEval:
     """The spliced evaluation of a sweep's SAEs, set up once (model, layer, held-out contexts
     of the text's held-out documents) so that a bad model or layer is refused before training."""
 
-    def __init__(self, model: str, layer: int, text_source: str = "gcide", tokens: int = 16_384,
-                 context: int = 128):
-        from ksae_jax.lm import text
-
+    def __init__(self, model: str, layer: int, text_source: str, tokens: int, context: int):
         self.model, tokenizer = lm_model.load(model)
         lm_model.check_layer(self.model, layer)
         self.layer, self.name = layer, model
@@ -157,7 +154,7 @@ class SpliceConfig:
         layer = self.layer if self.layer is not None else meta.get("layer")
         if layer is None:
             raise ValueError("give --layer (no meta.json beside --data says which)")
-        return SpliceEval(self.lm, layer, self.lm_text or meta.get("text", "gcide"),
+        return SpliceEval(self.lm, layer, self.lm_text or meta.get("text", text.DEFAULT),
                           self.lm_tokens, meta.get("context", 128))
 
 
@@ -179,9 +176,9 @@ class EvaluateConfig:
     """The causal LM of its activations."""
     layer: int
     """The block it reads."""
-    text: str = "gcide"
+    text: str = text.DEFAULT
     """Text whose held-out documents are evaluated."""
-    tokens: int = 16_384
+    tokens: int = SpliceConfig.lm_tokens
     """Predictions evaluated."""
     context: int = 128
     """Tokens per context, BOS included."""

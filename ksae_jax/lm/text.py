@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 GCIDE = Path("/usr/share/dictd/gcide.dict.dz")
+DEFAULT = "gcide"  # the text a source names when it names none
 HELD_OUT_EVERY = 100  # document i is held out when i % 100 == 0 (1%; 10% of a short text)
 
 
