@@ -36,6 +36,7 @@ def plan(argv, prog="ksae plan"):
     from ksae_jax import plan as compiler_plan
     from ksae_jax import runner, sae_run, sharding
     from ksae_jax.config import Execution, Optimizer, SweepConfig
+    from ksae_jax.models import registry
 
     groups = [flags.Group("model (the family: --arch)", tuple(sae_run.model_classes().values()),
                           key="arch"),
@@ -43,14 +44,13 @@ def plan(argv, prog="ksae plan"):
               flags.Group("optimizer and schedules", (Optimizer,)),
               flags.Group("execution", (Execution,)),
               flags.Group("output", (runner.Output,), frozenset({"overwrite", "progress"})),
-              flags.Group("devices", (runner.Devices,),
-                          frozenset({"distributed", "coordinator", "num_processes", "process_id"}))]
-    values = {"arch": "topk", **flags.parse(flags.make_parser(
+              flags.Group("devices", (runner.Devices,), runner.MULTI_HOST)]
+    values = {"arch": registry.DEFAULT_SAE, **flags.parse(flags.make_parser(
         prog, "The compiler's plan of one training step on a device mesh, from abstract shapes "
         "(nothing is allocated): memory, FLOPs and collectives per device.", groups), argv)}
     if "mesh" not in values:
         raise flags.UsageError("give --mesh (the devices the plan is for)")
-    model = flags.build_choice(sae_run.model_classes(), "arch", values, "topk")
+    model = flags.build_choice(sae_run.model_classes(), "arch", values, registry.DEFAULT_SAE)
     cfg = flags.build(SweepConfig, values, model=model)
     try:
         return compiler_plan.run(cfg, sharding.parse_mesh(values["mesh"]), values.get("out"), argv)

@@ -218,8 +218,8 @@ class SweepConfig:
         return dataclasses.asdict(self)
 
 
-def sae_config(d_in: int, ks=None, *, latents: int | None = None, arch: str = "topk",
-               **fields) -> SweepConfig:
+def sae_config(d_in: int, ks=None, *, latents: int | None = None,
+               arch: str = registry.DEFAULT_SAE, **fields) -> SweepConfig:
     """An SAE sweep of the family `arch` (TopK by default) on d_in-wide vectors with the
     recipe of Gao et al. 2024 as defaults (the model's). `fields` may name any field of the
     family's model config, of SweepConfig, of Optimizer or of Execution."""

@@ -11,7 +11,7 @@ reach the original's quality in a few minutes on 2 CPU cores. --steps or --epoch
 from __future__ import annotations
 
 from ksae_jax import flags, image_recipes, plotting, runner, sharding
-from ksae_jax.config import Execution, ImageModel, Optimizer, SweepConfig
+from ksae_jax.config import ImageModel, SweepConfig
 from ksae_jax.data.images import ImageData
 from ksae_jax.files import write_json
 
@@ -21,11 +21,7 @@ GROUPS = [flags.Group("data", (ImageData,)),
           flags.Group("model", (ImageModel,)),
           flags.Group("training recipe", (image_recipes.ImageRecipe,)),
           flags.Group("sweep and budget", (SweepConfig,), frozenset({"l0_coefs"})),
-          flags.Group("optimizer and schedules", (Optimizer,)),
-          flags.Group("execution", (Execution,)),
-          flags.Group("output", (runner.Output,)),
-          flags.Group("run", (runner.RunOptions,)),
-          flags.Group("devices and hosts", (runner.Devices,))]
+          *runner.training_groups()]
 
 
 def budget(values: dict, sample: bool) -> dict:

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ksae_jax import classify, flags, image_recipes, models, plotting, runner, sharding
-from ksae_jax.config import Execution, ImageModel, Optimizer, SweepConfig
+from ksae_jax.config import ImageModel, SweepConfig
 from ksae_jax.data.feed import ArrayRows
 from ksae_jax.data.images import ImageData
 from ksae_jax.evaluate import EvalSet, evaluate
@@ -71,12 +71,7 @@ GROUPS = [flags.Group("data", (ImageData,)),
           flags.Group("autoencoders", (ImageModel,), frozenset(MODEL_FIXED)),
           flags.Group("training recipe", (image_recipes.ImageRecipe,)),
           flags.Group("sweep and budget", (SweepConfig,), frozenset({"l0_coefs"})),
-          flags.Group("optimizer and schedules", (Optimizer,)),
-          flags.Group("execution", (Execution,)),
-          flags.Group("output", (runner.Output,)),
-          flags.Group("run", (runner.RunOptions,)),
-          flags.Group("devices", (runner.Devices,),
-                      frozenset({"distributed", "coordinator", "num_processes", "process_id"}))]
+          *runner.training_groups(multi_host=False)]  # the classifiers run in one process
 
 
 def main(argv=None, prog: str = "python -m experiments.paper_table",
@@ -279,7 +274,7 @@ def _row(name: str, choice: dict, i: int, test_err) -> dict:
 
 
 def markdown(table: dict) -> str:
-    cfg, model, opt = table["config"], table["config"]["model"], table["config"]["optim"]
+    model, opt = table["config"]["model"], table["config"]["optim"]
     schedule = (f"k scheduled from {opt['k_start']} over {opt['k_anneal_frac']:g} of the budget"
                 if opt["k_start"] else "k fixed")
     lines = [f"# k-sparse features under a linear classifier: {table['dataset']}", "",

@@ -19,8 +19,8 @@ from ksae_jax import checks, sharding
 from ksae_jax.checkpoint import FOLDER as CHECKPOINTS
 from ksae_jax.checkpoint import KEEP
 from ksae_jax.checkpoint import LEGACY as LEGACY_CHECKPOINT
-from ksae_jax.config import SweepConfig
-from ksae_jax.flags import UsageError
+from ksae_jax.config import Execution, Optimizer, SweepConfig
+from ksae_jax.flags import Group, UsageError
 from ksae_jax.safe_pickle import ParamsFileError
 from ksae_jax.train import AllDiverged, CheckpointMismatch, Diverged, SweepResult, Training, prepare
 
@@ -108,6 +108,19 @@ class Devices:
         log(f"mesh: {sharding.format_axes(axes)} over {n} {jax.devices()[0].platform} "
             f"devices{hosts}")
         return sharding.make_mesh(axes)
+
+
+MULTI_HOST = frozenset({"distributed", "coordinator", "num_processes", "process_id"})
+
+
+def training_groups(multi_host: bool = True) -> list[Group]:
+    """The flags every training command shares, after its data, model and sweep: the
+    optimizer, execution, output, the run, devices (and hosts, where the command runs on
+    several)."""
+    return [Group("optimizer and schedules", (Optimizer,)), Group("execution", (Execution,)),
+            Group("output", (Output,)), Group("run", (RunOptions,)),
+            Group("devices and hosts" if multi_host else "devices", (Devices,),
+                  frozenset() if multi_host else MULTI_HOST)]
 
 
 class Run(NamedTuple):

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ksae_jax import flags, inference, plotting, runner, sharding
-from ksae_jax.config import Execution, Optimizer, SweepConfig
+from ksae_jax.config import SweepConfig
 from ksae_jax.data.synthetic import SyntheticData, recovery
 from ksae_jax.data.vectors import VectorData, VectorSource
 from ksae_jax.files import write_json
@@ -49,20 +49,16 @@ def groups(data_cls: type = VectorData) -> list[flags.Group]:
             flags.Group("model (the family: --arch)", tuple(model_classes().values()),
                         frozenset({"d_in"}), key="arch"),
             flags.Group("sweep and budget", (SweepConfig,)),
-            flags.Group("optimizer and schedules", (Optimizer,)),
-            flags.Group("execution", (Execution,)),
             *([flags.Group("start", (Start,)),
                flags.Group("language model (needs requirements-lm.txt)", (SpliceConfig,))]
               if data_cls is VectorData else []),
-            flags.Group("output", (runner.Output,)),
-            flags.Group("run", (runner.RunOptions,)),
-            flags.Group("devices and hosts", (runner.Devices,))]
+            *runner.training_groups()]
 
 
 def main(argv=None, *, data_cls: type = VectorData, preset: dict | None = None,
          prog: str = "ksae train", default_out: str = "runs/sae") -> runner.Run:
     """The command: flags, data, config, training, report (see the module docstring)."""
-    preset = {"arch": "topk", **(preset or {})}
+    preset = {"arch": registry.DEFAULT_SAE, **(preset or {})}
     shown = {"ks": SaeModel.default_sweep, "l0_coefs": registry.lookup("jumprelu").config
              .default_sweep, **SaeModel.training_defaults}
     parser = flags.make_parser(prog, __doc__.split("\n\n")[0], groups(data_cls), preset,
@@ -90,7 +86,7 @@ def main(argv=None, *, data_cls: type = VectorData, preset: dict | None = None,
 
 def sweep_config(values: dict, d_in: int) -> SweepConfig:
     """The sweep the flags ask for on d_in-wide vectors."""
-    model = flags.build_choice(model_classes(), "arch", values, "topk", d_in=d_in)
+    model = flags.build_choice(model_classes(), "arch", values, registry.DEFAULT_SAE, d_in=d_in)
     return flags.build(SweepConfig, values, model=model)
 
 

@@ -14,6 +14,7 @@ class Registered(NamedTuple):
 
 
 FAMILIES: dict[str, Registered] = {}
+DEFAULT_SAE = "topk"  # the family an SAE sweep trains unless told otherwise
 
 
 def register(arch: str, config: type, family: type, loaded: type) -> None:
