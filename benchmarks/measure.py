@@ -60,15 +60,18 @@ def matmul_peak(n: int = 2048, reps: int = 10) -> dict:
 
 
 def describe_machine() -> dict:
-    cpu = platform.processor() or platform.machine()
+    """The processor (its name and widest vector extension), cores and software."""
+    cpu, isa = platform.processor() or platform.machine(), ""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
+        info = Path("/proc/cpuinfo").read_text()
+        cpu = next(line.split(":", 1)[1].strip() for line in info.splitlines()
+                   if line.startswith("model name"))
+        flags = set(next(line.split(":", 1)[1].split() for line in info.splitlines()
+                         if line.startswith("flags")))
+        isa = next((f for f in ("avx512_bf16", "avx512f", "avx2") if f in flags), "")
+    except (OSError, StopIteration):
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+    return {"cpu": cpu, "isa": isa, "cores": os.cpu_count(), "python": platform.python_version(),
             "platform": platform.platform()}
 
 
@@ -86,6 +89,6 @@ def versions(packages=("jax", "jaxlib", "flax", "optax", "torch", "eai-sparsify"
 def results_folder() -> Path:
     """benchmarks/results/DATE_MACHINE: where a run on this machine today writes its tables."""
     m = describe_machine()
-    name = re.sub(r"[^a-z0-9]+", "-", m["cpu"].lower()).strip("-")[:40]
+    name = re.sub(r"[^a-z0-9]+", "-", f"{m['cpu']} {m['isa']}".lower()).strip("-")[:48]
     return (Path(__file__).resolve().parent / "results"
             / f"{datetime.date.today()}_{name}-{m['cores']}core")

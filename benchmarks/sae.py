@@ -95,17 +95,23 @@ def _peak_device_gb():
     return stats["peak_bytes_in_use"] / 2 ** 30 if "peak_bytes_in_use" in stats else None
 
 
-CHILDREN = {"sae": child_sae}
+def child_peer(spec: dict) -> dict:
+    """sparsify on spec's data (peers/sparsify_topk.py, in a process of its own)."""
+    return run_script([sys.executable, str(PEER), "--data", spec["data"], "--latents",
+                       str(spec["latents"]), "--k", str(spec["k"]), "--batch-size",
+                       str(spec["batch"]), "--steps", str(spec["steps"]), "--warmup",
+                       str(spec["warmup"]), "--threads", str(spec["threads"]),
+                       "--eval-n", str(EVAL_ROWS)], timeout=3600)
+
+
+CHILDREN = {"sae": child_sae, "sparsify": child_peer}
 
 
 # ---------------------------------------------------------------- the suite
 
-def _peer(script: Path, data: Path, c: dict, k: int, steps: int, warmup: int,
-          threads: int) -> dict:
-    return run_script([sys.executable, str(script), "--data", str(data), "--latents", str(c["latents"]),
-                       "--k", str(k), "--batch-size", str(c["batch"]), "--steps", str(steps),
-                       "--warmup", str(warmup), "--threads", str(threads),
-                       "--eval-n", str(EVAL_ROWS)], timeout=3600)
+def _peer(child, data: Path, c: dict, k: int, steps: int, warmup: int, threads: int) -> dict:
+    return child("sparsify", dict(data=str(data), latents=c["latents"], k=k, batch=c["batch"],
+                                  steps=steps, warmup=warmup, threads=threads), 3600)
 
 
 def run_config(c: dict, data: Path, args, child, peer: Path | None) -> dict:
@@ -128,9 +134,9 @@ def run_config(c: dict, data: Path, args, child, peer: Path | None) -> dict:
     rows["x"] = child("sae", dict(base, ks=[c["k"]], decoder="sparse"), 3600)
     if peer is not None:
         print(f"  (c) sparsify, k = {c['k']} and the {len(SWEEP_KS)} ks one after another ...", flush=True)
-        rows["c1"] = _peer(peer, data, c, c["k"], steps, warmup, args.threads)
+        rows["c1"] = _peer(child, data, c, c["k"], steps, warmup, args.threads)
         if not args.quick:  # the smoke test runs the peer once
-            rows["c4"] = [_peer(peer, data, c, k, steps, warmup, args.threads) for k in SWEEP_KS]
+            rows["c4"] = [_peer(child, data, c, k, steps, warmup, args.threads) for k in SWEEP_KS]
     return rows
 
 
@@ -160,13 +166,22 @@ def summarize(c: dict, rows: dict) -> dict:
     return s
 
 
+def data_folder(args) -> Path:
+    """Where the generated vectors go: the run's own folder (so that a resumed run finds the
+    same files), else a temporary one."""
+    folder = getattr(args, "data_dir", None) or Path(tempfile.mkdtemp(prefix="ksae_bench_sae_"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 def run_suite(args, child) -> dict:
-    folder = Path(tempfile.mkdtemp(prefix="ksae_bench_sae_"))
+    folder = data_folder(args)
     peer = PEER if args.torch and importlib.util.find_spec("sparsify") is not None else None
     args.sae_run = steps, warmup = (4, 1) if args.quick else (args.sae_steps, 3)
     configs = (QUICK,) if args.quick else SHAPES[args.sae_shapes]
     out = {"steps": steps, "warmup": warmup, "threads": args.threads, "sweep_ks": list(SWEEP_KS),
-           "dtypes": list(args.dtypes), "peer": f"sparsify ({peer})" if peer else None,
+           "dtypes": list(args.dtypes),
+           "peer": f"sparsify ({peer.relative_to(ROOT)})" if peer else None,
            "configs": []}
     for c in configs:
         print(f"SAE d = {c['d']}, n = {c['latents']}, k = {c['k']}, batch {c['batch']}", flush=True)
@@ -183,7 +198,7 @@ def run_largest(args, child) -> dict:
     """One model at the largest single-device shape (QUICK's with --quick): two steps, the
     second timed, or the error that stopped it (out of memory, say)."""
     c = QUICK if args.quick else LARGEST
-    folder = Path(tempfile.mkdtemp(prefix="ksae_bench_largest_"))
+    folder = data_folder(args)
     data = make_data(c["d"], 2 * c["batch"] + EVAL_ROWS, folder)
     spec = dict(data=str(data), latents=c["latents"], batch=c["batch"], steps=2, warmup=1,
                 ks=[c["k"]], dtype=args.dtypes[-1])

@@ -10,14 +10,17 @@ measures.
 benchmarks/gpu.sh runs them on a GPU. The PyTorch peers (peers/) run when torch (and, for
 the SAE suite, eai-sparsify) are installed: `pip install torch==2.13.0 eai-sparsify`. Writes
 images.json/.md, sae.json/.md or largest.json/.md into --out (default
-benchmarks/results/DATE_MACHINE).
+benchmarks/results/DATE_MACHINE); every measurement is kept in OUT/done/ as it finishes, so
+that the same command rerun with --resume after an interruption goes on where it stopped.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.util
 import json
 import os
+import shutil
 import sys
 import types
 from pathlib import Path
@@ -56,10 +59,24 @@ class Speed:
     """sae: steps per run, the first 3 untimed."""
     out: Path | None = None
     """Output folder (None: benchmarks/results/DATE_MACHINE, runs/benchmark-quick with quick)."""
+    resume: bool = False
+    """Go on with an interrupted run into the same out: keep the measurements it finished."""
 
 
-def child(kind: str, spec: dict, timeout: float) -> dict:
-    return measure.run_child("benchmarks.speed", kind, spec, timeout, ROOT)
+def resumable_child(done: Path):
+    """child(kind, spec, timeout): one measurement in a fresh process, its result kept in
+    done/ so that a rerun into the same folder (after an interruption) goes on where it was."""
+    done.mkdir(parents=True, exist_ok=True)
+
+    def child(kind: str, spec: dict, timeout: float) -> dict:
+        key = hashlib.sha256(json.dumps([kind, spec], sort_keys=True).encode()).hexdigest()[:16]
+        path = done / f"{kind}-{key}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        result = measure.run_child("benchmarks.speed", kind, spec, timeout, ROOT)
+        write_json(path, result)
+        return result
+    return child
 
 
 def default_out(cfg: Speed) -> Path:
@@ -74,14 +91,18 @@ def main(argv=None):
         raise flags.UsageError(f"--idx-dir {cfg.idx_dir}: no such directory")
     out = cfg.out or default_out(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    args = types.SimpleNamespace(**dataclasses.asdict(cfg), threads=os.cpu_count())
+    if not cfg.resume:
+        shutil.rmtree(out / "done", ignore_errors=True)
+    child = resumable_child(out / "done")
+    args = types.SimpleNamespace(**dataclasses.asdict(cfg), threads=os.cpu_count(),
+                                 data_dir=out / "data")
     args.torch = importlib.util.find_spec("torch") is not None and cfg.torch
     for name in (("images", "sae") if cfg.suite == "all" else (cfg.suite,)):
         run_suite, markdown, stem = SUITES[name]
         results = {"machine": measure.describe_machine(), "versions": measure.versions(),
                    "quick": cfg.quick, **run_suite(args, child)}
         m = results["machine"]
-        text = (f"# ksae_jax benchmark\n\nMachine: {m['cpu']}, {m['cores']} cores; "
+        text = (f"# ksae_jax benchmark\n\nMachine: {m['cpu']} ({m['isa']}), {m['cores']} cores; "
                 f"{', '.join(f'{k} {v}' for k, v in results['versions'].items())}. Rerun: "
                 f"`python -m benchmarks.speed {' '.join(sys.argv[1:] if argv is None else argv)}`"
                 f".\n\n" + markdown(results))
