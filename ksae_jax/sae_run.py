@@ -112,6 +112,9 @@ def start_config(given: dict, values: dict, start, d_in: int) -> SweepConfig:
         raise flags.UsageError(f"{flags.flag(next(f for f in INIT_FIELDS if f in given))}: the "
                                f"models start from {name}, not from an initialisation")
     own = {f.name for f in dataclasses.fields(mc)} - set(SHAPE_FIELDS)
+    others = {f.name for cls in model_classes().values() for f in dataclasses.fields(cls)}
+    for field in sorted((others & set(given)) - own - set(SHAPE_FIELDS)):  # refused, not ignored
+        raise flags.UsageError(f"{flags.flag(field)}: not a setting of {mc.arch} models")
     try:
         model = dataclasses.replace(mc, **{k: v for k, v in given.items() if k in own})
     except (ValueError, TypeError) as e:

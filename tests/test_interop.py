@@ -137,3 +137,20 @@ def test_sparsify_export_refuses_other_families(trained, tmp_path):
     with pytest.raises(ValueError, match="export_saelens takes every SAE"):
         ksae_jax.export_sparsify(models["jumprelu"], None, tmp_path / "sp")
     assert jax.tree.leaves(models["topk"].params)
+
+
+@pytest.mark.parametrize("given,message", [
+    (["--bandwidth", "0.1"], "--bandwidth: not a setting of topk models"),
+    (["--init-scale", "1"], "--init-scale: the models start from --init"),
+    (["--latents", "32"], "--latents 32: --init"),
+    (["--ks", "5"], "--ks [5]: --init"),
+])
+def test_training_on_from_an_sae_refuses_what_it_would_not_apply(tmp_path, capsys, given, message):
+    np.save(tmp_path / "x.npy", np.ones((600, 16), np.float32))
+    with pytest.raises(SystemExit) as e:
+        cli.run(lambda: sae_run.main(["--data", str(tmp_path / "x.npy"), "--init",
+                                      str(FIXTURES / "sparsify_topk"), "--steps", "1",
+                                      "--out", str(tmp_path / "o"), *given]), "ksae train")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o").exists()
