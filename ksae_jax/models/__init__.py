@@ -8,9 +8,8 @@ from ksae_jax.models import batchtopk, images, jumprelu, matryoshka, topk  # noq
 from ksae_jax.models.family import Family, LossTerms, ModelConfig
 from ksae_jax.models.images import Autoencoder, ImageModel
 from ksae_jax.models.loaded import Loaded
-from ksae_jax.models.registry import archs, family, loaded, lookup, model_config, register
+from ksae_jax.models.registry import archs, family, loaded, lookup, register
 from ksae_jax.models.vector import SaeModel, VectorSAE
 
 __all__ = ["Autoencoder", "Family", "ImageModel", "Loaded", "LossTerms", "ModelConfig",
-           "SaeModel", "VectorSAE", "archs", "family", "loaded", "lookup", "model_config",
-           "register"]
+           "SaeModel", "VectorSAE", "archs", "family", "loaded", "lookup", "register"]

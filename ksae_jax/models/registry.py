@@ -44,8 +44,3 @@ def family(model):
 def loaded(config, params: dict, metrics: dict | None = None, input_scale: float = 1.0):
     """Trained models for inference (the family's Loaded class) of a sweep's config."""
     return lookup(config.model.arch).loaded(config, params, metrics, input_scale)
-
-
-def model_config(arch: str, **fields):
-    """The model config of the family `arch`."""
-    return lookup(arch).config(arch=arch, **fields)
