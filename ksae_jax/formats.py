@@ -160,22 +160,8 @@ def load_params_file(path) -> dict:
 
 # ---------------------------------------------------------------- checkpoints
 
-def save_checkpoint(path, *, config: dict, step: int, state, history: dict,
-                    seconds: float) -> Path:
-    """Everything needed to continue a sweep after `step` steps: the train state's leaves
-    (params, Adam states, dead-latent counters, divergence steps), the history so far and
-    the config. The data order is a function of (seed, step), so the step is the RNG state."""
-    import jax
-
-    payload = {
-        "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": config,
-        "step": int(step), "state": [np.asarray(leaf) for leaf in jax.tree.leaves(state)],
-        "history": strict_json(history), "seconds": float(seconds),
-    }
-    return write_pickle(path, with_digest(payload))
-
-
 def load_checkpoint(path) -> dict:
+    """A pickled checkpoint of version 0.2 (newer runs keep Orbax checkpoints)."""
     return _read_versioned(path, CHECKPOINT_FORMAT, (CHECKPOINT_VERSION,),
                            ("config", "step", "state", "history", "seconds"), "checkpoint")
 
