@@ -67,6 +67,13 @@ def layout(tree, how: str, n: int):
     return split(tree, n) if how == "loop" else tree
 
 
+def models_slice(tree, start: int, stop: int):
+    """Models start..stop-1 of a per-model pytree (stacked, or Models), in its layout."""
+    if isinstance(tree, Models):
+        return Models(tree[start:stop])
+    return jax.tree.map(lambda a: a[start:stop], tree)
+
+
 def take(arg, m: int):
     """Model m's part of a per-model argument (stacked or Models)."""
     return arg[m] if isinstance(arg, Models) else jax.tree.map(lambda a: a[m], arg)

@@ -42,24 +42,30 @@ class Checkpoints:
         """The last complete checkpoint's step (a save cut short is not one)."""
         return self.manager.latest_step()
 
-    def save(self, step: int, state, meta: dict) -> None:
-        """Starts writing `state` (jax arrays, any sharding) and `meta` (JSON) at `step`;
-        returns once the arrays have been copied off the devices, before they are written."""
+    def save(self, step: int, state, meta: dict, stream=None) -> None:
+        """Starts writing `state` (jax arrays, any sharding) and `meta` (JSON) at `step`, and
+        a live source's `stream` state (arrays) when given; returns once the arrays have been
+        copied off the devices, before they are written."""
         args = self.ocp.args
-        self.manager.save(step, args=args.Composite(
-            state=args.StandardSave(state),
-            meta=args.JsonSave({"format": FORMAT, "version": VERSION, **meta})))
+        items = {"state": args.StandardSave(state),
+                 "meta": args.JsonSave({"format": FORMAT, "version": VERSION, **meta})}
+        if stream is not None:
+            items["stream"] = args.StandardSave(stream)
+        self.manager.save(step, args=args.Composite(**items))
 
-    def restore(self, like, step: int | None = None) -> tuple:
+    def restore(self, like, step: int | None = None, stream_like=None) -> tuple:
         """(state, meta) of `step` (default: the latest), each array placed as the matching
-        leaf of `like` says (a jax.ShapeDtypeStruct with a sharding): any mesh, any process count."""
+        leaf of `like` says (a jax.ShapeDtypeStruct with a sharding): any mesh, any process
+        count; with stream_like, (state, meta, stream)."""
         step = self.latest() if step is None else step
         if step is None:
             raise ParamsFileError(f"{self.folder}: no complete checkpoint to resume from")
         args = self.ocp.args
+        items = {"state": args.StandardRestore(like), "meta": args.JsonRestore()}
+        if stream_like is not None:
+            items["stream"] = args.StandardRestore(stream_like)
         try:
-            got = self.manager.restore(step, args=args.Composite(
-                state=args.StandardRestore(like), meta=args.JsonRestore()))
+            got = self.manager.restore(step, args=args.Composite(**items))
         except Exception as e:  # noqa: BLE001 - whatever a damaged checkpoint makes Orbax raise
             raise ParamsFileError(f"{self.folder}/{step}: unreadable checkpoint "
                                   f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
@@ -67,7 +73,7 @@ class Checkpoints:
         if meta.get("format") != FORMAT or meta.get("version") != VERSION:
             raise ParamsFileError(f"{self.folder}/{step}: not a ksae_jax checkpoint of version "
                                   f"{VERSION}")
-        return got.state, meta
+        return (got.state, meta) if stream_like is None else (got.state, meta, got.stream)
 
     def meta(self, step: int | None = None) -> dict:
         """The JSON of a checkpoint (default: the latest): config, step, history, seconds."""

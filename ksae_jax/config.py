@@ -114,6 +114,10 @@ class SweepConfig:
     """The optimizer and its schedules."""
     execution: Execution = Execution()
     """How the models share the compiled program; evaluation cadence."""
+    hookpoints: tuple[str, ...] = ()
+    """One sweep per hookpoint of a language model, all in one compiled run: the models are
+    every (hookpoint, label) pair, hookpoint-major, each fed its own hookpoint's rows (empty:
+    one sweep on one set of vectors)."""
 
     def __post_init__(self):
         if not isinstance(self.model, ModelConfig):
@@ -123,10 +127,14 @@ class SweepConfig:
         self.model.check_labels(self.ks, self.l0_coefs)
         if len(set(self.labels)) != len(self.labels):
             raise ValueError(f"{self.label_name}s has repeated values: {list(self.labels)}")
+        object.__setattr__(self, "hookpoints", tuple(str(h) for h in self.hookpoints))
+        if len(set(self.hookpoints)) != len(self.hookpoints):
+            raise ValueError(f"hookpoints has repeated values: {list(self.hookpoints)}")
         self._check_budget()
         lrs = self.optim.lr
-        if isinstance(lrs, tuple) and len(lrs) != self.n_models:
-            raise ValueError(f"lr needs one value per model ({self.n_models}), got {len(lrs)}")
+        if isinstance(lrs, tuple) and len(lrs) != len(self.labels):
+            raise ValueError(f"lr needs one value per {self.label_name} ({len(self.labels)}), "
+                             f"got {len(lrs)}")
         if self.optim.k_start is not None:
             if not self.ks:
                 raise ValueError("k_start schedules k: this model has none")
@@ -161,9 +169,9 @@ class SweepConfig:
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if self.init_seeds is not None:
             object.__setattr__(self, "init_seeds", tuple(int(s) for s in self.init_seeds))
-            if len(self.init_seeds) != self.n_models:
-                raise ValueError(f"init_seeds needs one seed per model ({self.n_models}), got "
-                                 f"{len(self.init_seeds)}")
+            if len(self.init_seeds) != len(self.labels):
+                raise ValueError(f"init_seeds needs one seed per {self.label_name} "
+                                 f"({len(self.labels)}), got {len(self.init_seeds)}")
 
     @property
     def family(self):
@@ -180,25 +188,52 @@ class SweepConfig:
         return self.model.label_name
 
     @property
+    def n_sources(self) -> int:
+        """The sets of rows the models read: one per hookpoint, or the one data set."""
+        return max(1, len(self.hookpoints))
+
+    @property
     def n_models(self) -> int:
-        return len(self.labels)
+        return len(self.labels) * self.n_sources
+
+    def per_model(self, values) -> tuple:
+        """A per-label sequence repeated for every hookpoint (one entry per model)."""
+        return tuple(values) * self.n_sources
+
+    @property
+    def sources(self) -> tuple[int, ...]:
+        """Per model, which set of rows (hookpoint) it reads."""
+        return tuple(h for h in range(self.n_sources) for _ in self.labels)
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        """What names each model in messages: its label, or hookpoint/label."""
+        if not self.hookpoints:
+            return tuple(str(label) for label in self.labels)
+        return tuple(f"{h}/{label}" for h in self.hookpoints for label in self.labels)
 
     @property
     def lrs(self) -> tuple[float, ...]:
         """One learning rate per model."""
         lr = self.optim.lr
-        return lr if isinstance(lr, tuple) else (lr,) * self.n_models
+        return self.per_model(lr if isinstance(lr, tuple) else (lr,) * len(self.labels))
 
     @property
     def seeds(self) -> tuple[int, ...]:
         """One init seed per model."""
-        return self.init_seeds or (self.seed,) * self.n_models
+        return self.per_model(self.init_seeds or (self.seed,) * len(self.labels))
 
     @property
     def max_ks(self) -> tuple[int | None, ...]:
         """Per-model static width of the top-k (the k schedule's start included; None for
         models without a k)."""
-        return tuple(max(k, self.optim.k_start or 0) for k in self.ks) or (None,) * self.n_models
+        return self.per_model(tuple(max(k, self.optim.k_start or 0) for k in self.ks)
+                              or (None,) * len(self.labels))
+
+    @property
+    def one_sweep(self) -> SweepConfig:
+        """The sweep of one hookpoint alone (what each hookpoint's folder holds)."""
+        return dataclasses.replace(self, hookpoints=())
 
     @property
     def max_k(self) -> int | None:
@@ -206,7 +241,10 @@ class SweepConfig:
         return max(self.max_ks) if self.ks else None
 
     def select(self, indices) -> SweepConfig:
-        """The config of a subset of the models (e.g. those that did not diverge)."""
+        """The config of a subset of the models of one sweep (e.g. those that did not
+        diverge)."""
+        if self.hookpoints:
+            raise ValueError("select among the models of one hookpoint's sweep (cfg.one_sweep)")
         pick = lambda seq: tuple(seq[i] for i in indices) if seq else seq
         lr = self.optim.lr
         return dataclasses.replace(

@@ -73,3 +73,17 @@ def evaluate(cfg: SweepConfig, params, evalset: EvalSet, ks=None) -> EvalResult:
                       l0=counts.sum(axis=1) / evalset.n, dead_frac=(counts == 0).mean(axis=1),
                       counts=counts, n=evalset.n,
                       extra={name.replace("_sse", "_fvu"): v / denom for name, v in sums.items()})
+
+
+def evaluate_each(cfg: SweepConfig, params, evalsets: list[EvalSet]) -> EvalResult:
+    """evaluate on one held-out set, or, with hookpoints, each hookpoint's models on its own
+    set (the results joined on the model axis)."""
+    if not cfg.hookpoints:
+        return evaluate(cfg, params, evalsets[0])
+    n = len(cfg.labels)
+    parts = [evaluate(cfg.one_sweep, batching.models_slice(params, h * n, (h + 1) * n), e)
+             for h, e in enumerate(evalsets)]
+    join = lambda *a: np.concatenate(a)  # noqa: E731
+    return EvalResult(*(join(*(getattr(p, f) for p in parts)) for f in
+                        ("mse", "fvu", "l0", "dead_frac", "counts")), n=parts[0].n,
+                      extra=jax.tree.map(join, *(p.extra for p in parts)))

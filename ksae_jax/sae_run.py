@@ -1,6 +1,7 @@
 """`ksae train`: SAEs of any family trained on vectors, every model of the sweep in one compiled
-run, from .npy files (or generated vectors with known features); optionally from a saved SAE
-(--init) and judged in the language model the vectors came from (--lm). Writes params.pkl,
+run, from .npy files (or generated vectors with known features), or live from a running
+language model (--model: every hookpoint and every k at once, ksae_jax.live_run); optionally
+from a saved SAE (--init) and judged in the language model the vectors came from (--lm). Writes params.pkl,
 metrics.json and figures, and prints a table.
 
 metrics.json: ks (and l0_coefs), the budget and batching, held-out fvu / mse / l0 / dead_frac,
@@ -45,13 +46,18 @@ def model_classes() -> dict[str, type]:
 def groups(data_cls: type = VectorData) -> list[flags.Group]:
     from ksae_jax.lm.splice import SpliceConfig
 
+    from ksae_jax.lm.live import LiveData
+
+    vectors = data_cls is VectorData
     return [flags.Group("data", (data_cls,)),
+            *([flags.Group("or a language model, run live (needs requirements-lm.txt)",
+                           (LiveData,))] if vectors else []),
             flags.Group("model (the family: --arch)", tuple(model_classes().values()),
                         frozenset({"d_in"}), key="arch"),
-            flags.Group("sweep and budget", (SweepConfig,)),
+            flags.Group("sweep and budget", (SweepConfig,), frozenset({"hookpoints"})),
             *([flags.Group("start", (Start,)),
-               flags.Group("language model (needs requirements-lm.txt)", (SpliceConfig,))]
-              if data_cls is VectorData else []),
+               flags.Group("language model of the vectors (needs requirements-lm.txt)",
+                           (SpliceConfig,))] if vectors else []),
             *runner.training_groups()]
 
 
@@ -61,10 +67,17 @@ def main(argv=None, *, data_cls: type = VectorData, preset: dict | None = None,
     preset = {"arch": registry.DEFAULT_SAE, **(preset or {})}
     shown = {"ks": SaeModel.default_sweep, "l0_coefs": registry.lookup("jumprelu").config
              .default_sweep, **SaeModel.training_defaults}
-    parser = flags.make_parser(prog, __doc__.split("\n\n")[0], groups(data_cls), preset,
-                               shown=shown)
+    either = {"data": None, "model": None} if data_cls is VectorData else {}  # one of the two
+    parser = flags.make_parser(prog, __doc__.split("\n\n")[0], groups(data_cls),
+                               {**preset, **either}, shown=shown)
     given = flags.parse(parser, argv)
     values = {**preset, **given}
+    if either and ("model" in given) == ("data" in given):
+        raise flags.UsageError("give --data (vectors on disk) or --model (a language model "
+                               "run live), one of the two")
+    if "model" in given:
+        from ksae_jax import live_run
+        return live_run.main(given, values, default_out=default_out)
     if "epochs" in given and "steps" not in given:  # the budget given replaces the preset's
         values.pop("steps", None)
     source, devices = flags.build(data_cls, values), flags.build(runner.Devices, values)

@@ -58,6 +58,7 @@ def train_step(params, opt_state, since_fired, hp, alive, batch, step, *, cfg: S
     """
     family = cfg.family
     hooks = family.recipe
+    batch = own_rows(batch, hp)
     dead = recipe.dead_mask(since_fired, cfg.model.dead_tokens)
     grad_fn = jax.value_and_grad(functools.partial(loss_fn, cfg=cfg, max_k=max_k), has_aux=True)
     (loss, (metrics, out)), grads = grad_fn(params, batch, hp, dead)
@@ -79,6 +80,14 @@ def train_step(params, opt_state, since_fired, hp, alive, batch, step, *, cfg: S
                                                     step, keep, cfg=cfg, max_k=max_k)
     return new, opt_state, since_fired, {"loss": loss, "rec": metrics["rec"], "finite": finite}
 
+
+
+def own_rows(batch: dict, hp: dict) -> dict:
+    """The model's rows of a batch: all of them, or its hookpoint's (hp["source"]) where the
+    batch holds one set of rows per hookpoint (x: (hookpoints, B, d))."""
+    if "source" not in hp:
+        return batch
+    return {**batch, "x": batch["x"][hp["source"]]}
 
 
 def resample_dead(params, opt_state, since_fired, hp, batch, step, keep, *, cfg: SweepConfig,
@@ -120,9 +129,11 @@ def _all_finite(tree) -> jax.Array:
 
 def hyperparameters(cfg: SweepConfig, ks) -> dict:
     """Per-model hyperparameters of a step (one entry per model): k (the schedule's at this
-    step; none for a family without k), lr, and the family's own (e.g. the image models' L1
+    step, per label; none for a family without k), the hookpoint whose rows it reads (with
+    several), lr, and the family's own (e.g. the image models' L1
     lambda, JumpReLU's L0 coefficient)."""
-    return {**({} if ks is None else {"k": jnp.asarray(ks, jnp.int32)}),
+    return {**({} if ks is None else {"k": jnp.asarray(cfg.per_model(ks), jnp.int32)}),
+            **({"source": jnp.asarray(cfg.sources, jnp.int32)} if cfg.hookpoints else {}),
             "lr": jnp.asarray(cfg.lrs, jnp.float32),
             **{name: jnp.asarray(v) for name, v in cfg.family.hyperparameters(cfg).items()}}
 

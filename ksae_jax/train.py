@@ -21,7 +21,7 @@ from ksae_jax.checkpoint import KEEP, Checkpoints, read_legacy, save_sharded_par
 from ksae_jax.checkpoint import LEGACY as LEGACY_CHECKPOINT
 from ksae_jax.config import SweepConfig
 from ksae_jax.data.feed import ArrayRows, Rows, make_feeder
-from ksae_jax.evaluate import EvalResult, EvalSet, evaluate
+from ksae_jax.evaluate import EvalResult, EvalSet, evaluate_each
 from ksae_jax.files import strict_json
 from ksae_jax.formats import config_diff, read_config, save_params
 from ksae_jax.step import (
@@ -97,6 +97,22 @@ class SweepResult(NamedTuple):
     def on_host(self) -> bool:
         """Whether the params were gathered into this process (they fit one host)."""
         return all(isinstance(a, np.ndarray) for a in jax.tree.leaves(self.params))
+
+    def for_hookpoint(self, h: int) -> SweepResult:
+        """The result of hookpoint h's sweep alone (of a run with hookpoints)."""
+        cfg, n = self.config, len(self.config.labels)
+        part = slice(h * n, (h + 1) * n)
+        prefix = f"{cfg.hookpoints[h]}/"
+        pick = lambda tree: jax.tree.map(lambda a: a[part], tree)  # noqa: E731
+        final = None if self.final is None else self.final._replace(
+            **{f: getattr(self.final, f)[part] for f in ("mse", "fvu", "l0", "dead_frac", "counts")},
+            extra=pick(self.final.extra))
+        history = {k: v if k == "step" else v[part] for k, v in self.history.items()}
+        diverged = {k[len(prefix):]: v for k, v in self.diverged.items() if k.startswith(prefix)}
+        return self._replace(config=cfg.one_sweep, params=pick(self.params), history=history,
+                             diverged={label: diverged[str(label)] for label in cfg.labels
+                                       if str(label) in diverged},
+                             final=final, since_fired=self.since_fired[part])
 
     def healthy(self) -> tuple[SweepConfig, dict]:
         """(config, params) of the models that did not diverge; AllDiverged if none."""
@@ -179,26 +195,51 @@ class Training:
         self.host_limit = host_limit
         self.checkpoints = None if checkpoint is None else Checkpoints(checkpoint, keep_checkpoints)
         self.family, self.clock = cfg.family, _Clock()
-        rows = self.family.rows(train, "train")
-        self.input_scale = self.family.input_scale(rows) if input_scale is None else input_scale
-        rows = _scaled(rows, self.input_scale)
-        replicated = functools.partial(sharding.put, spec=sharding.P(), mesh=mesh)
-        self.evalset = None if test is None else EvalSet(
-            _scaled(self.family.rows(test, "test"), self.input_scale), put=replicated)
-        self.probe = self.evalset or EvalSet(_head(rows, PROBE_ROWS), put=replicated)
-        self.budget, self.run_cfg = make_budget(cfg, rows.n), resolved(cfg, rows.n)
+        self.stream = train if hasattr(train, "batches") else None  # a live source
+        if self.stream is None:
+            rows = self._rows(train, test, input_scale, mesh)
+        else:
+            rows, self.input_scale = None, 1.0
+            self.evalsets = [EvalSet(r) for r in test]
+            self.probe = self.evalsets
+        n = rows.n if rows is not None else self.stream.n
+        self.budget, self.run_cfg = make_budget(cfg, n), resolved(cfg, n)
         self.batching = batching.resolve(cfg)
         if resume:
             state, meta = self._resume()
             self.history, self.start = meta["history"], meta["step"]
             self.clock.before = meta["seconds"]
         else:
-            state, self.history, self.start = init_state(cfg, rows, init, mesh), _fresh_history(), 0
+            state, self.history, self.start = self._fresh(rows, init, mesh), _fresh_history(), 0
         self.state = state_layout(state, self.batching)
-        local = _process_rows(cfg.batch_size)
-        self.feeder = make_feeder(rows, cfg.batch_size, cfg.seed, mode=feeder, local=local,
-                                  put=sharding.batch_putter(mesh, local), put_order=replicated)
+        if self.stream is None:
+            local = _process_rows(cfg.batch_size)
+            self.feeder = make_feeder(rows, cfg.batch_size, cfg.seed, mode=feeder, local=local,
+                                      put=sharding.batch_putter(mesh, local),
+                                      put_order=self._replicated)
+        else:
+            self.feeder = self.stream
         self.batches = self.feeder.batches(self.start)
+
+    def _rows(self, train, test, input_scale, mesh) -> Rows:
+        """The training rows (scaled), and the held-out set and the probe set up from them."""
+        rows = self.family.rows(train, "train")
+        self.input_scale = self.family.input_scale(rows) if input_scale is None else input_scale
+        rows = _scaled(rows, self.input_scale)
+        self._replicated = replicated = functools.partial(sharding.put, spec=sharding.P(),
+                                                          mesh=mesh)
+        self.evalsets = None if test is None else [EvalSet(
+            _scaled(self.family.rows(test, "test"), self.input_scale), put=replicated)]
+        self.probe = self.evalsets or [EvalSet(_head(rows, PROBE_ROWS), put=replicated)]
+        return rows
+
+    def _fresh(self, rows, init, mesh) -> TrainState:
+        """Fresh models; with hookpoints, each hookpoint's initialised from its own rows."""
+        if self.stream is None:
+            return init_state(self.cfg, rows, init, mesh)
+        parts = [init_state(self.cfg.one_sweep, self.stream.init_rows(h), init)
+                 for h in range(self.cfg.n_sources)]
+        return jax.tree.map(lambda *a: jnp.concatenate(a), *parts)
 
     def abstract_state(self):
         """The train state's shapes, dtypes and placements (what a restore fills in)."""
@@ -215,7 +256,11 @@ class Training:
         beside the folder; refused when its config is another."""
         like = self.abstract_state()
         legacy = self.checkpoint.parent / LEGACY_CHECKPOINT
-        if self.checkpoints.latest() is not None:
+        if self.checkpoints.latest() is not None and self.stream is not None:
+            state, meta, stream = self.checkpoints.restore(
+                like, stream_like={"kept": self.stream.abstract()})
+            self.stream.restore(stream["kept"])
+        elif self.checkpoints.latest() is not None:
             state, meta = self.checkpoints.restore(like)
         elif legacy.is_file():
             state, meta = read_legacy(legacy, like)
@@ -258,21 +303,25 @@ class Training:
 
     def _loop(self, progress: bool, on_nan: str, on_eval) -> SweepResult:
         cfg, budget, history = self.cfg, self.budget, self.history
-        bar = tqdm(total=budget.steps, initial=self.start, disable=not progress, unit="step",
+        live = self.stream is not None  # counted in tokens, with the LM's share of the time
+        bar = tqdm(total=budget.steps, initial=self.start, disable=not progress,
+                   unit="tok" if live else "step", unit_scale=cfg.batch_size if live else False,
                    desc=f"{cfg.n_models} models")
         final, start = None, self.start
         for end in budget.segment_ends(start):
             healthy_before = sharding.to_host(self.state.diverged_at) < 0
             state, sums = self._segment(start, end, bar)
-            final = evaluate(self.run_cfg, state.params, self.probe)
+            final = evaluate_each(self.run_cfg, state.params, self.probe)
             self.state = state = self._flag_nonfinite(state, final, end)
             diverged_at = sharding.to_host(state.diverged_at)
             if on_nan == "stop":
                 _stop_if_diverged(cfg, diverged_at, healthy_before, budget,
                                   bool(self.checkpoint and history["step"]), bar)
-            _record(history, end, sharding.to_host(sums), final if self.evalset else None,
+            _record(history, end, sharding.to_host(sums), final if self.evalsets else None,
                     self._window_dead(state), diverged_at < 0)
-            bar.set_postfix(_postfix(self.family, history))
+            bar.set_postfix({**_postfix(self.family, history),
+                             **({"lm": f"{self.stream.lm.seconds / self.clock.seconds():.0%}"}
+                                if live else {})})
             self._save_checkpoint(end, state)
             if on_eval is not None:
                 on_eval(end, batching.stacked(state.params))
@@ -308,7 +357,8 @@ class Training:
             return
         meta = {"config": strict_json({**self.cfg.to_dict(), **self.run_info}), "step": step,
                 "history": strict_json(self.history), "seconds": self.clock.seconds()}
-        self.checkpoints.save(step, batching.stacked(state), meta)
+        self.checkpoints.save(step, batching.stacked(state), meta,
+                              stream=None if self.stream is None else {"kept": self.stream.kept})
 
     @staticmethod
     def host(tree):
@@ -341,7 +391,7 @@ class Training:
         return SweepResult(self.cfg, params, per_model, self.clock.seconds(),
                            self.clock.compile_seconds,
                            _divergence(self.cfg, diverged_at, self.budget.steps_per_epoch),
-                           self.budget, final if self.evalset else None, since_fired,
+                           self.budget, final if self.evalsets else None, since_fired,
                            self.input_scale)
 
 
@@ -386,8 +436,9 @@ def _record(history: dict, step: int, sums: np.ndarray, final: EvalResult | None
 
 
 def _divergence(cfg: SweepConfig, diverged_at: np.ndarray, per_epoch: int) -> dict:
+    names = cfg.model_names if cfg.hookpoints else cfg.labels
     return {k: {"step": int(g) + 1, "epoch": int(g) // per_epoch + 1}
-            for k, g in zip(cfg.labels, diverged_at) if g >= 0}
+            for k, g in zip(names, diverged_at) if g >= 0}
 
 
 def _process_rows(batch_size: int) -> tuple[int, int] | None:

@@ -14,6 +14,7 @@ pytest.importorskip("transformers")
 
 from ksae_jax import cli, sae_run
 from ksae_jax.lm import cache, offline_lm, splice, text
+from ksae_jax.lm import hookpoints as hooks
 from ksae_jax.lm import model as lm_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,7 +119,7 @@ def test_spliced_losses_against_torch_and_the_identity_and_zero_ends(tiny_lm):
     held = text.split(text.documents(str(TEXT)))[1]
     windows = splice.eval_windows(tokenizer, held, 60, 16)
     half = lambda h: 0.5 * h
-    losses = splice.spliced_losses(model, 1, windows, offline_lm.token_bytes(tokenizer),
+    losses = splice.spliced_losses(model, hooks.for_layer(model, 1), windows, offline_lm.token_bytes(tokenizer),
                                    {"identity": lambda h: h, "zeros": torch.zeros_like, "half": half})
     ids = torch.from_numpy(windows).long()
     assert losses["clean"]["loss"] == pytest.approx(_direct_loss(model, ids, 1, lambda h: h), rel=1e-5)

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ksae_jax.files import atomic_write, write_json
+from ksae_jax.lm import hookpoints as hooks
 from ksae_jax.lm import model as lm_model
 from ksae_jax.lm import offline_lm, text
 
@@ -64,26 +65,13 @@ class CacheConfig:
             raise ValueError("context must be at least 2 (BOS and one token)")
 
 
-class _Captured(Exception):
-    """Raised by the hook once block L has run: the later blocks are not needed."""
-
-    def __init__(self, acts):
-        self.acts = acts
-
-
 def residuals(model, layer: int, tokens: np.ndarray):
-    """(B, T, d) float32 residual stream after block `layer` for token ids (B, T)."""
+    """(B, T, d) float32 residual stream after block `layer` for token ids (B, T); the later
+    blocks are not run."""
     import torch
 
-    def grab(h):
-        raise _Captured(h.detach())
-
-    with torch.no_grad(), lm_model.resid_hook(model, layer, grab):
-        try:
-            model(torch.from_numpy(tokens).long())
-        except _Captured as c:
-            return c.acts.float().numpy()
-    raise RuntimeError("the hook on the block did not run")
+    where = hooks.for_layer(model, layer)
+    return hooks.capture(model, [where], torch.from_numpy(tokens).long())[where.name].float().numpy()
 
 
 def _streams(cfg: CacheConfig, tokenizer) -> tuple[np.ndarray, np.ndarray]:

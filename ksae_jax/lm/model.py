@@ -1,9 +1,7 @@
 """A Hugging Face causal LM as the SAE workload sees it: loaded from a local folder or a hub
-name, its transformer blocks found, and the residual stream after block L (`resid_post`)
-read or replaced through a forward hook on that block."""
+name, and its transformer blocks found (lm.hookpoints reads and replaces activations)."""
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 
@@ -51,27 +49,18 @@ def check_layer(model, layer: int) -> None:
         raise LMError(f"layer {layer} does not exist: the model has blocks 0..{n - 1}")
 
 
+def max_positions(model) -> int | None:
+    """The longest context the model takes (learnt position embeddings), or None."""
+    cfg = model.config
+    for name in ("n_positions", "max_position_embeddings"):
+        if isinstance(getattr(cfg, name, None), int):
+            return getattr(cfg, name)
+    return None
+
+
 def bos_id(tokenizer) -> int:
     """The token every context starts with: BOS, or EOS where the model has none (GPT-2)."""
     token = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if token is None:
         raise LMError("the tokenizer has neither a BOS nor an EOS token to start contexts with")
     return token
-
-
-@contextlib.contextmanager
-def resid_hook(model, layer: int, fn):
-    """While active, block `layer`'s output hidden states h (B, T, d) become fn(h) (fn may
-    only read them and return h)."""
-    check_layer(model, layer)
-
-    def hook(module, args, output):
-        if isinstance(output, tuple):
-            return (fn(output[0]),) + tuple(output[1:])
-        return fn(output)
-
-    handle = blocks(model)[layer].register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()

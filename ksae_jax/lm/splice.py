@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ksae_jax.lm import hookpoints as hooks
 from ksae_jax.lm import model as lm_model
 from ksae_jax.lm import offline_lm, text
 
@@ -37,7 +38,7 @@ def eval_windows(tokenizer, docs: list[str], n_tokens: int, context: int) -> np.
     return offline_lm.windows(stream, np.arange(n) * per, context, lm_model.bos_id(tokenizer))
 
 
-def _logprobs(model, layer: int, ids, replace: Replacement | None):
+def _logprobs(model, where, ids, replace: Replacement | None):
     import torch
 
     def splice(h):
@@ -47,7 +48,7 @@ def _logprobs(model, layer: int, ids, replace: Replacement | None):
         if replace is None:
             logits = model(ids).logits
         else:
-            with lm_model.resid_hook(model, layer, splice):
+            with hooks.replace(model, where, splice):
                 logits = model(ids).logits
     return torch.log_softmax(logits[:, 1:-1].float(), dim=-1)  # predictions at replaced positions
 
@@ -55,10 +56,11 @@ def _logprobs(model, layer: int, ids, replace: Replacement | None):
 token_bytes = offline_lm.token_bytes
 
 
-def spliced_losses(model, layer: int, windows: np.ndarray, nbytes: np.ndarray,
+def spliced_losses(model, where, windows: np.ndarray, nbytes: np.ndarray,
                    replacements: dict[str, Replacement], batch: int = 16) -> dict:
     """{"clean", "zero", label: ...} each {"loss" (nats/token), "bits_per_byte", "kl"} (KL of
-    the spliced from the clean distribution, nats/token), over the targets 2..T-1 of windows."""
+    the spliced from the clean distribution, nats/token), over the targets 2..T-1 of windows,
+    with the replacements spliced in at `where` (a hookpoints.Hookpoint)."""
     import torch
 
     variants = {"clean": None, "zero": torch.zeros_like, **replacements}
@@ -67,9 +69,9 @@ def spliced_losses(model, layer: int, windows: np.ndarray, nbytes: np.ndarray,
     for i in range(0, len(windows), batch):
         ids = torch.from_numpy(windows[i:i + batch]).long()
         targets = ids[:, 2:]
-        clean = _logprobs(model, layer, ids, None)
+        clean = _logprobs(model, where, ids, None)
         for name, replace in variants.items():
-            lp = clean if replace is None else _logprobs(model, layer, ids, replace)
+            lp = clean if replace is None else _logprobs(model, where, ids, replace)
             sums[name]["nll"] -= float(lp.gather(-1, targets[..., None]).sum())
             sums[name]["kl"] += float((clean.exp() * (clean - lp)).sum())
         count += targets.numel()
@@ -106,16 +108,29 @@ class SpliceEval:
     of the text's held-out documents) so that a bad model or layer is refused before training."""
 
     def __init__(self, model: str, layer: int, text_source: str, tokens: int, context: int):
-        self.model, tokenizer = lm_model.load(model)
-        lm_model.check_layer(self.model, layer)
+        model_, tokenizer = lm_model.load(model)
+        lm_model.check_layer(model_, layer)
+        self.setup(model_, tokenizer, hooks.for_layer(model_, layer),
+                   text.split(text.documents(text_source))[1], tokens, context)
         self.layer, self.name = layer, model
-        held = text.split(text.documents(text_source))[1]
-        self.windows = eval_windows(tokenizer, held, tokens, context)
+
+    def setup(self, model, tokenizer, where, held_docs: list[str], tokens: int, context: int):
+        self.model, self.where = model, where
+        self.windows = eval_windows(tokenizer, held_docs, tokens, context)
         self.nbytes = offline_lm.token_bytes(tokenizer)
+
+    @classmethod
+    def at(cls, model, tokenizer, where, held_docs: list[str], tokens: int, context: int,
+           name: str) -> SpliceEval:
+        """The evaluation at a hookpoint of a model already loaded."""
+        self = cls.__new__(cls)
+        self.setup(model, tokenizer, where, held_docs, tokens, context)
+        self.layer, self.name = where.name, name
+        return self
 
     def losses(self, replacements: dict[str, Replacement]) -> dict:
         """spliced_losses of these replacements on the held-out contexts."""
-        return spliced_losses(self.model, self.layer, self.windows, self.nbytes, replacements)
+        return spliced_losses(self.model, self.where, self.windows, self.nbytes, replacements)
 
     def __call__(self, sae, ks) -> dict:
         """metrics.json's LM fields: clean and zero-ablated losses, and per k (None where a k

@@ -178,7 +178,7 @@ class JumpReLUFamily(VectorFamily):
         return {"log_threshold": self.model.threshold_lr_scale}
 
     def hyperparameters(self, cfg):
-        return {"l0_coef": np.asarray(cfg.l0_coefs, np.float32)}
+        return {"l0_coef": np.asarray(cfg.per_model(cfg.l0_coefs), np.float32)}
 
     def loss_terms(self, out, hp):
         return LossTerms(out.fvu, hp["l0_coef"] * out.l0)

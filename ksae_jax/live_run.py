@@ -1,0 +1,187 @@
+"""`ksae train --model LM --text SOURCE --hookpoints H1 H2 ...`: SAEs for every hookpoint and
+every k trained from a running language model, in one compiled program, with no activation
+cache (ksae_jax.lm.live). Writes, as sparsify lays out several hookpoints, one folder per
+hookpoint (DIR/<hookpoint>/params.pkl, metrics.json and figures, read by ksae_jax.load), and
+DIR/metrics.json with every hookpoint's held-out FVU, L0, dead latents (held-out and over the
+training window) and the LM's delta_loss and KL with that hookpoint's reconstruction spliced
+in, beside tokens, tokens/s and the seconds spent in the LM."""
+from __future__ import annotations
+
+import dataclasses
+import types
+
+import numpy as np
+
+from ksae_jax import flags, runner, sae_run
+from ksae_jax.config import Execution, SweepConfig
+from ksae_jax.files import write_json
+
+# flags of the other sources, and settings a live run sets itself
+NOT_LIVE = {"data": "--data trains from vectors on disk", "eval_data": None, "eval_frac": None,
+            "skip_nonfinite": None, "init": None, "lm": "the live model is the LM",
+            "layer": "the hookpoints say where", "lm_text": "--text is the text",
+            "steps": "--tokens is the budget", "epochs": "--tokens is the budget",
+            "normalize": "each hookpoint would need its own scale", "mesh": "one device",
+            "distributed": "one device"}
+MIN_HELD_VARIANCE = 1e-12  # a held-out set with less total variance gives no FVU
+
+
+def main(given: dict, values: dict, *, default_out: str) -> runner.Run:
+    """The live run: the model, its hookpoints and the text checked before anything is written,
+    then training, then the report (see the module docstring)."""
+    from ksae_jax.lm.live import LiveData, LiveStream, cycle_steps
+
+    refuse_other_flags(given)
+    live_cfg = flags.build(LiveData, values)
+    lm = open_lm(live_cfg)
+    d = one_width(lm)
+    base = sae_run.sweep_config(values, d)  # the family's batch size and seed where not given
+    if live_cfg.tokens < base.batch_size:
+        raise flags.UsageError(f"--tokens {live_cfg.tokens:,} is less than one batch "
+                               f"(--batch-size {base.batch_size:,})")
+    cfg = live_sweep(values, base.model, lm.names, live_cfg.tokens // base.batch_size,
+                     cycle_steps(live_cfg.buffer_tokens, base.batch_size))
+    stream = LiveStream(lm, cfg.batch_size, cfg.seed)
+    held = heldout_sets(lm)
+    print(f"live: {type(lm.model).__name__} {live_cfg.model}, hookpoints {lm.names} (d = {d}); "
+          f"mixing buffer {live_cfg.buffer_tokens:,} rows per hookpoint "
+          f"(half renewed every {stream.steps_per_cycle} steps); memory about "
+          f"{memory_estimate(lm, stream, cfg) / 2**30:.2f} GiB")
+    run = runner.train(cfg, stream, held, flags.build(runner.Output, values),
+                       flags.build(runner.RunOptions, values), flags.build(runner.Devices, values),
+                       default_out=default_out,
+                       run_info={"data": {"live": dataclasses.asdict(live_cfg), "hookpoints": lm.names}})
+    report(run, lm, held, values.get("lm_tokens", 16_384))
+    return run
+
+
+def refuse_other_flags(given: dict) -> None:
+    for name, why in NOT_LIVE.items():
+        if name in given:
+            raise flags.UsageError(f"{flags.flag(name)}: not a setting of a live run (--model)"
+                                   + (f": {why}" if why else ""))
+
+
+def open_lm(live_cfg):
+    """The model, hookpoints and text, or one line naming what is wrong."""
+    from ksae_jax import lm as lm_pkg
+
+    try:
+        lm_pkg.require()
+        from ksae_jax.lm import live
+        from ksae_jax.lm import model as lm_model
+        from ksae_jax.lm import text
+        try:
+            return live.LiveLM(live_cfg)
+        except (lm_model.LMError, text.TextError) as e:
+            raise flags.UsageError(str(e)) from None
+    except lm_pkg.LMUnavailable as e:
+        raise flags.UsageError(str(e)) from None
+
+
+def one_width(lm) -> int:
+    widths = lm.widths
+    if len(set(widths.values())) > 1:
+        raise flags.UsageError(f"--hookpoints of different widths {widths}: the models of one "
+                               "run share one d; train them in separate runs")
+    return next(iter(widths.values()))
+
+
+def live_sweep(values: dict, model, hookpoints: list[str], steps: int, cycle: int) -> SweepConfig:
+    """The sweep over hookpoints x labels, budgeted by the tokens, evaluating and checkpointing
+    between the buffer's cycles (every a multiple of `cycle` steps)."""
+    every = values.get("eval_every") or -(-steps // 10)
+    every = min(steps, -(-every // cycle) * cycle)
+    if values.get("eval_every") not in (None, every):
+        print(f"note: --eval-every {values['eval_every']} rounded to {every} (checkpoints fall "
+              f"between the mixing buffer's cycles of {cycle} steps)")
+    execution = flags.build(Execution, {**values, "eval_every": every})
+    return flags.build(SweepConfig, values, model=model, hookpoints=tuple(hookpoints),
+                       steps=steps, epochs=None, execution=execution)
+
+
+def heldout_sets(lm) -> list:
+    """Each hookpoint's held-out rows; refused when they have no variance (FVU undefined)."""
+    from ksae_jax.data.feed import ArrayRows
+
+    held = lm.heldout()
+    for name, rows in zip(lm.names, held):
+        var = float(((rows - rows.mean(0)) ** 2).sum())
+        if not var > MIN_HELD_VARIANCE:
+            raise flags.UsageError(f"hookpoint {name}: the held-out activations do not vary "
+                                   "(FVU undefined): use another hookpoint or text")
+    return [ArrayRows(rows) for rows in held]
+
+
+def memory_estimate(lm, stream, cfg: SweepConfig) -> int:
+    """Bytes: the mixing buffer, the LM's parameters and the SAEs' state (params and Adam's
+    two moments, held-out rows)."""
+    lm_bytes = sum(p.numel() * p.element_size() for p in lm.model.parameters())
+    sae = cfg.n_models * 3 * 4 * (2 * cfg.model.latents * cfg.model.d_in + cfg.model.latents
+                                  + cfg.model.d_in)
+    held = len(lm.names) * lm.cfg.heldout_tokens * cfg.model.d_in * 4
+    return stream.buffer_bytes() + lm_bytes + sae + held
+
+
+def folder_name(hookpoint: str) -> str:
+    return hookpoint.replace("/", "_")
+
+
+def report(run: runner.Run, lm, held: list, lm_tokens: int) -> dict:
+    """Each hookpoint's folder (params.pkl, metrics.json, figures), DIR/metrics.json and the
+    printed table."""
+    from ksae_jax import sharding
+
+    per_hookpoint, result = {}, run.result
+    for h, name in enumerate(run.cfg.hookpoints):
+        part = result.for_hookpoint(h)
+        sub = runner.Run(part.config, run.out / folder_name(name), run.plan, run.training, part)
+        info = {"live": lm.cfg.model, "hookpoint": name}
+        rows = types.SimpleNamespace(n=lm.cfg.tokens, d=part.config.model.d_in, name=name)
+        metrics = sae_run.sweep_metrics(sub, info, rows, held[h])
+        if part.on_host:
+            metrics.update(splice_scores(lm, h, part, lm_tokens))
+        if sharding.is_writer():
+            sub.out.mkdir(parents=True, exist_ok=True)
+            write_json(sub.out / "metrics.json", metrics)
+            runner.save(sub, metrics, extra={"data": f"{lm.cfg.model} {name}"})
+            if part.on_host:
+                sae_run.write_figures(sub, metrics, part.models(metrics))
+        per_hookpoint[name] = {f: metrics.get(f) for f in (
+            "ks", "l0_coefs", "fvu", "l0", "dead_frac", "dead_frac_window", "delta_loss", "kl")
+            if f in metrics}
+    seconds = result.seconds
+    summary = {"hookpoints": per_hookpoint, "tokens": run.result.budget.steps * run.cfg.batch_size,
+               "tokens_per_s": run.result.budget.steps * run.cfg.batch_size / seconds,
+               "lm_seconds": lm.seconds, "seconds": seconds, **run.plan,
+               "compile_seconds": result.compile_seconds, "config": run.cfg.to_dict(),
+               "data": {"live": dataclasses.asdict(lm.cfg), "hookpoints": lm.names}}
+    if sharding.is_writer():
+        write_json(run.out / "metrics.json", summary)
+        print_table(run.cfg, per_hookpoint, summary)
+    return summary
+
+
+def splice_scores(lm, h: int, part, lm_tokens: int) -> dict:
+    """The LM's loss with each SAE of hookpoint h spliced in (delta_loss, KL, ...)."""
+    from ksae_jax.lm.splice import SpliceEval
+
+    evaluation = SpliceEval.at(lm.model, lm.tokenizer, lm.hookpoints[h], lm.held_docs, lm_tokens,
+                               lm.cfg.context, name=lm.cfg.model)
+    return evaluation(part.models(), list(part.config.labels))
+
+
+def print_table(cfg: SweepConfig, per_hookpoint: dict, summary: dict) -> None:
+    name = cfg.label_name
+    print(f"\n{'hookpoint':>16} {name:>7} {'FVU':>8} {'L0':>7} {'dead (held-out)':>16} "
+          f"{'dead (window)':>14} {'delta loss':>11} {'KL':>8}")
+    for hookpoint, m in per_hookpoint.items():
+        for i, label in enumerate(m[name + "s"]):
+            lm_part = (f" {m['delta_loss'][i]:>11.4f} {m['kl'][i]:>8.4f}"
+                       if m.get("delta_loss") and m["delta_loss"][i] is not None else "")
+            print(f"{hookpoint:>16} {label!s:>7} {m['fvu'][i]:>8.4f} {m['l0'][i]:>7.2f} "
+                  f"{100 * m['dead_frac'][i]:>15.2f}% {100 * m['dead_frac_window'][i]:>13.2f}%"
+                  + lm_part)
+    print(f"{summary['tokens']:,} tokens at {summary['tokens_per_s']:,.0f} tokens/s, "
+          f"{100 * summary['lm_seconds'] / summary['seconds']:.0f}% of the time in the LM's "
+          f"forward passes; {summary['seconds']:.1f} s in all")

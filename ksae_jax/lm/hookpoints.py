@@ -1,0 +1,129 @@
+"""Where in a causal LM the SAEs read: hookpoints named by module path, as sparsify names them
+(`transformer.h.3`, or a glob such as `transformer.h.*`: the module's output), or by the short
+names people use: `resid_post.L` (block L's output), `mlp_in.L` and `mlp_out.L` (the input and
+output of block L's MLP; transcoders read the pair). `capture` runs the model once and returns
+every hookpoint's activations, stopping after the last one it needs; `replace` splices a
+function into one hookpoint."""
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import re
+from typing import NamedTuple
+
+from ksae_jax.lm import model as lm_model
+
+SHORT = re.compile(r"^(resid_post|mlp_in|mlp_out)\.(\d+)$")
+MLP_NAMES = ("mlp", "feed_forward", "ffn", "mlp_block")
+
+
+class Hookpoint(NamedTuple):
+    """A resolved hookpoint: the name it was given as, the module and which side of it."""
+
+    name: str
+    path: str     # the module's path in model.named_modules()
+    side: str     # "out": its output; "in": its (first) input
+
+
+def resolve(model, names) -> list[Hookpoint]:
+    """The hookpoints the names stand for (globs expanded, in the model's order within a glob);
+    LMError naming the available module paths for a name that matches nothing."""
+    modules = dict(model.named_modules())
+    found: list[Hookpoint] = []
+    for name in names:
+        short = SHORT.match(name)
+        if short:
+            found.append(_short(model, modules, short.group(1), int(short.group(2)), name))
+            continue
+        paths = [p for p in modules if p and fnmatch.fnmatchcase(p, name)]
+        if not paths:
+            raise lm_model.LMError(f"hookpoint {name!r} matches no module of the model; "
+                                   f"available: {_available(model)}")
+        found += [Hookpoint(p if "*" in name or "?" in name else name, p, "out") for p in paths]
+    if len({h.name for h in found}) != len(found):
+        raise lm_model.LMError(f"hookpoints repeat: {[h.name for h in found]}")
+    return found
+
+
+def _short(model, modules: dict, kind: str, layer: int, name: str) -> Hookpoint:
+    lm_model.check_layer(model, layer)
+    block = _path_of(modules, lm_model.blocks(model)[layer])
+    if kind == "resid_post":
+        return Hookpoint(name, block, "out")
+    mlp = next((f"{block}.{m}" for m in MLP_NAMES if f"{block}.{m}" in modules), None)
+    if mlp is None:
+        raise lm_model.LMError(f"{name}: block {block} has no MLP module named one of {MLP_NAMES}")
+    return Hookpoint(name, mlp, "in" if kind == "mlp_in" else "out")
+
+
+def _path_of(modules: dict, module) -> str:
+    return next(p for p, m in modules.items() if m is module)
+
+
+def _available(model) -> str:
+    """The block paths and the MLPs' (what one usually hooks), and the short names."""
+    modules = dict(model.named_modules())
+    blocks = [_path_of(modules, b) for b in lm_model.blocks(model)]
+    inner = [p for p in modules if any(p == f"{b}.{m}" for b in blocks[:1] for m in MLP_NAMES)]
+    n = len(blocks)
+    return (f"{', '.join(blocks)}, {', '.join(inner)} (and the other modules below them); "
+            f"resid_post.L, mlp_in.L, mlp_out.L for L in 0..{n - 1}")
+
+
+class _Done(Exception):
+    """Raised once every hookpoint has been read: the later modules are not run."""
+
+
+def capture(model, hookpoints: list[Hookpoint], ids) -> dict:
+    """{hookpoint name: (B, T, d) tensor} of one forward pass over token ids (torch, B x T);
+    the forward stops as soon as the last of them has been read."""
+    import torch
+
+    got: dict = {}
+    modules = dict(model.named_modules())
+
+    def keep(name):
+        def hook(module, args, output=None):
+            value = args[0] if output is None else output
+            got[name] = (value[0] if isinstance(value, tuple) else value).detach()
+            if len(got) == len(hookpoints):
+                raise _Done
+        return hook
+
+    handles = [modules[h.path].register_forward_pre_hook(keep(h.name)) if h.side == "in"
+               else modules[h.path].register_forward_hook(keep(h.name)) for h in hookpoints]
+    try:
+        with torch.no_grad():
+            model(ids)
+    except _Done:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return got
+
+
+@contextlib.contextmanager
+def replace(model, hookpoint: Hookpoint, fn):
+    """While active, the hookpoint's activations h (B, T, d) become fn(h)."""
+    module = dict(model.named_modules())[hookpoint.path]
+
+    def pre(module, args):
+        return (fn(args[0]),) + tuple(args[1:])
+
+    def post(module, args, output):
+        if isinstance(output, tuple):
+            return (fn(output[0]),) + tuple(output[1:])
+        return fn(output)
+
+    handle = (module.register_forward_pre_hook(pre) if hookpoint.side == "in"
+              else module.register_forward_hook(post))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def for_layer(model, layer: int) -> Hookpoint:
+    """Block `layer`'s output (what the caches hold)."""
+    return resolve(model, [f"resid_post.{layer}"])[0]

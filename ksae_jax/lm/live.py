@@ -1,0 +1,276 @@
+"""A running language model as the SAEs' data: nothing is cached. Text is tokenized on the fly
+and packed into contexts; each forward pass reads every hookpoint at once (and stops after the
+last one needed); the activations reach JAX through DLPack; a mixing buffer per hookpoint, on
+the device, shuffles rows of many contexts together before they form batches.
+
+Contexts are built as the activation caches build them: BOS, then context - 1 tokens of the
+stream of documents joined by EOS; the BOS position is dropped (its activation is an outlier
+the SAE would spend latents on), so each context gives context - 1 rows. The training
+documents are read in a seeded order (a new order each time the text runs out), the held-out
+documents (every 100th, never trained on) in their own order.
+
+The mixing buffer (SAELens's): it holds `buffer_tokens` rows per hookpoint; each cycle the
+half kept from the last cycle and half a buffer of new rows are permuted together (one seeded
+permutation per cycle, the same for every hookpoint so a batch holds the same tokens at every
+hookpoint), the first half leaves as batches and the second half stays. A checkpoint taken
+between cycles holds the kept half; the stream's position follows from the step, so a run
+resumes bit for bit.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import queue
+import threading
+import time
+from collections.abc import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ksae_jax import checks
+from ksae_jax.data.feed import ArrayRows
+from ksae_jax.lm import hookpoints as hooks
+from ksae_jax.lm import model as lm_model
+from ksae_jax.lm import offline_lm, text
+
+DOCS_PER_CHUNK = 256  # documents tokenized at a time
+
+
+@dataclasses.dataclass(frozen=True)
+class LiveData:
+    """A running causal LM as the data: its activations at the hookpoints, read from every
+    forward pass over text tokenized on the fly (nothing is written to disk)."""
+
+    model: str
+    """A Hugging Face causal LM: a local folder, or a hub name (with network)."""
+    text: str = text.DEFAULT
+    """'gcide' (apt-get install dict-gcide), a UTF-8 .txt file or folder of them, a .jsonl
+    file (its "text" fields), or a datasets name or save_to_disk folder."""
+    hookpoints: tuple[str, ...] | None = None
+    """Module paths (transformer.h.3, globs such as transformer.h.*) or resid_post.L,
+    mlp_in.L, mlp_out.L (None: every block's output)."""
+    tokens: int = 2_097_152
+    """Training tokens (rows per hookpoint); the budget of the run."""
+    heldout_tokens: int = 65_536
+    """Held-out tokens per hookpoint, from the text's held-out documents."""
+    context: int = 128
+    """Tokens per context, BOS included."""
+    lm_batch: int = 32
+    """Contexts per forward pass."""
+    buffer_tokens: int = 131_072
+    """Rows of the mixing buffer per hookpoint (half of it is renewed each cycle)."""
+
+    def __post_init__(self):
+        for name in ("tokens", "heldout_tokens", "context", "lm_batch", "buffer_tokens"):
+            checks.positive_int(name, getattr(self, name))
+        if self.context < 2:
+            raise ValueError("context must be at least 2 (BOS and one token)")
+        if self.hookpoints is not None:
+            object.__setattr__(self, "hookpoints", tuple(self.hookpoints))
+
+
+def contexts(tokenizer, docs: list[str], context: int, bos: int, seed: int | None,
+             start: int = 0) -> Iterator[np.ndarray]:
+    """Context after context (int32, BOS first) from context number `start` on: the documents
+    in a seeded order (seed None: in order, once), tokenized DOCS_PER_CHUNK at a time, joined by
+    EOS and cut into windows of context - 1 tokens."""
+    per, count, epoch = context - 1, 0, 0
+    while True:
+        order = (np.arange(len(docs)) if seed is None
+                 else np.random.default_rng([seed, epoch]).permutation(len(docs)))
+        carry = np.zeros(0, np.int32)
+        for i in range(0, len(docs), DOCS_PER_CHUNK):
+            carry = np.concatenate([carry, offline_lm.token_stream(
+                tokenizer, [docs[j] for j in order[i:i + DOCS_PER_CHUNK]])])
+            n = len(carry) // per
+            for w in range(n):
+                if count >= start:
+                    yield np.concatenate([[bos], carry[w * per:(w + 1) * per]]).astype(np.int32)
+                count += 1
+            carry = carry[n * per:]
+        if seed is None:
+            return
+        epoch += 1
+
+
+class LiveLM:
+    """The model, its hookpoints and the text: forward passes that give every hookpoint's rows."""
+
+    def __init__(self, cfg: LiveData, log=print):
+        self.cfg = cfg
+        self.model, self.tokenizer = lm_model.load(cfg.model)
+        positions = lm_model.max_positions(self.model)
+        if positions is not None and cfg.context > positions:
+            raise lm_model.LMError(f"--context {cfg.context}: the model takes at most "
+                                   f"{positions} positions")
+        names = cfg.hookpoints or [f"resid_post.{i}" for i in
+                                   range(self.model.config.num_hidden_layers)]
+        self.hookpoints = hooks.resolve(self.model, names)
+        self.bos = lm_model.bos_id(self.tokenizer)
+        self.train_docs, self.held_docs = text.split(text.documents(cfg.text))
+        self.seconds = 0.0  # time spent in forward passes
+        self.widths = self._widths()
+
+    @property
+    def names(self) -> list[str]:
+        return [h.name for h in self.hookpoints]
+
+    def _widths(self) -> dict[str, int]:
+        ids = np.full((1, 2), self.bos, np.int32)
+        return {name: int(a.shape[-1]) for name, a in self._capture(ids).items()}
+
+    def _capture(self, ids: np.ndarray) -> dict:
+        import torch
+        return hooks.capture(self.model, self.hookpoints, torch.from_numpy(ids).long())
+
+    def forward(self, ids: np.ndarray) -> jax.Array:
+        """(hookpoints, B * (T - 1), d) float32 rows of contexts (B, T), BOS dropped; the
+        torch tensors reach JAX through DLPack."""
+        t0 = time.perf_counter()
+        got = self._capture(ids)
+        rows = jnp.stack([_rows(jax.dlpack.from_dlpack(got[h.name].float().contiguous()))
+                          for h in self.hookpoints])
+        rows.block_until_ready()
+        self.seconds += time.perf_counter() - t0
+        return rows
+
+    def train_contexts(self, seed: int, start: int = 0) -> Iterator[np.ndarray]:
+        return contexts(self.tokenizer, self.train_docs, self.cfg.context, self.bos, seed, start)
+
+    def heldout(self) -> np.ndarray:
+        """(hookpoints, heldout_tokens, d) rows of the held-out documents' first contexts."""
+        per = self.cfg.context - 1
+        need = -(-self.cfg.heldout_tokens // per)
+        windows = list(_take(contexts(self.tokenizer, self.held_docs, self.cfg.context,
+                                      self.bos, None), need))
+        if len(windows) < need:
+            raise text.TextError(f"{self.cfg.text}: its held-out documents give "
+                                 f"{len(windows) * per:,} tokens; --heldout-tokens asks for "
+                                 f"{self.cfg.heldout_tokens:,}")
+        parts = [np.asarray(self.forward(np.stack(windows[i:i + self.cfg.lm_batch])))
+                 for i in range(0, need, self.cfg.lm_batch)]
+        return np.concatenate(parts, axis=1)[:, :self.cfg.heldout_tokens]
+
+
+@jax.jit
+def _rows(acts):
+    return acts[:, 1:].reshape(-1, acts.shape[-1])
+
+
+def _take(it: Iterator, n: int) -> Iterator:
+    for _, item in zip(range(n), it):
+        yield item
+
+
+def row_chunks(lm: LiveLM, seed: int, start_row: int, size: int) -> Iterator[jax.Array]:
+    """Consecutive (hookpoints, size, d) chunks of the training rows from row `start_row` on.
+    Forward passes always take the same lm_batch contexts, so any row is computed the same
+    way whatever the start."""
+    per_pass = lm.cfg.lm_batch * (lm.cfg.context - 1)
+    first_pass = start_row // per_pass
+    ctx = lm.train_contexts(seed, first_pass * lm.cfg.lm_batch)
+    pending, have, skip = [], 0, start_row - first_pass * per_pass
+    while True:
+        rows = lm.forward(np.stack(list(_take(ctx, lm.cfg.lm_batch))))[:, skip:]
+        skip = 0
+        pending.append(rows)
+        have += rows.shape[1]
+        while have >= size:
+            joined = jnp.concatenate(pending, axis=1) if len(pending) > 1 else pending[0]
+            yield joined[:, :size]
+            pending, have = [joined[:, size:]], have - size
+
+
+@functools.partial(jax.jit, static_argnames=("batch_size",))
+def mix(kept, new, key, *, batch_size: int):
+    """One cycle of the mixing buffer: (batches (n, hookpoints, B, d), the half kept)."""
+    pool = jnp.concatenate([kept, new], axis=1)
+    perm = jax.random.permutation(key, pool.shape[1])
+    half = kept.shape[1]
+    out = pool[:, perm[:half]]
+    batches = out.reshape(out.shape[0], half // batch_size, batch_size, -1).swapaxes(0, 1)
+    return batches, pool[:, perm[half:]]
+
+
+def cycle_steps(buffer_tokens: int, batch_size: int) -> int:
+    """Batches each cycle of the mixing buffer gives: half the buffer (at least one batch)."""
+    return max(1, buffer_tokens // 2 // batch_size)
+
+
+class LiveStream:
+    """The training loop's batches from the running model: {"x": (hookpoints, B, d), "w"},
+    through the mixing buffer. A producer thread runs the forward passes ahead (a bounded
+    queue), so the next pass overlaps the SAE step where the device allows."""
+
+    mode = "live"
+
+    def __init__(self, lm: LiveLM, batch_size: int, seed: int, prefetch: int = 2):
+        self.lm, self.batch_size, self.seed, self.prefetch = lm, batch_size, seed, prefetch
+        self.steps_per_cycle = cycle_steps(lm.cfg.buffer_tokens, batch_size)
+        self.half = self.steps_per_cycle * batch_size
+        self.n = lm.cfg.tokens
+        self.d = lm.widths[lm.names[0]]
+        self.kept = None  # the half of the buffer kept from the last cycle
+
+    def buffer_bytes(self) -> int:
+        """What the buffer holds at most: the kept half, the new half, the cycle's batches and
+        the producer's queue, for every hookpoint."""
+        return (3 + self.prefetch + 1) * len(self.lm.names) * self.half * self.d * 4
+
+    def first_rows(self) -> jax.Array:
+        """The buffer's first half (the first training rows), read once."""
+        if self.kept is None:
+            self.kept = next(row_chunks(self.lm, self.seed, 0, self.half))
+        return self.kept
+
+    def init_rows(self, h: int) -> ArrayRows:
+        """Hookpoint h's first training rows (what the models initialise from)."""
+        return ArrayRows(np.asarray(self.first_rows()[h]))
+
+    def abstract(self) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct((len(self.lm.names), self.half, self.d), jnp.float32)
+
+    def restore(self, kept) -> None:
+        self.kept = kept
+
+    def _produce(self, cycle: int, out: queue.Queue, stop: threading.Event) -> None:
+        try:
+            for chunk in row_chunks(self.lm, self.seed, self.half * (1 + cycle), self.half):
+                while not stop.is_set():
+                    try:
+                        out.put(chunk, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            out.put(e)
+
+    def batches(self, start_step: int = 0) -> Iterator[dict]:
+        """Batches from step start_step on (a multiple of steps_per_cycle: where the
+        checkpoints are taken)."""
+        if start_step % self.steps_per_cycle:
+            raise ValueError(f"a live run resumes between cycles of {self.steps_per_cycle} steps")
+        cycle = start_step // self.steps_per_cycle
+        self.first_rows()
+        out: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+        worker = threading.Thread(target=self._produce, args=(cycle, out, stop), daemon=True)
+        worker.start()
+        w = jnp.ones(self.batch_size, jnp.float32)
+        try:
+            while True:
+                new = out.get()
+                if isinstance(new, BaseException):
+                    raise new
+                key = jax.random.fold_in(jax.random.key(self.seed), cycle)
+                batches, self.kept = mix(self.kept, new, key, batch_size=self.batch_size)
+                for i in range(self.steps_per_cycle):
+                    yield {"x": batches[i], "w": w}
+                cycle += 1
+        finally:
+            stop.set()
+            worker.join(timeout=30)
