@@ -1,5 +1,6 @@
 """Where in a causal LM the SAEs read: hookpoints named by module path, as sparsify names them
-(`transformer.h.3`, or a glob such as `transformer.h.*`: the module's output), or by the short
+(`transformer.h.3`, or a glob such as `transformer.h.*`, whose * stands for one part of
+the path: the module's output), or by the short
 names people use: `resid_post.L` (block L's output), `mlp_in.L` and `mlp_out.L` (the input and
 output of block L's MLP; transcoders read the pair). `capture` runs the model once and returns
 every hookpoint's activations, stopping after the last one it needs; `replace` splices a
@@ -35,13 +36,18 @@ def resolve(model, names) -> list[Hookpoint]:
         if short:
             found.append(_short(model, modules, short.group(1), int(short.group(2)), name))
             continue
-        paths = [p for p in modules if p and fnmatch.fnmatchcase(p, name)]
+        paths = [p for p in modules if p and p.count(".") == name.count(".")
+                 and fnmatch.fnmatchcase(p, name)]  # a * stands for one part of the path
         if not paths:
             raise lm_model.LMError(f"hookpoint {name!r} matches no module of the model; "
                                    f"available: {_available(model)}")
         found += [Hookpoint(p if "*" in name or "?" in name else name, p, "out") for p in paths]
-    if len({h.name for h in found}) != len(found):
-        raise lm_model.LMError(f"hookpoints repeat: {[h.name for h in found]}")
+    seen: dict = {}
+    for h in found:
+        other = seen.setdefault((h.path, h.side), h.name)
+        if other != h.name or [x.name for x in found].count(h.name) > 1:
+            raise lm_model.LMError(f"hookpoints repeat: {other} and {h.name} read the same "
+                                   "activations")
     return found
 
 
