@@ -13,6 +13,8 @@ Checkpoints of earlier versions (DIR/checkpoint.pkl, host arrays) still resume: 
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 from pathlib import Path
 
 import jax
@@ -36,11 +38,13 @@ class Checkpoints:
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=async_save,
                                                cleanup_tmp_directories=True)
-        self.manager = ocp.CheckpointManager(self.folder, options=options)
+        with _quiet():
+            self.manager = ocp.CheckpointManager(self.folder, options=options)
 
     def latest(self) -> int | None:
         """The last complete checkpoint's step (a save cut short is not one)."""
-        return self.manager.latest_step()
+        with _quiet():
+            return self.manager.latest_step()
 
     def save(self, step: int, state, meta: dict, stream=None) -> None:
         """Starts writing `state` (jax arrays, any sharding) and `meta` (JSON) at `step`, and
@@ -65,7 +69,8 @@ class Checkpoints:
         if stream_like is not None:
             items["stream"] = args.StandardRestore(stream_like)
         try:
-            got = self.manager.restore(step, args=args.Composite(**items))
+            with _quiet():
+                got = self.manager.restore(step, args=args.Composite(**items))
         except Exception as e:  # noqa: BLE001 - whatever a damaged checkpoint makes Orbax raise
             raise ParamsFileError(f"{self.folder}/{step}: unreadable checkpoint "
                                   f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
@@ -79,7 +84,15 @@ class Checkpoints:
         """The JSON of a checkpoint (default: the latest): config, step, history, seconds."""
         step = self.latest() if step is None else step
         args = self.ocp.args
-        return self.manager.restore(step, args=args.Composite(meta=args.JsonRestore())).meta
+        try:
+            with _quiet():
+                meta = self.manager.restore(step, args=args.Composite(meta=args.JsonRestore())).meta
+        except Exception as e:  # noqa: BLE001 - whatever a damaged checkpoint makes Orbax raise
+            raise ParamsFileError(f"{self.folder}/{step}: unreadable checkpoint "
+                                  f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        if not isinstance(meta, dict) or "config" not in meta:
+            raise ParamsFileError(f"{self.folder}/{step}: not a ksae_jax checkpoint")
+        return meta
 
     def wait(self) -> None:
         """Until every save started has been written."""
@@ -87,6 +100,18 @@ class Checkpoints:
 
     def close(self) -> None:
         self.manager.close()
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Orbax's own log lines silenced: a damaged checkpoint is reported in one line."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def read_legacy(path: Path, like) -> tuple:

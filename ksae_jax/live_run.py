@@ -23,7 +23,6 @@ NOT_LIVE = {"data": "--data trains from vectors on disk", "eval_data": None, "ev
             "steps": "--tokens is the budget", "epochs": "--tokens is the budget",
             "normalize": "each hookpoint would need its own scale", "mesh": "one device",
             "distributed": "one device"}
-MIN_HELD_VARIANCE = 1e-12  # a held-out set with less total variance gives no FVU
 
 
 def main(given: dict, values: dict, *, default_out: str) -> runner.Run:
@@ -101,15 +100,13 @@ def live_sweep(values: dict, model, hookpoints: list[str], steps: int, cycle: in
 
 
 def heldout_sets(lm) -> list:
-    """Each hookpoint's held-out rows; refused when they have no variance (FVU undefined)."""
+    """Each hookpoint's held-out rows; refused when they do not vary (FVU undefined)."""
     from ksae_jax.data.feed import ArrayRows
+    from ksae_jax.data.vectors import check_spread
 
     held = lm.heldout()
     for name, rows in zip(lm.names, held):
-        var = float(((rows - rows.mean(0)) ** 2).sum())
-        if not var > MIN_HELD_VARIANCE:
-            raise flags.UsageError(f"hookpoint {name}: the held-out activations do not vary "
-                                   "(FVU undefined): use another hookpoint or text")
+        check_spread(rows, f"hookpoint {name}")
     return [ArrayRows(rows) for rows in held]
 
 

@@ -150,6 +150,7 @@ def train(cfg: SweepConfig, rows, held, output: Output, options: RunOptions, dev
     check_batch_size(cfg, rows.n if hasattr(rows, "n") else len(rows))
     mesh = devices.mesh_for(cfg)
     with output_folder(output, options.resume, default_out) as out:
+        had_checkpoints = (out / CHECKPOINTS).exists()
         try:
             training = prepare(
                 cfg, rows, held, checkpoint=out / CHECKPOINTS, resume=options.resume is not None,
@@ -157,6 +158,8 @@ def train(cfg: SweepConfig, rows, held, output: Output, options: RunOptions, dev
                 feeder=options.feeder, host_limit=None if options.host_params_gb is None
                 else int(options.host_params_gb * 1e9), **prepare_kw)
         except (CheckpointMismatch, ParamsFileError) as e:
+            if not had_checkpoints and (out / CHECKPOINTS).is_dir():
+                shutil.rmtree(out / CHECKPOINTS)  # made by this run's checkpointer, empty
             raise UsageError(f"--resume {e}") from None
         if summary is not None:
             print(summary(training))

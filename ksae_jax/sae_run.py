@@ -84,7 +84,7 @@ def main(argv=None, *, data_cls: type = VectorData, preset: dict | None = None,
     start = None if given.get("init") is None else load_start(given["init"])
     cfg = (sweep_config(values, source.d) if start is None
            else start_config(given, values, start, source.d))
-    splice = splice_evaluation(values, source.data) if "lm" in given else None
+    splice = splice_evaluation(values, source.data, source.d) if "lm" in given else None
     devices.start()
     rows, held, info, features = open_data(source)
     run = runner.train(cfg, rows, held, flags.build(runner.Output, values),
@@ -148,18 +148,22 @@ def open_data(source) -> tuple:
     return split.train, split.eval, source.info(split.train.n), None
 
 
-def splice_evaluation(values: dict, data: Path):
-    """The spliced evaluation --lm asks for, set up before training (a bad model, layer or
-    text: one line, exit 2)."""
+def splice_evaluation(values: dict, data: Path, d: int | None = None):
+    """The spliced evaluation --lm asks for, set up before training (a bad model, layer,
+    context or text, or a layer of another width than the data's d: one line, exit 2)."""
     from ksae_jax import lm
 
     try:
         lm.require()
         from ksae_jax.lm import model as lm_model
         from ksae_jax.lm import splice, text
-        return flags.build(splice.SpliceConfig, values).evaluation(data)
+        evaluation = flags.build(splice.SpliceConfig, values).evaluation(data)
     except (lm.LMUnavailable, lm_model.LMError, text.TextError, ValueError) as e:
         raise flags.UsageError(f"--lm: {e}") from None
+    if d is not None and evaluation.width() != d:
+        raise flags.UsageError(f"--lm: layer {evaluation.layer} of {values['lm']} is "
+                               f"{evaluation.width()} wide; the data have d = {d}")
+    return evaluation
 
 
 def summary(training, rows, held) -> str:

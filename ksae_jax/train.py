@@ -253,25 +253,29 @@ class Training:
 
     def _resume(self):
         """(state, meta) of the latest checkpoint, or of an earlier version's checkpoint.pkl
-        beside the folder; refused when its config is another."""
+        beside the folder; refused, before any array is read, when its config is another."""
         like = self.abstract_state()
         legacy = self.checkpoint.parent / LEGACY_CHECKPOINT
-        if self.checkpoints.latest() is not None and self.stream is not None:
+        if self.checkpoints.latest() is not None:
+            self._check_config(self.checkpoints.meta())
+            if self.stream is None:
+                return self.checkpoints.restore(like)
             state, meta, stream = self.checkpoints.restore(
                 like, stream_like={"kept": self.stream.abstract()})
             self.stream.restore(stream["kept"])
-        elif self.checkpoints.latest() is not None:
-            state, meta = self.checkpoints.restore(like)
-        elif legacy.is_file():
+            return state, meta
+        if legacy.is_file():
             state, meta = read_legacy(legacy, like)
-        else:
-            raise CheckpointMismatch(f"{self.checkpoint}: no complete checkpoint to resume from")
+            self._check_config(meta)
+            return state, meta
+        raise CheckpointMismatch(f"{self.checkpoint}: no complete checkpoint to resume from")
+
+    def _check_config(self, meta: dict) -> None:
         diff = config_diff(_current_form(meta["config"], self.run_info),
                            {**self.cfg.to_dict(), **self.run_info})
         if diff:
             raise CheckpointMismatch(f"{self.checkpoint}: made with a different config: "
                                      + "; ".join(diff))
-        return state, meta
 
     @property
     def step_fn(self):

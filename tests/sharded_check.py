@@ -78,8 +78,8 @@ def main(out: Path):
     full = run(cfg, syn.x[:2600], syn.x[2600:])
     real_save, ckpt = Checkpoints.save, out / "first" / "checkpoints"
 
-    def save_then_stop(self, step, state, meta):
-        real_save(self, step, state, meta)
+    def save_then_stop(self, *args, **kw):
+        real_save(self, *args, **kw)
         self.wait()
         raise KeyboardInterrupt
 

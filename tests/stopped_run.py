@@ -15,8 +15,8 @@ from ksae_jax.checkpoint import Checkpoints
 real_save = Checkpoints.save
 
 
-def save_then_die(self, step, state, meta):
-    real_save(self, step, state, meta)
+def save_then_die(self, *args, **kw):
+    real_save(self, *args, **kw)
     self.wait()  # every process's shards are written and the save is committed
     os._exit(75)
 

@@ -186,3 +186,27 @@ def test_without_the_lm_extra_the_commands_say_what_to_install(tmp_path):
     r = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "x")], cwd=ROOT,
                        capture_output=True, text=True)
     assert r.returncode == 2 and "requirements-lm.txt" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_contexts_longer_than_the_model_and_layers_of_another_width_are_one_line(
+        tiny_lm, tmp_path, capsys):
+    lm_dir, _ = tiny_lm  # 16 positions, d = 32
+    data = tmp_path / "acts"
+    data.mkdir()
+    np.save(data / "v.npy", np.random.default_rng(0).normal(size=(400, 16)).astype(np.float32))
+    (data / "meta.json").write_text(json.dumps({"layer": 0, "context": 16, "text": str(TEXT)}))
+    runs = [
+        (cli.cache, ["--model", str(lm_dir), "--layer", "0", "--tokens", "100", "--context", "40",
+                     "--text", str(TEXT), "--out", str(tmp_path / "c")], "at most 16 positions"),
+        (cli.evaluate, ["--sae", str(tmp_path / "none.pkl"), "--model", str(lm_dir), "--layer",
+                        "0", "--text", str(TEXT), "--context", "40"], "at most 16 positions"),
+        (sae_run.main, ["--data", str(data / "v.npy"), "--latents", "32", "--ks", "2", "--steps",
+                        "2", "--batch-size", "50", "--lm", str(lm_dir), "--out",
+                        str(tmp_path / "s"), "--no-progress"], "is 32 wide; the data have d = 16"),
+    ]
+    for fn, argv, message in runs:
+        with pytest.raises(SystemExit) as e:
+            cli.run(lambda fn=fn, argv=argv: fn(argv, prog="ksae"), "ksae")
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and (message or "") in err, err
+    assert not (tmp_path / "c").exists() and not (tmp_path / "s").exists()

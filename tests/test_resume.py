@@ -17,7 +17,7 @@ from helpers import latest_checkpoint
 from test_files import _laughs, _object_scalar_pickle
 
 import ksae_jax
-from ksae_jax import cli, formats, image_run, train
+from ksae_jax import cli, formats, image_run, sae_run, train
 from ksae_jax.config import ImageModel, SweepConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -185,3 +185,38 @@ def test_checkpoints_of_the_flat_layout_resume_to_the_uninterrupted_params(name,
     want = formats.load_params_file(FIXTURES / "flat" / name / "params.pkl")["params"]
     for a, b in zip(jax.tree.leaves(r.params), jax.tree.leaves(want)):
         np.testing.assert_array_equal(a, b)
+
+
+SAE_RUN = ["--latents", "32", "--ks", "2", "4", "--steps", "4", "--batch-size", "100",
+           "--no-progress"]
+
+
+def sae_in_process(argv):
+    cli.run(lambda: sae_run.main(argv), "ksae train")
+
+
+def test_resume_of_an_sae_run_with_other_shapes_or_damaged_files_is_one_line(tmp_path, capsys):
+    np.save(tmp_path / "v.npy", np.random.default_rng(0).normal(size=(1000, 16)).astype(np.float32))
+    run = tmp_path / "run"
+    sae_run.main(["--data", str(tmp_path / "v.npy"), *SAE_RUN, "--out", str(run)])
+    capsys.readouterr()
+    cases = [(["--latents", "64"], "model.latents: 32 in the checkpoint, 64 now")]
+    for argv, message in cases:  # refused before any array is read
+        with pytest.raises(SystemExit) as e:
+            sae_in_process(["--data", str(tmp_path / "v.npy"), *SAE_RUN, *argv,
+                            "--resume", str(run)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and message in err, err
+    for f in (run / "checkpoints" / "4").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"garbage")  # every file of the Orbax checkpoint
+    with pytest.raises(SystemExit) as e:
+        sae_in_process(["--data", str(tmp_path / "v.npy"), *SAE_RUN, "--resume", str(run)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "unreadable checkpoint" in err, err
+    old = tmp_path / "old"  # a garbage checkpoint of an earlier version: nothing added
+    old.mkdir()
+    (old / "checkpoint.pkl").write_bytes(b"garbage")
+    with pytest.raises(SystemExit) as e:
+        sae_in_process(["--data", str(tmp_path / "v.npy"), *SAE_RUN, "--resume", str(old)])
+    assert e.value.code == 2 and [p.name for p in old.iterdir()] == ["checkpoint.pkl"]

@@ -85,7 +85,7 @@ def test_held_out_split_and_normalisation(rows):
         vectors.normalizing_scale(vectors.open_vectors(np.zeros((4, 3), np.float32)))
     with pytest.raises(DataError, match="no held-out set"):
         vectors.split(vectors.open_vectors(rows[:3]), eval_frac=0.05)
-    big = vectors.open_vectors(np.zeros((2_000_000, 1), np.float32) + 1)
+    big = vectors.open_vectors(np.arange(2_000_000, dtype=np.float32)[:, None])
     assert vectors.split(big).eval.n == vectors.MAX_EVAL_ROWS
 
 
@@ -147,3 +147,14 @@ def test_feeder_choice_follows_the_device_memory(rows):
                                                                   (10 ** 9, 4), (0, 0))], ["huge"])
     assert not feed.fits_on_device(huge) and feed.make_feeder(huge, 10, 0).mode == "host"
     assert jax.devices()[0].platform == "cpu"
+
+
+@pytest.mark.parametrize("held", ["zero", "one row", "identical"])
+def test_held_out_rows_without_variance_are_refused(tmp_path, rows, held):
+    data = {"zero": np.zeros_like(rows), "one row": rows,
+            "identical": np.tile(rows[:1], (500, 1))}[held]
+    eval_data = rows[:1] if held == "one row" else None
+    source = vectors.open_vectors(data)
+    with pytest.raises(DataError, match="held-out rows do not vary"):
+        vectors.split(source, None if eval_data is None else vectors.open_vectors(eval_data))
+    vectors.split(vectors.open_vectors(rows))  # rows that vary are taken

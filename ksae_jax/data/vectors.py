@@ -14,6 +14,7 @@ from ksae_jax.data.images import DataError
 
 SCAN_ROWS = 65536      # rows per chunk of the checking scan
 MAX_EVAL_ROWS = 65536  # the held-out tail is at most this long
+SPREAD_TOLERANCE = 1e-10  # held-out variance below this fraction of the rows' energy: refused
 
 
 class VectorSource:
@@ -165,6 +166,17 @@ def normalizing_scale(source: VectorSource) -> float:
     return (source.d / msn) ** 0.5
 
 
+def check_spread(rows: np.ndarray, name: str) -> None:
+    """DataError when held-out rows do not vary (one row, identical rows, all zero): their
+    FVU, error over variance, would be undefined."""
+    x = np.asarray(rows, np.float64).reshape(len(rows), -1)
+    variance = float(((x - x.mean(axis=0)) ** 2).sum())
+    if not variance > SPREAD_TOLERANCE * max(float((x ** 2).sum()), 1e-300):
+        raise DataError(f"{name}: the {len(x):,} held-out rows do not vary (all equal"
+                        f"{', all zero' if not x.any() else ''}): FVU would be undefined; give "
+                        "held-out rows that vary")
+
+
 def split(source: VectorSource, eval_source: VectorSource | None = None,
           eval_frac: float = 0.05) -> Split:
     """Training rows and held-out rows: eval_source, or else the last eval_frac of the data
@@ -174,10 +186,13 @@ def split(source: VectorSource, eval_source: VectorSource | None = None,
         if not 0 < n_eval < source.n:
             raise DataError(f"{source.name}: {source.n} rows leave no held-out set at eval "
                             f"fraction {eval_frac} (give --eval-data, or more rows)")
-        return Split(source.view(0, source.n - n_eval), source.view(source.n - n_eval, source.n))
+        held = source.view(source.n - n_eval, source.n)
+        check_spread(held.all(), source.name)
+        return Split(source.view(0, source.n - n_eval), held)
     if eval_source.d != source.d:
         raise DataError(f"{eval_source.name}: rows of width {eval_source.d}, but the "
                         f"training data have d = {source.d}")
+    check_spread(eval_source.all(), eval_source.name)
     return Split(source, eval_source)
 
 

@@ -151,6 +151,7 @@ def build(cfg: CacheConfig, out: Path, *, overwrite: bool = False, progress: boo
     t0 = time.perf_counter()
     model, tokenizer = lm_model.load(cfg.model)
     lm_model.check_layer(model, cfg.layer)
+    lm_model.check_context(model, cfg.context)
     train_stream, held_stream = _streams(cfg, tokenizer)
     train_starts = plan_windows(cfg, train_stream, cfg.tokens, shuffled=True)
     held_starts = plan_windows(cfg, held_stream, cfg.heldout_tokens, shuffled=False)

@@ -101,10 +101,7 @@ class LiveLM:
     def __init__(self, cfg: LiveData, log=print):
         self.cfg = cfg
         self.model, self.tokenizer = lm_model.load(cfg.model)
-        positions = lm_model.max_positions(self.model)
-        if positions is not None and cfg.context > positions:
-            raise lm_model.LMError(f"--context {cfg.context}: the model takes at most "
-                                   f"{positions} positions")
+        lm_model.check_context(self.model, cfg.context)
         names = cfg.hookpoints or [f"resid_post.{i}" for i in
                                    range(self.model.config.num_hidden_layers)]
         self.hookpoints = hooks.resolve(self.model, names)

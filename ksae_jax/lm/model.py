@@ -58,6 +58,13 @@ def max_positions(model) -> int | None:
     return None
 
 
+def check_context(model, context: int) -> None:
+    """LMError when contexts of `context` tokens are longer than the model takes."""
+    positions = max_positions(model)
+    if positions is not None and context > positions:
+        raise LMError(f"--context {context}: the model takes at most {positions} positions")
+
+
 def bos_id(tokenizer) -> int:
     """The token every context starts with: BOS, or EOS where the model has none (GPT-2)."""
     token = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id

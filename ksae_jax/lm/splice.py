@@ -115,6 +115,7 @@ class SpliceEval:
         self.layer, self.name = layer, model
 
     def setup(self, model, tokenizer, where, held_docs: list[str], tokens: int, context: int):
+        lm_model.check_context(model, context)
         self.model, self.where = model, where
         self.windows = eval_windows(tokenizer, held_docs, tokens, context)
         self.nbytes = offline_lm.token_bytes(tokenizer)
@@ -127,6 +128,13 @@ class SpliceEval:
         self.setup(model, tokenizer, where, held_docs, tokens, context)
         self.layer, self.name = where.name, name
         return self
+
+    def width(self) -> int:
+        """The width of the activations at the hookpoint."""
+        import torch
+
+        ids = torch.from_numpy(self.windows[:1, :2]).long()
+        return int(hooks.capture(self.model, [self.where], ids)[self.where.name].shape[-1])
 
     def losses(self, replacements: dict[str, Replacement]) -> dict:
         """spliced_losses of these replacements on the held-out contexts."""
@@ -213,12 +221,13 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     from ksae_jax.safe_pickle import ParamsFileError
 
     torch.set_num_threads(os.cpu_count() or 1)
+    evaluation = SpliceEval(cfg.model, cfg.layer, cfg.text, cfg.tokens, cfg.context)
     try:
         sae = inference.load(cfg.sae)
     except (ParamsFileError, OSError) as e:
         raise ValueError(f"--sae {cfg.sae}: {e}") from None
     labels = list(sae.labels)
-    m = SpliceEval(cfg.model, cfg.layer, cfg.text, cfg.tokens, cfg.context)(sae, labels)
+    m = evaluation(sae, labels)
     print(f"clean {m['lm_loss_clean']:.4f}, zero-ablated {m['lm_loss_zero']:.4f} nats/token over "
           f"{m['lm_tokens']:,} tokens\n{sae.label_name:>7} {'delta loss':>11} {'recovered':>10} "
           f"{'KL':>8}")
