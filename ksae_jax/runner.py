@@ -22,6 +22,7 @@ from ksae_jax.checkpoint import LEGACY as LEGACY_CHECKPOINT
 from ksae_jax.config import Execution, Optimizer, SweepConfig
 from ksae_jax.flags import Group, UsageError
 from ksae_jax.safe_pickle import ParamsFileError
+from ksae_jax.tracking import Tracking
 from ksae_jax.train import AllDiverged, CheckpointMismatch, Diverged, SweepResult, Training, prepare
 
 
@@ -39,6 +40,8 @@ class Output:
     """Replace the results in a non-empty out."""
     progress: bool = True
     """Show a progress bar."""
+    tracking: Tracking = Tracking()
+    """Weights & Biases and TensorBoard logging (off by default)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,7 +121,7 @@ def training_groups(multi_host: bool = True) -> list[Group]:
     optimizer, execution, output, the run, devices (and hosts, where the command runs on
     several)."""
     return [Group("optimizer and schedules", (Optimizer,)), Group("execution", (Execution,)),
-            Group("output", (Output,)), Group("run", (RunOptions,)),
+            Group("output", (Output, Tracking)), Group("run", (RunOptions,)),
             Group("devices and hosts" if multi_host else "devices", (Devices,),
                   frozenset() if multi_host else MULTI_HOST)]
 
@@ -164,12 +167,32 @@ def train(cfg: SweepConfig, rows, held, output: Output, options: RunOptions, dev
         if summary is not None:
             print(summary(training))
         plan = announce(training)
+        tracker = output.tracking.open(out, {**cfg.to_dict(), **run_info}) \
+            if sharding.is_writer() else None
         try:
             result = training.run(output.progress and sharding.is_writer(), options.on_nan,
-                                  on_eval(training) if on_eval else None)
+                                  _each_evaluation(training, tracker, on_eval))
         except Diverged as e:
             raise RunFailed(f"{e}; try a smaller --lr, or --on-nan continue") from None
+        finally:
+            if tracker is not None:
+                tracker.close()
     return Run(cfg, out, plan, training, result)
+
+
+def _each_evaluation(training: Training, tracker, on_eval):
+    """What runs at every evaluation point: the tracker's log and the command's own."""
+    own = on_eval(training) if on_eval else None
+    if tracker is None:
+        return own
+    names = list(training.cfg.model_names)
+
+    def each(step, params):
+        tracker.log(step, training.history, names)
+        if own is not None:
+            own(step, params)
+
+    return each
 
 
 @contextlib.contextmanager

@@ -240,3 +240,19 @@ def test_bad_live_input_is_one_line_exit_2_and_writes_nothing(tiny_lm, tmp_path,
     err = fail(argv, capsys)
     assert message in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_text_from_jsonl_and_a_datasets_folder(tmp_path):
+    from datasets import Dataset
+
+    from ksae_jax.lm import text
+    docs = ["The first document.", "A second one, longer than the first.", "Third."]
+    (tmp_path / "t.jsonl").write_text("\n".join(json.dumps({"text": d, "id": i})
+                                                for i, d in enumerate(docs)) + "\n\n")
+    Dataset.from_dict({"text": docs}).save_to_disk(str(tmp_path / "ds"))
+    assert text.documents(tmp_path / "t.jsonl") == docs == text.documents(str(tmp_path / "ds"))
+    (tmp_path / "bad.jsonl").write_text('{"body": "no text field"}\n')
+    with pytest.raises(text.TextError, match="line 1: not a JSON object with a \"text\" field"):
+        text.documents(tmp_path / "bad.jsonl")
+    with pytest.raises(text.TextError, match="no such text file"):
+        text.documents(tmp_path / "missing.jsonl")

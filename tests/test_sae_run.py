@@ -263,3 +263,37 @@ def test_recipe_flags_reach_the_config(acts, tmp_path):
     assert (model["b_enc_init"], model["b_enc_mean_keep"]) == ("balanced", 0.25)
     assert (model["resample_every"], optim["k_start"], optim["k_anneal_frac"]) == (3, 10, 0.5)
     assert (model["latents"], model["aux_coef"], optim["adam_eps"]) == (64, 0.5, 1e-8)
+
+
+def test_metrics_go_to_tensorboard_and_to_wandb_offline(acts, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "run"
+    sae_run.main(["--data", str(acts / "train.npy"), "--eval-data", str(acts / "test.npy"),
+                  "--out", str(out), "--tensorboard", "--wandb"] + TINY)
+    scalars = tensorboard_scalars(next((out / "tensorboard").glob("events.out.tfevents.*")))
+    m = json.loads((out / "metrics.json").read_text())
+    fvu = scalars["eval/fvu/5"]
+    assert [step for step, _ in fvu] == m["history"]["step"] == [6, 12]
+    np.testing.assert_allclose([v for _, v in fvu], m["history"]["eval_fvu"][1],  # k = 5
+                               rtol=1e-6)
+    assert {"train/loss/2", "train/dead_frac_window/5", "eval/l0/2"} <= set(scalars)
+    runs = list((out / "wandb").glob("offline-run-*"))
+    log = next(runs[0].glob("*.wandb")).read_bytes()  # the run's offline log, synced later
+    assert len(runs) == 1 and log.count(b"eval/fvu/5") >= 2
+    for value in m["history"]["eval_fvu"][1]:  # each evaluation's value, as W&B writes it
+        assert json.dumps(value).encode() in log
+
+
+def tensorboard_scalars(path) -> dict:
+    """{tag: [(step, value)]} of a TensorBoard event file (TFRecord frames of Event protos)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    data, pos, found = path.read_bytes(), 0, {}
+    while pos < len(data):
+        n = int.from_bytes(data[pos:pos + 8], "little")
+        event = Event.FromString(data[pos + 12:pos + 12 + n])
+        pos += 16 + n
+        for v in event.summary.value:
+            found.setdefault(v.tag, []).append((event.step, v.simple_value))
+    return found
