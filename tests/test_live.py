@@ -98,20 +98,34 @@ def test_contexts_start_with_bos_and_resume_at_any_context(tiny_lm):
     np.testing.assert_array_equal(in_order, stream[:len(in_order)])  # the cache's packing
 
 
-def test_mixing_buffer_emits_every_row_once_and_mixes_contexts():
+def test_mixing_buffer_draws_every_row_once_mixes_contexts_and_resumes_from_its_kept_half():
     half, batch = 512, 64
-    kept = jax.numpy.arange(half, dtype=jax.numpy.float32)[None, :, None]
-    seen = []
-    for cycle in range(4):
-        new = (half * (cycle + 1) + jax.numpy.arange(half, dtype=jax.numpy.float32))[None, :, None]
-        batches, kept = live.mix(kept, new, jax.random.key(cycle), batch_size=batch)
-        assert batches.shape == (half // batch, 1, batch, 1)
-        seen.append(np.asarray(batches).reshape(-1))
-    rows = np.concatenate(seen + [np.asarray(kept).reshape(-1)])
+    chunks = [jax.numpy.arange(half * j, half * (j + 1), dtype=jax.numpy.float32)[None, :, None]
+              for j in range(6)]
+
+    def run(mixer, cycles):
+        drawn = []
+        for c in cycles:
+            drawn += [np.asarray(mixer.batch(i)).reshape(-1) for i in range(half // batch)]
+            if c != cycles[-1]:
+                mixer.next_cycle(chunks[c + 2])
+        return drawn
+
+    mixer = live.MixingBuffer(seed=5, rows=2 * half, batch_size=batch)
+    mixer.start(chunks[0], chunks[1])
+    drawn = run(mixer, [0, 1, 2, 3])
+    rows = np.concatenate(drawn + [np.asarray(mixer.kept()).reshape(-1)])
     np.testing.assert_array_equal(np.sort(rows), np.arange(5 * half))  # none lost, none twice
     # neighbours in a batch come from rows far apart (without the buffer: the next row)
-    first = seen[-1].reshape(-1, batch)
-    assert np.median(np.abs(np.diff(first, axis=1))) > 50
+    assert np.median(np.abs(np.diff(np.stack(drawn), axis=1))) > 100
+    again = live.MixingBuffer(seed=5, rows=2 * half, batch_size=batch)
+    again.start(chunks[0], chunks[1])
+    run(again, [0, 1])
+    kept = again.kept()  # what a checkpoint after cycle 1 holds
+    resumed = live.MixingBuffer(seed=5, rows=2 * half, batch_size=batch)
+    resumed.resume(2, kept, chunks[3])
+    for a, b in zip(run(resumed, [2, 3]), drawn[2 * half // batch:]):
+        np.testing.assert_array_equal(a, b)
 
 
 class CacheRows:

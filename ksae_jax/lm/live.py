@@ -9,11 +9,11 @@ the SAE would spend latents on), so each context gives context - 1 rows. The tra
 documents are read in a seeded order (a new order each time the text runs out), the held-out
 documents (every 100th, never trained on) in their own order.
 
-The mixing buffer (SAELens's): it holds `buffer_tokens` rows per hookpoint; each cycle the
-half kept from the last cycle and half a buffer of new rows are permuted together (one seeded
-permutation per cycle, the same for every hookpoint so a batch holds the same tokens at every
-hookpoint), the first half leaves as batches and the second half stays. A checkpoint taken
-between cycles holds the kept half; the stream's position follows from the step, so a run
+The mixing buffer (SAELens's, in place on the device): `buffer_tokens` rows per hookpoint.
+Each cycle draws its batches from the slots in the first half of a seeded permutation (the
+same for every hookpoint, so a batch holds the same tokens at every hookpoint); the next cycle
+first refills those slots with new rows, while the second half stays. A checkpoint taken
+between cycles holds that kept half; the stream's position follows from the step, so a run
 resumes bit for bit.
 """
 from __future__ import annotations
@@ -174,21 +174,16 @@ def row_chunks(lm: LiveLM, seed: int, start_row: int, size: int) -> Iterator[jax
         skip = 0
         pending.append(rows)
         have += rows.shape[1]
-        while have >= size:
-            joined = jnp.concatenate(pending, axis=1) if len(pending) > 1 else pending[0]
-            yield joined[:, :size]
-            pending, have = [joined[:, size:]], have - size
+        if have >= size:
+            chunk, rest = _split(pending, size)
+            yield chunk
+            pending, have = [rest], have - size
 
 
-@functools.partial(jax.jit, static_argnames=("batch_size",))
-def mix(kept, new, key, *, batch_size: int):
-    """One cycle of the mixing buffer: (batches (n, hookpoints, B, d), the half kept)."""
-    pool = jnp.concatenate([kept, new], axis=1)
-    perm = jax.random.permutation(key, pool.shape[1])
-    half = kept.shape[1]
-    out = pool[:, perm[:half]]
-    batches = out.reshape(out.shape[0], half // batch_size, batch_size, -1).swapaxes(0, 1)
-    return batches, pool[:, perm[half:]]
+@functools.partial(jax.jit, static_argnums=1)
+def _split(parts, size: int):
+    joined = jnp.concatenate(parts, axis=1)
+    return joined[:, :size], joined[:, size:]
 
 
 def cycle_steps(buffer_tokens: int, batch_size: int) -> int:
@@ -196,31 +191,83 @@ def cycle_steps(buffer_tokens: int, batch_size: int) -> int:
     return max(1, buffer_tokens // 2 // batch_size)
 
 
+def _perm(seed: int, cycle: int, rows: int) -> jax.Array:
+    return jax.random.permutation(jax.random.fold_in(jax.random.key(seed), cycle), rows)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _refill(buffer, slots, new):
+    return buffer.at[:, slots].set(new)
+
+
+@jax.jit
+def _draw(buffer, slots):
+    return buffer[:, slots]
+
+
+class MixingBuffer:
+    """SAELens's mixing buffer, in place on the device: `rows` slots per hookpoint. Cycle c
+    draws its batches from the slots in a seeded permutation's first half; at the start of the
+    next cycle those slots take new rows and the permutation's second half stays. Between
+    cycles the state is the kept half; a buffer rebuilt from it continues bit for bit."""
+
+    def __init__(self, seed: int, rows: int, batch_size: int):
+        self.seed, self.rows, self.batch_size, self.half = seed, rows, batch_size, rows // 2
+        self.buffer, self.cycle, self.perm = None, 0, None
+
+    def start(self, first: jax.Array, second: jax.Array) -> None:
+        """Cycle 0's buffer: the first two chunks of rows."""
+        self.buffer, self.cycle = jnp.concatenate([first, second], axis=1), 0
+        self.perm = _perm(self.seed, 0, self.rows)
+
+    def resume(self, cycle: int, kept: jax.Array, new: jax.Array) -> None:
+        """Cycle c's buffer from the half kept at the end of cycle c - 1 and the new rows."""
+        slots = _perm(self.seed, cycle - 1, self.rows)
+        empty = jnp.zeros(kept.shape[:1] + (self.rows,) + kept.shape[2:], kept.dtype)
+        self.buffer = _refill(_refill(empty, slots[self.half:], kept), slots[:self.half], new)
+        self.cycle, self.perm = cycle, _perm(self.seed, cycle, self.rows)
+
+    def next_cycle(self, new: jax.Array) -> None:
+        """The drawn half replaced by new rows; the next permutation."""
+        self.buffer = _refill(self.buffer, self.perm[:self.half], new)
+        self.cycle += 1
+        self.perm = _perm(self.seed, self.cycle, self.rows)
+
+    def batch(self, i: int) -> jax.Array:
+        """Batch i of the current cycle: (hookpoints, B, d)."""
+        return _draw(self.buffer, self.perm[i * self.batch_size:(i + 1) * self.batch_size])
+
+    def kept(self) -> jax.Array:
+        """What a checkpoint between cycles holds: the half the next cycle keeps."""
+        return _draw(self.buffer, self.perm[self.half:])
+
+
 class LiveStream:
     """The training loop's batches from the running model: {"x": (hookpoints, B, d), "w"},
     through the mixing buffer. A producer thread runs the forward passes ahead (a bounded
-    queue), so the next pass overlaps the SAE step where the device allows."""
+    queue of one chunk), so the next pass overlaps the SAE step where the device allows."""
 
     mode = "live"
 
-    def __init__(self, lm: LiveLM, batch_size: int, seed: int, prefetch: int = 2):
+    def __init__(self, lm: LiveLM, batch_size: int, seed: int, prefetch: int = 1):
         self.lm, self.batch_size, self.seed, self.prefetch = lm, batch_size, seed, prefetch
         self.steps_per_cycle = cycle_steps(lm.cfg.buffer_tokens, batch_size)
         self.half = self.steps_per_cycle * batch_size
         self.n = lm.cfg.tokens
         self.d = lm.widths[lm.names[0]]
-        self.kept = None  # the half of the buffer kept from the last cycle
+        self.mixer = MixingBuffer(seed, 2 * self.half, batch_size)
+        self.first, self.restored = None, None
 
     def buffer_bytes(self) -> int:
-        """What the buffer holds at most: the kept half, the new half, the cycle's batches and
-        the producer's queue, for every hookpoint."""
-        return (3 + self.prefetch + 1) * len(self.lm.names) * self.half * self.d * 4
+        """What the buffer holds at most, for every hookpoint: its two halves, the producer's
+        queue, the chunk being assembled, and a checkpoint's copy of the kept half."""
+        return (2 + self.prefetch + 1 + 1) * len(self.lm.names) * self.half * self.d * 4
 
     def first_rows(self) -> jax.Array:
-        """The buffer's first half (the first training rows), read once."""
-        if self.kept is None:
-            self.kept = next(row_chunks(self.lm, self.seed, 0, self.half))
-        return self.kept
+        """The first half buffer of training rows (read once: what the models initialise from)."""
+        if self.first is None:
+            self.first = next(row_chunks(self.lm, self.seed, 0, self.half))
+        return self.first
 
     def init_rows(self, h: int) -> ArrayRows:
         """Hookpoint h's first training rows (what the models initialise from)."""
@@ -229,12 +276,17 @@ class LiveStream:
     def abstract(self) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct((len(self.lm.names), self.half, self.d), jnp.float32)
 
-    def restore(self, kept) -> None:
-        self.kept = kept
+    @property
+    def kept(self) -> jax.Array:
+        """The checkpoint's part: the half of the buffer the next cycle keeps."""
+        return self.mixer.kept()
 
-    def _produce(self, cycle: int, out: queue.Queue, stop: threading.Event) -> None:
+    def restore(self, kept) -> None:
+        self.restored = kept
+
+    def _produce(self, first_chunk: int, out: queue.Queue, stop: threading.Event) -> None:
         try:
-            for chunk in row_chunks(self.lm, self.seed, self.half * (1 + cycle), self.half):
+            for chunk in row_chunks(self.lm, self.seed, self.half * first_chunk, self.half):
                 while not stop.is_set():
                     try:
                         out.put(chunk, timeout=0.1)
@@ -248,26 +300,34 @@ class LiveStream:
 
     def batches(self, start_step: int = 0) -> Iterator[dict]:
         """Batches from step start_step on (a multiple of steps_per_cycle: where the
-        checkpoints are taken)."""
+        checkpoints are taken, the kept half given to `restore`)."""
         if start_step % self.steps_per_cycle:
             raise ValueError(f"a live run resumes between cycles of {self.steps_per_cycle} steps")
         cycle = start_step // self.steps_per_cycle
-        self.first_rows()
         out: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
-        worker = threading.Thread(target=self._produce, args=(cycle, out, stop), daemon=True)
+        worker = threading.Thread(target=self._produce, args=(cycle + 1, out, stop),
+                                  daemon=True)
         worker.start()
+
+        def new_rows():
+            item = out.get()
+            if isinstance(item, BaseException):
+                raise item
+            return item
+
         w = jnp.ones(self.batch_size, jnp.float32)
         try:
+            if cycle == 0:
+                self.mixer.start(self.first_rows(), new_rows())
+                self.first = None
+            else:
+                self.mixer.resume(cycle, self.restored, new_rows())
+                self.restored = None
             while True:
-                new = out.get()
-                if isinstance(new, BaseException):
-                    raise new
-                key = jax.random.fold_in(jax.random.key(self.seed), cycle)
-                batches, self.kept = mix(self.kept, new, key, batch_size=self.batch_size)
                 for i in range(self.steps_per_cycle):
-                    yield {"x": batches[i], "w": w}
-                cycle += 1
+                    yield {"x": self.mixer.batch(i), "w": w}
+                self.mixer.next_cycle(new_rows())
         finally:
             stop.set()
             worker.join(timeout=30)
