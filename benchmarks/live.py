@@ -109,6 +109,29 @@ def contexts_dataset(c: LiveComparison, hookpoints: list[str]) -> dict:
     return {"contexts": n, "tokens": n * (c.context - 1), "bos": lm.bos}
 
 
+def neighbour_correlation(c: LiveComparison, hookpoints: list[str], batch: int = 4096) -> dict:
+    """Mean Pearson correlation of neighbouring rows of a batch (each activation centred by
+    the rows' mean), per hookpoint: rows as the contexts give them, and through the mixing
+    buffer (ksae_jax's default size)."""
+    from ksae_jax.lm import live
+
+    lm = live.LiveLM(live.LiveData(model=c.lm, text=c.text, hookpoints=tuple(hookpoints),
+                                   context=c.context))
+    stream = live.LiveStream(lm, batch, seed=0)
+    chunks = live.row_chunks(lm, 0, 0, stream.half)
+    stream.mixer.start(next(chunks), next(chunks))
+    plain = np.asarray(stream.mixer.buffer[:, :batch])  # consecutive rows of the contexts
+    mixed = np.asarray(stream.mixer.batch(0))
+
+    def corr(rows):
+        x = rows - rows.mean(axis=0)
+        x /= np.linalg.norm(x, axis=1, keepdims=True) + 1e-12
+        return float(np.mean(np.sum(x[:-1] * x[1:], axis=1)))
+
+    return {name: {"without_buffer": corr(plain[h]), "with_buffer": corr(mixed[h])}
+            for h, name in enumerate(hookpoints)} | {"buffer_tokens": lm.cfg.buffer_tokens}
+
+
 def run_peer(c: LiveComparison, k: int, defaults: bool, bos: int) -> dict:
     name = f"sparsify{'_defaults' if defaults else ''}_k{k}"
     cmd = [sys.executable, str(PEER), c.lm, str(c.out / "contexts"), "--layers",
@@ -140,6 +163,7 @@ def main(argv=None) -> dict:
     c.out.mkdir(parents=True, exist_ok=True)
     ours = stage(c, "ksae_jax", lambda: run_ours(c))
     hookpoints = list(ours["hookpoints"])
+    stage(c, "mixing", lambda: neighbour_correlation(c, hookpoints))
     data = stage(c, "contexts", lambda: contexts_dataset(c, hookpoints))
     peers = {}
     for defaults in (False,) if c.skip_defaults else (False, True):

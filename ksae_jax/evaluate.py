@@ -25,10 +25,11 @@ class EvalResult(NamedTuple):
 
 
 class EvalSet:
-    """Held-out rows put on the device once, with their total variance (FVU's denominator)."""
+    """Held-out rows put on the device once, with their total variance (FVU's denominator);
+    the host's copy is not kept."""
 
     def __init__(self, rows: Rows, batch_size: int = 1024, put=jax.device_put):
-        self.rows, self.batch_size, self.n = rows, min(batch_size, rows.n), rows.n
+        self.scale, self.batch_size, self.n = rows.scale, min(batch_size, rows.n), rows.n
         host = rows.all()
         self.data = put(host)
         self.order = put(np.concatenate(
@@ -61,14 +62,14 @@ def evaluate(cfg: SweepConfig, params, evalset: EvalSet, ks=None) -> EvalResult:
     sums = None
     for i in range(evalset.order.shape[0] // evalset.batch_size):
         got = _eval_batch(params, evalset.data, evalset.order, np.int32(i),
-                          np.float32(evalset.rows.scale), hp,
+                          np.float32(evalset.scale), hp,
                           cfg=cfg, batch_size=evalset.batch_size, how=how)
         sums = got if sums is None else jax.tree.map(lambda a, b: a + b, sums, got)
     sums = {name: np.asarray(v, np.float64) for name, v in sharding.to_host(sums).items()}
     sse, counts = sums.pop("sse"), sums.pop("counts").astype(np.float32)
     denom = max(evalset.total_variance, 1e-30)
     # images: MSE on pixels in [0, 1], as the original; vectors: in the data's own units
-    unit = cfg.family.mse_unit(evalset.rows.scale)
+    unit = cfg.family.mse_unit(evalset.scale)
     return EvalResult(mse=sse / evalset.n_elements / unit, fvu=sse / denom,
                       l0=counts.sum(axis=1) / evalset.n, dead_frac=(counts == 0).mean(axis=1),
                       counts=counts, n=evalset.n,

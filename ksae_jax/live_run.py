@@ -100,14 +100,16 @@ def live_sweep(values: dict, model, hookpoints: list[str], steps: int, cycle: in
 
 
 def heldout_sets(lm) -> list:
-    """Each hookpoint's held-out rows; refused when they do not vary (FVU undefined)."""
+    """Each hookpoint's held-out rows on the device (no host copy kept); refused when they
+    do not vary (FVU undefined)."""
     from ksae_jax.data.feed import ArrayRows
     from ksae_jax.data.vectors import check_spread
+    from ksae_jax.evaluate import EvalSet
 
     held = lm.heldout()
     for name, rows in zip(lm.names, held):
         check_spread(rows, f"hookpoint {name}")
-    return [ArrayRows(rows) for rows in held]
+    return [EvalSet(ArrayRows(rows)) for rows in held]
 
 
 def memory_estimate(lm, stream, cfg: SweepConfig) -> int:

@@ -200,7 +200,7 @@ class Training:
             rows = self._rows(train, test, input_scale, mesh)
         else:
             rows, self.input_scale = None, 1.0
-            self.evalsets = [EvalSet(r) for r in test]
+            self.evalsets = [r if isinstance(r, EvalSet) else EvalSet(r) for r in test]
             self.probe = self.evalsets
         n = rows.n if rows is not None else self.stream.n
         self.budget, self.run_cfg = make_budget(cfg, n), resolved(cfg, n)

@@ -137,7 +137,8 @@ class LiveLM:
         return contexts(self.tokenizer, self.train_docs, self.cfg.context, self.bos, seed, start)
 
     def heldout(self) -> np.ndarray:
-        """(hookpoints, heldout_tokens, d) rows of the held-out documents' first contexts."""
+        """(hookpoints, heldout_tokens, d) rows of the held-out documents' first contexts (of
+        one width: the run checks the hookpoints' widths first)."""
         per = self.cfg.context - 1
         need = -(-self.cfg.heldout_tokens // per)
         windows = list(_take(contexts(self.tokenizer, self.held_docs, self.cfg.context,
@@ -146,9 +147,12 @@ class LiveLM:
             raise text.TextError(f"{self.cfg.text}: its held-out documents give "
                                  f"{len(windows) * per:,} tokens; --heldout-tokens asks for "
                                  f"{self.cfg.heldout_tokens:,}")
-        parts = [np.asarray(self.forward(np.stack(windows[i:i + self.cfg.lm_batch])))
-                 for i in range(0, need, self.cfg.lm_batch)]
-        return np.concatenate(parts, axis=1)[:, :self.cfg.heldout_tokens]
+        rows = np.empty((len(self.hookpoints), need * per, self.widths[self.names[0]]),
+                        np.float32)
+        for i in range(0, need, self.cfg.lm_batch):
+            part = self.forward(np.stack(windows[i:i + self.cfg.lm_batch]))
+            rows[:, i * per:i * per + part.shape[1]] = np.asarray(part)
+        return rows[:, :self.cfg.heldout_tokens]
 
 
 @jax.jit
