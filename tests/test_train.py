@@ -126,7 +126,7 @@ def test_k_schedule_moves_from_k_start_to_each_k():
     (lambda: SweepConfig(batch_size=0), "batch_size"), (lambda: Optimizer(lr=-1.0), "lr"),
     (lambda: SweepConfig(ks=(2.5,)), "integer"), (lambda: SweepConfig(steps=0), "steps"),
     (lambda: SweepConfig(optim=Optimizer(lr=(1e-3,))), "one value per k"),
-    (lambda: SweepConfig(init_seeds=(1, 2)), "one seed per model"),
+    (lambda: SweepConfig(init_seeds=(1, 2)), "one seed per k"),
     (lambda: Optimizer(k_start=50, k_anneal_frac=0.0), "k_anneal_frac > 0"),
     (lambda: SweepConfig(ks=(5,), optim=Optimizer(k_start=300)), "k_start=300 is larger"),
     (lambda: Optimizer(momentum=0.5), "momentum applies to optimizer 'sgd'"),
