@@ -3,7 +3,7 @@
     python benchmarks/gpu_report.py OUT [--dry-run]
 
 gpu.json always holds the same keys: dry_run, stages (name -> rc, seconds), tests (the pytest
-summary line), images, sae, largest (each suite's JSON, null where its stage failed) and
+summary line), images, sae, largest, live (each suite's JSON, null where its stage failed) and
 targets (the GPU targets: the conv sweep against the PyTorch loop, the SAE against sparsify;
 null where unmeasured).
 """
@@ -13,7 +13,8 @@ import json
 import sys
 from pathlib import Path
 
-SUITES = {"images": "images/images.json", "sae": "sae/sae.json", "largest": "largest/largest.json"}
+SUITES = {"images": "images/images.json", "sae": "sae/sae.json", "largest": "largest/largest.json",
+          "live": "live/live.json"}
 MARKDOWN = {"images": "images/images.md", "sae": "sae/sae.md", "largest": "largest/largest.md"}
 
 

@@ -88,11 +88,12 @@ def run_ours(c: LiveComparison) -> dict:
            "--overwrite", "--no-progress"]
     got = measured(cmd, c.out / "ksae_jax.log")
     m = json.loads((out / "metrics.json").read_text())
-    estimate = re.search(r"memory about ([\d.]+) GiB", (c.out / "ksae_jax.log").read_text())
+    log = (c.out / "ksae_jax.log").read_text()
+    estimate = {name: float(v.replace(",", "")) for name, v in re.findall(
+        r"(buffer|lm|sae state|heldout|step workspace) ([\d,.]+) MB", log)}
     return {**got, "command": " ".join(cmd[1:]), "tokens": m["tokens"],
             "tokens_per_s": m["tokens_per_s"], "lm_seconds": m["lm_seconds"],
-            "seconds": m["seconds"], "estimate_mb": float(estimate.group(1)) * 1024,
-            "hookpoints": m["hookpoints"]}
+            "seconds": m["seconds"], "estimate_mb": estimate, "hookpoints": m["hookpoints"]}
 
 
 def contexts_dataset(c: LiveComparison, hookpoints: list[str]) -> dict:

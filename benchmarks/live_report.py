@@ -87,7 +87,7 @@ def write(c, ours: dict, peers: dict, hookpoints: list[str], peer_tokens: int) -
 def speed_table(c, ours: dict, peers: dict, peer_tokens: int) -> dict:
     """Tokens/s for all models: ksae_jax's training loop, and sparsify's matched runs (one per
     k) one after another; the LM's share of each; ksae_jax's peak RSS against its bound (the
-    estimate it prints: buffer, LM, SAE state, held-out rows; plus 1 GB)."""
+    buffer, the LM and the SAE state of the estimate it prints, plus 1 GB)."""
     matched = [p for n, p in peers.items() if "_defaults" not in n]
     fit = sum(p["fit_seconds"] for p in matched)
     theirs = peer_tokens / fit if matched else None
@@ -95,7 +95,9 @@ def speed_table(c, ours: dict, peers: dict, peer_tokens: int) -> dict:
             "ratio": None if theirs is None else ours["tokens_per_s"] / theirs,
             "lm_share_ksae_jax": ours["lm_seconds"] / ours["seconds"],
             "lm_share_sparsify": sum(p["lm_seconds"] for p in matched) / fit if matched else None,
-            "peak_rss_mb": ours["peak_rss_mb"], "rss_bound_mb": ours["estimate_mb"] + 1024,
+            "peak_rss_mb": ours["peak_rss_mb"], "rss_bound_mb": sum(
+                ours["estimate_mb"].get(part, 0) for part in ("buffer", "lm", "sae state")) + 1024,
+            "estimate_mb": ours["estimate_mb"],
             "sparsify_peak_rss_mb": max((p["peak_rss_mb"] for p in matched), default=None),
             "commands": {"ksae_jax": ours["command"],
                          **{n: p["command"] for n, p in peers.items()}}}

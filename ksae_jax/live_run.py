@@ -44,11 +44,10 @@ def main(given: dict, values: dict, *, default_out: str) -> runner.Run:
     held = heldout_sets(lm)
     print(f"live: {type(lm.model).__name__} {live_cfg.model}, hookpoints {lm.names} (d = {d}); "
           f"mixing buffer {live_cfg.buffer_tokens:,} rows per hookpoint "
-          f"(half renewed every {stream.steps_per_cycle} steps); memory about "
-          f"{memory_estimate(lm, stream, cfg) / 2**30:.2f} GiB")
+          f"(half renewed every {stream.steps_per_cycle} steps)")
     run = runner.train(cfg, stream, held, flags.build(runner.Output, values),
                        flags.build(runner.RunOptions, values), flags.build(runner.Devices, values),
-                       default_out=default_out,
+                       default_out=default_out, summary=lambda t: memory_line(lm, stream, t),
                        run_info={"data": {"live": dataclasses.asdict(live_cfg), "hookpoints": lm.names}})
     report(run, lm, held, values.get("lm_tokens", 16_384))
     return run
@@ -106,20 +105,41 @@ def heldout_sets(lm) -> list:
     from ksae_jax.data.vectors import check_spread
     from ksae_jax.evaluate import EvalSet
 
-    held = lm.heldout()
+    from ksae_jax.lm.text import TextError
+
+    try:
+        held = lm.heldout()
+    except TextError as e:
+        raise flags.UsageError(str(e)) from None
     for name, rows in zip(lm.names, held):
         check_spread(rows, f"hookpoint {name}")
     return [EvalSet(ArrayRows(rows)) for rows in held]
 
 
-def memory_estimate(lm, stream, cfg: SweepConfig) -> int:
-    """Bytes: the mixing buffer, the LM's parameters and the SAEs' state (params and Adam's
-    two moments, held-out rows)."""
-    lm_bytes = sum(p.numel() * p.element_size() for p in lm.model.parameters())
-    sae = cfg.n_models * 3 * 4 * (2 * cfg.model.latents * cfg.model.d_in + cfg.model.latents
-                                  + cfg.model.d_in)
-    held = len(lm.names) * lm.cfg.heldout_tokens * cfg.model.d_in * 4
-    return stream.buffer_bytes() + lm_bytes + sae + held
+def memory_estimate(lm, stream, training) -> dict:
+    """MB of what a live run holds: the mixing buffer (with the producer's queue and the chunk
+    it assembles), the LM's parameters, the SAEs' state (params and Adam's two moments), the
+    held-out rows on the device, and the compiled step's workspace (XLA's own count; the
+    step is compiled here, once, for the run)."""
+    import jax
+
+    cfg = training.cfg
+    sae = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(training.state))
+    batch = {"x": jax.ShapeDtypeStruct((cfg.n_sources, cfg.batch_size, cfg.model.d_in),
+                                       jax.numpy.float32),
+             "w": jax.ShapeDtypeStruct((cfg.batch_size,), jax.numpy.float32)}
+    mb = 2 ** 20
+    return {"buffer": stream.buffer_bytes() / mb,
+            "lm": sum(p.numel() * p.element_size() for p in lm.model.parameters()) / mb,
+            "sae_state": sae / mb,
+            "heldout": len(lm.names) * lm.cfg.heldout_tokens * cfg.model.d_in * 4 / mb,
+            "step_workspace": training.compile(batch).memory_analysis().temp_size_in_bytes / mb}
+
+
+def memory_line(lm, stream, training) -> str:
+    parts = memory_estimate(lm, stream, training)
+    return (f"memory about {sum(parts.values()) / 1024:.2f} GiB: "
+            + ", ".join(f"{name.replace('_', ' ')} {v:,.0f} MB" for name, v in parts.items()))
 
 
 def folder_name(hookpoint: str) -> str:

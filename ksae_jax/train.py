@@ -154,6 +154,8 @@ def train_sweep(cfg: SweepConfig, train, test=None, *, progress: bool = True, ch
     train/test: uint8 images (N, 28, 28) for the image models; for vectors a float (N, d)
       array, a path, or a VectorSource (data.vectors). test (optional) is evaluated at every
       evaluation point. With cfg.model.normalize the inputs are scaled (result.input_scale).
+      Or train is a live source (lm.live.LiveStream: batches of one set of rows per
+      hookpoint of cfg.hookpoints) and test a list of held-out sets, one per hookpoint.
     checkpoint: a folder of Orbax checkpoints written (asynchronously, atomically, each
       process its own shards) at every evaluation point; with resume=True training continues
       from the latest (or from a ksae_jax 0.2 checkpoint.pkl beside the folder) and ends with

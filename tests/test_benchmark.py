@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = {"tests", "images", "sae", "largest"}
+STAGES = {"tests", "images", "sae", "largest", "live"}
 
 
 def numbers(tree):
@@ -38,7 +38,7 @@ def test_gpu_script_dry_run_reports_every_stage_with_finite_numbers(tmp_path):
 
 
 def check_suites(gpu: dict, out: Path):
-    images, sae, largest = gpu["images"], gpu["sae"], gpu["largest"]
+    images, sae, largest = gpu["images"], gpu["sae"], gpu["largest"]  # live: below
     assert images["quick"] and set(images["peak"]) == {"gflops", "device", "backend"}
     names = [run["name"] for run in images["runs"]]
     assert names[0].startswith("(a)") and any(n.startswith("(d)") for n in names)
@@ -58,3 +58,6 @@ def check_suites(gpu: dict, out: Path):
         assert 0 < c["runs"]["c1"]["eval_fvu"] < 2 and "vectors_per_s_over_sparsify" in c["summary"]
     assert "| (a) ksae_jax, k = 8, bfloat16" in (out / "sae" / "sae.md").read_text()
     assert largest["run"]["dtype"] == "bfloat16" and "seconds_per_step" in largest["run"]
+    live = gpu["live"]  # SAEs of both blocks and two ks from the running GPT-2, DLPack timed
+    assert live["hookpoints"] == 2 and live["tokens"] == 4096 and 0 < live["lm_share"] < 1
+    assert live["handoff_seconds"] > 0 and live["torch_device"] == "cpu"

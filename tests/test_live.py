@@ -55,6 +55,7 @@ def test_hookpoints_by_path_glob_and_short_name_read_what_torch_computes(tiny_lm
     assert [(h.name, h.path, h.side) for h in found] == [
         ("transformer.h.0", "transformer.h.0", "out"), ("transformer.h.1", "transformer.h.1", "out"),
         ("mlp_in.1", "transformer.h.1.mlp", "in"), ("mlp_out.0", "transformer.h.0.mlp", "out")]
+    assert hooks.resolve(model, ["h.*"]) == found[:2]  # sparsify's names, as in its --hookpoints
     ids = torch.randint(0, 400, (2, 9))
     got = hooks.capture(model, found, ids)
     with torch.no_grad():
@@ -174,6 +175,30 @@ SLOW = ("import sys, time\nfrom ksae_jax import cli, train\nfast = train.sweep_s
         "train.sweep_step = slow\ncli.main(['train', *sys.argv[1:]])\n")
 
 
+@pytest.mark.parametrize("arch,sweep", [("batchtopk", {"ks": (4, 8)}),
+                                        ("matryoshka", {"ks": (4, 8), "prefixes": (16, 64)}),
+                                        ("jumprelu", {"l0_coefs": (1e-3, 1e-2)})])
+def test_every_family_trains_each_hookpoint_as_its_own_sweep(tiny_lm, arch, sweep):
+    lm = live.LiveLM(live_cfg(tiny_lm))
+    windows = np.stack(list(live._take(lm.train_contexts(seed=0), 4 * 14)))
+    arrays = [np.concatenate([cache.residuals(lm.model, layer, windows[i:i + 4])[:, 1:]
+                              .reshape(-1, 32) for i in range(0, len(windows), 4)])
+              for layer in (0, 1)]
+    held = [ksae_jax.data.feed.ArrayRows(r) for r in lm.heldout()]
+    ks = sweep.pop("ks", None)
+
+    def run(hookpoints, sources):
+        cfg = sae_config(32, ks, arch=arch, latents=64, batch_size=64, steps=4, eval_every=4,
+                         hookpoints=hookpoints, **sweep)
+        stream = live.LiveStream(CacheRows(lm, windows, sources), 64, 0)
+        return train.prepare(cfg, stream, held[-len(sources):]).run(progress=False)
+
+    both, alone = run(tuple(lm.names), arrays), run((lm.names[1],), arrays[1:])
+    for a, b in zip(jax.tree.leaves(both.for_hookpoint(1).params), jax.tree.leaves(alone.params)):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(both.for_hookpoint(1).final.fvu, alone.final.fvu)
+
+
 def ksae(args, slow=False):
     """`python -m ksae_jax train ARGS` (slow: 0.1 s before every step, to be killed midway)."""
     head = ["-c", SLOW] if slow else ["-m", "ksae_jax", "train"]
@@ -202,6 +227,8 @@ def test_a_live_run_writes_a_folder_per_hookpoint_and_resumes_bit_for_bit(tiny_l
         assert len(h["delta_loss"]) == len(h["kl"]) == len(h["dead_frac_window"]) == 2
         sae = ksae_jax.load(ref / name / "params.pkl")
         assert sae.labels == (4, 8) and sae.config.model.d_in == 32
+        ksae_jax.export_saelens(sae, 8, tmp_path / f"export_{name}")
+        assert (tmp_path / f"export_{name}" / "cfg.json").is_file()
     assert m["tokens"] == 1280 and m["tokens_per_s"] > 0 and 0 < m["lm_seconds"] < m["seconds"]
     assert not list(tmp_path.rglob("*.npy"))  # no activation cache
     # killed after its first checkpoint, then resumed: the same params, bit for bit

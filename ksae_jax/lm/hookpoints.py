@@ -1,6 +1,6 @@
 """Where in a causal LM the SAEs read: hookpoints named by module path, as sparsify names them
 (`transformer.h.3`, or a glob such as `transformer.h.*`, whose * stands for one part of
-the path: the module's output), or by the short
+the path; or relative to the base model, as sparsify writes them: `h.3`: the module's output), or by the short
 names people use: `resid_post.L` (block L's output), `mlp_in.L` and `mlp_out.L` (the input and
 output of block L's MLP; transcoders read the pair). `capture` runs the model once and returns
 every hookpoint's activations, stopping after the last one it needs; `replace` splices a
@@ -36,8 +36,10 @@ def resolve(model, names) -> list[Hookpoint]:
         if short:
             found.append(_short(model, modules, short.group(1), int(short.group(2)), name))
             continue
-        paths = [p for p in modules if p and p.count(".") == name.count(".")
-                 and fnmatch.fnmatchcase(p, name)]  # a * stands for one part of the path
+        paths = _matching(modules, name)
+        base = getattr(model, "base_model_prefix", "")
+        if not paths and base:  # sparsify's names, relative to the base model (h.3)
+            paths = _matching(modules, f"{base}.{name}")
         if not paths:
             raise lm_model.LMError(f"hookpoint {name!r} matches no module of the model; "
                                    f"available: {_available(model)}")
@@ -49,6 +51,12 @@ def resolve(model, names) -> list[Hookpoint]:
             raise lm_model.LMError(f"hookpoints repeat: {other} and {h.name} read the same "
                                    "activations")
     return found
+
+
+def _matching(modules: dict, pattern: str) -> list[str]:
+    """Module paths that the pattern names; a * stands for one part of the path."""
+    return [p for p in modules if p and p.count(".") == pattern.count(".")
+            and fnmatch.fnmatchcase(p, pattern)]
 
 
 def _short(model, modules: dict, kind: str, layer: int, name: str) -> Hookpoint:

@@ -80,7 +80,7 @@ def contexts(tokenizer, docs: list[str], context: int, bos: int, seed: int | Non
     while True:
         order = (np.arange(len(docs)) if seed is None
                  else np.random.default_rng([seed, epoch]).permutation(len(docs)))
-        carry = np.zeros(0, np.int32)
+        carry, before = np.zeros(0, np.int32), count
         for i in range(0, len(docs), DOCS_PER_CHUNK):
             carry = np.concatenate([carry, offline_lm.token_stream(
                 tokenizer, [docs[j] for j in order[i:i + DOCS_PER_CHUNK]])])
@@ -92,21 +92,26 @@ def contexts(tokenizer, docs: list[str], context: int, bos: int, seed: int | Non
             carry = carry[n * per:]
         if seed is None:
             return
+        if count == before:
+            raise text.TextError(f"the text gives no context of {context} tokens")
         epoch += 1
 
 
 class LiveLM:
     """The model, its hookpoints and the text: forward passes that give every hookpoint's rows."""
 
-    def __init__(self, cfg: LiveData, log=print):
+    def __init__(self, cfg: LiveData):
         self.cfg = cfg
         self.model, self.tokenizer = lm_model.load(cfg.model)
+        if jax.default_backend() == "gpu":  # the LM beside the SAEs, activations by DLPack
+            self.model.to("cuda")
         lm_model.check_context(self.model, cfg.context)
         names = cfg.hookpoints or [f"resid_post.{i}" for i in
                                    range(self.model.config.num_hidden_layers)]
         self.hookpoints = hooks.resolve(self.model, names)
         self.bos = lm_model.bos_id(self.tokenizer)
         self.train_docs, self.held_docs = text.split(text.documents(cfg.text))
+        next(self.train_contexts(seed=0))  # TextError now for a text too short for a context
         self.seconds = 0.0  # time spent in forward passes
         self.widths = self._widths()
 
@@ -120,7 +125,8 @@ class LiveLM:
 
     def _capture(self, ids: np.ndarray) -> dict:
         import torch
-        return hooks.capture(self.model, self.hookpoints, torch.from_numpy(ids).long())
+        return hooks.capture(self.model, self.hookpoints,
+                             torch.from_numpy(ids).long().to(self.model.device))
 
     def forward(self, ids: np.ndarray) -> jax.Array:
         """(hookpoints, B * (T - 1), d) float32 rows of contexts (B, T), BOS dropped; the

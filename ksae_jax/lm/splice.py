@@ -67,7 +67,7 @@ def spliced_losses(model, where, windows: np.ndarray, nbytes: np.ndarray,
     sums = {name: {"nll": 0.0, "kl": 0.0} for name in variants}
     count, total_bytes = 0, 0
     for i in range(0, len(windows), batch):
-        ids = torch.from_numpy(windows[i:i + batch]).long()
+        ids = torch.from_numpy(windows[i:i + batch]).long().to(model.device)
         targets = ids[:, 2:]
         clean = _logprobs(model, where, ids, None)
         for name, replace in variants.items():
@@ -75,7 +75,7 @@ def spliced_losses(model, where, windows: np.ndarray, nbytes: np.ndarray,
             sums[name]["nll"] -= float(lp.gather(-1, targets[..., None]).sum())
             sums[name]["kl"] += float((clean.exp() * (clean - lp)).sum())
         count += targets.numel()
-        total_bytes += int(nbytes[targets.numpy()].sum())
+        total_bytes += int(nbytes[targets.cpu().numpy()].sum())
     return {name: {"loss": s["nll"] / count, "bits_per_byte": s["nll"] / math.log(2) / total_bytes,
                    "kl": s["kl"] / count} for name, s in sums.items()} | {"tokens": count,
                                                                           "bytes": total_bytes}
