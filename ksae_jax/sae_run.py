@@ -67,7 +67,7 @@ def main(argv=None, *, data_cls: type = VectorData, preset: dict | None = None,
     preset = {"arch": registry.DEFAULT_SAE, **(preset or {})}
     shown = {"ks": SaeModel.default_sweep, "l0_coefs": registry.lookup("jumprelu").config
              .default_sweep, **SaeModel.training_defaults}
-    either = {"data": None, "model": None} if data_cls is VectorData else {}  # one of the two
+    either = {"data": None} if data_cls is VectorData else {}  # --data or --model
     parser = flags.make_parser(prog, __doc__.split("\n\n")[0], groups(data_cls),
                                {**preset, **either}, shown=shown)
     given = flags.parse(parser, argv)

@@ -172,11 +172,11 @@ def test_live_source_equals_a_cache_of_the_same_rows_in_the_same_order(tiny_lm):
 
 SLOW = ("import sys, time\nfrom ksae_jax import cli, train\nfast = train.sweep_step\n"
         "def slow(*a, **k):\n    time.sleep(0.1)\n    return fast(*a, **k)\n"
-        "train.sweep_step = slow\ncli.main(['train', *sys.argv[1:]])\n")
+        "slow.lower = fast.lower\ntrain.sweep_step = slow\ncli.main(['train', *sys.argv[1:]])\n")
 
 
 @pytest.mark.parametrize("arch,sweep", [("batchtopk", {"ks": (4, 8)}),
-                                        ("matryoshka", {"ks": (4, 8), "prefixes": (16, 64)}),
+                                        ("matryoshka", {"ks": (4, 8), "prefixes": (16, 32)}),
                                         ("jumprelu", {"l0_coefs": (1e-3, 1e-2)})])
 def test_every_family_trains_each_hookpoint_as_its_own_sweep(tiny_lm, arch, sweep):
     lm = live.LiveLM(live_cfg(tiny_lm))
@@ -194,9 +194,10 @@ def test_every_family_trains_each_hookpoint_as_its_own_sweep(tiny_lm, arch, swee
         return train.prepare(cfg, stream, held[-len(sources):]).run(progress=False)
 
     both, alone = run(tuple(lm.names), arrays), run((lm.names[1],), arrays[1:])
+    # the same to float rounding (a larger program may fuse JumpReLU's ops otherwise)
     for a, b in zip(jax.tree.leaves(both.for_hookpoint(1).params), jax.tree.leaves(alone.params)):
-        np.testing.assert_array_equal(a, b)
-    np.testing.assert_array_equal(both.for_hookpoint(1).final.fvu, alone.final.fvu)
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(both.for_hookpoint(1).final.fvu, alone.final.fvu, rtol=1e-5)
 
 
 def ksae(args, slow=False):

@@ -169,7 +169,7 @@ def test_bad_cache_input_is_one_line_exit_2_and_writes_nothing(tiny_lm, tmp_path
                                                                message):
     lm_dir, _ = tiny_lm
     (tmp_path / "empty.txt").write_text("\n\n")
-    argv = ["--model", str(lm_dir), "--layer", "0", "--tokens", "100",
+    argv = ["--model", str(lm_dir), "--layer", "0", "--tokens", "100", "--context", "16",
             "--text", str(TEXT), "--out", str(tmp_path / "c"), "--no-progress"]
     for flag, value in zip(flags[::2], flags[1::2]):
         argv[argv.index(flag) + 1] = str(tmp_path / "empty.txt") if value == "EMPTY" else value

@@ -43,8 +43,8 @@ class LiveData:
     """A running causal LM as the data: its activations at the hookpoints, read from every
     forward pass over text tokenized on the fly (nothing is written to disk)."""
 
-    model: str
-    """A Hugging Face causal LM: a local folder, or a hub name (with network)."""
+    model: str | None = None
+    """A Hugging Face causal LM, run live: a local folder, or a hub name (with network)."""
     text: str = text.DEFAULT
     """'gcide' (apt-get install dict-gcide), a UTF-8 .txt file or folder of them, a .jsonl
     file (its "text" fields), or a datasets name or save_to_disk folder."""
@@ -63,6 +63,8 @@ class LiveData:
     """Rows of the mixing buffer per hookpoint (half of it is renewed each cycle)."""
 
     def __post_init__(self):
+        if not self.model:
+            raise ValueError("model: give the causal LM to run (a folder or a hub name)")
         for name in ("tokens", "heldout_tokens", "context", "lm_batch", "buffer_tokens"):
             checks.positive_int(name, getattr(self, name))
         if self.context < 2:
