@@ -17,6 +17,7 @@ def peer_rows(c, system: str, k: int, peer: dict, hookpoints: list[str], lm, hel
     import torch
     from sparsify import SparseCoder
 
+    from benchmarks.vs_sparsify import torch_replacement
     from ksae_jax.lm.splice import SpliceEval, scores
 
     state = torch.load(Path(peer["folder"]) / "rank_0_state.pt", weights_only=True)
@@ -35,26 +36,13 @@ def peer_rows(c, system: str, k: int, peer: dict, hookpoints: list[str], lm, hel
         since = state["num_tokens_since_fired"][theirs].numpy()
         splice = SpliceEval.at(lm.model, lm.tokenizer, lm.hookpoints[h], lm.held_docs, 16_384,
                                c.context, name=c.lm)
-        score = scores(splice.losses({"peer": replacement(coder)}), "peer")
+        score = scores(splice.losses({"peer": torch_replacement(coder)}), "peer")
         rows.append({"system": system, "hookpoint": name, "k": k, "fvu": fvu,
                      "l0": float((enc.top_acts > 0).sum(-1).float().mean()),
                      "dead_frac": float(1 - fired.mean()),
                      "dead_frac_window": float((since >= c.dead_tokens).mean()),
                      "delta_loss": score["delta_loss"], "kl": score["kl"]})
     return rows
-
-
-def replacement(coder):
-    """h -> sparsify's reconstruction of every row (its encode, then decode with b_dec)."""
-    import torch
-
-    def replace(h):
-        rows = h.reshape(-1, h.shape[-1])
-        with torch.no_grad():
-            enc = coder.encode(rows)
-            return coder.decode(enc.top_acts, enc.top_indices).reshape(h.shape).to(h.dtype)
-
-    return replace
 
 
 def our_rows(ours: dict) -> list[dict]:

@@ -54,3 +54,17 @@ def digits():
     from ksae_jax.data import images as data
     return data.load_mnist_sample()
 
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory):
+    """(folder, summary) of a GPT-2 of 2 blocks, d 32, 16 positions, trained 4 steps on
+    README.md (the lm extra's tests; built once per worker)."""
+    pytest.importorskip("torch")
+    from ksae_jax.lm import offline_lm
+
+    out = tmp_path_factory.mktemp("lm")
+    cfg = offline_lm.LMConfig(layers=2, d_model=32, heads=2, context=16, vocab=400, batch_size=4,
+                              steps=4, text=str(Path(__file__).resolve().parents[1] / "README.md"),
+                              eval_windows=4)
+    return out, offline_lm.train(cfg, out, progress=False)

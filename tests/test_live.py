@@ -26,13 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 TEXT = ROOT / "README.md"  # English prose that ships with the repository
 
 
-@pytest.fixture(scope="module")
-def tiny_lm(tmp_path_factory):
-    out = tmp_path_factory.mktemp("lm")
-    cfg = offline_lm.LMConfig(layers=2, d_model=32, heads=2, context=16, vocab=400, batch_size=4,
-                              steps=4, text=str(TEXT), eval_windows=4)
-    offline_lm.train(cfg, out, progress=False)
-    return out
+@pytest.fixture
+def lm_dir(tiny_lm):
+    return tiny_lm[0]  # conftest's GPT-2: 2 blocks, d 32, 16 positions
 
 
 def live_cfg(lm_dir, **kw) -> live.LiveData:
@@ -46,8 +42,8 @@ RUN = ["--text", str(TEXT), "--latents", "64", "--ks", "4", "8", "--tokens", "12
        "--buffer-tokens", "256", "--lm-tokens", "60", "--no-progress"]
 
 
-def test_hookpoints_by_path_glob_and_short_name_read_what_torch_computes(tiny_lm):
-    model, tokenizer = lm_model.load(str(tiny_lm))
+def test_hookpoints_by_path_glob_and_short_name_read_what_torch_computes(lm_dir):
+    model, tokenizer = lm_model.load(str(lm_dir))
     names = ["transformer.h.*", "mlp_in.1", "mlp_out.0", "resid_post.0"]
     with pytest.raises(lm_model.LMError, match="repeat"):  # h.0 twice (glob and short name)
         hooks.resolve(model, names)
@@ -67,8 +63,8 @@ def test_hookpoints_by_path_glob_and_short_name_read_what_torch_computes(tiny_lm
     assert got["mlp_out.0"].shape == (2, 9, 32)
 
 
-def test_the_forward_pass_stops_after_the_last_hookpoint(tiny_lm):
-    model, _ = lm_model.load(str(tiny_lm))
+def test_the_forward_pass_stops_after_the_last_hookpoint(lm_dir):
+    model, _ = lm_model.load(str(lm_dir))
     ran = []
     handle = model.transformer.h[1].register_forward_hook(lambda *a: ran.append(1))
     try:
@@ -80,15 +76,15 @@ def test_the_forward_pass_stops_after_the_last_hookpoint(tiny_lm):
         handle.remove()
 
 
-def test_unknown_hookpoint_names_the_module_paths(tiny_lm):
-    model, _ = lm_model.load(str(tiny_lm))
+def test_unknown_hookpoint_names_the_module_paths(lm_dir):
+    model, _ = lm_model.load(str(lm_dir))
     with pytest.raises(lm_model.LMError) as e:
         hooks.resolve(model, ["transformer.q.*"])
     assert "transformer.h.0" in str(e.value) and "resid_post.L" in str(e.value)
 
 
-def test_contexts_start_with_bos_and_resume_at_any_context(tiny_lm):
-    _, tokenizer = lm_model.load(str(tiny_lm))
+def test_contexts_start_with_bos_and_resume_at_any_context(lm_dir):
+    _, tokenizer = lm_model.load(str(lm_dir))
     docs = [f"document number {i} says something." for i in range(40)]
     whole = list(live._take(live.contexts(tokenizer, docs, 8, 7, seed=3), 30))
     assert all(c[0] == 7 and len(c) == 8 for c in whole)
@@ -145,8 +141,8 @@ class CacheRows:
         return jax.numpy.asarray(np.stack(rows))
 
 
-def test_live_source_equals_a_cache_of_the_same_rows_in_the_same_order(tiny_lm):
-    cfg_live = live_cfg(tiny_lm)
+def test_live_source_equals_a_cache_of_the_same_rows_in_the_same_order(lm_dir):
+    cfg_live = live_cfg(lm_dir)
     lm = live.LiveLM(cfg_live)
     # the cache: the cache's own residual function on the contexts the live run reads
     windows = np.stack(list(live._take(lm.train_contexts(seed=0), 4 * 14)))
@@ -178,8 +174,8 @@ SLOW = ("import sys, time\nfrom ksae_jax import cli, train\nfast = train.sweep_s
 @pytest.mark.parametrize("arch,sweep", [("batchtopk", {"ks": (4, 8)}),
                                         ("matryoshka", {"ks": (4, 8), "prefixes": (16, 32)}),
                                         ("jumprelu", {"l0_coefs": (1e-3, 1e-2)})])
-def test_every_family_trains_each_hookpoint_as_its_own_sweep(tiny_lm, arch, sweep):
-    lm = live.LiveLM(live_cfg(tiny_lm))
+def test_every_family_trains_each_hookpoint_as_its_own_sweep(lm_dir, arch, sweep):
+    lm = live.LiveLM(live_cfg(lm_dir))
     windows = np.stack(list(live._take(lm.train_contexts(seed=0), 4 * 14)))
     arrays = [np.concatenate([cache.residuals(lm.model, layer, windows[i:i + 4])[:, 1:]
                               .reshape(-1, 32) for i in range(0, len(windows), 4)])
@@ -217,9 +213,9 @@ def params(folder):
     return jax.tree.leaves(formats.load_params_file(folder / "params.pkl")["params"])
 
 
-def test_a_live_run_writes_a_folder_per_hookpoint_and_resumes_bit_for_bit(tiny_lm, tmp_path):
+def test_a_live_run_writes_a_folder_per_hookpoint_and_resumes_bit_for_bit(lm_dir, tmp_path):
     ref, out = tmp_path / "ref", tmp_path / "run"
-    printed = finish(ksae(["--model", str(tiny_lm), *RUN, "--out", str(ref)]))
+    printed = finish(ksae(["--model", str(lm_dir), *RUN, "--out", str(ref)]))
     assert "resid_post.1" in printed and "tokens/s" in printed and "mixing buffer 256" in printed
     m = json.loads((ref / "metrics.json").read_text())
     assert set(m["hookpoints"]) == {"resid_post.0", "resid_post.1"}
@@ -233,13 +229,13 @@ def test_a_live_run_writes_a_folder_per_hookpoint_and_resumes_bit_for_bit(tiny_l
     assert m["tokens"] == 1280 and m["tokens_per_s"] > 0 and 0 < m["lm_seconds"] < m["seconds"]
     assert not list(tmp_path.rglob("*.npy"))  # no activation cache
     # killed after its first checkpoint, then resumed: the same params, bit for bit
-    proc = ksae(["--model", str(tiny_lm), *RUN, "--out", str(out)], slow=True)
+    proc = ksae(["--model", str(lm_dir), *RUN, "--out", str(out)], slow=True)
     while not (out / "checkpoints" / "2" / "commit_success.txt").exists():
         assert proc.poll() is None, proc.communicate()[1]
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    finish(ksae(["--model", str(tiny_lm), *RUN, "--resume", str(out)]))
+    finish(ksae(["--model", str(lm_dir), *RUN, "--resume", str(out)]))
     for name in m["hookpoints"]:
         for a, b in zip(params(out / name), params(ref / name)):
             np.testing.assert_array_equal(a, b)
@@ -263,10 +259,10 @@ def fail(argv, capsys, prog="ksae train", fn=sae_run.main):
     (["--data", "x.npy"], "one of the two"),
     (["--steps", "5"], "--steps: not a setting of a live run"),
 ])
-def test_bad_live_input_is_one_line_exit_2_and_writes_nothing(tiny_lm, tmp_path, capsys, flags,
+def test_bad_live_input_is_one_line_exit_2_and_writes_nothing(lm_dir, tmp_path, capsys, flags,
                                                               message):
     (tmp_path / "empty.txt").write_text("\n\n")
-    argv = ["--model", str(tiny_lm), *RUN, "--out", str(tmp_path / "o")]
+    argv = ["--model", str(lm_dir), *RUN, "--out", str(tmp_path / "o")]
     for i in range(0, len(flags)):
         if flags[i].startswith("--"):
             values = []

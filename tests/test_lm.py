@@ -21,15 +21,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TEXT = ROOT / "README.md"  # English prose that ships with the repository
 
 
-@pytest.fixture(scope="module")
-def tiny_lm(tmp_path_factory):
-    out = tmp_path_factory.mktemp("lm")
-    cfg = offline_lm.LMConfig(layers=2, d_model=32, heads=2, context=16, vocab=400, batch_size=4,
-                              steps=4, text=str(TEXT), eval_windows=4)
-    summary = offline_lm.train(cfg, out, progress=False)
-    return out, summary
-
-
 def small_cache(lm_dir, **kw) -> cache.CacheConfig:
     return cache.CacheConfig(**{"model": str(lm_dir), "layer": 0, "tokens": 300, "heldout_tokens": 45,
                                 "context": 16, "text": str(TEXT), "batch_size": 4,
