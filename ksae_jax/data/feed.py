@@ -146,6 +146,18 @@ class DeviceFeeder:
             step += 1
 
 
+def offer(out: queue.Queue, item, stop: threading.Event) -> bool:
+    """Puts item in a producer's bounded queue once there is room, unless the consumer has
+    stopped first (then False)."""
+    while not stop.is_set():
+        try:
+            out.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
 class HostFeeder:
     """Batches read on the host by a background thread and put on the device ahead of use.
 
@@ -182,13 +194,7 @@ class HostFeeder:
                 e, i = divmod(step, self.steps_per_epoch)
                 if order is None or order.epoch != e:
                     order = EpochOrder(self.rows.n, self.seed, e, self.chunk_rows, self.buffer_rows)
-                item = self.put(self.host_batch(order, i))
-                while not stop.is_set():
-                    try:
-                        out.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
+                offer(out, self.put(self.host_batch(order, i)), stop)
                 step += 1
         except BaseException as e:  # noqa: BLE001 - handed to the consumer
             out.put(e)

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ksae_jax import checks
-from ksae_jax.data.feed import ArrayRows
+from ksae_jax.data.feed import ArrayRows, offer
 from ksae_jax.lm import hookpoints as hooks
 from ksae_jax.lm import model as lm_model
 from ksae_jax.lm import offline_lm, text
@@ -299,13 +299,7 @@ class LiveStream:
     def _produce(self, first_chunk: int, out: queue.Queue, stop: threading.Event) -> None:
         try:
             for chunk in row_chunks(self.lm, self.seed, self.half * first_chunk, self.half):
-                while not stop.is_set():
-                    try:
-                        out.put(chunk, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not offer(out, chunk, stop):
                     return
         except BaseException as e:  # noqa: BLE001 - handed to the consumer
             out.put(e)
