@@ -14,6 +14,7 @@ OUT/frontier.png (held-out FVU against L0 per hookpoint, sparsify's points on it
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import re
 import subprocess
@@ -105,7 +106,7 @@ def contexts_dataset(c: LiveComparison, hookpoints: list[str]) -> dict:
     lm = live.LiveLM(live.LiveData(model=c.lm, text=c.text, hookpoints=tuple(hookpoints),
                                    context=c.context))
     n = c.tokens // ((c.context - 1) * c.batch_contexts) * c.batch_contexts
-    ids = np.stack(list(live._take(lm.train_contexts(seed=0), n)))
+    ids = np.stack(list(itertools.islice(lm.train_contexts(seed=0), n)))
     Dataset.from_dict({"input_ids": ids.tolist()}).save_to_disk(str(c.out / "contexts"))
     return {"contexts": n, "tokens": n * (c.context - 1), "bos": lm.bos}
 

@@ -4,7 +4,6 @@ training window from sparsify's own counters, the LM loss with the reconstructio
 at the same hookpoint on the same held-out contexts), beside ksae_jax's metrics.json."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np

@@ -10,8 +10,6 @@ from __future__ import annotations
 import dataclasses
 import types
 
-import numpy as np
-
 from ksae_jax import flags, runner, sae_run
 from ksae_jax.config import Execution, SweepConfig
 from ksae_jax.files import write_json
@@ -152,6 +150,7 @@ def report(run: runner.Run, lm, held: list, lm_tokens: int) -> dict:
     from ksae_jax import sharding
 
     per_hookpoint, result = {}, run.result
+    splice = spliced_evaluation(lm, lm_tokens)
     for h, name in enumerate(run.cfg.hookpoints):
         part = result.for_hookpoint(h)
         sub = runner.Run(part.config, run.out / folder_name(name), run.plan, run.training, part)
@@ -159,7 +158,7 @@ def report(run: runner.Run, lm, held: list, lm_tokens: int) -> dict:
         rows = types.SimpleNamespace(n=lm.cfg.tokens, d=part.config.model.d_in, name=name)
         metrics = sae_run.sweep_metrics(sub, info, rows, held[h])
         if part.on_host:
-            metrics.update(splice_scores(lm, h, part, lm_tokens))
+            metrics.update(splice(h, part))
         if sharding.is_writer():
             sub.out.mkdir(parents=True, exist_ok=True)
             write_json(sub.out / "metrics.json", metrics)
@@ -181,13 +180,19 @@ def report(run: runner.Run, lm, held: list, lm_tokens: int) -> dict:
     return summary
 
 
-def splice_scores(lm, h: int, part, lm_tokens: int) -> dict:
-    """The LM's loss with each SAE of hookpoint h spliced in (delta_loss, KL, ...)."""
+def spliced_evaluation(lm, lm_tokens: int):
+    """(h, result) -> the LM's loss with each SAE of hookpoint h spliced in (delta_loss, KL,
+    ...), on held-out contexts tokenized once for every hookpoint."""
     from ksae_jax.lm.splice import SpliceEval
 
-    evaluation = SpliceEval.at(lm.model, lm.tokenizer, lm.hookpoints[h], lm.held_docs, lm_tokens,
+    evaluation = SpliceEval.at(lm.model, lm.tokenizer, lm.hookpoints[0], lm.held_docs, lm_tokens,
                                lm.cfg.context, name=lm.cfg.model)
-    return evaluation(part.models(), list(part.config.labels))
+
+    def scores(h: int, part) -> dict:
+        evaluation.where, evaluation.layer = lm.hookpoints[h], lm.hookpoints[h].name
+        return evaluation(part.models(), list(part.config.labels))
+
+    return scores
 
 
 def print_table(cfg: SweepConfig, per_hookpoint: dict, summary: dict) -> None:

@@ -1,6 +1,7 @@
 """Live training on a running LM (a tiny GPT-2 built from a config): hookpoints by module path
 and short name, the context stream, the mixing buffer, the live source against the same rows
 from a cache, a killed and resumed live run, what a run writes, and bad input."""
+import itertools
 import json
 import signal
 import subprocess
@@ -86,9 +87,9 @@ def test_unknown_hookpoint_names_the_module_paths(lm_dir):
 def test_contexts_start_with_bos_and_resume_at_any_context(lm_dir):
     _, tokenizer = lm_model.load(str(lm_dir))
     docs = [f"document number {i} says something." for i in range(40)]
-    whole = list(live._take(live.contexts(tokenizer, docs, 8, 7, seed=3), 30))
+    whole = list(itertools.islice(live.contexts(tokenizer, docs, 8, 7, seed=3), 30))
     assert all(c[0] == 7 and len(c) == 8 for c in whole)
-    later = list(live._take(live.contexts(tokenizer, docs, 8, 7, seed=3, start=11), 19))
+    later = list(itertools.islice(live.contexts(tokenizer, docs, 8, 7, seed=3, start=11), 19))
     np.testing.assert_array_equal(np.stack(whole[11:]), np.stack(later))
     in_order = np.concatenate([c[1:] for c in live.contexts(tokenizer, docs[:5], 8, 7, None)])
     stream = offline_lm.token_stream(tokenizer, docs[:5])
@@ -145,7 +146,7 @@ def test_live_source_equals_a_cache_of_the_same_rows_in_the_same_order(lm_dir):
     cfg_live = live_cfg(lm_dir)
     lm = live.LiveLM(cfg_live)
     # the cache: the cache's own residual function on the contexts the live run reads
-    windows = np.stack(list(live._take(lm.train_contexts(seed=0), 4 * 14)))
+    windows = np.stack(list(itertools.islice(lm.train_contexts(seed=0), 4 * 14)))
     arrays = [np.concatenate([cache.residuals(lm.model, layer, windows[i:i + 4])[:, 1:]
                               .reshape(-1, 32) for i in range(0, len(windows), 4)])
               for layer in (0, 1)]
@@ -176,7 +177,7 @@ SLOW = ("import sys, time\nfrom ksae_jax import cli, train\nfast = train.sweep_s
                                         ("jumprelu", {"l0_coefs": (1e-3, 1e-2)})])
 def test_every_family_trains_each_hookpoint_as_its_own_sweep(lm_dir, arch, sweep):
     lm = live.LiveLM(live_cfg(lm_dir))
-    windows = np.stack(list(live._take(lm.train_contexts(seed=0), 4 * 14)))
+    windows = np.stack(list(itertools.islice(lm.train_contexts(seed=0), 4 * 14)))
     arrays = [np.concatenate([cache.residuals(lm.model, layer, windows[i:i + 4])[:, 1:]
                               .reshape(-1, 32) for i in range(0, len(windows), 4)])
               for layer in (0, 1)]

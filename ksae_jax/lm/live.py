@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import queue
 import threading
 import time
@@ -149,8 +150,8 @@ class LiveLM:
         one width: the run checks the hookpoints' widths first)."""
         per = self.cfg.context - 1
         need = -(-self.cfg.heldout_tokens // per)
-        windows = list(_take(contexts(self.tokenizer, self.held_docs, self.cfg.context,
-                                      self.bos, None), need))
+        held = contexts(self.tokenizer, self.held_docs, self.cfg.context, self.bos, None)
+        windows = list(itertools.islice(held, need))
         if len(windows) < need:
             raise text.TextError(f"{self.cfg.text}: its held-out documents give "
                                  f"{len(windows) * per:,} tokens; --heldout-tokens asks for "
@@ -168,11 +169,6 @@ def _rows(acts):
     return acts[:, 1:].reshape(-1, acts.shape[-1])
 
 
-def _take(it: Iterator, n: int) -> Iterator:
-    for _, item in zip(range(n), it):
-        yield item
-
-
 def row_chunks(lm: LiveLM, seed: int, start_row: int, size: int) -> Iterator[jax.Array]:
     """Consecutive (hookpoints, size, d) chunks of the training rows from row `start_row` on.
     Forward passes always take the same lm_batch contexts, so any row is computed the same
@@ -182,7 +178,7 @@ def row_chunks(lm: LiveLM, seed: int, start_row: int, size: int) -> Iterator[jax
     ctx = lm.train_contexts(seed, first_pass * lm.cfg.lm_batch)
     pending, have, skip = [], 0, start_row - first_pass * per_pass
     while True:
-        rows = lm.forward(np.stack(list(_take(ctx, lm.cfg.lm_batch))))[:, skip:]
+        rows = lm.forward(np.stack(list(itertools.islice(ctx, lm.cfg.lm_batch))))[:, skip:]
         skip = 0
         pending.append(rows)
         have += rows.shape[1]
