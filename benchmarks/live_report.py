@@ -33,7 +33,7 @@ def peer_rows(c, system: str, k: int, peer: dict, hookpoints: list[str], lm, hel
         xd = held[h].astype(np.float64)
         fvu = float(((xd - recon.numpy()) ** 2).sum() / ((xd - xd.mean(0)) ** 2).sum())
         since = state["num_tokens_since_fired"][theirs].numpy()
-        splice = SpliceEval.at(lm.model, lm.tokenizer, lm.hookpoints[h], lm.held_docs, 16_384,
+        splice = SpliceEval.at(lm.backend.splice, lm.tokenizer, lm.hookpoints[h], lm.held_docs, 16_384,
                                c.context, name=c.lm)
         score = scores(splice.losses({"peer": torch_replacement(coder)}), "peer")
         rows.append({"system": system, "hookpoint": name, "k": k, "fvu": fvu,

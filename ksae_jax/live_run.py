@@ -40,7 +40,7 @@ def main(given: dict, values: dict, *, default_out: str) -> runner.Run:
                      cycle_steps(live_cfg.buffer_tokens, base.batch_size))
     stream = LiveStream(lm, cfg.batch_size, cfg.seed)
     held = heldout_sets(lm)
-    print(f"live: {type(lm.model).__name__} {live_cfg.model}, hookpoints {lm.names} (d = {d}); "
+    print(f"live: {lm.backend.name} {live_cfg.model}, hookpoints {lm.names} (d = {d}); "
           f"mixing buffer {live_cfg.buffer_tokens:,} rows per hookpoint "
           f"(half renewed every {stream.steps_per_cycle} steps)")
     run = runner.train(cfg, stream, held, flags.build(runner.Output, values),
@@ -128,7 +128,7 @@ def memory_estimate(lm, stream, training) -> dict:
              "w": jax.ShapeDtypeStruct((cfg.batch_size,), jax.numpy.float32)}
     mb = 2 ** 20
     return {"buffer": stream.buffer_bytes() / mb,
-            "lm": sum(p.numel() * p.element_size() for p in lm.model.parameters()) / mb,
+            "lm": lm.backend.param_bytes() / mb,
             "sae_state": sae / mb,
             "heldout": len(lm.names) * lm.cfg.heldout_tokens * cfg.model.d_in * 4 / mb,
             "step_workspace": training.compile(batch).memory_analysis().temp_size_in_bytes / mb}
@@ -185,7 +185,7 @@ def spliced_evaluation(lm, lm_tokens: int):
     ...), on held-out contexts tokenized once for every hookpoint."""
     from ksae_jax.lm.splice import SpliceEval
 
-    evaluation = SpliceEval.at(lm.model, lm.tokenizer, lm.hookpoints[0], lm.held_docs, lm_tokens,
+    evaluation = SpliceEval.at(lm.backend.splice, lm.tokenizer, lm.hookpoints[0], lm.held_docs, lm_tokens,
                                lm.cfg.context, name=lm.cfg.model)
 
     def scores(h: int, part) -> dict:

@@ -126,3 +126,83 @@ def test_module_paths_resolve_as_the_torch_path_names_them(tmp_path):
         ("h.1.mlp", "mlp_out.1"), ("mlp_in.0", "mlp_in.0")]
     with pytest.raises(jax_lm.LMError, match="not one the JAX forward gives"):
         lm.resolve(["transformer.h.0.attn"])
+
+
+def test_both_backends_train_the_same_saes_and_splice_the_same_losses(tiny_lm):
+    """The live source run by JAX and by PyTorch: the same rows, SAEs and spliced losses, to
+    float rounding."""
+    from ksae_jax import train
+    from ksae_jax.config import sae_config
+    from ksae_jax.data.feed import ArrayRows
+    from ksae_jax.lm import live, splice
+
+    folder, _ = tiny_lm
+    text = str(jax_lm.Path(__file__).resolve().parents[1] / "README.md")
+    results, losses = [], []
+    for backend in ("jax", "torch"):
+        lm = live.LiveLM(live.LiveData(model=str(folder), text=text, tokens=640,
+                                       heldout_tokens=60, context=16, lm_batch=4,
+                                       buffer_tokens=256, lm_backend=backend))
+        assert lm.backend.kind == backend and lm.names == ["resid_post.0", "resid_post.1"]
+        held = [ArrayRows(r) for r in lm.heldout()]
+        cfg = sae_config(32, (4, 8), latents=64, batch_size=64, steps=8, eval_every=4,
+                         hookpoints=tuple(lm.names))
+        results.append(train.prepare(cfg, live.LiveStream(lm, 64, 0), held).run(progress=False))
+        windows = splice.eval_windows(lm.tokenizer, lm.held_docs, 60, 16)
+        sae = results[-1].for_hookpoint(1).models()
+        losses.append(splice.spliced_losses(
+            lm.backend.splice, lm.hookpoints[1], windows, offline_lm_bytes(lm.tokenizer),
+            {"8": splice.sae_replacement(sae, 8, lm.backend.splice)}))
+    for a, b in zip(jax_lm.jax.tree.leaves(results[0].params),
+                    jax_lm.jax.tree.leaves(results[1].params)):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+    for name in ("clean", "zero", "8"):
+        for field in ("loss", "kl"):
+            assert abs(losses[0][name][field] - losses[1][name][field]) <= 1e-4, (name, field)
+
+
+def offline_lm_bytes(tokenizer):
+    from ksae_jax.lm import offline_lm
+    return offline_lm.token_bytes(tokenizer)
+
+
+def neox_folder(tmp_path, tiny_lm):
+    """A GPT-NeoX (no JAX forward) with the tiny LM's tokenizer."""
+    import shutil
+    folder, _ = tiny_lm
+    torch.manual_seed(0)
+    transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
+        vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=16)).save_pretrained(tmp_path)
+    for f in folder.glob("*token*"):
+        shutil.copy(f, tmp_path)
+    return tmp_path
+
+
+def test_an_unsupported_architecture_runs_in_pytorch_after_one_line(tmp_path, tiny_lm):
+    from ksae_jax.lm import backend
+    lines = []
+    got = backend.open_backend(str(neox_folder(tmp_path, tiny_lm)), None, "auto", lines.append)
+    assert got.kind == "torch" and len(lines) == 1 and "gpt_neox" in lines[0]
+    assert [h.name for h in got.hookpoints] == ["resid_post.0", "resid_post.1"]
+    with pytest.raises(jax_lm.UnsupportedArchitecture):
+        backend.open_backend(str(tmp_path), None, "jax")
+
+
+def test_a_live_run_on_mismatched_safetensors_is_one_line_exit_2(tmp_path, tiny_lm, capsys):
+    import shutil
+
+    from ksae_jax import cli, sae_run
+    folder, _ = tiny_lm
+    bad = tmp_path / "bad"
+    shutil.copytree(folder, bad)
+    config = jax_lm.read_config(bad)
+    (bad / "config.json").write_text(jax_lm.json.dumps({**config, "n_embd": 64}))
+    readme = str(jax_lm.Path(__file__).resolve().parents[1] / "README.md")
+    with pytest.raises(SystemExit) as e:
+        cli.run(lambda: sae_run.main(["--model", str(bad), "--text", readme, "--latents", "64",
+                                      "--ks", "4", "--out", str(tmp_path / "o")],
+                                     prog="ksae train"), "ksae train")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "wte.weight has shape" in err, err
+    assert not (tmp_path / "o").exists()

@@ -143,11 +143,10 @@ class CacheRows:
 
 
 def test_live_source_equals_a_cache_of_the_same_rows_in_the_same_order(lm_dir):
-    cfg_live = live_cfg(lm_dir)
-    lm = live.LiveLM(cfg_live)
+    lm = live.LiveLM(live_cfg(lm_dir, lm_backend="torch"))  # the cache's model, bit for bit
     # the cache: the cache's own residual function on the contexts the live run reads
     windows = np.stack(list(itertools.islice(lm.train_contexts(seed=0), 4 * 14)))
-    arrays = [np.concatenate([cache.residuals(lm.model, layer, windows[i:i + 4])[:, 1:]
+    arrays = [np.concatenate([cache.residuals(lm.backend.model, layer, windows[i:i + 4])[:, 1:]
                               .reshape(-1, 32) for i in range(0, len(windows), 4)])
               for layer in (0, 1)]
     held = [ksae_jax.data.feed.ArrayRows(r) for r in lm.heldout()]
@@ -176,9 +175,9 @@ SLOW = ("import sys, time\nfrom ksae_jax import cli, train\nfast = train.sweep_s
                                         ("matryoshka", {"ks": (4, 8), "prefixes": (16, 32)}),
                                         ("jumprelu", {"l0_coefs": (1e-3, 1e-2)})])
 def test_every_family_trains_each_hookpoint_as_its_own_sweep(lm_dir, arch, sweep):
-    lm = live.LiveLM(live_cfg(lm_dir))
+    lm = live.LiveLM(live_cfg(lm_dir, lm_backend="torch"))
     windows = np.stack(list(itertools.islice(lm.train_contexts(seed=0), 4 * 14)))
-    arrays = [np.concatenate([cache.residuals(lm.model, layer, windows[i:i + 4])[:, 1:]
+    arrays = [np.concatenate([cache.residuals(lm.backend.model, layer, windows[i:i + 4])[:, 1:]
                               .reshape(-1, 32) for i in range(0, len(windows), 4)])
               for layer in (0, 1)]
     held = [ksae_jax.data.feed.ArrayRows(r) for r in lm.heldout()]

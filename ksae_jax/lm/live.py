@@ -32,8 +32,8 @@ import numpy as np
 
 from ksae_jax import checks
 from ksae_jax.data.feed import ArrayRows, offer
-from ksae_jax.lm import hookpoints as hooks
 from ksae_jax.lm import model as lm_model
+from ksae_jax.lm.backend import BACKENDS, open_backend
 from ksae_jax.lm import offline_lm, text
 
 DOCS_PER_CHUNK = 256  # documents tokenized at a time
@@ -62,6 +62,9 @@ class LiveData:
     """Contexts per forward pass."""
     buffer_tokens: int = 131_072
     """Rows of the mixing buffer per hookpoint (half of it is renewed each cycle)."""
+    lm_backend: str = "auto"
+    """Run the LM in 'jax' (GPT-2 and the Llama family, from the folder's safetensors), in
+    'torch' (any architecture), or 'auto': JAX where the architecture has a JAX forward."""
 
     def __post_init__(self):
         if not self.model:
@@ -72,6 +75,9 @@ class LiveData:
             raise ValueError("context must be at least 2 (BOS and one token)")
         if self.hookpoints is not None:
             object.__setattr__(self, "hookpoints", tuple(self.hookpoints))
+        if self.lm_backend not in BACKENDS:
+            raise ValueError(f"lm_backend must be one of {', '.join(BACKENDS)}, got "
+                             f"{self.lm_backend!r}")
 
 
 def contexts(tokenizer, docs: list[str], context: int, bos: int, seed: int | None,
@@ -101,43 +107,28 @@ def contexts(tokenizer, docs: list[str], context: int, bos: int, seed: int | Non
 
 
 class LiveLM:
-    """The model, its hookpoints and the text: forward passes that give every hookpoint's rows."""
+    """The model (run by a lm.backend), its hookpoints and the text: forward passes that give
+    every hookpoint's rows."""
 
-    def __init__(self, cfg: LiveData):
+    def __init__(self, cfg: LiveData, log=print):
         self.cfg = cfg
-        self.model, self.tokenizer = lm_model.load(cfg.model)
-        if jax.default_backend() == "gpu":  # the LM beside the SAEs, activations by DLPack
-            self.model.to("cuda")
-        lm_model.check_context(self.model, cfg.context)
-        names = cfg.hookpoints or [f"resid_post.{i}" for i in
-                                   range(self.model.config.num_hidden_layers)]
-        self.hookpoints = hooks.resolve(self.model, names)
+        self.backend = open_backend(cfg.model, cfg.hookpoints, cfg.lm_backend, log)
+        self.tokenizer, self.hookpoints = self.backend.tokenizer, self.backend.hookpoints
+        self.backend.check_context(cfg.context)
         self.bos = lm_model.bos_id(self.tokenizer)
         self.train_docs, self.held_docs = text.split(text.documents(cfg.text))
         next(self.train_contexts(seed=0))  # TextError now for a text too short for a context
         self.seconds = 0.0  # time spent in forward passes
-        self.widths = self._widths()
+        self.widths = self.backend.widths(np.full((1, 2), self.bos, np.int32))
 
     @property
     def names(self) -> list[str]:
         return [h.name for h in self.hookpoints]
 
-    def _widths(self) -> dict[str, int]:
-        ids = np.full((1, 2), self.bos, np.int32)
-        return {name: int(a.shape[-1]) for name, a in self._capture(ids).items()}
-
-    def _capture(self, ids: np.ndarray) -> dict:
-        import torch
-        return hooks.capture(self.model, self.hookpoints,
-                             torch.from_numpy(ids).long().to(self.model.device))
-
     def forward(self, ids: np.ndarray) -> jax.Array:
-        """(hookpoints, B * (T - 1), d) float32 rows of contexts (B, T), BOS dropped; the
-        torch tensors reach JAX through DLPack."""
+        """(hookpoints, B * (T - 1), d) float32 rows of contexts (B, T), BOS dropped."""
         t0 = time.perf_counter()
-        got = self._capture(ids)
-        rows = jnp.stack([_rows(jax.dlpack.from_dlpack(got[h.name].float().contiguous()))
-                          for h in self.hookpoints])
+        rows = self.backend.rows(ids)
         rows.block_until_ready()
         self.seconds += time.perf_counter() - t0
         return rows
@@ -162,11 +153,6 @@ class LiveLM:
             part = self.forward(np.stack(windows[i:i + self.cfg.lm_batch]))
             rows[:, i * per:i * per + part.shape[1]] = np.asarray(part)
         return rows[:, :self.cfg.heldout_tokens]
-
-
-@jax.jit
-def _rows(acts):
-    return acts[:, 1:].reshape(-1, acts.shape[-1])
 
 
 def row_chunks(lm: LiveLM, seed: int, start_row: int, size: int) -> Iterator[jax.Array]:

@@ -18,9 +18,14 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
+import functools
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ksae_jax.lm import hookpoints as hooks
+from ksae_jax.lm import jax_lm
 from ksae_jax.lm import model as lm_model
 from ksae_jax.lm import offline_lm, text
 
@@ -50,7 +55,53 @@ def _logprobs(model, where, ids, replace: Replacement | None):
         else:
             with hooks.replace(model, where, splice):
                 logits = model(ids).logits
-    return torch.log_softmax(logits[:, 1:-1].float(), dim=-1)  # predictions at replaced positions
+    return torch.log_softmax(logits[:, 1:-1].float(), dim=-1).cpu().numpy()
+
+
+def _torch_passes(model, where, windows: np.ndarray):
+    """(clean log-probs, spliced(replace) -> log-probs) of a torch model on a batch."""
+    import torch
+    ids = torch.from_numpy(windows).long().to(model.device)
+    return _logprobs(model, where, ids, None), lambda r: _logprobs(model, where, ids, r)
+
+
+def _jax_passes(lm, where, windows: np.ndarray):
+    """The same of a jax_lm.JaxLM: the clean pass gives the hookpoint's activations and its
+    block's input, from which each spliced pass runs only the blocks from there on."""
+    ids = jnp.asarray(windows, jnp.int32)
+    clean, acts, block_in = _jax_clean(lm.arch, lm.weights, ids, where.path)
+
+    def spliced(replace):
+        rows = acts[:, 1:].reshape(-1, acts.shape[-1])
+        new = replace(rows).reshape(acts.shape[0], -1, acts.shape[-1])
+        return np.asarray(_jax_spliced(lm.arch, lm.weights, ids, where.path, block_in, new))
+
+    return np.asarray(clean), spliced
+
+
+def _positions_logprobs(logits):
+    return jax.nn.log_softmax(logits[:, 1:-1], axis=-1)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _jax_clean(arch, weights, ids, tap):
+    block_in = f"resid_pre.{jax_lm.layer_of(tap)}"
+    out = jax_lm.forward(arch, weights, ids, (tap, block_in))
+    return _positions_logprobs(out.logits), out.acts[tap], out.acts[block_in]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _jax_spliced(arch, weights, ids, tap, block_in, new):
+    def splice(h):
+        return jnp.concatenate([h[:, :1], new.astype(h.dtype)], axis=1)
+
+    out = jax_lm.forward(arch, weights, ids, replace={tap: splice},
+                         start=(jax_lm.layer_of(tap), block_in))
+    return _positions_logprobs(out.logits)
+
+
+def _passes(model):
+    return _jax_passes if isinstance(model, jax_lm.JaxLM) else _torch_passes
 
 
 token_bytes = offline_lm.token_bytes
@@ -60,25 +111,31 @@ def spliced_losses(model, where, windows: np.ndarray, nbytes: np.ndarray,
                    replacements: dict[str, Replacement], batch: int = 16) -> dict:
     """{"clean", "zero", label: ...} each {"loss" (nats/token), "bits_per_byte", "kl"} (KL of
     the spliced from the clean distribution, nats/token), over the targets 2..T-1 of windows,
-    with the replacements spliced in at `where` (a hookpoints.Hookpoint)."""
-    import torch
-
-    variants = {"clean": None, "zero": torch.zeros_like, **replacements}
-    sums = {name: {"nll": 0.0, "kl": 0.0} for name in variants}
+    with the replacements spliced in at `where` (a hookpoints.Hookpoint). model: a torch
+    model (replacements of torch tensors) or a jax_lm.JaxLM (of JAX arrays)."""
+    variants = {"zero": _zeros(model), **replacements}
+    sums = {name: {"nll": 0.0, "kl": 0.0} for name in ("clean", *variants)}
     count, total_bytes = 0, 0
     for i in range(0, len(windows), batch):
-        ids = torch.from_numpy(windows[i:i + batch]).long().to(model.device)
-        targets = ids[:, 2:]
-        clean = _logprobs(model, where, ids, None)
-        for name, replace in variants.items():
-            lp = clean if replace is None else _logprobs(model, where, ids, replace)
-            sums[name]["nll"] -= float(lp.gather(-1, targets[..., None]).sum())
-            sums[name]["kl"] += float((clean.exp() * (clean - lp)).sum())
-        count += targets.numel()
-        total_bytes += int(nbytes[targets.cpu().numpy()].sum())
+        ids = windows[i:i + batch]
+        targets = ids[:, 2:, None]
+        clean, spliced = _passes(model)(model, where, ids)
+        for name, replace in {"clean": None, **variants}.items():
+            lp = clean if replace is None else spliced(replace)
+            sums[name]["nll"] -= float(np.take_along_axis(lp, targets, -1).sum(dtype=np.float64))
+            sums[name]["kl"] += float((np.exp(clean) * (clean - lp)).sum(dtype=np.float64))
+        count += targets.size
+        total_bytes += int(nbytes[targets].sum())
     return {name: {"loss": s["nll"] / count, "bits_per_byte": s["nll"] / math.log(2) / total_bytes,
                    "kl": s["kl"] / count} for name, s in sums.items()} | {"tokens": count,
                                                                           "bytes": total_bytes}
+
+
+def _zeros(model) -> Replacement:
+    if isinstance(model, jax_lm.JaxLM):
+        return jnp.zeros_like
+    import torch
+    return torch.zeros_like
 
 
 def scores(losses: dict, label: str) -> dict:
@@ -90,10 +147,11 @@ def scores(losses: dict, label: str) -> dict:
             "kl": sae["kl"]}
 
 
-def sae_replacement(sae, k: int) -> Replacement:
+def sae_replacement(sae, k: int, model=None) -> Replacement:
     """h -> the reconstruction of every row of h by the SAE of k (ksae_jax.VectorSAE), run
-    in JAX on the tensor's own buffer (DLPack both ways)."""
-    import jax
+    in JAX: on a JAX model's rows directly, on a torch tensor's own buffer (DLPack both ways)."""
+    if isinstance(model, jax_lm.JaxLM):
+        return lambda rows: sae.reconstruct_array(rows, k)
     import torch
 
     def replace(h):
@@ -144,7 +202,7 @@ class SpliceEval:
         """metrics.json's LM fields: clean and zero-ablated losses, and per k (None where a k
         has no model) the spliced loss, delta_loss, loss_recovered and KL."""
         present = [k for k in ks if k in sae.labels]
-        losses = self.losses({str(k): sae_replacement(sae, k) for k in present})
+        losses = self.losses({str(k): sae_replacement(sae, k, self.model) for k in present})
         per_k = {k: scores(losses, str(k)) for k in present}
         fields = ("lm_loss_sae", "delta_loss", "delta_bits_per_byte", "loss_recovered", "kl")
         return {"lm": self.name, "lm_layer": self.layer, "lm_tokens": losses["tokens"],
