@@ -53,7 +53,7 @@ class Checkpoints:
         args = self.ocp.args
         items = {"state": args.StandardSave(state),
                  "meta": args.JsonSave({"format": FORMAT, "version": VERSION, **meta})}
-        if stream is not None:
+        if stream:
             items["stream"] = args.StandardSave(stream)
         self.manager.save(step, args=args.Composite(**items))
 
@@ -66,7 +66,7 @@ class Checkpoints:
             raise ParamsFileError(f"{self.folder}: no complete checkpoint to resume from")
         args = self.ocp.args
         items = {"state": args.StandardRestore(like), "meta": args.JsonRestore()}
-        if stream_like is not None:
+        if stream_like:
             items["stream"] = args.StandardRestore(stream_like)
         try:
             with _quiet():
@@ -78,7 +78,9 @@ class Checkpoints:
         if meta.get("format") != FORMAT or meta.get("version") != VERSION:
             raise ParamsFileError(f"{self.folder}/{step}: not a ksae_jax checkpoint of version "
                                   f"{VERSION}")
-        return (got.state, meta) if stream_like is None else (got.state, meta, got.stream)
+        if stream_like is None:
+            return got.state, meta
+        return got.state, meta, (got.stream if stream_like else {})
 
     def meta(self, step: int | None = None) -> dict:
         """The JSON of a checkpoint (default: the latest): config, step, history, seconds."""

@@ -26,28 +26,34 @@ NOT_LIVE = {"data": "--data trains from vectors on disk", "eval_data": None, "ev
 def main(given: dict, values: dict, *, default_out: str) -> runner.Run:
     """The live run: the model, its hookpoints and the text checked before anything is written,
     then training, then the report (see the module docstring)."""
-    from ksae_jax.lm.live import LiveData, LiveStream, cycle_steps
+    from ksae_jax.lm.e2e import Objective
+    from ksae_jax.lm.live import LiveData
 
     refuse_other_flags(given)
-    live_cfg = flags.build(LiveData, values)
+    live_cfg, objective = flags.build(LiveData, values), flags.build(Objective, values)
+    refuse_unused(given, objective)
     lm = open_lm(live_cfg)
     d = one_width(lm)
     base = sae_run.sweep_config(values, d)  # the family's batch size and seed where not given
     if live_cfg.tokens < base.batch_size:
         raise flags.UsageError(f"--tokens {live_cfg.tokens:,} is less than one batch "
                                f"(--batch-size {base.batch_size:,})")
+    stream = make_stream(lm, objective, base.batch_size, base.seed)
     cfg = live_sweep(values, base.model, lm.names, live_cfg.tokens // base.batch_size,
-                     cycle_steps(live_cfg.buffer_tokens, base.batch_size))
-    stream = LiveStream(lm, cfg.batch_size, cfg.seed)
+                     stream.steps_per_cycle)
     held = heldout_sets(lm)
     print(f"live: {lm.backend.name} {live_cfg.model}, hookpoints {lm.names} (d = {d}); "
-          f"mixing buffer {live_cfg.buffer_tokens:,} rows per hookpoint "
-          f"(half renewed every {stream.steps_per_cycle} steps)")
+          + (f"loss {objective.loss}, {stream.contexts} whole contexts a step"
+             if objective.end_to_end else
+             f"mixing buffer {live_cfg.buffer_tokens:,} rows per hookpoint (half renewed "
+             f"every {stream.steps_per_cycle} steps)"))
+    info = {"live": dataclasses.asdict(live_cfg), "hookpoints": lm.names,
+            **({"objective": dataclasses.asdict(objective)} if objective.end_to_end else {})}
     run = runner.train(cfg, stream, held, flags.build(runner.Output, values),
                        flags.build(runner.RunOptions, values), flags.build(runner.Devices, values),
                        default_out=default_out, summary=lambda t: memory_line(lm, stream, t),
-                       run_info={"data": {"live": dataclasses.asdict(live_cfg), "hookpoints": lm.names}})
-    report(run, lm, held, values.get("lm_tokens", 16_384))
+                       run_info={"data": info})
+    report(run, lm, held, values.get("lm_tokens", 16_384), info)
     return run
 
 
@@ -56,6 +62,36 @@ def refuse_other_flags(given: dict) -> None:
         if name in given:
             raise flags.UsageError(f"{flags.flag(name)}: not a setting of a live run (--model)"
                                    + (f": {why}" if why else ""))
+
+
+def refuse_unused(given: dict, objective) -> None:
+    """Settings the objective would not apply."""
+    if "kl_coef" in given and objective.loss != "fvu+kl":
+        raise flags.UsageError(f"--kl-coef: weighs the KL only in --loss fvu+kl (not "
+                               f"{objective.loss})")
+    if "buffer_tokens" in given and objective.end_to_end:
+        raise flags.UsageError(f"--buffer-tokens: --loss {objective.loss} trains on whole "
+                               "contexts, without a mixing buffer")
+
+
+def make_stream(lm, objective, batch_size: int, seed: int):
+    """The mixing buffer's stream, or for an end-to-end loss the whole contexts' (which
+    needs the JAX LM and one hookpoint)."""
+    from ksae_jax.lm import e2e
+    from ksae_jax.lm.live import LiveStream
+
+    if not objective.end_to_end:
+        return LiveStream(lm, batch_size, seed)
+    if lm.backend.kind != "jax":
+        raise flags.UsageError(f"--loss {objective.loss}: needs the LM in JAX (a GPT-2 or "
+                               "Llama-family model, --lm-backend auto or jax)")
+    if len(lm.names) != 1:
+        raise flags.UsageError(f"--loss {objective.loss}: one hookpoint at a time (got "
+                               f"{len(lm.names)})")
+    try:
+        return e2e.ContextStream(lm, batch_size, seed, e2e.spliced_kl(objective, lm.backend))
+    except ValueError as e:
+        raise flags.UsageError(str(e)) from None
 
 
 def open_lm(live_cfg):
@@ -123,9 +159,7 @@ def memory_estimate(lm, stream, training) -> dict:
 
     cfg = training.cfg
     sae = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(training.state))
-    batch = {"x": jax.ShapeDtypeStruct((cfg.n_sources, cfg.batch_size, cfg.model.d_in),
-                                       jax.numpy.float32),
-             "w": jax.ShapeDtypeStruct((cfg.batch_size,), jax.numpy.float32)}
+    batch = stream.abstract_batch()
     mb = 2 ** 20
     return {"buffer": stream.buffer_bytes() / mb,
             "lm": lm.backend.param_bytes() / mb,
@@ -144,7 +178,7 @@ def folder_name(hookpoint: str) -> str:
     return hookpoint.replace("/", "_")
 
 
-def report(run: runner.Run, lm, held: list, lm_tokens: int) -> dict:
+def report(run: runner.Run, lm, held: list, lm_tokens: int, info: dict) -> dict:
     """Each hookpoint's folder (params.pkl, metrics.json, figures), DIR/metrics.json and the
     printed table."""
     from ksae_jax import sharding
@@ -154,9 +188,9 @@ def report(run: runner.Run, lm, held: list, lm_tokens: int) -> dict:
     for h, name in enumerate(run.cfg.hookpoints):
         part = result.for_hookpoint(h)
         sub = runner.Run(part.config, run.out / folder_name(name), run.plan, run.training, part)
-        info = {"live": lm.cfg.model, "hookpoint": name}
+        where = {"live": lm.cfg.model, "hookpoint": name}
         rows = types.SimpleNamespace(n=lm.cfg.tokens, d=part.config.model.d_in, name=name)
-        metrics = sae_run.sweep_metrics(sub, info, rows, held[h])
+        metrics = sae_run.sweep_metrics(sub, where, rows, held[h])
         if part.on_host:
             metrics.update(splice(h, part))
         if sharding.is_writer():
@@ -173,7 +207,7 @@ def report(run: runner.Run, lm, held: list, lm_tokens: int) -> dict:
                "tokens_per_s": run.result.budget.steps * run.cfg.batch_size / seconds,
                "lm_seconds": lm.seconds, "seconds": seconds, **run.plan,
                "compile_seconds": result.compile_seconds, "config": run.cfg.to_dict(),
-               "data": {"live": dataclasses.asdict(lm.cfg), "hookpoints": lm.names}}
+               "lm_backend": lm.backend.kind, "data": info}
     if sharding.is_writer():
         write_json(run.out / "metrics.json", summary)
         print_table(run.cfg, per_hookpoint, summary)
@@ -206,6 +240,9 @@ def print_table(cfg: SweepConfig, per_hookpoint: dict, summary: dict) -> None:
             print(f"{hookpoint:>16} {label!s:>7} {m['fvu'][i]:>8.4f} {m['l0'][i]:>7.2f} "
                   f"{100 * m['dead_frac'][i]:>15.2f}% {100 * m['dead_frac_window'][i]:>13.2f}%"
                   + lm_part)
-    print(f"{summary['tokens']:,} tokens at {summary['tokens_per_s']:,.0f} tokens/s, "
-          f"{100 * summary['lm_seconds'] / summary['seconds']:.0f}% of the time in the LM's "
-          f"forward passes; {summary['seconds']:.1f} s in all")
+    share = ("the LM's forward and backward passes inside the compiled step"
+             if "objective" in summary["data"] else
+             f"{100 * summary['lm_seconds'] / summary['seconds']:.0f}% of the time in the LM's "
+             "forward passes")
+    print(f"{summary['tokens']:,} tokens at {summary['tokens_per_s']:,.0f} tokens/s "
+          f"({summary['lm_backend']}), {share}; {summary['seconds']:.1f} s in all")

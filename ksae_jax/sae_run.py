@@ -43,15 +43,30 @@ def model_classes() -> dict[str, type]:
     return {arch: registry.lookup(arch).config for arch in registry.archs(SaeModel)}
 
 
+def refuse_live_flags(given: dict) -> None:
+    """A live run's settings given to a run on vectors: refused, not ignored."""
+    import dataclasses
+
+    from ksae_jax.lm.e2e import Objective
+    from ksae_jax.lm.live import LiveData
+
+    for cls in (LiveData, Objective):
+        for f in dataclasses.fields(cls):
+            if f.name in given:
+                raise flags.UsageError(f"{flags.flag(f.name)}: a setting of a live run "
+                                       "(--model), not of one on --data")
+
+
 def groups(data_cls: type = VectorData) -> list[flags.Group]:
     from ksae_jax.lm.splice import SpliceConfig
 
+    from ksae_jax.lm.e2e import Objective
     from ksae_jax.lm.live import LiveData
 
     vectors = data_cls is VectorData
     return [flags.Group("data", (data_cls,)),
             *([flags.Group("or a language model, run live (needs requirements-lm.txt)",
-                           (LiveData,))] if vectors else []),
+                           (LiveData, Objective))] if vectors else []),
             flags.Group("model (the family: --arch)", tuple(model_classes().values()),
                         frozenset({"d_in"}), key="arch"),
             flags.Group("sweep and budget", (SweepConfig,), frozenset({"hookpoints"})),
@@ -78,6 +93,7 @@ def main(argv=None, *, data_cls: type = VectorData, preset: dict | None = None,
     if "model" in given:
         from ksae_jax import live_run
         return live_run.main(given, values, default_out=default_out)
+    refuse_live_flags(given)
     if "epochs" in given and "steps" not in given:  # the budget given replaces the preset's
         values.pop("steps", None)
     source, devices = flags.build(data_cls, values), flags.build(runner.Devices, values)

@@ -29,15 +29,17 @@ class TrainState(NamedTuple):
     diverged_at: jax.Array  # (models,) int32: global step at which a model diverged, or -1
 
 
-def loss_fn(params, batch, hp, dead, *, cfg: SweepConfig, max_k: int | None):
+def loss_fn(params, batch, hp, dead, *, cfg: SweepConfig, max_k: int | None, objective=None):
     """(loss, (metrics, forward output)) of one model on one batch {"x", "w"}: the family's
-    reconstruction objective, plus its weighted penalty, plus aux_coef * AuxK over the
-    `dead` units."""
+    reconstruction objective (or, with an end-to-end `objective`, lm.e2e's loss through
+    the LM), plus its weighted penalty, plus aux_coef * AuxK over the `dead` units."""
     family, aux_coef = cfg.family, cfg.model.aux_coef
     x, w = batch["x"], batch["w"]
     out = family.forward(params, x, w, hp, max_k, dead=dead if aux_coef else None)
     terms = family.loss_terms(out, hp)
     loss = terms.reconstruction
+    if objective is not None:
+        loss = objective.loss(loss, out.recon, batch)
     if terms.penalty is not None:
         loss = loss + terms.penalty
     if out.auxk is not None:  # AuxK is on and a dead mask was given
@@ -47,7 +49,7 @@ def loss_fn(params, batch, hp, dead, *, cfg: SweepConfig, max_k: int | None):
 
 
 def train_step(params, opt_state, since_fired, hp, alive, batch, step, *, cfg: SweepConfig,
-               max_k: int | None):
+               max_k: int | None, objective=None):
     """One optimizer step of one model on one batch {"x", "w"} (w = 0: padding).
 
     hp: this model's hyperparameters ({"lr"}, "k" where the family keeps k, and the
@@ -60,7 +62,8 @@ def train_step(params, opt_state, since_fired, hp, alive, batch, step, *, cfg: S
     hooks = family.recipe
     batch = own_rows(batch, hp)
     dead = recipe.dead_mask(since_fired, cfg.model.dead_tokens)
-    grad_fn = jax.value_and_grad(functools.partial(loss_fn, cfg=cfg, max_k=max_k), has_aux=True)
+    grad_fn = jax.value_and_grad(functools.partial(loss_fn, cfg=cfg, max_k=max_k,
+                                                   objective=objective), has_aux=True)
     (loss, (metrics, out)), grads = grad_fn(params, batch, hp, dead)
     grads = hooks.project_grads(params, grads)
     finite = jnp.isfinite(loss) & _all_finite(grads)
@@ -138,20 +141,29 @@ def hyperparameters(cfg: SweepConfig, ks) -> dict:
             **{name: jnp.asarray(v) for name, v in cfg.family.hyperparameters(cfg).items()}}
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("state", "sums"))
-def sweep_step(state: TrainState, sums: jax.Array, batch: dict, ks, step, *, cfg: SweepConfig):
+@functools.partial(jax.jit, static_argnames=("cfg", "objective"),
+                   donate_argnames=("state", "sums"))
+def sweep_step(state: TrainState, sums: jax.Array, batch: dict, ks, step, *, cfg: SweepConfig,
+               objective=None):
     """One step of every model of the sweep on one batch.
+
+    objective: None, or an end-to-end loss (lm.e2e.SplicedKL) whose batches are contexts
+    and the LM's weights: its clean pass gives the rows, once for every model.
 
     ks: each model's k at this step (the k schedule; traced; None for a family without k).
     A model whose loss or gradients
     are not finite keeps its last finite parameters from then on; diverged_at records the
     step. sums accumulates per-model (loss, rec) x real rows, and the real rows.
     """
-    batch = sharding.constrain(batch, {k: sharding.batch_spec(v.ndim) for k, v in batch.items()})
+    rows = {k: v for k, v in batch.items() if k in ("x", "w", "tokens")}
+    batch = {**batch, **sharding.constrain(rows, {k: sharding.batch_spec(v.ndim)
+                                                  for k, v in rows.items()})}
+    if objective is not None:
+        batch = objective.prepare(batch)
     alive = state.diverged_at < 0
     per_model = (state.params, state.opt_state, state.since_fired, hyperparameters(cfg, ks), alive)
     params, opt_state, since_fired, m = batching.over_models(
-        functools.partial(train_step, cfg=cfg), cfg, batching.resolve(cfg), per_model,
+        functools.partial(train_step, cfg=cfg, objective=objective), cfg, batching.resolve(cfg), per_model,
         (batch, step))
     m = batching.stacked(m)
     diverged_at = jnp.where(alive & ~m["finite"], step, state.diverged_at)

@@ -263,8 +263,8 @@ class Training:
             if self.stream is None:
                 return self.checkpoints.restore(like)
             state, meta, stream = self.checkpoints.restore(
-                like, stream_like={"kept": self.stream.abstract()})
-            self.stream.restore(stream["kept"])
+                like, stream_like=self.stream.abstract())
+            self.stream.restore(stream)
             return state, meta
         if legacy.is_file():
             state, meta = read_legacy(legacy, like)
@@ -282,7 +282,12 @@ class Training:
     @property
     def step_fn(self):
         """The jitted step of the sweep: (state, sums, batch, ks, step) -> (state, sums)."""
-        return functools.partial(sweep_step, cfg=self.run_cfg)
+        return functools.partial(sweep_step, cfg=self.run_cfg, objective=self.objective)
+
+    @property
+    def objective(self):
+        """An end-to-end loss of a live source (lm.e2e), or None."""
+        return getattr(self.stream, "objective", None)
 
     def ks_at(self, step: int) -> np.ndarray | None:
         return k_at(self.cfg, step, self.budget.steps)
@@ -291,7 +296,8 @@ class Training:
         """The step compiled for this sweep's state and batches (what the loop runs)."""
         with sharding.use(self.mesh):
             return sweep_step.lower(self.state, self.zero_sums(), batch, self.ks_at(0),
-                                    np.int32(0), cfg=self.run_cfg).compile()
+                                    np.int32(0), cfg=self.run_cfg,
+                                    objective=self.objective).compile()
 
     def zero_sums(self) -> jax.Array:
         """Per-model (loss x rows, rec x rows, rows) accumulators for one segment."""
@@ -364,7 +370,7 @@ class Training:
         meta = {"config": strict_json({**self.cfg.to_dict(), **self.run_info}), "step": step,
                 "history": strict_json(self.history), "seconds": self.clock.seconds()}
         self.checkpoints.save(step, batching.stacked(state), meta,
-                              stream=None if self.stream is None else {"kept": self.stream.kept})
+                              stream=None if self.stream is None else self.stream.saved())
 
     @staticmethod
     def host(tree):

@@ -243,16 +243,21 @@ def _llama_weights(get: _Reader, a: Arch, tied: bool) -> dict:
 
 # ---------------------------------------------------------------- the forward
 
+def _acc(dtype):
+    """What products accumulate and norms compute in: float32, or float64 for float64."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def _dense(x, p: dict, key: str):
     """x @ p[key] (+ its bias), accumulated in float32, in x's dtype."""
-    y = jnp.matmul(x, p[key], preferred_element_type=jnp.float32)
+    y = jnp.matmul(x, p[key], preferred_element_type=_acc(x.dtype))
     if key + "_b" in p:
         y = y + p[key + "_b"]
     return y.astype(x.dtype)
 
 
 def _layer_norm(x, p: dict, eps: float):
-    h = x.astype(jnp.float32)
+    h = x.astype(_acc(x.dtype))
     mean = h.mean(-1, keepdims=True)
     h = (h - mean) * jax.lax.rsqrt(((h - mean) ** 2).mean(-1, keepdims=True) + eps)
     return (h * p["w"] + p["b"]).astype(x.dtype)
@@ -260,7 +265,7 @@ def _layer_norm(x, p: dict, eps: float):
 
 def _rms_norm(x, p: dict, eps: float):
     """Llama's RMSNorm: normalised in float32, cast back, then scaled."""
-    h = x.astype(jnp.float32)
+    h = x.astype(_acc(x.dtype))
     h = h * jax.lax.rsqrt((h * h).mean(-1, keepdims=True) + eps)
     return p["w"] * h.astype(x.dtype)
 
@@ -298,12 +303,13 @@ def _attention(q, k, v, scale: float, window: int):
     b, t, h, hd = q.shape
     kv = k.shape[2]
     q = q.reshape(b, t, kv, h // kv, hd)
-    s = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    acc = _acc(q.dtype)
+    s = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=acc) * scale
     i, j = np.arange(t)[:, None], np.arange(t)[None]
     allowed = (j <= i) & ((i - j < window) if window else True)
-    s = jnp.where(allowed, s, jnp.finfo(jnp.float32).min)
+    s = jnp.where(allowed, s, jnp.finfo(acc).min)
     p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-    o = jnp.einsum("bkgts,bskh->btkgh", p, v, preferred_element_type=jnp.float32)
+    o = jnp.einsum("bkgts,bskh->btkgh", p, v, preferred_element_type=acc)
     return o.reshape(b, t, h * hd).astype(v.dtype)
 
 
@@ -357,9 +363,9 @@ def rope_tables(arch: Arch, t: int):
 
 
 def unembed(arch: Arch, w: dict, x):
-    """(B, T, vocab) float32 logits."""
+    """(B, T, vocab) float32 logits (float64 for float64 weights)."""
     h = _norm(arch, x, w["final"])
-    return jnp.einsum("btd,vd->btv", h, w["head"], preferred_element_type=jnp.float32)
+    return jnp.einsum("btd,vd->btv", h, w["head"], preferred_element_type=_acc(h.dtype))
 
 
 class Output(NamedTuple):

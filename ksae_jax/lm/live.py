@@ -25,6 +25,7 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -62,7 +63,7 @@ class LiveData:
     """Contexts per forward pass."""
     buffer_tokens: int = 131_072
     """Rows of the mixing buffer per hookpoint (half of it is renewed each cycle)."""
-    lm_backend: str = "auto"
+    lm_backend: Literal["auto", "jax", "torch"] = "auto"
     """Run the LM in 'jax' (GPT-2 and the Llama family, from the folder's safetensors), in
     'torch' (any architecture), or 'auto': JAX where the architecture has a JAX forward."""
 
@@ -267,16 +268,22 @@ class LiveStream:
         """Hookpoint h's first training rows (what the models initialise from)."""
         return ArrayRows(np.asarray(self.first_rows()[h]))
 
-    def abstract(self) -> jax.ShapeDtypeStruct:
-        return jax.ShapeDtypeStruct((len(self.lm.names), self.half, self.d), jnp.float32)
+    def abstract(self) -> dict:
+        """The shapes of what a checkpoint holds of the stream."""
+        return {"kept": jax.ShapeDtypeStruct((len(self.lm.names), self.half, self.d),
+                                             jnp.float32)}
 
-    @property
-    def kept(self) -> jax.Array:
+    def saved(self) -> dict:
         """The checkpoint's part: the half of the buffer the next cycle keeps."""
-        return self.mixer.kept()
+        return {"kept": self.mixer.kept()}
 
-    def restore(self, kept) -> None:
-        self.restored = kept
+    def restore(self, saved: dict) -> None:
+        self.restored = saved["kept"]
+
+    def abstract_batch(self) -> dict:
+        return {"x": jax.ShapeDtypeStruct((len(self.lm.names), self.batch_size, self.d),
+                                          jnp.float32),
+                "w": jax.ShapeDtypeStruct((self.batch_size,), jnp.float32)}
 
     def _produce(self, first_chunk: int, out: queue.Queue, stop: threading.Event) -> None:
         try:
