@@ -10,7 +10,8 @@
 # images (conv 5-k sweep vmapped and looped, the original PyTorch loop on the same device, the
 # MLP sweep); SAEs at d 768 and 4096 in float32 and bfloat16 against sparsify with its Triton
 # kernels, beside the matmul floor; one step of the 1M-latent SAE; live training from a GPT-2
-# on the GPU in torch (JAX held to half the memory), with the DLPack hand-off timed.
+# with the LM in JAX and in torch on the GPU (JAX held to half the memory), with the DLPack
+# hand-off timed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=0
@@ -52,6 +53,6 @@ stage sae 170 python -m benchmarks.speed --suite sae "${QUICK[@]}" --sae-shapes 
   --dtypes float32 bfloat16 --sae-steps 30 --out "$OUT_DIR/sae"
 stage largest 60 python -m benchmarks.speed --suite largest "${QUICK[@]}" \
   --dtypes bfloat16 --out "$OUT_DIR/largest"
-XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 stage live 150 python -m benchmarks.live_gpu \
+XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 stage live 240 python -m benchmarks.live_gpu \
   --out "$OUT_DIR/live" $( (( DRY )) && echo --dry-run )
 python benchmarks/gpu_report.py "$OUT_DIR" $( (( DRY )) && echo --dry-run )

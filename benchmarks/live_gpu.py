@@ -1,11 +1,13 @@
 """The live stage of benchmarks/gpu.sh: a GPT-2 built from a config (random weights: nothing
-to download) on the GPU in torch, SAEs for its blocks and two ks trained live by `ksae train
---model`, and the DLPack hand-off of one forward pass's activations from torch to JAX timed.
-gpu.sh sets XLA_PYTHON_CLIENT_MEM_FRACTION so that JAX leaves the LM its memory.
+to download), SAEs for its blocks and two ks trained live by `ksae train --model`, once with
+the LM in JAX (its forward compiled beside the SAE step) and once in torch on the GPU, and the
+DLPack hand-off of one forward pass's activations from torch to JAX timed. gpu.sh sets
+XLA_PYTHON_CLIENT_MEM_FRACTION so that JAX leaves the torch LM its memory.
 
     python -m benchmarks.live_gpu --out OUT [--dry-run]
 
-Writes OUT/live.json: tokens_per_s, lm_share, the hand-off's seconds and GB/s, the devices.
+Writes OUT/live.json: per backend ("jax", "torch") tokens_per_s and lm_share; the hand-off's
+seconds and GB/s, the devices.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ TEXT = ROOT / "README.md"
 SHAPES = {"dry": {"layers": 2, "d_model": 32, "heads": 2, "context": 16, "vocab": 400,
                   "latents": 128, "tokens": 4096, "batch": 512},
           "gpu": {"layers": 12, "d_model": 768, "heads": 12, "context": 128, "vocab": 4096,
-                  "latents": 12288, "tokens": 4_194_304, "batch": 4096}}
+                  "latents": 12288, "tokens": 2_097_152, "batch": 4096}}
 
 
 def build_lm(out: Path, s: dict) -> Path:
@@ -55,6 +57,21 @@ def handoff(lm_dir: Path, s: dict, reps: int = 20) -> dict:
             "torch_device": device, "jax_device": str(jax.devices()[0])}
 
 
+def live_run(run: Path, lm_dir: Path, s: dict, backend: str) -> dict:
+    cmd = [sys.executable, "-m", "ksae_jax", "train", "--model", str(lm_dir), "--text",
+           str(TEXT), "--latents", str(s["latents"]), "--ks", "32", "64", "--tokens",
+           str(s["tokens"]), "--batch-size", str(s["batch"]), "--context", str(s["context"]),
+           "--heldout-tokens", "512", "--lm-tokens", "128", "--buffer-tokens",
+           str(8 * s["batch"]), "--lm-backend", backend, "--out", str(run), "--overwrite",
+           "--no-progress"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if r.returncode != 0:
+        raise SystemExit(f"the live run ({backend}) failed:\n{r.stderr[-3000:]}")
+    m = json.loads((run / "metrics.json").read_text())
+    return {"tokens": m["tokens"], "tokens_per_s": m["tokens_per_s"],
+            "lm_share": m["lm_seconds"] / m["seconds"], "hookpoints": len(m["hookpoints"])}
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="python -m benchmarks.live_gpu", description=__doc__)
     p.add_argument("--out", type=Path, required=True)
@@ -63,19 +80,11 @@ def main(argv=None) -> dict:
     s = SHAPES["dry" if args.dry_run else "gpu"]
     args.out.mkdir(parents=True, exist_ok=True)
     lm_dir = build_lm(args.out, s)
-    run = args.out / "live_run"
-    cmd = [sys.executable, "-m", "ksae_jax", "train", "--model", str(lm_dir), "--text",
-           str(TEXT), "--latents", str(s["latents"]), "--ks", "32", "64", "--tokens",
-           str(s["tokens"]), "--batch-size", str(s["batch"]), "--context", str(s["context"]),
-           "--heldout-tokens", "512", "--lm-tokens", "128", "--buffer-tokens",
-           str(8 * s["batch"]), "--out", str(run), "--overwrite", "--no-progress"]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    if r.returncode != 0:
-        raise SystemExit(f"the live run failed:\n{r.stderr[-3000:]}")
-    m = json.loads((run / "metrics.json").read_text())
-    result = {"dry_run": args.dry_run, "tokens": m["tokens"], "tokens_per_s": m["tokens_per_s"],
-              "lm_share": m["lm_seconds"] / m["seconds"], "hookpoints": len(m["hookpoints"]),
-              **handoff(lm_dir, s)}
+    runs = {backend: live_run(args.out / f"live_{backend}", lm_dir, s, backend)
+            for backend in ("jax", "torch")}
+    hookpoints = {backend: r.pop("hookpoints") for backend, r in runs.items()}
+    result = {"dry_run": args.dry_run, **runs, "hookpoints": hookpoints["torch"],
+              "tokens": runs["torch"]["tokens"], **handoff(lm_dir, s)}
     (args.out / "live.json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result))
     return result

@@ -44,7 +44,8 @@ def plan(argv, prog="ksae plan"):
               flags.Group("optimizer and schedules", (Optimizer,)),
               flags.Group("execution", (Execution,)),
               flags.Group("output", (runner.Output,), frozenset({"overwrite", "progress"})),
-              flags.Group("devices", (runner.Devices,), runner.MULTI_HOST)]
+              flags.Group("devices", (runner.Devices,), runner.MULTI_HOST),
+              flags.Group("a JAX language model feeding the SAEs", (compiler_plan.LMPlan,))]
     values = {"arch": registry.DEFAULT_SAE, **flags.parse(flags.make_parser(
         prog, "The compiler's plan of one training step on a device mesh, from abstract shapes "
         "(nothing is allocated): memory, FLOPs and collectives per device.", groups), argv)}
@@ -53,9 +54,14 @@ def plan(argv, prog="ksae plan"):
     model = flags.build_choice(sae_run.model_classes(), "arch", values, registry.DEFAULT_SAE)
     cfg = flags.build(SweepConfig, values, model=model)
     try:
-        return compiler_plan.run(cfg, sharding.parse_mesh(values["mesh"]), values.get("out"), argv)
+        mesh = sharding.parse_mesh(values["mesh"])
     except ValueError as e:
         raise flags.UsageError(f"--mesh: {e}") from None
+    try:
+        return compiler_plan.run(cfg, mesh, values.get("out"), argv,
+                                 flags.build(compiler_plan.LMPlan, values))
+    except ValueError as e:  # the mesh against the sweep, or the LM's config (LMError)
+        raise flags.UsageError(str(e)) from None
 
 
 def lm_train(argv, prog="ksae lm"):

@@ -17,7 +17,7 @@ from jax.sharding import NamedSharding
 
 from ksae_jax import batching, sharding
 from ksae_jax.config import SweepConfig
-from ksae_jax.step import init_state, resolved, state_layout, sweep_step
+from ksae_jax.step import batch_specs, init_state, resolved, state_layout, sweep_step
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
 _BYTES = {"f64": 8, "f32": 4, "bf16": 2, "f16": 2, "s64": 8, "s32": 4, "u32": 4, "s8": 1,
@@ -58,23 +58,72 @@ def plan(cfg: SweepConfig, mesh, n_rows: int = 10_000_000) -> dict:
         sums = jax.ShapeDtypeStruct((n, 3), jnp.float32,
                                     sharding=NamedSharding(mesh, sharding.leaf_spec((), 2)))
         b = cfg.batch_size
-        batch = {"x": jax.ShapeDtypeStruct((b, *cfg.model.input_shape), jnp.float32,
-                                           sharding=NamedSharding(mesh, sharding.batch_spec(2))),
-                 "w": jax.ShapeDtypeStruct((b,), jnp.float32,
-                                           sharding=NamedSharding(mesh, sharding.batch_spec(1)))}
+        sources = (cfg.n_sources,) if cfg.hookpoints else ()
+        shapes = {"x": (*sources, b, *cfg.model.input_shape), "w": (b,)}
+        specs = batch_specs(shapes_only(shapes), cfg)
+        batch = {name: jax.ShapeDtypeStruct(shape, jnp.float32,
+                                            sharding=NamedSharding(mesh, specs[name]))
+                 for name, shape in shapes.items()}
         ks = np.asarray(cfg.ks, np.int32) if cfg.ks else None
         compiled = sweep_step.lower(state, sums, batch, ks, np.int32(0), cfg=run_cfg).compile()
+    return {"devices": int(np.prod(list(mesh.shape.values()))), "mesh": dict(mesh.shape),
+            "per_device": figures(compiled), "config": cfg.to_dict()}
+
+
+def shapes_only(shapes: dict) -> dict:
+    return {name: jax.ShapeDtypeStruct(shape, jnp.float32) for name, shape in shapes.items()}
+
+
+def figures(compiled) -> dict:
+    """Per-device bytes (arguments, outputs, temporaries), FLOPs and collectives of a
+    compiled program."""
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    found = collectives(compiled.as_text())
-    return {"devices": int(np.prod(list(mesh.shape.values()))), "mesh": dict(mesh.shape),
-            "per_device": {"argument_bytes": int(mem.argument_size_in_bytes),
-                           "output_bytes": int(mem.output_size_in_bytes),
-                           "temp_bytes": int(mem.temp_size_in_bytes),
-                           "alias_bytes": int(getattr(mem, "alias_size_in_bytes", 0)),
-                           "flops": float(cost.get("flops", 0.0)), "collectives": found},
-            "config": cfg.to_dict()}
+    return {"argument_bytes": int(mem.argument_size_in_bytes),
+            "output_bytes": int(mem.output_size_in_bytes),
+            "temp_bytes": int(mem.temp_size_in_bytes),
+            "alias_bytes": int(getattr(mem, "alias_size_in_bytes", 0)),
+            "flops": float(cost.get("flops", 0.0)), "collectives": collectives(compiled.as_text())}
+
+
+@dataclasses.dataclass(frozen=True)
+class LMPlan:
+    """A JAX language model feeding the SAEs live: its forward pass is planned beside the
+    step, from its config.json alone (no weights are read)."""
+
+    model: str | None = None
+    """A Hugging Face folder (or a config.json) of a GPT-2 or Llama-family model."""
+    lm_batch: int = 32
+    """Contexts per forward pass."""
+    context: int = 128
+    """Tokens per context."""
+    lm_dtype: str | None = None
+    """The weights' dtype (None: the config's torch_dtype)."""
+
+
+def lm_plan(lm: LMPlan, hookpoints, mesh) -> dict:
+    """The forward pass that gives the hookpoints' rows, compiled on the mesh from abstract
+    shapes: the weights replicated, the contexts split over the data axis."""
+    from pathlib import Path
+
+    from ksae_jax.lm import backend, jax_lm
+
+    path = Path(lm.model).expanduser()
+    config = jax_lm.read_config(path.parent if path.name == "config.json" else path)
+    arch = jax_lm.arch_of(config)
+    taps = tuple(tap for _, tap in jax_lm.resolve(arch, hookpoints or [f"resid_post.{arch.layers - 1}"]))
+    replicated = NamedSharding(mesh, sharding.P())
+    weights = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
+                           jax_lm.abstract_weights(config, lm.lm_dtype))
+    with sharding.use(mesh):
+        ids = jax.ShapeDtypeStruct((lm.lm_batch, lm.context), jnp.int32,
+                                   sharding=NamedSharding(mesh, sharding.batch_spec(2)))
+        compiled = backend._jax_rows.lower(arch, weights, ids, taps).compile()
+    return {"model": lm.model, "arch": dataclasses.asdict(arch), "taps": list(taps),
+            "lm_batch": lm.lm_batch, "context": lm.context,
+            "weight_bytes": sum(s.size * s.dtype.itemsize for s in jax.tree.leaves(weights)),
+            "per_device": figures(compiled)}
 
 
 def summary(p: dict) -> dict:
@@ -90,9 +139,11 @@ def summary(p: dict) -> dict:
             "collective_gb": {op: b / 1e9 for op, b in sorted(moved.items())}}
 
 
-def run(cfg: SweepConfig, axes: dict[str, int], out=None, argv=None) -> dict | None:
-    """`ksae plan`: the plan of cfg on a mesh of `axes`, printed (and written to out/plan.json).
-    On CPU the devices are forced in a child process when there are too few."""
+def run(cfg: SweepConfig, axes: dict[str, int], out=None, argv=None,
+        lm: LMPlan | None = None) -> dict | None:
+    """`ksae plan`: the plan of cfg on a mesh of `axes` (and with lm.model, of the LM's
+    forward pass that feeds it), printed (and written to out/plan.json). On CPU the devices
+    are forced in a child process when there are too few."""
     import os
     import subprocess
     import sys
@@ -103,17 +154,33 @@ def run(cfg: SweepConfig, axes: dict[str, int], out=None, argv=None) -> dict | N
                                           f"--xla_force_host_platform_device_count={need}"}
         args = sys.argv[1:] if argv is None else list(argv)
         sys.exit(subprocess.run([sys.executable, "-m", "ksae_jax", "plan", *args], env=env).returncode)
-    sharding.check_axes(axes, jax.device_count(), cfg, cfg.family.shards_latents)
-    p = plan(cfg, sharding.make_mesh(axes))
+    try:
+        sharding.check_axes(axes, jax.device_count(), cfg, cfg.family.shards_latents)
+    except ValueError as e:
+        raise ValueError(f"--mesh: {e}") from None
+    mesh = sharding.make_mesh(axes)
+    p = plan(cfg, mesh)
     s = summary(p)
     print(f"plan: {cfg.model.arch} d = {cfg.model.d_in}, n = {cfg.model.latents:,}, "
-          f"{cfg.label_name}s {list(cfg.labels)}, batch {cfg.batch_size}, mesh {s['mesh']} "
-          f"({s['devices']} devices); per device: arguments {s['arguments_gb']:.2f} GB, outputs "
-          f"{s['outputs_gb']:.2f} GB, temporaries {s['temp_gb']:.2f} GB, {s['tflop']:.2f} TFLOP; "
-          "collectives " + (", ".join(f"{op} {gb:.3f} GB" for op, gb in
-                                      s["collective_gb"].items()) or "none"))
+          f"{cfg.label_name}s {list(cfg.labels)}, " + (f"hookpoints {list(cfg.hookpoints)}, "
+                                                        if cfg.hookpoints else "")
+          + f"batch {cfg.batch_size}, mesh {s['mesh']} ({s['devices']} devices)\n"
+          + line("SAE step", s))
+    if lm is not None and lm.model is not None:
+        p["lm"] = lm_plan(lm, cfg.hookpoints, mesh)
+        p["lm"]["summary"] = summary({**p, "per_device": p["lm"]["per_device"]})
+        print(f"LM forward ({p['lm']['arch']['kind']}, {p['lm']['weight_bytes'] / 1e9:.2f} GB "
+              f"of weights, replicated; {lm.lm_batch} contexts of {lm.context} tokens split "
+              "over the data axis)\n" + line("LM forward", p["lm"]["summary"]))
     if out is not None:
         from ksae_jax.files import write_json
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "plan.json", {**p, "summary": s})
     return p
+
+
+def line(label: str, s: dict) -> str:
+    return (f"  {label}, per device: arguments {s['arguments_gb']:.2f} GB, outputs "
+            f"{s['outputs_gb']:.2f} GB, temporaries {s['temp_gb']:.2f} GB, {s['tflop']:.2f} "
+            "TFLOP; collectives " + (", ".join(f"{op} {gb:.3f} GB" for op, gb in
+                                              s["collective_gb"].items()) or "none"))

@@ -147,17 +147,19 @@ def sweep_step(state: TrainState, sums: jax.Array, batch: dict, ks, step, *, cfg
                objective=None):
     """One step of every model of the sweep on one batch.
 
-    objective: None, or an end-to-end loss (lm.e2e.SplicedKL) whose batches are contexts
-    and the LM's weights: its clean pass gives the rows, once for every model.
+    batch: {"x", "w"}; from a live run's mixing buffer {"buffer", "slots", "w"} (the rows
+    drawn here); with an end-to-end `objective` (lm.e2e.SplicedKL), {"tokens", "w", "lm"}:
+    the objective's clean pass gives the rows, once for every model.
 
     ks: each model's k at this step (the k schedule; traced; None for a family without k).
     A model whose loss or gradients
     are not finite keeps its last finite parameters from then on; diverged_at records the
     step. sums accumulates per-model (loss, rec) x real rows, and the real rows.
     """
+    if "buffer" in batch:  # a live run's mixing buffer: the batch is drawn inside the step
+        batch = {"x": batch["buffer"][:, batch["slots"]], "w": batch["w"]}
     rows = {k: v for k, v in batch.items() if k in ("x", "w", "tokens")}
-    batch = {**batch, **sharding.constrain(rows, {k: sharding.batch_spec(v.ndim)
-                                                  for k, v in rows.items()})}
+    batch = {**batch, **sharding.constrain(rows, batch_specs(rows, cfg))}
     if objective is not None:
         batch = objective.prepare(batch)
     alive = state.diverged_at < 0
@@ -172,6 +174,16 @@ def sweep_step(state: TrainState, sums: jax.Array, batch: dict, ks, step, *, cfg
     sums = sums + jnp.where((alive & m["finite"])[:, None], new, 0.0)
     state = TrainState(params, opt_state, since_fired, diverged_at)
     return sharding.constrain(state, sharding.state_specs(state)), sums
+
+
+def batch_specs(batch: dict, cfg: SweepConfig) -> dict:
+    """How a batch's arrays are split over the mesh: rows over the data axis (with several
+    hookpoints, x is (hookpoints, rows, d): its second axis)."""
+    def spec(name, v):
+        if name == "x" and cfg.hookpoints:
+            return sharding.P(None, *sharding.batch_spec(v.ndim - 1))
+        return sharding.batch_spec(v.ndim)
+    return {name: spec(name, v) for name, v in batch.items()}
 
 
 def init_state(cfg: SweepConfig, rows: Rows | None = None, params: dict | None = None,

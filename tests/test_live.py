@@ -19,7 +19,7 @@ pytest.importorskip("transformers")
 import ksae_jax
 from ksae_jax import cli, formats, sae_run, train
 from ksae_jax.config import sae_config
-from ksae_jax.lm import cache, live, offline_lm
+from ksae_jax.lm import backend, cache, live, offline_lm
 from ksae_jax.lm import hookpoints as hooks
 from ksae_jax.lm import model as lm_model
 
@@ -131,8 +131,9 @@ class CacheRows:
     as the live source's forward passes serve them: lm_batch contexts at a time."""
 
     def __init__(self, lm, windows, arrays):
-        self.cfg, self.names, self.widths, self.seconds = lm.cfg, lm.names, lm.widths, 0.0
-        self.train_contexts = lm.train_contexts
+        self.cfg, self.widths, self.seconds = lm.cfg, lm.widths, 0.0
+        self.names = lm.names[-len(arrays):]  # the hookpoints whose rows it serves
+        self.train_contexts, self.backend = lm.train_contexts, lm.backend
         self.where = {w.tobytes(): i for i, w in reversed(list(enumerate(windows)))}
         self.arrays, self.per = arrays, windows.shape[1] - 1
 
@@ -140,6 +141,10 @@ class CacheRows:
         at = [self.where[w.tobytes()] * self.per for w in ids]
         rows = [np.concatenate([a[i:i + self.per] for i in at]) for a in self.arrays]
         return jax.numpy.asarray(np.stack(rows))
+
+    def chunk(self, carry, have, ids, size):
+        rows = jax.numpy.concatenate([self.forward(one) for one in ids], axis=1)
+        return backend.assemble(carry, have, rows, size)
 
 
 def test_live_source_equals_a_cache_of_the_same_rows_in_the_same_order(lm_dir):

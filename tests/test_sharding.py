@@ -179,7 +179,7 @@ def test_plan_compiles_the_step_from_abstract_shapes(tmp_path):
                         "latent=4,data=2", "--out", str(out)], cwd=ROOT, capture_output=True,
                        text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "mesh data=2,latent=4 (8 devices); per device: arguments" in r.stdout
+    assert "mesh data=2,latent=4 (8 devices)\n  SAE step, per device: arguments" in r.stdout
     p = json.loads((out / "plan.json").read_text())
     assert p["devices"] == 8 and p["mesh"] == {"data": 2, "latent": 4}
     d = p["per_device"]
@@ -189,3 +189,28 @@ def test_plan_compiles_the_step_from_abstract_shapes(tmp_path):
     ops = {c["op"] for c in d["collectives"]}
     assert {"all-gather", "all-reduce"} <= ops and all(c["bytes"] > 0 for c in d["collectives"])
     assert sum(c["bytes"] for c in d["collectives"]) < state_bytes  # no gather of the weights
+
+
+def test_plan_of_a_jax_lm_feeding_saes_at_several_hookpoints(tmp_path):
+    """--model plans the LM's forward pass from its config.json alone (weights replicated,
+    contexts split over data) beside the step of one SAE per hookpoint."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=3, num_attention_heads=4,
+                                      num_key_value_heads=2)
+    config.save_pretrained(tmp_path / "llama")  # config.json only: no weights anywhere
+    params = 2 * 512 * 64 + 3 * (2 * 64 + 64 * 64 * 2 + 2 * 64 * 32 + 3 * 64 * 128) + 64
+    out = tmp_path / "plan"
+    r = subprocess.run([sys.executable, "-m", "ksae_jax", "plan", "--d-in", "64", "--latents",
+                        "1024", "--ks", "8", "--batch-size", "256", "--hookpoints",
+                        "resid_post.0", "mlp_out.2", "--mesh", "data=2", "--model",
+                        str(tmp_path / "llama"), "--lm-batch", "4", "--context", "32",
+                        "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "LM forward, per device" in r.stdout
+    p = json.loads((out / "plan.json").read_text())
+    assert p["lm"]["weight_bytes"] == 4 * params and p["lm"]["taps"] == ["resid_post.0", "mlp_out.2"]
+    assert p["lm"]["per_device"]["argument_bytes"] >= 4 * params  # replicated on each device
+    sae_state = 3 * 2 * 2 * 1024 * 64 * 4  # two SAEs: W_enc, W_dec and two Adam moments
+    assert p["per_device"]["argument_bytes"] >= sae_state

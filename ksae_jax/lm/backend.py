@@ -42,6 +42,16 @@ def _every_block(n: int) -> list[str]:
     return [f"resid_post.{i}" for i in range(n)]
 
 
+@functools.partial(jax.jit, static_argnums=3)
+def assemble(carry, have, rows, size: int):
+    """(chunk, new carry) of row_chunks: `size` rows from the carried pass's last `have` rows
+    on through rows (hookpoints, P * per_pass, d); the new carry is the last pass's rows."""
+    per_pass = carry.shape[1]
+    joined = jnp.concatenate([carry, rows], axis=1)
+    chunk = jax.lax.dynamic_slice_in_dim(joined, per_pass - have, size, axis=1)
+    return chunk, rows[:, -per_pass:]
+
+
 @jax.jit
 def _drop_bos(stacked):
     """(hookpoints, B, T, d) -> (hookpoints, B * (T - 1), d) float32."""
@@ -53,6 +63,7 @@ class TorchBackend:
     """The model in PyTorch (on the GPU when JAX's backend is one), read through hooks."""
 
     kind = "torch"
+    prefetch = 1  # its passes run in a producer thread, beside the JAX step
 
     def __init__(self, model: str, names):
         self.model, self.tokenizer = lm_model.load(model)
@@ -78,6 +89,11 @@ class TorchBackend:
         return _drop_bos(jnp.stack([jax.dlpack.from_dlpack(got[h.name].float().contiguous())
                                     for h in self.hookpoints]))
 
+    def chunk(self, carry, have: int, ids, size: int):
+        """row_chunks' chunk: the passes one by one, then the assembly."""
+        rows = jnp.concatenate([self.rows(pass_ids) for pass_ids in ids], axis=1)
+        return assemble(carry, have, rows, size)
+
     def param_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
@@ -91,6 +107,7 @@ class JaxBackend:
     hookpoint is not one of the JAX forward's outputs."""
 
     kind = "jax"
+    prefetch = 0  # its chunk program queues on the device with the step
 
     def __init__(self, model: str, names):
         from transformers import AutoTokenizer
@@ -122,6 +139,11 @@ class JaxBackend:
     def rows(self, ids):
         return _jax_rows(self.lm.arch, self.lm.weights, jnp.asarray(ids, jnp.int32), self.taps)
 
+    def chunk(self, carry, have: int, ids, size: int):
+        """row_chunks' chunk: the passes and the assembly in one compiled program."""
+        return _jax_chunk(self.lm.arch, self.lm.weights, carry, jnp.int32(have),
+                          jnp.asarray(ids, jnp.int32), self.taps, size)
+
     def param_bytes(self) -> int:
         return sum(a.nbytes for a in jax.tree.leaves(self.lm.weights))
 
@@ -143,6 +165,15 @@ def _jax_rows(arch, weights, ids, taps):
     """Every hookpoint's rows of one forward pass (stopped after the last hookpoint)."""
     acts = jax_lm.forward(arch, weights, ids, taps, logits=False).acts
     return _drop_bos(jnp.stack([acts[t] for t in taps]))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5, 6))
+def _jax_chunk(arch, weights, carry, have, ids, taps, size):
+    """The forward passes of ids (P, B, T), one after another (lax.map: one pass's
+    activations live at a time), and the chunk assembled from them and the carry."""
+    rows = jax.lax.map(lambda one: _jax_rows(arch, weights, one, taps), ids)  # (P, H, n, d)
+    rows = jnp.moveaxis(rows, 0, 1).reshape(rows.shape[1], -1, rows.shape[-1])
+    return assemble(carry, have, rows, size)
 
 
 def local_folder(model: str) -> Path:

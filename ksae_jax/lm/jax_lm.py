@@ -152,6 +152,43 @@ def read_weights(folder: Path, arch: Arch, config: dict, dtype=None) -> dict:
     return jax.tree.map(lambda a: jnp.asarray(a, dtype or a.dtype), w)
 
 
+def abstract_weights(config: dict, dtype=None):
+    """The weight pytree's shapes and dtypes for a config.json alone (jax.ShapeDtypeStruct;
+    nothing is allocated): what the compiler's plan needs. dtype: None for the config's
+    torch_dtype (float32 where it names none)."""
+    arch = arch_of(config)
+    dtype = dtype or config.get("torch_dtype") or config.get("dtype") or "float32"
+    tied = config.get("tie_word_embeddings", arch.kind == "gpt2")
+    build = _gpt2_weights if arch.kind == "gpt2" else _llama_weights
+    return jax.eval_shape(lambda: build(_Zeros(jnp.dtype(dtype), _optional(config)), arch, tied))
+
+
+def _optional(config: dict) -> tuple[str, ...]:
+    """The optional tensors a config implies: attention and MLP biases, q/k norms."""
+    kind, out = config.get("model_type"), []
+    if config.get("attention_bias") or kind == "qwen2":
+        out += ["q_proj.bias", "k_proj.bias", "v_proj.bias"]
+    if config.get("attention_bias"):
+        out.append("o_proj.bias")
+    if config.get("mlp_bias"):
+        out += ["gate_proj.bias", "up_proj.bias", "down_proj.bias"]
+    if kind == "qwen3":
+        out += ["q_norm.weight", "k_norm.weight"]
+    return tuple(out)
+
+
+class _Zeros:
+    """A reader of zeros of the shapes asked for (traced under eval_shape)."""
+
+    def __init__(self, dtype, optional: tuple[str, ...]):
+        self.dtype, self.optional, self.folder = dtype, optional, "config"
+
+    def __call__(self, name: str, shape: tuple, optional: bool = False):
+        if optional and not name.endswith(self.optional):
+            return None
+        return jnp.zeros(shape, self.dtype)
+
+
 def _load(path: Path, load_file) -> dict:
     """One safetensors file as numpy arrays (bf16 kept as ml_dtypes.bfloat16)."""
     from safetensors import safe_open
@@ -440,26 +477,29 @@ class JaxLM:
         return out.logits, out.acts
 
     def resolve(self, names) -> list[tuple[str, str]]:
-        """(name as given or as the glob expands it, hookpoint) for hookpoint names and the
-        torch module paths the JAX forward covers (block outputs, MLP outputs; globs whose *
-        is one part of the path; sparsify's names relative to the base model, h.3);
-        LMError for any other."""
-        import fnmatch
-        paths = module_paths(self.arch)
-        base = "transformer." if self.arch.kind == "gpt2" else "model."
-        found = []
-        for name in names:
-            if re.fullmatch(r"(resid_post|mlp_in|mlp_out)\.\d+", name):
-                check_hookpoint(self.arch, name)
-                found.append((name, name))
-                continue
-            glob = "*" in name or "?" in name
-            hits = [p for p in paths for pattern in (name, base + name)
-                    if p.count(".") == pattern.count(".") and fnmatch.fnmatchcase(p, pattern)]
-            if not hits:
-                raise LMError(f"hookpoint {name!r}: not one the JAX forward gives")
-            found += [(p if glob else name, paths[p]) for p in hits]
-        return found
+        return resolve(self.arch, names)
+
+
+def resolve(arch: Arch, names) -> list[tuple[str, str]]:
+    """(name as given or as the glob expands it, hookpoint) for hookpoint names and the torch
+    module paths the JAX forward covers (block outputs, MLP outputs; globs whose * is one part
+    of the path; sparsify's names relative to the base model, h.3); LMError for any other."""
+    import fnmatch
+    paths = module_paths(arch)
+    base = "transformer." if arch.kind == "gpt2" else "model."
+    found = []
+    for name in names:
+        if re.fullmatch(r"(resid_post|mlp_in|mlp_out)\.\d+", name):
+            check_hookpoint(arch, name)
+            found.append((name, name))
+            continue
+        glob = "*" in name or "?" in name
+        hits = [p for p in paths for pattern in (name, base + name)
+                if p.count(".") == pattern.count(".") and fnmatch.fnmatchcase(p, pattern)]
+        if not hits:
+            raise LMError(f"hookpoint {name!r}: not one the JAX forward gives")
+        found += [(p if glob else name, paths[p]) for p in hits]
+    return found
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3, 4))

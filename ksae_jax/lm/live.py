@@ -1,7 +1,10 @@
 """A running language model as the SAEs' data: nothing is cached. Text is tokenized on the fly
 and packed into contexts; each forward pass reads every hookpoint at once (and stops after the
-last one needed); the activations reach JAX through DLPack; a mixing buffer per hookpoint, on
-the device, shuffles rows of many contexts together before they form batches.
+last one needed), in JAX or in PyTorch (lm.backend; from torch the activations reach JAX
+through DLPack); a mixing buffer per hookpoint, on the device, shuffles rows of many contexts
+together before they form batches. With the LM in JAX, a buffer cycle's forward passes and
+their assembly are one compiled program, and the SAE step draws its batch from the buffer
+itself: tokens go in, and nothing comes back to the host before the update.
 
 Contexts are built as the activation caches build them: BOS, then context - 1 tokens of the
 stream of documents joined by EOS; the BOS position is dropped (its activation is an outlier
@@ -18,6 +21,7 @@ resumes bit for bit.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -128,11 +132,19 @@ class LiveLM:
 
     def forward(self, ids: np.ndarray) -> jax.Array:
         """(hookpoints, B * (T - 1), d) float32 rows of contexts (B, T), BOS dropped."""
+        return self._timed(self.backend.rows, ids)
+
+    def chunk(self, carry, have: int, ids: np.ndarray, size: int):
+        """(chunk, new carry): `size` rows, the last `have` rows of `carry` (the last pass's
+        rows) first, then those of the passes ids (P, B, T); the new carry is the last
+        pass's rows."""
+        return self._timed(self.backend.chunk, carry, have, ids, size)
+
+    def _timed(self, fn, *args):
         t0 = time.perf_counter()
-        rows = self.backend.rows(ids)
-        rows.block_until_ready()
+        out = jax.block_until_ready(fn(*args))
         self.seconds += time.perf_counter() - t0
-        return rows
+        return out
 
     def train_contexts(self, seed: int, start: int = 0) -> Iterator[np.ndarray]:
         return contexts(self.tokenizer, self.train_docs, self.cfg.context, self.bos, seed, start)
@@ -159,26 +171,35 @@ class LiveLM:
 def row_chunks(lm: LiveLM, seed: int, start_row: int, size: int) -> Iterator[jax.Array]:
     """Consecutive (hookpoints, size, d) chunks of the training rows from row `start_row` on.
     Forward passes always take the same lm_batch contexts, so any row is computed the same
-    way whatever the start."""
+    way whatever the start. Each chunk is one call of the backend's `chunk`: the forward
+    passes it needs and the chunk's assembly (with the JAX LM, one compiled program); the
+    rows of a pass that a chunk leaves over are carried to the next."""
     per_pass = lm.cfg.lm_batch * (lm.cfg.context - 1)
-    first_pass = start_row // per_pass
+    first_pass, skip = divmod(start_row, per_pass)
     ctx = lm.train_contexts(seed, first_pass * lm.cfg.lm_batch)
-    pending, have, skip = [], 0, start_row - first_pass * per_pass
+    carry = jnp.zeros((len(lm.names), per_pass, lm.widths[lm.names[0]]), jnp.float32)
+    have = 0  # the carried pass's last `have` rows are still to be given
+    if skip:
+        carry, have = lm.forward(_take(ctx, 1, lm.cfg.lm_batch)[0]), per_pass - skip
     while True:
-        rows = lm.forward(np.stack(list(itertools.islice(ctx, lm.cfg.lm_batch))))[:, skip:]
-        skip = 0
-        pending.append(rows)
-        have += rows.shape[1]
-        if have >= size:
-            chunk, rest = _split(pending, size)
-            yield chunk
-            pending, have = [rest], have - size
+        passes = max(0, -(-(size - have) // per_pass))
+        if passes:
+            chunk, carry = lm.chunk(carry, have, _take(ctx, passes, lm.cfg.lm_batch), size)
+        else:  # chunks smaller than a pass: the carried rows suffice
+            chunk = _carried(carry, have, size)
+        have += passes * per_pass - size
+        yield chunk
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _split(parts, size: int):
-    joined = jnp.concatenate(parts, axis=1)
-    return joined[:, :size], joined[:, size:]
+@functools.partial(jax.jit, static_argnums=2)
+def _carried(carry, have, size: int):
+    return jax.lax.dynamic_slice_in_dim(carry, carry.shape[1] - have, size, axis=1)
+
+
+def _take(ctx: Iterator[np.ndarray], passes: int, lm_batch: int) -> np.ndarray:
+    """(passes, lm_batch, T) contexts."""
+    ids = np.stack(list(itertools.islice(ctx, passes * lm_batch)))
+    return ids.reshape(passes, lm_batch, -1)
 
 
 def cycle_steps(buffer_tokens: int, batch_size: int) -> int:
@@ -228,9 +249,13 @@ class MixingBuffer:
         self.cycle += 1
         self.perm = _perm(self.seed, self.cycle, self.rows)
 
+    def slots(self, i: int) -> jax.Array:
+        """The slots batch i of the current cycle draws."""
+        return self.perm[i * self.batch_size:(i + 1) * self.batch_size]
+
     def batch(self, i: int) -> jax.Array:
         """Batch i of the current cycle: (hookpoints, B, d)."""
-        return _draw(self.buffer, self.perm[i * self.batch_size:(i + 1) * self.batch_size])
+        return _draw(self.buffer, self.slots(i))
 
     def kept(self) -> jax.Array:
         """What a checkpoint between cycles holds: the half the next cycle keeps."""
@@ -238,14 +263,20 @@ class MixingBuffer:
 
 
 class LiveStream:
-    """The training loop's batches from the running model: {"x": (hookpoints, B, d), "w"},
-    through the mixing buffer. A producer thread runs the forward passes ahead (a bounded
-    queue of one chunk), so the next pass overlaps the SAE step where the device allows."""
+    """The training loop's batches from the running model, through the mixing buffer:
+    {"buffer": (hookpoints, rows, d), "slots": (B,), "w"}, the step drawing the rows. With
+    the torch LM a producer thread runs the forward passes ahead (a bounded queue of one
+    chunk), so that they overlap the SAE step where the device allows; the JAX LM's chunk is
+    one more program in the device's queue (two XLA programs at once on 2 CPU cores fight
+    for them: 3x slower passes, measured)."""
 
     mode = "live"
 
-    def __init__(self, lm: LiveLM, batch_size: int, seed: int, prefetch: int = 1):
-        self.lm, self.batch_size, self.seed, self.prefetch = lm, batch_size, seed, prefetch
+    def __init__(self, lm: LiveLM, batch_size: int, seed: int, prefetch: int | None = None):
+        """prefetch: chunks the producer thread makes ahead (None: the backend's choice; 0:
+        no thread, each chunk made when the buffer needs it)."""
+        self.lm, self.batch_size, self.seed = lm, batch_size, seed
+        self.prefetch = lm.backend.prefetch if prefetch is None else prefetch
         self.steps_per_cycle = cycle_steps(lm.cfg.buffer_tokens, batch_size)
         self.half = self.steps_per_cycle * batch_size
         self.n = lm.cfg.tokens
@@ -281,8 +312,9 @@ class LiveStream:
         self.restored = saved["kept"]
 
     def abstract_batch(self) -> dict:
-        return {"x": jax.ShapeDtypeStruct((len(self.lm.names), self.batch_size, self.d),
-                                          jnp.float32),
+        return {"buffer": jax.ShapeDtypeStruct((len(self.lm.names), 2 * self.half, self.d),
+                                               jnp.float32),
+                "slots": jax.ShapeDtypeStruct((self.batch_size,), jnp.int32),
                 "w": jax.ShapeDtypeStruct((self.batch_size,), jnp.float32)}
 
     def _produce(self, first_chunk: int, out: queue.Queue, stop: threading.Event) -> None:
@@ -299,9 +331,30 @@ class LiveStream:
         if start_step % self.steps_per_cycle:
             raise ValueError(f"a live run resumes between cycles of {self.steps_per_cycle} steps")
         cycle = start_step // self.steps_per_cycle
+        with self._new_rows(cycle + 1) as new_rows:
+            if cycle == 0:
+                self.mixer.start(self.first_rows(), new_rows())
+                self.first = None
+            else:
+                self.mixer.resume(cycle, self.restored, new_rows())
+                self.restored = None
+            w = jnp.ones(self.batch_size, jnp.float32)
+            while True:
+                for i in range(self.steps_per_cycle):  # the step draws the rows itself
+                    yield {"buffer": self.mixer.buffer, "slots": self.mixer.slots(i), "w": w}
+                self.mixer.next_cycle(new_rows())
+
+    @contextlib.contextmanager
+    def _new_rows(self, first_chunk: int):
+        """A function giving chunk after chunk from `first_chunk` on: made by a producer
+        thread ahead of the loop (prefetch > 0), or when asked for."""
+        if not self.prefetch:
+            chunks = row_chunks(self.lm, self.seed, self.half * first_chunk, self.half)
+            yield lambda: next(chunks)
+            return
         out: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
-        worker = threading.Thread(target=self._produce, args=(cycle + 1, out, stop),
+        worker = threading.Thread(target=self._produce, args=(first_chunk, out, stop),
                                   daemon=True)
         worker.start()
 
@@ -311,18 +364,8 @@ class LiveStream:
                 raise item
             return item
 
-        w = jnp.ones(self.batch_size, jnp.float32)
         try:
-            if cycle == 0:
-                self.mixer.start(self.first_rows(), new_rows())
-                self.first = None
-            else:
-                self.mixer.resume(cycle, self.restored, new_rows())
-                self.restored = None
-            while True:
-                for i in range(self.steps_per_cycle):
-                    yield {"x": self.mixer.batch(i), "w": w}
-                self.mixer.next_cycle(new_rows())
+            yield new_rows
         finally:
             stop.set()
             worker.join(timeout=30)
