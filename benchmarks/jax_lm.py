@@ -9,7 +9,9 @@ Stages, each kept as OUT/<stage>.json when it finishes (a rerun goes on from the
 - speed_jax, speed_torch: `ksae train` live on every block, k = 32 and 64, batch 4096, with
   --lm-backend jax and torch one after the other (tokens/s, the LM's share, peak RSS);
 - e2e_fvu, e2e_kl: one hookpoint, the same ks, tokens and contexts, --loss fvu and kl
-  (held-out FVU, and delta_loss / KL with the SAE spliced in).
+  (held-out FVU, and delta_loss / KL with the SAE spliced in);
+- lm_alone_jax, lm_alone_torch: the speed runs' forward passes alone, with nothing beside
+  them (the LM's share of each run: these seconds over the run's).
 Writes OUT/summary.json and OUT/table.md.
 """
 from __future__ import annotations
@@ -63,6 +65,25 @@ def speed(c: JaxLMComparison, backend: str) -> dict:
             "hookpoints": m["hookpoints"]}
 
 
+def lm_alone(c: JaxLMComparison, backend: str) -> dict:
+    """Seconds of the speed run's forward passes (its chunks of rows) with nothing beside
+    them: the LM's share of a run is these over the run's seconds (inside a run the passes
+    share the cores with the SAE step, or queue behind it)."""
+    import time
+
+    from ksae_jax.lm import live
+    lm = live.LiveLM(live.LiveData(model=c.lm, text=c.text, lm_backend=backend,
+                                   heldout_tokens=4096), log=lambda _: None)
+    half = live.LiveStream(lm, 4096, 0).half
+    chunks = live.row_chunks(lm, 0, 0, half)
+    next(chunks)  # compiled
+    n = -(-c.tokens // half) + 1  # the run's chunks: its rows and the buffer's first half
+    t = time.perf_counter()
+    for _ in range(n):
+        next(chunks).block_until_ready()
+    return {"seconds": time.perf_counter() - t, "chunks": n, "rows_per_chunk": half}
+
+
 def e2e(c: JaxLMComparison, loss: str) -> dict:
     out = c.out / f"e2e_{loss}"
     cmd = [sys.executable, "-m", "ksae_jax", "train", "--model", c.lm, "--text", c.text,
@@ -104,11 +125,18 @@ def main(argv=None) -> dict:
     loss = stage(c, "heldout", lambda: heldout(c))
     runs = {b: stage(c, f"speed_{b}", lambda b=b: speed(c, b)) for b in ("jax", "torch")}
     ends = {name: stage(c, f"e2e_{name}", lambda n=name: e2e(c, n)) for name in ("fvu", "kl")}
+    for b in ("jax", "torch"):
+        runs[b]["lm_share_in_run"] = runs[b].pop("lm_share")  # the run's own clock
+        runs[b]["lm_alone_seconds"] = stage(c, f"lm_alone_{b}",
+                                            lambda b=b: lm_alone(c, b))["seconds"]
+        runs[b]["lm_share"] = runs[b]["lm_alone_seconds"] / runs[b]["seconds"]
     summary = {"tokens_per_s_jax": runs["jax"]["tokens_per_s"],
                "tokens_per_s_torch": runs["torch"]["tokens_per_s"],
                "peak_rss_mb_jax": runs["jax"]["peak_rss_mb"],
                "peak_rss_mb_torch": runs["torch"]["peak_rss_mb"],
                "lm_share_jax": runs["jax"]["lm_share"], "lm_share_torch": runs["torch"]["lm_share"],
+               "lm_share_in_run_jax": runs["jax"]["lm_share_in_run"],
+               "lm_share_in_run_torch": runs["torch"]["lm_share_in_run"],
                "heldout_loss_jax": loss["heldout_loss_jax"],
                "heldout_loss_torch": loss["heldout_loss_torch"],
                "e2e": ends["fvu"]["rows"] + ends["kl"]["rows"],
@@ -122,11 +150,12 @@ def main(argv=None) -> dict:
 
 
 def table(s: dict, runs: dict) -> str:
-    lines = ["| LM backend | tokens/s | LM share | peak RSS (MB) | held-out loss |",
-             "|---|---:|---:|---:|---:|"]
+    lines = ["| LM backend | tokens/s | LM alone / run | LM clock in the run | peak RSS (MB) | "
+             "held-out loss |", "|---|---:|---:|---:|---:|---:|"]
     for b in ("jax", "torch"):
         lines.append(f"| {b} | {s[f'tokens_per_s_{b}']:,.0f} | {s[f'lm_share_{b}']:.0%} | "
-                     f"{s[f'peak_rss_mb_{b}']:,.0f} | {s[f'heldout_loss_{b}']:.6f} |")
+                     f"{s[f'lm_share_in_run_{b}']:.0%} | {s[f'peak_rss_mb_{b}']:,.0f} | "
+                     f"{s[f'heldout_loss_{b}']:.6f} |")
     lines += ["", "| loss | k | L0 | held-out FVU | delta_loss | KL |", "|---|---:|---:|---:|---:|---:|"]
     for r in s["e2e"]:
         lines.append(f"| {r['loss']} | {r['k']} | {r['l0']:.1f} | {r['fvu']:.4f} | "

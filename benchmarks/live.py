@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -56,6 +57,8 @@ class LiveComparison:
     """Tokens per context, BOS included."""
     skip_defaults: bool = False
     """Leave out sparsify's run at its own defaults."""
+    lm_backend: Literal["jax", "torch"] = "torch"
+    """Where ksae_jax runs the LM: torch (as sparsify does; the committed results) or jax."""
 
 
 def measured(cmd: list[str], log: Path) -> dict:
@@ -86,7 +89,7 @@ def run_ours(c: LiveComparison) -> dict:
     cmd = [sys.executable, "-m", "ksae_jax", "train", "--model", c.lm, "--text", c.text,
            "--latents", str(c.latents), "--ks", *map(str, c.ks), "--tokens", str(c.tokens),
            "--context", str(c.context), "--dead-tokens", str(c.dead_tokens), "--out", str(out),
-           "--overwrite", "--no-progress"]
+           "--lm-backend", c.lm_backend, "--overwrite", "--no-progress"]
     got = measured(cmd, c.out / "ksae_jax.log")
     m = json.loads((out / "metrics.json").read_text())
     log = (c.out / "ksae_jax.log").read_text()

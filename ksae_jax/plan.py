@@ -111,16 +111,16 @@ def lm_plan(lm: LMPlan, hookpoints, mesh) -> dict:
 
     path = Path(lm.model).expanduser()
     config = jax_lm.read_config(path.parent if path.name == "config.json" else path)
-    arch = jax_lm.arch_of(config)
-    taps = tuple(tap for _, tap in jax_lm.resolve(arch, hookpoints or [f"resid_post.{arch.layers - 1}"]))
+    spec = jax_lm.spec_of(config)
+    taps = tuple(tap for _, tap in jax_lm.resolve(spec, hookpoints or [f"resid_post.{spec.layers - 1}"]))
     replicated = NamedSharding(mesh, sharding.P())
     weights = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
                            jax_lm.abstract_weights(config, lm.lm_dtype))
     with sharding.use(mesh):
         ids = jax.ShapeDtypeStruct((lm.lm_batch, lm.context), jnp.int32,
                                    sharding=NamedSharding(mesh, sharding.batch_spec(2)))
-        compiled = backend._jax_rows.lower(arch, weights, ids, taps).compile()
-    return {"model": lm.model, "arch": dataclasses.asdict(arch), "taps": list(taps),
+        compiled = backend._jax_rows.lower(spec, weights, ids, taps).compile()
+    return {"model": lm.model, "spec": dataclasses.asdict(spec), "taps": list(taps),
             "lm_batch": lm.lm_batch, "context": lm.context,
             "weight_bytes": sum(s.size * s.dtype.itemsize for s in jax.tree.leaves(weights)),
             "per_device": figures(compiled)}
@@ -169,7 +169,7 @@ def run(cfg: SweepConfig, axes: dict[str, int], out=None, argv=None,
     if lm is not None and lm.model is not None:
         p["lm"] = lm_plan(lm, cfg.hookpoints, mesh)
         p["lm"]["summary"] = summary({**p, "per_device": p["lm"]["per_device"]})
-        print(f"LM forward ({p['lm']['arch']['kind']}, {p['lm']['weight_bytes'] / 1e9:.2f} GB "
+        print(f"LM forward ({p['lm']['spec']['kind']}, {p['lm']['weight_bytes'] / 1e9:.2f} GB "
               f"of weights, replicated; {lm.lm_batch} contexts of {lm.context} tokens split "
               "over the data axis)\n" + line("LM forward", p["lm"]["summary"]))
     if out is not None:

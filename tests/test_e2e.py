@@ -27,7 +27,7 @@ def test_spliced_kl_is_zero_at_the_clean_activations_and_its_gradient_matches_fi
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 400, (3, 10)), jnp.int32)
     with jax.enable_x64(True):
         weights = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), lm.weights)
-        kl = e2e.SplicedKL(lm.arch, "mlp_out.0", 0.0, 1.0)
+        kl = e2e.SplicedKL(lm.spec, "mlp_out.0", 0.0, 1.0)
         batch = kl.prepare({"tokens": tokens, "lm": weights})
         clean = batch["x"][0].astype(jnp.float64)
         assert abs(float(kl.kl(clean, batch))) < 1e-12
@@ -92,3 +92,34 @@ def test_live_settings_are_refused_on_vectors(tmp_path, capsys):
     np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(256, 8)).astype(np.float32))
     err = fail(["--data", str(tmp_path / "x.npy"), "--loss", "kl"], capsys)
     assert "--loss: a setting of a live run (--model)" in err
+
+
+def test_an_end_to_end_run_resumes_bit_for_bit(lm_dir, tmp_path):
+    """Whole contexts in the text's seeded order: the stream's position follows from the
+    step, so a run resumed from its step-2 checkpoint ends with the uninterrupted params."""
+    import shutil
+
+    from ksae_jax import train
+    from ksae_jax.config import sae_config
+    from ksae_jax.data.feed import ArrayRows
+    from ksae_jax.lm import live
+
+    from test_live import live_cfg
+
+    lm = live.LiveLM(live_cfg(lm_dir, hookpoints=("mlp_out.1",), lm_backend="jax"))
+    held = [ArrayRows(r) for r in lm.heldout()]
+    cfg = sae_config(32, (4, 8), latents=64, batch_size=60, steps=4, eval_every=2,
+                     hookpoints=("mlp_out.1",))
+
+    def run(folder, resume=False):
+        stream = e2e.ContextStream(lm, 60, cfg.seed, e2e.spliced_kl(e2e.Objective("kl"),
+                                                                     lm.backend))
+        return train.prepare(cfg, stream, held, checkpoint=folder, resume=resume).run(
+            progress=False)
+
+    ref = run(tmp_path / "a")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "4")
+    again = run(tmp_path / "b", resume=True)
+    for a, b in zip(jax.tree.leaves(ref.params), jax.tree.leaves(again.params)):
+        np.testing.assert_array_equal(a, b)

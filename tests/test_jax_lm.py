@@ -69,7 +69,7 @@ def test_the_sliding_window_is_applied(tmp_path):
     saved(tmp_path, CONFIGS["mistral_window"]())
     lm = jax_lm.load(tmp_path)
     windowed, _ = lm(IDS)
-    lm.arch = jax_lm.dataclasses.replace(lm.arch, window=(0, 0))
+    lm.spec = jax_lm.dataclasses.replace(lm.spec, window=(0, 0))
     full, _ = lm(IDS)
     np.testing.assert_allclose(windowed[:, :4], full[:, :4], rtol=1e-5, atol=1e-6)
     assert np.abs(np.asarray(windowed[:, 5:]) - np.asarray(full[:, 5:])).max() > 1e-4

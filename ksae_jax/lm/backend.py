@@ -116,7 +116,7 @@ class JaxBackend:
         self.lm = jax_lm.load(folder)
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         try:
-            pairs = self.lm.resolve(names or _every_block(self.lm.arch.layers))
+            pairs = self.lm.resolve(names or _every_block(self.lm.spec.layers))
         except lm_model.LMError as e:
             raise jax_lm.UnsupportedArchitecture(str(e)) from None
         self.hookpoints = [hooks.Hookpoint(name, tap, "jax") for name, tap in pairs]
@@ -124,7 +124,7 @@ class JaxBackend:
         self.name = f"{self.lm.config.get('architectures', ['?'])[0]} (JAX)"
 
     def check_context(self, context: int) -> None:
-        positions = self.lm.arch.positions
+        positions = self.lm.spec.positions
         if positions is not None and context > positions:
             raise lm_model.LMError(f"--context {context}: the model takes at most {positions} "
                                    "positions")
@@ -134,14 +134,14 @@ class JaxBackend:
         return tuple(h.path for h in self.hookpoints)
 
     def widths(self, ids) -> dict[str, int]:
-        return {h.name: self.lm.arch.d for h in self.hookpoints}
+        return {h.name: self.lm.spec.d for h in self.hookpoints}
 
     def rows(self, ids):
-        return _jax_rows(self.lm.arch, self.lm.weights, jnp.asarray(ids, jnp.int32), self.taps)
+        return _jax_rows(self.lm.spec, self.lm.weights, jnp.asarray(ids, jnp.int32), self.taps)
 
     def chunk(self, carry, have: int, ids, size: int):
         """row_chunks' chunk: the passes and the assembly in one compiled program."""
-        return _jax_chunk(self.lm.arch, self.lm.weights, carry, jnp.int32(have),
+        return _jax_chunk(self.lm.spec, self.lm.weights, carry, jnp.int32(have),
                           jnp.asarray(ids, jnp.int32), self.taps, size)
 
     def param_bytes(self) -> int:
@@ -161,17 +161,17 @@ def _check_repeats(found) -> None:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
-def _jax_rows(arch, weights, ids, taps):
+def _jax_rows(spec, weights, ids, taps):
     """Every hookpoint's rows of one forward pass (stopped after the last hookpoint)."""
-    acts = jax_lm.forward(arch, weights, ids, taps, logits=False).acts
+    acts = jax_lm.forward(spec, weights, ids, taps, logits=False).acts
     return _drop_bos(jnp.stack([acts[t] for t in taps]))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5, 6))
-def _jax_chunk(arch, weights, carry, have, ids, taps, size):
+def _jax_chunk(spec, weights, carry, have, ids, taps, size):
     """The forward passes of ids (P, B, T), one after another (lax.map: one pass's
     activations live at a time), and the chunk assembled from them and the carry."""
-    rows = jax.lax.map(lambda one: _jax_rows(arch, weights, one, taps), ids)  # (P, H, n, d)
+    rows = jax.lax.map(lambda one: _jax_rows(spec, weights, one, taps), ids)  # (P, H, n, d)
     rows = jnp.moveaxis(rows, 0, 1).reshape(rows.shape[1], -1, rows.shape[-1])
     return assemble(carry, have, rows, size)
 

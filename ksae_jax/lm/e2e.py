@@ -58,7 +58,7 @@ class SplicedKL:
     """The static half of the end-to-end loss, a static argument of the step: the model's
     architecture, the hookpoint, and how the KL joins the reconstruction loss."""
 
-    arch: jax_lm.Arch
+    spec: jax_lm.Spec
     tap: str
     rec_coef: float  # 1 for fvu+kl, 0 for kl
     kl_coef: float
@@ -72,7 +72,7 @@ class SplicedKL:
         rows as "x" (1, B * (T - 1), d), the clean log-probabilities and the block's input."""
         weights = jax.lax.stop_gradient(batch["lm"])
         block_in = f"resid_pre.{self.layer}"
-        out = jax_lm.forward(self.arch, weights, batch["tokens"], (self.tap, block_in))
+        out = jax_lm.forward(self.spec, weights, batch["tokens"], (self.tap, block_in))
         acts = out.acts[self.tap]
         x = acts[:, 1:].reshape(1, -1, acts.shape[-1]).astype(
             jnp.promote_types(acts.dtype, jnp.float32))
@@ -89,7 +89,7 @@ class SplicedKL:
             return jnp.concatenate([h[:, :1], new.astype(h.dtype)], axis=1)
 
         weights = jax.lax.stop_gradient(batch["lm"])
-        out = jax_lm.forward(self.arch, weights, tokens, replace={self.tap: splice},
+        out = jax_lm.forward(self.spec, weights, tokens, replace={self.tap: splice},
                              start=(self.layer, block_in))
         clean = batch["clean"]
         return (jnp.exp(clean) * (clean - _predictions(out.logits))).sum(-1).mean()
@@ -108,7 +108,7 @@ def spliced_kl(objective: Objective, backend) -> SplicedKL:
     (hookpoint,) = backend.hookpoints
     rec = 1.0 if objective.loss == "fvu+kl" else 0.0
     kl = objective.kl_coef if objective.loss == "fvu+kl" else 1.0
-    return SplicedKL(backend.lm.arch, hookpoint.path, rec, kl)
+    return SplicedKL(backend.lm.spec, hookpoint.path, rec, kl)
 
 
 class ContextStream:

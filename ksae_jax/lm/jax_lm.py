@@ -44,7 +44,7 @@ class WeightsMismatch(LMError):
 
 
 @dataclasses.dataclass(frozen=True)
-class Arch:
+class Spec:
     """The shape-defining settings of a model, read from its config.json (static under jit)."""
 
     kind: str                      # "gpt2" or "llama"
@@ -64,28 +64,28 @@ class Arch:
     attn_scale_by_layer: bool = False  # GPT-2's scale_attn_by_inverse_layer_idx
 
 
-def arch_of(config: dict) -> Arch:
-    """The Arch of a config.json; UnsupportedArchitecture for anything else."""
+def spec_of(config: dict) -> Spec:
+    """The Spec of a config.json; UnsupportedArchitecture for anything else."""
     kind = config.get("model_type")
     if kind == "gpt2":
-        return _gpt2_arch(config)
+        return _gpt2_spec(config)
     if kind in LLAMA_FAMILY:
-        return _llama_arch(config)
+        return _llama_spec(config)
     raise UnsupportedArchitecture(f"model_type {kind!r}: JAX forwards exist for gpt2 and "
                                   f"{', '.join(LLAMA_FAMILY)}")
 
 
-def _gpt2_arch(c: dict) -> Arch:
+def _gpt2_spec(c: dict) -> Spec:
     d, heads = c["n_embd"], c["n_head"]
     act = c.get("activation_function", "gelu_new")
     if act not in ACTIVATIONS or not c.get("scale_attn_weights", True):
         raise UnsupportedArchitecture(f"gpt2 with activation {act!r} or unscaled attention")
-    return Arch("gpt2", c["n_layer"], d, heads, heads, d // heads, c["vocab_size"],
+    return Spec("gpt2", c["n_layer"], d, heads, heads, d // heads, c["vocab_size"],
                 c.get("layer_norm_epsilon", 1e-5), act, c.get("n_inner") or 4 * d, positions=c["n_positions"],
                 attn_scale_by_layer=bool(c.get("scale_attn_by_inverse_layer_idx", False)))
 
 
-def _llama_arch(c: dict) -> Arch:
+def _llama_spec(c: dict) -> Spec:
     d, heads, layers = c["hidden_size"], c["num_attention_heads"], c["num_hidden_layers"]
     rope = dict(c.get("rope_parameters") or {})
     rope.update(c.get("rope_scaling") or {})
@@ -94,7 +94,7 @@ def _llama_arch(c: dict) -> Arch:
     if act not in ACTIVATIONS or c.get("partial_rotary_factor", 1.0) != 1.0:
         raise UnsupportedArchitecture(f"{c['model_type']} with activation {act!r} or partial "
                                       "rotary embeddings")
-    return Arch("llama", layers, d, heads, c.get("num_key_value_heads") or heads,
+    return Spec("llama", layers, d, heads, c.get("num_key_value_heads") or heads,
                 c.get("head_dim") or d // heads, c["vocab_size"], c.get("rms_norm_eps", 1e-6),
                 act, c["intermediate_size"], rope_theta=float(theta), rope=_rope_scaling(rope),
                 window=_windows(c, layers))
@@ -134,7 +134,7 @@ ACTIVATIONS: dict[str, Callable] = {
 
 # ---------------------------------------------------------------- weights from safetensors
 
-def read_weights(folder: Path, arch: Arch, config: dict, dtype=None) -> dict:
+def read_weights(folder: Path, spec: Spec, config: dict, dtype=None) -> dict:
     """The weight pytree of a folder's safetensors (every shard), renamed and laid out for the
     forward (matrices as (in, out)); WeightsMismatch naming the first tensor missing or of the
     wrong shape."""
@@ -146,8 +146,8 @@ def read_weights(folder: Path, arch: Arch, config: dict, dtype=None) -> dict:
     raw = {}
     for f in files:
         raw.update(_load(f, load_file))
-    tied = config.get("tie_word_embeddings", arch.kind == "gpt2")
-    w = (_gpt2_weights if arch.kind == "gpt2" else _llama_weights)(_Reader(raw, folder), arch,
+    tied = config.get("tie_word_embeddings", spec.kind == "gpt2")
+    w = (_gpt2_weights if spec.kind == "gpt2" else _llama_weights)(_Reader(raw, folder), spec,
                                                                      tied)
     return jax.tree.map(lambda a: jnp.asarray(a, dtype or a.dtype), w)
 
@@ -156,11 +156,11 @@ def abstract_weights(config: dict, dtype=None):
     """The weight pytree's shapes and dtypes for a config.json alone (jax.ShapeDtypeStruct;
     nothing is allocated): what the compiler's plan needs. dtype: None for the config's
     torch_dtype (float32 where it names none)."""
-    arch = arch_of(config)
+    spec = spec_of(config)
     dtype = dtype or config.get("torch_dtype") or config.get("dtype") or "float32"
-    tied = config.get("tie_word_embeddings", arch.kind == "gpt2")
-    build = _gpt2_weights if arch.kind == "gpt2" else _llama_weights
-    return jax.eval_shape(lambda: build(_Zeros(jnp.dtype(dtype), _optional(config)), arch, tied))
+    tied = config.get("tie_word_embeddings", spec.kind == "gpt2")
+    build = _gpt2_weights if spec.kind == "gpt2" else _llama_weights
+    return jax.eval_shape(lambda: build(_Zeros(jnp.dtype(dtype), _optional(config)), spec, tied))
 
 
 def _optional(config: dict) -> tuple[str, ...]:
@@ -219,7 +219,7 @@ class _Reader:
                               f"({len(self.raw)} tensors, e.g. {next(iter(self.raw), None)})")
 
 
-def _gpt2_weights(get: _Reader, a: Arch, tied: bool) -> dict:
+def _gpt2_weights(get: _Reader, a: Spec, tied: bool) -> dict:
     d, f = a.d, a.ffn
 
     def block(i):
@@ -253,7 +253,7 @@ def _linear(get: _Reader, name: str, n_in: int, n_out: int, out: dict, key: str)
         out[key + "_b"] = bias
 
 
-def _llama_weights(get: _Reader, a: Arch, tied: bool) -> dict:
+def _llama_weights(get: _Reader, a: Spec, tied: bool) -> dict:
     d, hd, f = a.d, a.head_dim, a.ffn
 
     def block(i):
@@ -307,19 +307,19 @@ def _rms_norm(x, p: dict, eps: float):
     return p["w"] * h.astype(x.dtype)
 
 
-def _norm(arch: Arch, x, p: dict):
-    return (_layer_norm if arch.kind == "gpt2" else _rms_norm)(x, p, arch.eps)
+def _norm(spec: Spec, x, p: dict):
+    return (_layer_norm if spec.kind == "gpt2" else _rms_norm)(x, p, spec.eps)
 
 
-def inv_freq(arch: Arch) -> np.ndarray:
+def inv_freq(spec: Spec) -> np.ndarray:
     """The rotary frequencies, with the config's scaling (linear or llama3)."""
-    hd = arch.head_dim
-    freq = 1.0 / arch.rope_theta ** (np.arange(0, hd, 2, dtype=np.float32) / hd)
-    if not arch.rope:
+    hd = spec.head_dim
+    freq = 1.0 / spec.rope_theta ** (np.arange(0, hd, 2, dtype=np.float32) / hd)
+    if not spec.rope:
         return freq
-    if arch.rope[0] == "linear":
-        return freq / arch.rope[1]
-    factor, low, high, old = arch.rope[1:]
+    if spec.rope[0] == "linear":
+        return freq / spec.rope[1]
+    factor, low, high, old = spec.rope[1:]
     wavelen = 2 * math.pi / freq
     scaled = np.where(wavelen > old / low, freq / factor, freq)
     smooth = (old / wavelen - low) / (high - low)
@@ -350,24 +350,24 @@ def _attention(q, k, v, scale: float, window: int):
     return o.reshape(b, t, h * hd).astype(v.dtype)
 
 
-def _attend(arch: Arch, p: dict, h, layer: int, rope):
+def _attend(spec: Spec, p: dict, h, layer: int, rope):
     b, t, _ = h.shape
-    q = _dense(h, p, "q").reshape(b, t, arch.heads, arch.head_dim)
-    k = _dense(h, p, "k").reshape(b, t, arch.kv_heads, arch.head_dim)
-    v = _dense(h, p, "v").reshape(b, t, arch.kv_heads, arch.head_dim)
+    q = _dense(h, p, "q").reshape(b, t, spec.heads, spec.head_dim)
+    k = _dense(h, p, "k").reshape(b, t, spec.kv_heads, spec.head_dim)
+    v = _dense(h, p, "v").reshape(b, t, spec.kv_heads, spec.head_dim)
     if "q_norm" in p:  # Qwen3: RMSNorm over each head before the rotation
-        q, k = _rms_norm(q, p["q_norm"], arch.eps), _rms_norm(k, p["k_norm"], arch.eps)
+        q, k = _rms_norm(q, p["q_norm"], spec.eps), _rms_norm(k, p["k_norm"], spec.eps)
     if rope is not None:
         cos, sin = (r.astype(q.dtype)[:, None] for r in rope)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-    scale = arch.head_dim ** -0.5 / ((layer + 1) if arch.attn_scale_by_layer else 1)
-    window = arch.window[layer] if arch.window else 0
+    scale = spec.head_dim ** -0.5 / ((layer + 1) if spec.attn_scale_by_layer else 1)
+    window = spec.window[layer] if spec.window else 0
     return _dense(_attention(q, k, v, scale, window), p, "o")
 
 
-def _mlp(arch: Arch, p: dict, x):
-    act = ACTIVATIONS[arch.act]
-    if arch.kind == "gpt2":
+def _mlp(spec: Spec, p: dict, x):
+    act = ACTIVATIONS[spec.act]
+    if spec.kind == "gpt2":
         return _dense(act(_dense(x, p, "up")), p, "down")
     return _dense(act(_dense(x, p, "gate")) * _dense(x, p, "up"), p, "down")
 
@@ -375,33 +375,33 @@ def _mlp(arch: Arch, p: dict, x):
 Tap = Callable  # (name, activation) -> activation: records it, or replaces it
 
 
-def block(arch: Arch, p: dict, x, layer: int, rope, tap: Tap):
+def block(spec: Spec, p: dict, x, layer: int, rope, tap: Tap):
     """One transformer block, its hookpoints passed through `tap`."""
-    x = x + _attend(arch, p, _norm(arch, x, p["ln1"]), layer, rope)
-    mlp_in = tap(f"mlp_in.{layer}", _norm(arch, x, p["ln2"]))
-    mlp_out = tap(f"mlp_out.{layer}", _mlp(arch, p, mlp_in))
+    x = x + _attend(spec, p, _norm(spec, x, p["ln1"]), layer, rope)
+    mlp_in = tap(f"mlp_in.{layer}", _norm(spec, x, p["ln2"]))
+    mlp_out = tap(f"mlp_out.{layer}", _mlp(spec, p, mlp_in))
     return tap(f"resid_post.{layer}", x + mlp_out)
 
 
-def embed(arch: Arch, w: dict, tokens):
+def embed(spec: Spec, w: dict, tokens):
     x = w["embed"][tokens]
-    if arch.kind == "gpt2":
+    if spec.kind == "gpt2":
         x = x + w["pos"][: tokens.shape[1]]
     return x
 
 
-def rope_tables(arch: Arch, t: int):
+def rope_tables(spec: Spec, t: int):
     """(cos, sin), each (T, head_dim) float32; None for learnt positions."""
-    if arch.kind == "gpt2":
+    if spec.kind == "gpt2":
         return None
-    freqs = np.arange(t, dtype=np.float32)[:, None] * inv_freq(arch)[None]
+    freqs = np.arange(t, dtype=np.float32)[:, None] * inv_freq(spec)[None]
     both = np.concatenate([freqs, freqs], axis=-1)
     return jnp.asarray(np.cos(both)), jnp.asarray(np.sin(both))
 
 
-def unembed(arch: Arch, w: dict, x):
+def unembed(spec: Spec, w: dict, x):
     """(B, T, vocab) float32 logits (float64 for float64 weights)."""
-    h = _norm(arch, x, w["final"])
+    h = _norm(spec, x, w["final"])
     return jnp.einsum("btd,vd->btv", h, w["head"], preferred_element_type=_acc(h.dtype))
 
 
@@ -417,7 +417,7 @@ def layer_of(name: str) -> int:
     return int(name.rsplit(".", 1)[1])
 
 
-def forward(arch: Arch, w: dict, tokens, hookpoints=(), *, logits: bool = True,
+def forward(spec: Spec, w: dict, tokens, hookpoints=(), *, logits: bool = True,
             replace: dict | None = None, start: tuple | None = None) -> Output:
     """The model on tokens (B, T): the logits (or, with logits=False, only as far as the last
     hookpoint) and every hookpoint's activations. replace: {hookpoint: fn}, the activation
@@ -431,32 +431,32 @@ def forward(arch: Arch, w: dict, tokens, hookpoints=(), *, logits: bool = True,
             acts[name] = value
         return replace[name](value) if name in replace else value
 
-    first, x = start if start is not None else (0, embed(arch, w, tokens))
+    first, x = start if start is not None else (0, embed(spec, w, tokens))
     wanted = [layer_of(h) for h in (*hookpoints, *replace)]
-    last = arch.layers - 1 if logits else max(wanted, default=-1)
-    rope = rope_tables(arch, tokens.shape[1])
+    last = spec.layers - 1 if logits else max(wanted, default=-1)
+    rope = rope_tables(spec, tokens.shape[1])
     for layer in range(first, last + 1):
         acts[f"resid_pre.{layer}"] = x
-        x = block(arch, w["blocks"][layer], x, layer, rope, tap)
+        x = block(spec, w["blocks"][layer], x, layer, rope, tap)
     acts = {name: a for name, a in acts.items() if name in hookpoints}
-    return Output(unembed(arch, w, x) if logits else None, acts)
+    return Output(unembed(spec, w, x) if logits else None, acts)
 
 
-def check_hookpoint(arch: Arch, name: str) -> None:
+def check_hookpoint(spec: Spec, name: str) -> None:
     kind, _, layer = name.rpartition(".")
-    if kind not in (*KINDS, "resid_pre") or not layer.isdigit() or int(layer) >= arch.layers:
+    if kind not in (*KINDS, "resid_pre") or not layer.isdigit() or int(layer) >= spec.layers:
         raise LMError(f"hookpoint {name!r}: the JAX forward has {', '.join(KINDS)} .L for L "
-                      f"in 0..{arch.layers - 1}")
+                      f"in 0..{spec.layers - 1}")
 
 
 # ---------------------------------------------------------------- a loaded model
 
-def module_paths(arch: Arch) -> dict[str, str]:
+def module_paths(spec: Spec) -> dict[str, str]:
     """{torch module path: hookpoint} for the modules the torch path can hook whose activation
     the JAX forward gives: each block (its output) and each block's MLP (its output)."""
-    blocks = "transformer.h" if arch.kind == "gpt2" else "model.layers"
+    blocks = "transformer.h" if spec.kind == "gpt2" else "model.layers"
     paths = {}
-    for i in range(arch.layers):
+    for i in range(spec.layers):
         paths[f"{blocks}.{i}"] = f"resid_post.{i}"
         paths[f"{blocks}.{i}.mlp"] = f"mlp_out.{i}"
     return paths
@@ -465,32 +465,32 @@ def module_paths(arch: Arch) -> dict[str, str]:
 class JaxLM:
     """A causal LM in JAX: `lm(tokens, hookpoints=(...))` gives (logits, {hookpoint: acts})."""
 
-    def __init__(self, folder: Path, config: dict, arch: Arch, weights: dict):
-        self.folder, self.config, self.arch, self.weights = folder, config, arch, weights
+    def __init__(self, folder: Path, config: dict, spec: Spec, weights: dict):
+        self.folder, self.config, self.spec, self.weights = folder, config, spec, weights
 
     def __call__(self, tokens, hookpoints=(), *, logits: bool = True):
         hookpoints = tuple(hookpoints)
         for name in hookpoints:
-            check_hookpoint(self.arch, name)
-        out = _forward_jit(self.arch, self.weights, jnp.asarray(tokens, jnp.int32), hookpoints,
+            check_hookpoint(self.spec, name)
+        out = _forward_jit(self.spec, self.weights, jnp.asarray(tokens, jnp.int32), hookpoints,
                            logits)
         return out.logits, out.acts
 
     def resolve(self, names) -> list[tuple[str, str]]:
-        return resolve(self.arch, names)
+        return resolve(self.spec, names)
 
 
-def resolve(arch: Arch, names) -> list[tuple[str, str]]:
+def resolve(spec: Spec, names) -> list[tuple[str, str]]:
     """(name as given or as the glob expands it, hookpoint) for hookpoint names and the torch
     module paths the JAX forward covers (block outputs, MLP outputs; globs whose * is one part
     of the path; sparsify's names relative to the base model, h.3); LMError for any other."""
     import fnmatch
-    paths = module_paths(arch)
-    base = "transformer." if arch.kind == "gpt2" else "model."
+    paths = module_paths(spec)
+    base = "transformer." if spec.kind == "gpt2" else "model."
     found = []
     for name in names:
         if re.fullmatch(r"(resid_post|mlp_in|mlp_out)\.\d+", name):
-            check_hookpoint(arch, name)
+            check_hookpoint(spec, name)
             found.append((name, name))
             continue
         glob = "*" in name or "?" in name
@@ -503,8 +503,8 @@ def resolve(arch: Arch, names) -> list[tuple[str, str]]:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3, 4))
-def _forward_jit(arch, weights, tokens, hookpoints, logits):
-    return forward(arch, weights, tokens, hookpoints, logits=logits)
+def _forward_jit(spec, weights, tokens, hookpoints, logits):
+    return forward(spec, weights, tokens, hookpoints, logits=logits)
 
 
 def read_config(folder) -> dict:
@@ -523,8 +523,8 @@ def load(folder, dtype=None) -> JaxLM:
     the safetensors do not match the config. dtype: the weights' dtype (None: the file's)."""
     folder = Path(folder).expanduser()
     config = read_config(folder)
-    arch = arch_of(config)
-    return JaxLM(folder, config, arch, read_weights(folder, arch, config, dtype))
+    spec = spec_of(config)
+    return JaxLM(folder, config, spec, read_weights(folder, spec, config, dtype))
 
 
 def next_token_loss(lm: JaxLM, tokens: np.ndarray, batch: int = 32) -> float:
@@ -533,12 +533,12 @@ def next_token_loss(lm: JaxLM, tokens: np.ndarray, batch: int = 32) -> float:
     total, count = 0.0, 0
     for i in range(0, len(tokens), batch):
         part = jnp.asarray(tokens[i:i + batch], jnp.int32)
-        total += float(_nll_sum(lm.arch, lm.weights, part))
+        total += float(_nll_sum(lm.spec, lm.weights, part))
         count += part.shape[0] * (part.shape[1] - 1)
     return total / count
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _nll_sum(arch, weights, tokens):
-    logp = jax.nn.log_softmax(forward(arch, weights, tokens).logits[:, :-1], axis=-1)
+def _nll_sum(spec, weights, tokens):
+    logp = jax.nn.log_softmax(forward(spec, weights, tokens).logits[:, :-1], axis=-1)
     return -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1).sum()

@@ -69,12 +69,12 @@ def _jax_passes(lm, where, windows: np.ndarray):
     """The same of a jax_lm.JaxLM: the clean pass gives the hookpoint's activations and its
     block's input, from which each spliced pass runs only the blocks from there on."""
     ids = jnp.asarray(windows, jnp.int32)
-    clean, acts, block_in = _jax_clean(lm.arch, lm.weights, ids, where.path)
+    clean, acts, block_in = _jax_clean(lm.spec, lm.weights, ids, where.path)
 
     def spliced(replace):
         rows = acts[:, 1:].reshape(-1, acts.shape[-1])
         new = replace(rows).reshape(acts.shape[0], -1, acts.shape[-1])
-        return np.asarray(_jax_spliced(lm.arch, lm.weights, ids, where.path, block_in, new))
+        return np.asarray(_jax_spliced(lm.spec, lm.weights, ids, where.path, block_in, new))
 
     return np.asarray(clean), spliced
 
@@ -84,18 +84,18 @@ def _positions_logprobs(logits):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
-def _jax_clean(arch, weights, ids, tap):
+def _jax_clean(spec, weights, ids, tap):
     block_in = f"resid_pre.{jax_lm.layer_of(tap)}"
-    out = jax_lm.forward(arch, weights, ids, (tap, block_in))
+    out = jax_lm.forward(spec, weights, ids, (tap, block_in))
     return _positions_logprobs(out.logits), out.acts[tap], out.acts[block_in]
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
-def _jax_spliced(arch, weights, ids, tap, block_in, new):
+def _jax_spliced(spec, weights, ids, tap, block_in, new):
     def splice(h):
         return jnp.concatenate([h[:, :1], new.astype(h.dtype)], axis=1)
 
-    out = jax_lm.forward(arch, weights, ids, replace={tap: splice},
+    out = jax_lm.forward(spec, weights, ids, replace={tap: splice},
                          start=(jax_lm.layer_of(tap), block_in))
     return _positions_logprobs(out.logits)
 
