@@ -8,8 +8,8 @@ Stages, each kept as OUT/<stage>.json when it finishes (a rerun goes on from the
   windows `ksae lm` evaluates;
 - speed_jax, speed_torch: `ksae train` live on every block, k = 32 and 64, batch 4096, with
   --lm-backend jax and torch one after the other (tokens/s, the LM's share, peak RSS);
-- e2e_fvu, e2e_kl: one hookpoint, the same ks, tokens and contexts, --loss fvu and kl
-  (held-out FVU, and delta_loss / KL with the SAE spliced in);
+- e2e_fvu, e2e_kl, e2e_fvu+kl: one hookpoint, the same ks, tokens and contexts, --loss fvu,
+  kl and fvu+kl (--kl-coef 1) (held-out FVU, and delta_loss / KL with the SAE spliced in);
 - lm_alone_jax, lm_alone_torch: the speed runs' forward passes alone, with nothing beside
   them (the LM's share of each run: these seconds over the run's).
 Writes OUT/summary.json and OUT/table.md.
@@ -124,7 +124,8 @@ def main(argv=None) -> dict:
     c.out.mkdir(parents=True, exist_ok=True)
     loss = stage(c, "heldout", lambda: heldout(c))
     runs = {b: stage(c, f"speed_{b}", lambda b=b: speed(c, b)) for b in ("jax", "torch")}
-    ends = {name: stage(c, f"e2e_{name}", lambda n=name: e2e(c, n)) for name in ("fvu", "kl")}
+    ends = {name: stage(c, f"e2e_{name}", lambda n=name: e2e(c, n))
+            for name in ("fvu", "kl", "fvu+kl")}
     for b in ("jax", "torch"):
         runs[b]["lm_share_in_run"] = runs[b].pop("lm_share")  # the run's own clock
         runs[b]["lm_alone_seconds"] = stage(c, f"lm_alone_{b}",
@@ -139,7 +140,7 @@ def main(argv=None) -> dict:
                "lm_share_in_run_torch": runs["torch"]["lm_share_in_run"],
                "heldout_loss_jax": loss["heldout_loss_jax"],
                "heldout_loss_torch": loss["heldout_loss_torch"],
-               "e2e": ends["fvu"]["rows"] + ends["kl"]["rows"],
+               "e2e": [row for end in ends.values() for row in end["rows"]],
                "commands": {name: r["command"] for name, r in
                             {**{f"speed_{b}": r for b, r in runs.items()},
                              **{f"e2e_{n}": r for n, r in ends.items()}}.items()}}

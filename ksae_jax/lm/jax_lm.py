@@ -138,17 +138,13 @@ def read_weights(folder: Path, spec: Spec, config: dict, dtype=None) -> dict:
     """The weight pytree of a folder's safetensors (every shard), renamed and laid out for the
     forward (matrices as (in, out)); WeightsMismatch naming the first tensor missing or of the
     wrong shape."""
-    from safetensors.numpy import load_file
-
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise WeightsMismatch(f"{folder}: no *.safetensors files")
     raw = {}
     for f in files:
-        raw.update(_load(f, load_file))
-    tied = config.get("tie_word_embeddings", spec.kind == "gpt2")
-    w = (_gpt2_weights if spec.kind == "gpt2" else _llama_weights)(_Reader(raw, folder), spec,
-                                                                     tied)
+        raw.update(_load(f))
+    w = _build(spec, config, _Reader(raw, folder))
     return jax.tree.map(lambda a: jnp.asarray(a, dtype or a.dtype), w)
 
 
@@ -157,10 +153,14 @@ def abstract_weights(config: dict, dtype=None):
     nothing is allocated): what the compiler's plan needs. dtype: None for the config's
     torch_dtype (float32 where it names none)."""
     spec = spec_of(config)
-    dtype = dtype or config.get("torch_dtype") or config.get("dtype") or "float32"
+    dtype = jnp.dtype(dtype or config.get("torch_dtype") or config.get("dtype") or "float32")
+    return jax.eval_shape(lambda: _build(spec, config, _Zeros(dtype, _optional(config))))
+
+
+def _build(spec: Spec, config: dict, get) -> dict:
+    """The weight pytree from a reader of tensors by name and shape."""
     tied = config.get("tie_word_embeddings", spec.kind == "gpt2")
-    build = _gpt2_weights if spec.kind == "gpt2" else _llama_weights
-    return jax.eval_shape(lambda: build(_Zeros(jnp.dtype(dtype), _optional(config)), spec, tied))
+    return (_gpt2_weights if spec.kind == "gpt2" else _llama_weights)(get, spec, tied)
 
 
 def _optional(config: dict) -> tuple[str, ...]:
@@ -189,12 +189,14 @@ class _Zeros:
         return jnp.zeros(shape, self.dtype)
 
 
-def _load(path: Path, load_file) -> dict:
-    """One safetensors file as numpy arrays (bf16 kept as ml_dtypes.bfloat16)."""
+def _load(path: Path) -> dict:
+    """One safetensors file as numpy arrays (bf16 as ml_dtypes.bfloat16, read through JAX:
+    safetensors' numpy reader refuses it)."""
     from safetensors import safe_open
+    from safetensors.numpy import load_file
     try:
         return load_file(str(path))
-    except TypeError:  # numpy has no bfloat16: read through JAX, which has
+    except TypeError:
         with safe_open(str(path), framework="flax") as f:
             return {k: np.asarray(f.get_tensor(k)) for k in f.keys()}
 
