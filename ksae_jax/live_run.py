@@ -99,7 +99,7 @@ def open_lm(live_cfg):
     from ksae_jax import lm as lm_pkg
 
     try:
-        lm_pkg.require()
+        lm_pkg.require(torch=live_cfg.lm_backend == "torch")  # else checked if it falls back
         from ksae_jax.lm import live
         from ksae_jax.lm import model as lm_model
         from ksae_jax.lm import text

@@ -206,3 +206,31 @@ def test_a_live_run_on_mismatched_safetensors_is_one_line_exit_2(tmp_path, tiny_
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and "wte.weight has shape" in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_the_jax_path_runs_without_torch_installed(tiny_lm, tmp_path):
+    """A live run on the JAX LM, tokens to spliced evaluation, with torch unimportable; asked
+    for the torch LM, the same run says what to install."""
+    import json
+    import subprocess
+    import sys
+
+    folder, _ = tiny_lm
+    root = jax_lm.Path(__file__).resolve().parents[1]
+    argv = ["train", "--model", str(folder), "--text", str(root / "README.md"), "--latents",
+            "64", "--ks", "4", "--tokens", "640", "--batch-size", "64", "--heldout-tokens", "60",
+            "--context", "16", "--lm-batch", "4", "--buffer-tokens", "256", "--lm-tokens", "60",
+            "--no-progress", "--out", str(tmp_path / "run")]
+    probe = ("import sys\nsys.modules['torch'] = None\nfrom ksae_jax import cli\n"
+             "cli.main(sys.argv[1:])\n")
+
+    def run(*extra):
+        return subprocess.run([sys.executable, "-c", probe, *argv, *extra], cwd=root,
+                              capture_output=True, text=True, timeout=600)
+
+    r = run()
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["lm_backend"] == "jax" and len(m["hookpoints"]["resid_post.1"]["delta_loss"]) == 1
+    r = run("--lm-backend", "torch", "--overwrite")
+    assert r.returncode == 2 and "requirements-lm.txt" in r.stderr.splitlines()[-1], r.stderr

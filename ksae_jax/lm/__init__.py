@@ -11,9 +11,11 @@ class LMUnavailable(RuntimeError):
     """torch, transformers or tokenizers is not installed."""
 
 
-def require() -> None:
-    """Raises LMUnavailable naming what to install when the lm extra is missing."""
-    missing = [name for name in ("torch", "transformers", "tokenizers") if not _importable(name)]
+def require(torch: bool = True) -> None:
+    """Raises LMUnavailable naming what to install when the lm extra is missing (torch=False:
+    all but torch, what the JAX LM path needs)."""
+    names = ("torch", "transformers", "tokenizers") if torch else ("transformers", "tokenizers")
+    missing = [name for name in names if not _importable(name)]
     if missing:
         raise LMUnavailable(f"the LM commands need {', '.join(missing)}: {INSTALL}")
 

@@ -66,6 +66,8 @@ class TorchBackend:
     prefetch = 1  # its passes run in a producer thread, beside the JAX step
 
     def __init__(self, model: str, names):
+        from ksae_jax import lm as lm_pkg
+        lm_pkg.require()
         self.model, self.tokenizer = lm_model.load(model)
         if jax.default_backend() == "gpu":  # the LM beside the SAEs, activations by DLPack
             self.model.to("cuda")
