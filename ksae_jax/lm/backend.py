@@ -122,7 +122,7 @@ class JaxBackend:
         except lm_model.LMError as e:
             raise jax_lm.UnsupportedArchitecture(str(e)) from None
         self.hookpoints = [hooks.Hookpoint(name, tap, "jax") for name, tap in pairs]
-        _check_repeats(self.hookpoints)
+        hooks.check_unique(self.hookpoints)
         self.name = f"{self.lm.config.get('architectures', ['?'])[0]} (JAX)"
 
     def check_context(self, context: int) -> None:
@@ -152,14 +152,6 @@ class JaxBackend:
     @property
     def splice(self):
         return self.lm
-
-
-def _check_repeats(found) -> None:
-    seen: dict = {}
-    for h in found:
-        if seen.setdefault(h.path, h.name) != h.name:
-            raise lm_model.LMError(f"hookpoints repeat: {seen[h.path]} and {h.name} read the "
-                                   "same activations")
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))

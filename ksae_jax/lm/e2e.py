@@ -71,36 +71,23 @@ class SplicedKL:
         """The clean pass over batch["tokens"] (B, T), once for every model: the hookpoint's
         rows as "x" (1, B * (T - 1), d), the clean log-probabilities and the block's input."""
         weights = jax.lax.stop_gradient(batch["lm"])
-        block_in = f"resid_pre.{self.layer}"
-        out = jax_lm.forward(self.spec, weights, batch["tokens"], (self.tap, block_in))
-        acts = out.acts[self.tap]
+        clean, acts, block_in = jax_lm.clean_pass(self.spec, weights, batch["tokens"], self.tap)
         x = acts[:, 1:].reshape(1, -1, acts.shape[-1]).astype(
             jnp.promote_types(acts.dtype, jnp.float32))
-        return {**batch, "x": x, "clean": _predictions(out.logits),
-                "block_in": out.acts[block_in]}
+        return {**batch, "x": x, "clean": clean, "block_in": block_in}
 
     def kl(self, recon, batch: dict):
         """KL(clean || spliced), nats per predicted token, with recon (B * (T - 1), d) in
         place of the hookpoint's activations at positions 1..T-1."""
-        tokens, block_in = batch["tokens"], batch["block_in"]
+        tokens = batch["tokens"]
         new = recon.reshape(tokens.shape[0], -1, recon.shape[-1])
-
-        def splice(h):
-            return jnp.concatenate([h[:, :1], new.astype(h.dtype)], axis=1)
-
-        weights = jax.lax.stop_gradient(batch["lm"])
-        out = jax_lm.forward(self.spec, weights, tokens, replace={self.tap: splice},
-                             start=(self.layer, block_in))
+        spliced = jax_lm.spliced_pass(self.spec, jax.lax.stop_gradient(batch["lm"]), tokens,
+                                      self.tap, batch["block_in"], new)
         clean = batch["clean"]
-        return (jnp.exp(clean) * (clean - _predictions(out.logits))).sum(-1).mean()
+        return (jnp.exp(clean) * (clean - spliced)).sum(-1).mean()
 
     def loss(self, rec, recon, batch: dict):
         return self.rec_coef * rec + self.kl_coef * self.kl(recon, batch)
-
-
-def _predictions(logits):
-    """Log-probabilities of the predictions made at the replaced positions (1..T-2)."""
-    return jax.nn.log_softmax(logits[:, 1:-1], axis=-1)
 
 
 def spliced_kl(objective: Objective, backend) -> SplicedKL:

@@ -44,13 +44,18 @@ def resolve(model, names) -> list[Hookpoint]:
             raise lm_model.LMError(f"hookpoint {name!r} matches no module of the model; "
                                    f"available: {_available(model)}")
         found += [Hookpoint(p if "*" in name or "?" in name else name, p, "out") for p in paths]
+    check_unique(found)
+    return found
+
+
+def check_unique(found: list[Hookpoint]) -> None:
+    """LMError when two hookpoints read the same activations (or one name comes twice)."""
     seen: dict = {}
     for h in found:
         other = seen.setdefault((h.path, h.side), h.name)
         if other != h.name or [x.name for x in found].count(h.name) > 1:
             raise lm_model.LMError(f"hookpoints repeat: {other} and {h.name} read the same "
                                    "activations")
-    return found
 
 
 def _matching(modules: dict, pattern: str) -> list[str]:

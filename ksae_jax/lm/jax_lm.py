@@ -444,6 +444,30 @@ def forward(spec: Spec, w: dict, tokens, hookpoints=(), *, logits: bool = True,
     return Output(unembed(spec, w, x) if logits else None, acts)
 
 
+def predictions(logits):
+    """Log-probabilities of the predictions made at the positions a splice replaces (1..T-2:
+    BOS stays clean, the last position has no target)."""
+    return jax.nn.log_softmax(logits[:, 1:-1], axis=-1)
+
+
+def clean_pass(spec: Spec, w: dict, tokens, tap: str):
+    """The clean model's predictions, the hookpoint's activations and its block's input:
+    what a spliced pass starts from."""
+    block_in = f"resid_pre.{layer_of(tap)}"
+    out = forward(spec, w, tokens, (tap, block_in))
+    return predictions(out.logits), out.acts[tap], out.acts[block_in]
+
+
+def spliced_pass(spec: Spec, w: dict, tokens, tap: str, block_in, new):
+    """The predictions with the hookpoint's activations at positions 1..T-1 replaced by new
+    (B, T - 1, d): only the blocks from the hookpoint's on run."""
+    def splice(h):
+        return jnp.concatenate([h[:, :1], new.astype(h.dtype)], axis=1)
+
+    out = forward(spec, w, tokens, replace={tap: splice}, start=(layer_of(tap), block_in))
+    return predictions(out.logits)
+
+
 def check_hookpoint(spec: Spec, name: str) -> None:
     kind, _, layer = name.rpartition(".")
     if kind not in (*KINDS, "resid_pre") or not layer.isdigit() or int(layer) >= spec.layers:

@@ -18,7 +18,6 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -79,25 +78,8 @@ def _jax_passes(lm, where, windows: np.ndarray):
     return np.asarray(clean), spliced
 
 
-def _positions_logprobs(logits):
-    return jax.nn.log_softmax(logits[:, 1:-1], axis=-1)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def _jax_clean(spec, weights, ids, tap):
-    block_in = f"resid_pre.{jax_lm.layer_of(tap)}"
-    out = jax_lm.forward(spec, weights, ids, (tap, block_in))
-    return _positions_logprobs(out.logits), out.acts[tap], out.acts[block_in]
-
-
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def _jax_spliced(spec, weights, ids, tap, block_in, new):
-    def splice(h):
-        return jnp.concatenate([h[:, :1], new.astype(h.dtype)], axis=1)
-
-    out = jax_lm.forward(spec, weights, ids, replace={tap: splice},
-                         start=(jax_lm.layer_of(tap), block_in))
-    return _positions_logprobs(out.logits)
+_jax_clean = jax.jit(jax_lm.clean_pass, static_argnums=(0, 3))
+_jax_spliced = jax.jit(jax_lm.spliced_pass, static_argnums=(0, 3))
 
 
 def _passes(model):
