@@ -38,7 +38,7 @@ def plan(argv, prog="ksae plan"):
     from ksae_jax.config import Execution, Optimizer, SweepConfig
     from ksae_jax.models import registry
 
-    groups = [flags.Group("model (the family: --arch)", tuple(sae_run.model_classes().values()),
+    groups = [flags.Group("model (the family: --arch)", sae_run.model_configs(),
                           key="arch"),
               flags.Group("sweep and budget", (SweepConfig,)),
               flags.Group("optimizer and schedules", (Optimizer,)),

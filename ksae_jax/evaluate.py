@@ -25,8 +25,8 @@ class EvalResult(NamedTuple):
 
 
 class EvalSet:
-    """Held-out rows put on the device once, with their total variance (FVU's denominator);
-    the host's copy is not kept."""
+    """Held-out rows put on the device once, with each column's total variance (FVU's
+    denominator sums the columns the family reconstructs); the host's copy is not kept."""
 
     def __init__(self, rows: Rows, batch_size: int = 1024, put=jax.device_put):
         self.scale, self.batch_size, self.n = rows.scale, min(batch_size, rows.n), rows.n
@@ -35,8 +35,7 @@ class EvalSet:
         self.order = put(np.concatenate(
             [np.arange(self.n), np.full(-self.n % self.batch_size, -1)]).astype(np.int32))
         flat = host.reshape(self.n, -1).astype(np.float64) * rows.scale
-        self.total_variance = float(((flat - flat.mean(axis=0)) ** 2).sum())
-        self.n_elements = int(flat.size)
+        self.variance = ((flat - flat.mean(axis=0)) ** 2).sum(axis=0)  # per column
 
 
 def _sums(params, hp, batch, *, cfg: SweepConfig, max_k: int | None):
@@ -67,10 +66,11 @@ def evaluate(cfg: SweepConfig, params, evalset: EvalSet, ks=None) -> EvalResult:
         sums = got if sums is None else jax.tree.map(lambda a, b: a + b, sums, got)
     sums = {name: np.asarray(v, np.float64) for name, v in sharding.to_host(sums).items()}
     sse, counts = sums.pop("sse"), sums.pop("counts").astype(np.float32)
-    denom = max(evalset.total_variance, 1e-30)
+    target = evalset.variance[cfg.family.target_columns()]
+    denom, n_elements = max(float(target.sum()), 1e-30), evalset.n * target.size
     # images: MSE on pixels in [0, 1], as the original; vectors: in the data's own units
     unit = cfg.family.mse_unit(evalset.scale)
-    return EvalResult(mse=sse / evalset.n_elements / unit, fvu=sse / denom,
+    return EvalResult(mse=sse / n_elements / unit, fvu=sse / denom,
                       l0=counts.sum(axis=1) / evalset.n, dead_frac=(counts == 0).mean(axis=1),
                       counts=counts, n=evalset.n,
                       extra={name.replace("_sse", "_fvu"): v / denom for name, v in sums.items()})

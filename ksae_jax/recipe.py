@@ -35,7 +35,8 @@ class Recipe:
         del sample, cfg
         return params
 
-    def project_grads(self, params: dict, grads: dict) -> dict:
+    def project_grads(self, params: dict, grads: dict, model) -> dict:
+        del model
         return grads
 
     def post_update(self, new: dict, old: dict, keep, out, model) -> dict:
@@ -125,7 +126,7 @@ class VectorRecipe(Recipe):
         return {**params, "W_dec": jnp.broadcast_to(rows, params["W_dec"].shape),
                 "W_enc": jnp.broadcast_to(rows * scale, params["W_enc"].shape)}
 
-    def project_grads(self, params, grads):
+    def project_grads(self, params, grads, model):
         """The decoder rows' gradient without its component along the rows."""
         return {**grads, "W_dec": remove_parallel_component(params["W_dec"], grads["W_dec"])}
 

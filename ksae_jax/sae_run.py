@@ -22,6 +22,7 @@ from ksae_jax.data.synthetic import SyntheticData, recovery
 from ksae_jax.data.vectors import VectorData, VectorSource
 from ksae_jax.files import write_json
 from ksae_jax.models import SaeModel, registry
+from ksae_jax.models.transcoder import TranscoderModel
 from ksae_jax.safe_pickle import ParamsFileError
 
 HIST_BINS = np.linspace(-7, 0, 29)  # log10 firing frequency
@@ -40,7 +41,14 @@ class Start:
 
 
 def model_classes() -> dict[str, type]:
-    return {arch: registry.lookup(arch).config for arch in registry.archs(SaeModel)}
+    """--arch name -> model config of the families on vectors (SAEs and transcoders)."""
+    return {arch: registry.lookup(arch).config
+            for arch in registry.archs((SaeModel, TranscoderModel))}
+
+
+def model_configs() -> tuple[type, ...]:
+    """The model configs, each once (transcoder and skip-transcoder share one)."""
+    return tuple(dict.fromkeys(model_classes().values()))
 
 
 def refuse_live_flags(given: dict) -> None:
@@ -67,7 +75,7 @@ def groups(data_cls: type = VectorData) -> list[flags.Group]:
     return [flags.Group("data", (data_cls,)),
             *([flags.Group("or a language model, run live (needs requirements-lm.txt)",
                            (LiveData, Objective))] if vectors else []),
-            flags.Group("model (the family: --arch)", tuple(model_classes().values()),
+            flags.Group("model (the family: --arch)", model_configs(),
                         frozenset({"d_in"}), key="arch"),
             flags.Group("sweep and budget", (SweepConfig,), frozenset({"hookpoints"})),
             *([flags.Group("start", (Start,)),
@@ -115,7 +123,12 @@ def main(argv=None, *, data_cls: type = VectorData, preset: dict | None = None,
 
 def sweep_config(values: dict, d_in: int) -> SweepConfig:
     """The sweep the flags ask for on d_in-wide vectors."""
-    model = flags.build_choice(model_classes(), "arch", values, registry.DEFAULT_SAE, d_in=d_in)
+    classes = model_classes()
+    try:
+        shape = classes[values.get("arch", registry.DEFAULT_SAE)].width_fields(d_in)
+    except ValueError as e:
+        raise flags.UsageError(str(e)) from None
+    model = flags.build_choice(classes, "arch", values, registry.DEFAULT_SAE, **shape)
     return flags.build(SweepConfig, values, model=model)
 
 

@@ -65,7 +65,7 @@ def train_step(params, opt_state, since_fired, hp, alive, batch, step, *, cfg: S
     grad_fn = jax.value_and_grad(functools.partial(loss_fn, cfg=cfg, max_k=max_k,
                                                    objective=objective), has_aux=True)
     (loss, (metrics, out)), grads = grad_fn(params, batch, hp, dead)
-    grads = hooks.project_grads(params, grads)
+    grads = hooks.project_grads(params, grads, cfg.model)
     finite = jnp.isfinite(loss) & _all_finite(grads)
     direction, opt_state = optim.make_optimizer(cfg.optim).update(grads, opt_state)
     # the update is masked, not the result selected: every buffer stays updated in place

@@ -163,6 +163,11 @@ class Family:
         ("<name>_sse" become held-out "<name>_fvu")."""
         raise NotImplementedError
 
+    def target_columns(self) -> slice:
+        """The columns of a row the model reconstructs (FVU's denominator): all of them,
+        or a transcoder's output half."""
+        return slice(None)
+
     def rows(self, data, name: str) -> Rows:
         raise NotImplementedError
 

@@ -98,6 +98,11 @@ class SaeModel(ModelConfig):
         checks.nonneg_int("resample_every", self.resample_every)
         super().__post_init__()
 
+    @classmethod
+    def width_fields(cls, width: int) -> dict:
+        """The shape fields of a model of rows `width` wide."""
+        return {"d_in": width}
+
     @property
     def input_shape(self) -> tuple[int, ...]:
         return (self.d_in,)
