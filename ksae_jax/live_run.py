@@ -32,7 +32,9 @@ def main(given: dict, values: dict, *, default_out: str) -> runner.Run:
     refuse_other_flags(given)
     live_cfg, objective = flags.build(LiveData, values), flags.build(Objective, values)
     refuse_unused(given, objective)
+    live_cfg = hookpoints_of(live_cfg, values)
     lm = open_lm(live_cfg)
+    check_hookpoints(lm.names, values)
     d = one_width(lm)
     base = sae_run.sweep_config(values, d)  # the family's batch size and seed where not given
     if live_cfg.tokens < base.batch_size:
@@ -92,6 +94,29 @@ def make_stream(lm, objective, batch_size: int, seed: int):
         return e2e.ContextStream(lm, batch_size, seed, e2e.spliced_kl(objective, lm.backend))
     except ValueError as e:
         raise flags.UsageError(str(e)) from None
+
+
+def model_class(values: dict) -> type:
+    from ksae_jax.models import registry
+    return sae_run.model_classes()[values.get("arch", registry.DEFAULT_SAE)]
+
+
+def hookpoints_of(live_cfg, values: dict):
+    """The live settings with --layers named as the family reads a block."""
+    if live_cfg.layers is None:
+        return live_cfg
+    cls = model_class(values)
+    return dataclasses.replace(live_cfg, layers=None, hookpoints=tuple(
+        cls.layer_hookpoint(layer) for layer in live_cfg.layers))
+
+
+def check_hookpoints(names: list[str], values: dict) -> None:
+    """One line for a hookpoint the family cannot read (a transcoder at a block's output)."""
+    for name in names:
+        try:
+            model_class(values).check_hookpoint(name)
+        except ValueError as e:
+            raise flags.UsageError(str(e)) from None
 
 
 def open_lm(live_cfg):
@@ -164,7 +189,7 @@ def memory_estimate(lm, stream, training) -> dict:
     return {"buffer": stream.buffer_bytes() / mb,
             "lm": lm.backend.param_bytes() / mb,
             "sae_state": sae / mb,
-            "heldout": len(lm.names) * lm.cfg.heldout_tokens * cfg.model.d_in * 4 / mb,
+            "heldout": len(lm.names) * lm.cfg.heldout_tokens * cfg.model.input_width * 4 / mb,
             "step_workspace": training.compile(batch).memory_analysis().temp_size_in_bytes / mb}
 
 

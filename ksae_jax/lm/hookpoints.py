@@ -2,9 +2,10 @@
 (`transformer.h.3`, or a glob such as `transformer.h.*`, whose * stands for one part of
 the path; or relative to the base model, as sparsify writes them: `h.3`: the module's output), or by the short
 names people use: `resid_post.L` (block L's output), `mlp_in.L` and `mlp_out.L` (the input and
-output of block L's MLP; transcoders read the pair). `capture` runs the model once and returns
-every hookpoint's activations, stopping after the last one it needs; `replace` splices a
-function into one hookpoint."""
+output of block L's MLP), and `mlp.L`, the pair a transcoder reads: the MLP's input beside its
+output, (B, T, 2 d). `capture` runs the model once and returns every hookpoint's activations,
+stopping after the last one it needs; `replace` splices a function into one hookpoint (at a
+pair, the MLP's output becomes fn(pair))."""
 from __future__ import annotations
 
 import contextlib
@@ -13,8 +14,9 @@ import re
 from typing import NamedTuple
 
 from ksae_jax.lm import model as lm_model
+from ksae_jax.lm.jax_lm import output_half
 
-SHORT = re.compile(r"^(resid_post|mlp_in|mlp_out)\.(\d+)$")
+SHORT = re.compile(r"^(resid_post|mlp_in|mlp_out|mlp)\.(\d+)$")
 MLP_NAMES = ("mlp", "feed_forward", "ffn", "mlp_block")
 
 
@@ -23,7 +25,7 @@ class Hookpoint(NamedTuple):
 
     name: str
     path: str     # the module's path in model.named_modules()
-    side: str     # "out": its output; "in": its (first) input
+    side: str     # "out": its output; "in": its (first) input; "pair": both; "jax": a JAX tap
 
 
 def resolve(model, names) -> list[Hookpoint]:
@@ -72,7 +74,17 @@ def _short(model, modules: dict, kind: str, layer: int, name: str) -> Hookpoint:
     mlp = next((f"{block}.{m}" for m in MLP_NAMES if f"{block}.{m}" in modules), None)
     if mlp is None:
         raise lm_model.LMError(f"{name}: block {block} has no MLP module named one of {MLP_NAMES}")
-    return Hookpoint(name, mlp, "in" if kind == "mlp_in" else "out")
+    return Hookpoint(name, mlp, {"mlp_in": "in", "mlp_out": "out", "mlp": "pair"}[kind])
+
+
+def is_pair(hookpoint: Hookpoint) -> bool:
+    """Whether the hookpoint reads an MLP's input beside its output (mlp.L)."""
+    return hookpoint.side == "pair" or hookpoint.path.startswith("mlp.")
+
+
+def written(hookpoint: Hookpoint, value):
+    """The part of a hookpoint's activations a replacement writes: a pair's output half."""
+    return output_half(value) if is_pair(hookpoint) else value
 
 
 def _path_of(modules: dict, module) -> str:
@@ -89,6 +101,10 @@ def _available(model) -> str:
             f"resid_post.L, mlp_in.L, mlp_out.L for L in 0..{n - 1}")
 
 
+def _first(value):
+    return value[0] if isinstance(value, tuple) else value
+
+
 class _Done(Exception):
     """Raised once every hookpoint has been read: the later modules are not run."""
 
@@ -101,16 +117,19 @@ def capture(model, hookpoints: list[Hookpoint], ids) -> dict:
     got: dict = {}
     modules = dict(model.named_modules())
 
-    def keep(name):
+    def keep(name, side):
         def hook(module, args, output=None):
-            value = args[0] if output is None else output
-            got[name] = (value[0] if isinstance(value, tuple) else value).detach()
+            value = args[0] if output is None else _first(output)
+            if side == "pair":
+                value = torch.cat([_first(args[0]), value], dim=-1)
+            got[name] = _first(value).detach()
             if len(got) == len(hookpoints):
                 raise _Done
         return hook
 
-    handles = [modules[h.path].register_forward_pre_hook(keep(h.name)) if h.side == "in"
-               else modules[h.path].register_forward_hook(keep(h.name)) for h in hookpoints]
+    handles = [modules[h.path].register_forward_pre_hook(keep(h.name, h.side)) if h.side == "in"
+               else modules[h.path].register_forward_hook(keep(h.name, h.side))
+               for h in hookpoints]
     try:
         with torch.no_grad():
             model(ids)
@@ -131,9 +150,13 @@ def replace(model, hookpoint: Hookpoint, fn):
         return (fn(args[0]),) + tuple(args[1:])
 
     def post(module, args, output):
+        value = _first(output)
+        if hookpoint.side == "pair":
+            import torch
+            value = torch.cat([_first(args[0]), value], dim=-1)
         if isinstance(output, tuple):
-            return (fn(output[0]),) + tuple(output[1:])
-        return fn(output)
+            return (fn(value),) + tuple(output[1:])
+        return fn(value)
 
     handle = (module.register_forward_pre_hook(pre) if hookpoint.side == "in"
               else module.register_forward_hook(post))

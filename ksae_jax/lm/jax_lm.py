@@ -31,7 +31,7 @@ import numpy as np
 
 from ksae_jax.lm.model import LMError
 
-KINDS = ("resid_post", "mlp_in", "mlp_out")
+KINDS = ("resid_post", "mlp_in", "mlp_out", "mlp")  # mlp.L: the pair [mlp_in.L | mlp_out.L]
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3", "smollm3")
 
 
@@ -423,14 +423,17 @@ def forward(spec: Spec, w: dict, tokens, hookpoints=(), *, logits: bool = True,
             replace: dict | None = None, start: tuple | None = None) -> Output:
     """The model on tokens (B, T): the logits (or, with logits=False, only as far as the last
     hookpoint) and every hookpoint's activations. replace: {hookpoint: fn}, the activation
-    there becomes fn(activation) for the rest of the forward. start: (layer, x), the forward
+    there becomes fn(activation) for the rest of the forward (for a pair mlp.L, the MLP's
+    output becomes fn(pair): a transcoder's reconstruction). start: (layer, x), the forward
     begun at that block's input instead of the embeddings (the tokens give only T)."""
     replace = replace or {}
-    acts: dict = {}
+    seen: dict = {}
 
     def tap(name, value):
-        if name in hookpoints:
-            acts[name] = value
+        seen[name] = value
+        pair = f"mlp.{layer_of(name)}"
+        if name.startswith("mlp_out.") and pair in replace:  # a transcoder's replacement
+            return replace[pair](pair_of(seen, pair))
         return replace[name](value) if name in replace else value
 
     first, x = start if start is not None else (0, embed(spec, w, tokens))
@@ -438,10 +441,22 @@ def forward(spec: Spec, w: dict, tokens, hookpoints=(), *, logits: bool = True,
     last = spec.layers - 1 if logits else max(wanted, default=-1)
     rope = rope_tables(spec, tokens.shape[1])
     for layer in range(first, last + 1):
-        acts[f"resid_pre.{layer}"] = x
+        seen[f"resid_pre.{layer}"] = x
         x = block(spec, w["blocks"][layer], x, layer, rope, tap)
-    acts = {name: a for name, a in acts.items() if name in hookpoints}
+    acts = {name: pair_of(seen, name) if name.startswith("mlp.") else seen[name]
+            for name in hookpoints}
     return Output(unembed(spec, w, x) if logits else None, acts)
+
+
+def pair_of(seen: dict, pair: str):
+    """The pair hookpoint mlp.L: the MLP's input beside its (clean) output, (B, T, 2 d)."""
+    layer = layer_of(pair)
+    return jnp.concatenate([seen[f"mlp_in.{layer}"], seen[f"mlp_out.{layer}"]], axis=-1)
+
+
+def output_half(pair):
+    """The output half of a pair's activations (what a replacement at the pair writes)."""
+    return pair[..., pair.shape[-1] // 2:]
 
 
 def predictions(logits):
@@ -461,8 +476,9 @@ def clean_pass(spec: Spec, w: dict, tokens, tap: str):
 def spliced_pass(spec: Spec, w: dict, tokens, tap: str, block_in, new):
     """The predictions with the hookpoint's activations at positions 1..T-1 replaced by new
     (B, T - 1, d): only the blocks from the hookpoint's on run."""
-    def splice(h):
-        return jnp.concatenate([h[:, :1], new.astype(h.dtype)], axis=1)
+    def splice(h):  # at a pair, h is the pair and the MLP's output is replaced
+        kept = output_half(h) if tap.startswith("mlp.") else h
+        return jnp.concatenate([kept[:, :1], new.astype(h.dtype)], axis=1)
 
     out = forward(spec, w, tokens, replace={tap: splice}, start=(layer_of(tap), block_in))
     return predictions(out.logits)
@@ -515,7 +531,7 @@ def resolve(spec: Spec, names) -> list[tuple[str, str]]:
     base = "transformer." if spec.kind == "gpt2" else "model."
     found = []
     for name in names:
-        if re.fullmatch(r"(resid_post|mlp_in|mlp_out)\.\d+", name):
+        if re.fullmatch(r"(resid_post|mlp_in|mlp_out|mlp)\.\d+", name):
             check_hookpoint(spec, name)
             found.append((name, name))
             continue

@@ -57,6 +57,9 @@ class LiveData:
     hookpoints: tuple[str, ...] | None = None
     """Module paths (transformer.h.3, globs such as transformer.h.*) or resid_post.L,
     mlp_in.L, mlp_out.L (None: every block's output)."""
+    layers: tuple[int, ...] | None = None
+    """Blocks to read, instead of --hookpoints, as the family reads a block: its output
+    (resid_post.L) for SAEs, its MLP's input and output (mlp.L) for transcoders."""
     tokens: int = 2_097_152
     """Training tokens (rows per hookpoint); the budget of the run."""
     heldout_tokens: int = 65_536
@@ -78,8 +81,11 @@ class LiveData:
             checks.positive_int(name, getattr(self, name))
         if self.context < 2:
             raise ValueError("context must be at least 2 (BOS and one token)")
-        if self.hookpoints is not None:
-            object.__setattr__(self, "hookpoints", tuple(self.hookpoints))
+        if self.hookpoints is not None and self.layers is not None:
+            raise ValueError("give --hookpoints or --layers, not both")
+        for name in ("hookpoints", "layers"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.lm_backend not in BACKENDS:
             raise ValueError(f"lm_backend must be one of {', '.join(BACKENDS)}, got "
                              f"{self.lm_backend!r}")

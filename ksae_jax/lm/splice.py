@@ -46,7 +46,7 @@ def _logprobs(model, where, ids, replace: Replacement | None):
     import torch
 
     def splice(h):
-        return torch.cat([h[:, :1], replace(h[:, 1:])], dim=1)
+        return torch.cat([hooks.written(where, h[:, :1]), replace(h[:, 1:])], dim=1)
 
     with torch.no_grad():
         if replace is None:
@@ -72,7 +72,7 @@ def _jax_passes(lm, where, windows: np.ndarray):
 
     def spliced(replace):
         rows = acts[:, 1:].reshape(-1, acts.shape[-1])
-        new = replace(rows).reshape(acts.shape[0], -1, acts.shape[-1])
+        new = replace(rows).reshape(acts.shape[0], acts.shape[1] - 1, -1)
         return np.asarray(_jax_spliced(lm.spec, lm.weights, ids, where.path, block_in, new))
 
     return np.asarray(clean), spliced
@@ -95,7 +95,7 @@ def spliced_losses(model, where, windows: np.ndarray, nbytes: np.ndarray,
     the spliced from the clean distribution, nats/token), over the targets 2..T-1 of windows,
     with the replacements spliced in at `where` (a hookpoints.Hookpoint). model: a torch
     model (replacements of torch tensors) or a jax_lm.JaxLM (of JAX arrays)."""
-    variants = {"zero": _zeros(model), **replacements}
+    variants = {"zero": _zeros(model, where), **replacements}
     sums = {name: {"nll": 0.0, "kl": 0.0} for name in ("clean", *variants)}
     count, total_bytes = 0, 0
     for i in range(0, len(windows), batch):
@@ -113,11 +113,12 @@ def spliced_losses(model, where, windows: np.ndarray, nbytes: np.ndarray,
                                                                           "bytes": total_bytes}
 
 
-def _zeros(model) -> Replacement:
+def _zeros(model, where) -> Replacement:
+    """The zero ablation of what the hookpoint writes."""
     if isinstance(model, jax_lm.JaxLM):
-        return jnp.zeros_like
+        return lambda h: jnp.zeros_like(hooks.written(where, h))
     import torch
-    return torch.zeros_like
+    return lambda h: torch.zeros_like(hooks.written(where, h))
 
 
 def scores(losses: dict, label: str) -> dict:
@@ -138,7 +139,8 @@ def sae_replacement(sae, k: int, model=None) -> Replacement:
 
     def replace(h):
         rows = jax.dlpack.from_dlpack(h.contiguous().reshape(-1, h.shape[-1]))
-        return torch.from_dlpack(sae.reconstruct_array(rows, k)).reshape(h.shape).to(h.dtype)
+        new = torch.from_dlpack(sae.reconstruct_array(rows, k))
+        return new.reshape(*h.shape[:-1], -1).to(h.dtype)
 
     return replace
 

@@ -84,6 +84,17 @@ class TranscoderModel(ModelConfig):
                              f"{width} are not")
         return {"d_in": width // 2}
 
+    @staticmethod
+    def layer_hookpoint(layer: int) -> str:
+        """What a transcoder of block `layer` reads: its MLP's input and output."""
+        return f"mlp.{layer}"
+
+    @staticmethod
+    def check_hookpoint(name: str) -> None:
+        if not name.startswith("mlp."):
+            raise ValueError(f"hookpoint {name}: a transcoder reads an MLP's input and output "
+                             "(--layers L, or --hookpoints mlp.L)")
+
     @property
     def skip(self) -> bool:
         return self.arch == "skip-transcoder"
@@ -295,12 +306,7 @@ class Transcoders(VectorSAE):
             return np.zeros((0, self.model_config.d_in), np.float32)
         return np.concatenate([np.asarray(o.recon) for o in outs])
 
-    reconstruct = transcode
-
-    def reconstruct_array(self, x, *label, **named):
-        """transcode of a JAX array of MLP inputs on its device (no checks, no host copy)."""
-        return super().reconstruct_array(jnp.concatenate([x, jnp.zeros_like(x)], axis=-1),
-                                         *label, **named)
+    reconstruct = transcode  # (reconstruct_array, as the splice calls it, takes pair rows)
 
 
 register("transcoder", TranscoderModel, TranscoderFamily, Transcoders)

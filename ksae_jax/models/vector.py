@@ -98,6 +98,15 @@ class SaeModel(ModelConfig):
         checks.nonneg_int("resample_every", self.resample_every)
         super().__post_init__()
 
+    @staticmethod
+    def layer_hookpoint(layer: int) -> str:
+        """What an SAE of block `layer` reads (--layers): the block's output."""
+        return f"resid_post.{layer}"
+
+    @staticmethod
+    def check_hookpoint(name: str) -> None:
+        """Refuses (ValueError) a hookpoint this model cannot read."""
+
     @classmethod
     def width_fields(cls, width: int) -> dict:
         """The shape fields of a model of rows `width` wide."""
