@@ -1,6 +1,6 @@
 """Exports in the formats the SAE ecosystem exchanges (safetensors cannot run code): the whole
-sweep as safetensors + JSON (readable by ksae_jax.load), one k's TopK SAE in EleutherAI
-sparsify's on-disk layout (SparseCoder.load_from_disk), and one SAE of any family in SAELens's
+sweep as safetensors + JSON (readable by ksae_jax.load), one k's TopK SAE or transcoder
+in EleutherAI sparsify's on-disk layout (SparseCoder.load_from_disk), and one SAE of any family in SAELens's
 (SAE.load_from_disk)."""
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from ksae_jax import interop
 from ksae_jax.files import write_bytes, write_json
 from ksae_jax.formats import write_safetensors_dir
 from ksae_jax.inference import Loaded, VectorSAE, load
-from ksae_jax.models.topk import TopKSAEs
 
 
 def _as_models(path_or_models) -> Loaded:
@@ -32,14 +31,16 @@ def export_safetensors(path_or_models, out_dir: str | os.PathLike) -> Path:
 
 
 def sparsify_tensors(params: dict, input_scale: float) -> dict:
-    """One TopK SAE's params in sparsify's names, with the input scale s folded in:
-    ours computes z = TopK(ReLU(W_enc (s x - b_dec) + b_enc)), x_hat = (W_dec^T z + b_dec) / s,
-    which is sparsify's with encoder.weight = s W_enc, W_dec = W_dec / s, b_dec = b_dec / s."""
+    """One TopK SAE's (or transcoder's) params in sparsify's names, with the input scale s
+    folded in: ours computes z = TopK(ReLU(W_enc (s x - b_dec) + b_enc)),
+    x_hat = (W_dec^T z + b_dec) / s, which is sparsify's with encoder.weight = s W_enc,
+    W_dec = W_dec / s, b_dec = b_dec / s (a transcoder's s is 1; its skip map is W_skip)."""
     s = np.float32(input_scale)
     return {"encoder.weight": np.asarray(params["W_enc"]) * s,
             "encoder.bias": np.asarray(params["b_enc"]),
             "W_dec": np.asarray(params["W_dec"]) / s,
-            "b_dec": np.asarray(params["b_dec"]) / s}
+            "b_dec": np.asarray(params["b_dec"]) / s,
+            **({"W_skip": np.asarray(params["W_skip"])} if "W_skip" in params else {})}
 
 
 def export_sparsify(path_or_models, k: int | None, out_dir: str | os.PathLike) -> Path:
@@ -48,8 +49,9 @@ def export_sparsify(path_or_models, k: int | None, out_dir: str | os.PathLike) -
     from safetensors.numpy import save
 
     m = _as_models(path_or_models)
-    if not isinstance(m, TopKSAEs):
-        raise ValueError(f"sparsify holds TopK SAEs on vectors; this file holds "
+    fields = m.sparsify_fields() if isinstance(m, VectorSAE) else None
+    if fields is None:
+        raise ValueError(f"sparsify holds TopK SAEs and transcoders; this file holds "
                          f"{m.model_config.arch!r} models (export_saelens takes every SAE)")
     mc, k = m.model_config, m.ks[m.index(k)]
     tensors = {name: np.ascontiguousarray(a, np.float32)
@@ -58,9 +60,8 @@ def export_sparsify(path_or_models, k: int | None, out_dir: str | os.PathLike) -
     out.mkdir(parents=True, exist_ok=True)
     write_bytes(out / "sae.safetensors", save(tensors))
     write_json(out / "cfg.json", {"activation": "topk", "expansion_factor": max(1, mc.latents // mc.d_in),
-                                  "normalize_decoder": True, "num_latents": mc.latents, "k": int(k),
-                                  "multi_topk": mc.multi_topk, "skip_connection": False,
-                                  "transcode": False, "d_in": mc.d_in})
+                                  "num_latents": mc.latents, "k": int(k), **fields,
+                                  "skip_connection": "W_skip" in tensors, "d_in": mc.d_in})
     return out
 
 

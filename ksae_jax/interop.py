@@ -1,7 +1,9 @@
 """SAEs in the ecosystem's formats, both ways:
 
 - EleutherAI sparsify: a folder with cfg.json (SparseCoderConfig's fields and d_in) and
-  sae.safetensors (encoder.weight (n, d), encoder.bias, W_dec (n, d), b_dec); TopK.
+  sae.safetensors (encoder.weight (n, d), encoder.bias, W_dec (n, d), b_dec, and W_skip
+  (d, d) with skip_connection); TopK SAEs, and transcoders (transcode: true: the encoder
+  reads the MLP's input as it is, the decoder writes its output).
 - SAELens: a folder with cfg.json (architecture, d_in, d_sae, apply_b_dec_to_input,
   normalize_activations, k for topk) and sae_weights.safetensors (W_enc (d, n), b_enc,
   W_dec (n, d), b_dec, threshold (n,) for jumprelu); topk, jumprelu and standard (ReLU).
@@ -22,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ksae_jax.config import JumpReLUModel, SweepConfig, TopKModel
+from ksae_jax.models.transcoder import TranscoderModel
 from ksae_jax.files import write_bytes, write_json
 from ksae_jax.safe_pickle import ParamsFileError
 
@@ -68,20 +71,25 @@ def _payload(model, labels: dict, params: dict, source: str) -> dict:
 
 
 def read_sparsify(path: Path) -> dict:
-    """The payload of a sparsify SparseCoder folder (TopK, no skip connection, no transcoder)."""
+    """The payload of a sparsify SparseCoder folder: a TopK SAE, or a transcoder (with its
+    skip map where it has one); not groupmax, and no skip map on an SAE."""
     cfg, t = _read(path, SPARSIFY_WEIGHTS)
-    if cfg.get("activation", "topk") != "topk" or cfg.get("skip_connection") or cfg.get("transcode"):
-        raise ParamsFileError(f"{path}: only sparsify's TopK SAEs load (not groupmax, skip "
-                              "connections or transcoders)")
+    transcode, skip = bool(cfg.get("transcode")), bool(cfg.get("skip_connection"))
+    if cfg.get("activation", "topk") != "topk" or (skip and not transcode):
+        raise ParamsFileError(f"{path}: sparsify's TopK SAEs and transcoders load (not groupmax, "
+                              "nor an SAE with a skip connection)")
     try:
         d, n, k = int(cfg["d_in"]), int(cfg.get("num_latents") or 0), int(cfg["k"])
     except (KeyError, TypeError, ValueError) as e:
         raise ParamsFileError(f"{path}: {CFG} lacks a usable {e}") from None
     n = n or d * int(cfg.get("expansion_factor", 32))
-    _expect(path, t, {"encoder.weight": (n, d), "encoder.bias": (n,), "W_dec": (n, d), "b_dec": (d,)})
+    _expect(path, t, {"encoder.weight": (n, d), "encoder.bias": (n,), "W_dec": (n, d), "b_dec": (d,),
+                      **({"W_skip": (d, d)} if skip else {})})
     params = {"W_enc": t["encoder.weight"], "b_enc": t["encoder.bias"], "W_dec": t["W_dec"],
-              "b_dec": t["b_dec"]}
-    return _payload(TopKModel(d, n), {"ks": (k,)}, params, f"sparsify:{path}")
+              "b_dec": t["b_dec"], **({"W_skip": t["W_skip"]} if skip else {})}
+    model = (TranscoderModel(d, n, arch="skip-transcoder" if skip else "transcoder")
+             if transcode else TopKModel(d, n))
+    return _payload(model, {"ks": (k,)}, params, f"sparsify:{path}")
 
 
 def read_saelens(path: Path) -> dict:

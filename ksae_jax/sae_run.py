@@ -28,7 +28,7 @@ from ksae_jax.safe_pickle import ParamsFileError
 HIST_BINS = np.linspace(-7, 0, 29)  # log10 firing frequency
 SHAPE_FIELDS = ("d_in", "latents", "arch", "prefixes")  # --init: the saved SAE's
 INIT_FIELDS = ("init_scale", "b_dec_init", "b_enc_init", "b_enc_mean_keep", "init_dirs", "init_mix",
-               "init_l0")  # --init: the saved SAE's params replace any init
+               "init_l0", "transcoder_init")  # --init: the saved SAE's params replace any init
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,8 +143,9 @@ def start_config(given: dict, values: dict, start, d_in: int) -> SweepConfig:
     """The sweep of a run that trains on from a saved SAE (--init): its model (shape and init
     fields kept, the recipe's others as given) and its ks, the training flags of this run."""
     mc, name = start.model_config, f"--init {given['init']}"
-    if mc.d_in != d_in:
-        raise flags.UsageError(f"{name}: the SAE takes d = {mc.d_in}; the data have d = {d_in}")
+    if mc.input_width != d_in:
+        raise flags.UsageError(f"{name}: the model takes rows of width {mc.input_width}; the data "
+                               f"have d = {d_in}")
     for field, its in [(f, getattr(mc, f, None)) for f in SHAPE_FIELDS] + \
             [("ks", start.config.ks), ("l0_coefs", start.config.l0_coefs)]:
         value = given.get(field)

@@ -17,7 +17,8 @@ from ksae_jax.data import synthetic
 from ksae_jax.safe_pickle import ParamsFileError
 
 FIXTURES = Path(__file__).parent / "fixtures"
-THIRD_PARTY = ["sparsify_topk", "saelens_topk", "saelens_topk_no_b_dec_in", "saelens_jumprelu"]
+THIRD_PARTY = ["sparsify_topk", "sparsify_skip_transcoder", "saelens_topk",
+               "saelens_topk_no_b_dec_in", "saelens_jumprelu"]
 
 
 @pytest.mark.parametrize("name", THIRD_PARTY)
@@ -116,11 +117,12 @@ def test_bad_folders_are_one_line_exit_2_and_nothing_is_written(tmp_path, capsys
     assert not out.exists()
 
 
-@pytest.mark.parametrize("name", ["sparsify_topk", "saelens_jumprelu"])
+@pytest.mark.parametrize("name", ["sparsify_topk", "sparsify_skip_transcoder", "saelens_jumprelu"])
 def test_training_continues_from_an_imported_sae(name, tmp_path):
-    x = synthetic.generate(3000, d=16, n_features=24, mean_active=3, seed=1).x
+    start = ksae_jax.load(FIXTURES / name)  # a transcoder's rows: [input | output] pairs
+    width = start.model_config.input_width
+    x = synthetic.generate(3000, d=width, n_features=24, mean_active=3, seed=1).x
     np.save(tmp_path / "x.npy", x)
-    start = ksae_jax.load(FIXTURES / name)
     out = tmp_path / "run"
     sae_run.main(["--data", str(tmp_path / "x.npy"), "--init", str(FIXTURES / name), "--steps", "1",
                   "--batch-size", "256", "--lr", "1e-9", "--out", str(out), "--no-progress"])
@@ -154,3 +156,57 @@ def test_training_on_from_an_sae_refuses_what_it_would_not_apply(tmp_path, capsy
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err and err.count("\n") == 1, err
     assert not (tmp_path / "o").exists()
+
+
+def _sparsify_forward(folder: Path, x: np.ndarray) -> np.ndarray:
+    """sparsify's SparseCoder forward in NumPy: TopK of ReLU(x W^T + b) (x - b_dec for an SAE),
+    decoded, plus the skip map x W_skip^T where there is one."""
+    from safetensors.numpy import load_file
+
+    cfg = json.loads((folder / "cfg.json").read_text())
+    t = load_file(str(folder / "sae.safetensors"))
+    src = x if cfg["transcode"] else x - t["b_dec"]
+    pre = np.maximum(src @ t["encoder.weight"].T + t["encoder.bias"], 0)
+    idx = np.argsort(-pre, axis=1, kind="stable")[:, :cfg["k"]]
+    out = np.einsum("bk,bkd->bd", np.take_along_axis(pre, idx, 1), t["W_dec"][idx]) + t["b_dec"]
+    return out + (x @ t["W_skip"].T if cfg["skip_connection"] else 0)
+
+
+@pytest.fixture(scope="module")
+def transcoders(tmp_path_factory):
+    """Tiny transcoder and skip-transcoder sweeps on pairs [x | f(x)]."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3000, 16)).astype(np.float32)
+    pairs = np.concatenate([x, np.tanh(x @ rng.normal(size=(16, 16)) / 4)], axis=1)
+    out = {}
+    for arch in ("transcoder", "skip-transcoder"):
+        cfg = sae_config(16, (3, 5), latents=64, steps=20, batch_size=256, arch=arch)
+        r = train.train_sweep(cfg, pairs[:2500], pairs[2500:], progress=False)
+        out[arch] = ksae_jax.load(r.save(tmp_path_factory.mktemp(arch)))
+    return out, x[2500:2560]
+
+
+@pytest.mark.parametrize("arch", ["transcoder", "skip-transcoder"])
+def test_transcoders_export_to_sparsify_and_read_back(transcoders, arch, tmp_path):
+    models, x = transcoders
+    model = models[arch]
+    folder = ksae_jax.export_sparsify(model, 5, tmp_path / "sp")
+    want = model.transcode(x, 5)
+    np.testing.assert_allclose(_sparsify_forward(folder, x), want, rtol=1e-5, atol=1e-5)
+    again = ksae_jax.load(folder)
+    assert again.model_config.arch == arch and again.ks == (5,)
+    np.testing.assert_allclose(again.transcode(x), want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["transcoder", "skip-transcoder"])
+def test_sparsify_itself_loads_exported_transcoders(transcoders, arch, tmp_path):
+    """Through sparsify's own SparseCoder where it is installed (a benchmark peer, not a
+    dependency; its arithmetic is checked above either way)."""
+    sparsify = pytest.importorskip("sparsify")
+    import torch
+    models, x = transcoders
+    coder = sparsify.SparseCoder.load_from_disk(ksae_jax.export_sparsify(models[arch], 3,
+                                                                         tmp_path / "sp"))
+    with torch.no_grad():
+        got = coder(torch.from_numpy(x)).sae_out.numpy()
+    np.testing.assert_allclose(got, models[arch].transcode(x, 3), rtol=1e-5, atol=1e-5)

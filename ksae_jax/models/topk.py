@@ -160,5 +160,9 @@ class TopKSAEs(VectorSAE):
     def saelens_view(self, *label, **named):
         return "topk", self.ks[self.index(*label, **named)], None
 
+    def sparsify_fields(self) -> dict:
+        return {"normalize_decoder": True, "multi_topk": self.model_config.multi_topk,
+                "transcode": False}
+
 
 register("topk", TopKModel, TopKFamily, TopKSAEs)

@@ -308,6 +308,9 @@ class Transcoders(VectorSAE):
 
     reconstruct = transcode  # (reconstruct_array, as the splice calls it, takes pair rows)
 
+    def sparsify_fields(self) -> dict:
+        return {"normalize_decoder": False, "multi_topk": False, "transcode": True}
+
 
 register("transcoder", TranscoderModel, TranscoderFamily, Transcoders)
 register("skip-transcoder", TranscoderModel, TranscoderFamily, Transcoders)

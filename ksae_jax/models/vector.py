@@ -271,6 +271,11 @@ class VectorSAE(Loaded):
         """(SAELens architecture, its k, its threshold) of the model a label names."""
         raise NotImplementedError
 
+    def sparsify_fields(self) -> dict | None:
+        """The cfg.json fields of sparsify's layout that say what these models are (None:
+        sparsify has no such models)."""
+        return None
+
     def decoder_directions(self, *label, **named) -> np.ndarray:
         """(n, d) unit decoder rows of the model a label names (in normalised input space)."""
         return np.asarray(self.params_for(*label, **named)["W_dec"])
