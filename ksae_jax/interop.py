@@ -87,7 +87,8 @@ def read_sparsify(path: Path) -> dict:
                       **({"W_skip": (d, d)} if skip else {})})
     params = {"W_enc": t["encoder.weight"], "b_enc": t["encoder.bias"], "W_dec": t["W_dec"],
               "b_dec": t["b_dec"], **({"W_skip": t["W_skip"]} if skip else {})}
-    model = (TranscoderModel(d, n, arch="skip-transcoder" if skip else "transcoder")
+    model = (TranscoderModel(d, n, arch="skip-transcoder" if skip else "transcoder",
+                             transcoder_init="zero")  # sparsify's recipe: free decoder norms
              if transcode else TopKModel(d, n))
     return _payload(model, {"ks": (k,)}, params, f"sparsify:{path}")
 

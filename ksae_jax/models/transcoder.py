@@ -52,8 +52,9 @@ class TranscoderModel(ModelConfig):
     arch: Literal["transcoder", "skip-transcoder"] = "transcoder"
     """The family: "skip-transcoder" adds the linear skip map W_skip x."""
     transcoder_init: Literal["zero", "paired"] = "paired"
-    """"zero": sparsify's (zero decoder, free decoder norms); "paired": each latent starts on
-    one training pair, decoder rows at unit norm (docs/transcoders.md measures both)."""
+    """"zero": sparsify's recipe (a zero decoder at init, decoder norms free throughout; what
+    an imported sparsify transcoder trains on with); "paired": each latent starts on one
+    training pair, decoder rows kept at unit norm (docs/transcoders.md measures both)."""
     decoder: Literal["auto", "native", "sparse", "dense"] = "auto"
     """How the top-k gathers and scatters run (as TopK SAEs' decoder setting)."""
     dtype: Literal["float32", "bfloat16"] = "float32"
