@@ -73,7 +73,7 @@ def evaluate(cfg: SweepConfig, params, evalset: EvalSet, ks=None) -> EvalResult:
     return EvalResult(mse=sse / n_elements / unit, fvu=sse / denom,
                       l0=counts.sum(axis=1) / evalset.n, dead_frac=(counts == 0).mean(axis=1),
                       counts=counts, n=evalset.n,
-                      extra={name.replace("_sse", "_fvu"): v / denom for name, v in sums.items()})
+                      extra=cfg.family.held_out_extras(sums, evalset.n, denom))
 
 
 def evaluate_each(cfg: SweepConfig, params, evalsets: list[EvalSet]) -> EvalResult:

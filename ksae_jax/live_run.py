@@ -36,7 +36,7 @@ def main(given: dict, values: dict, *, default_out: str) -> runner.Run:
     lm = open_lm(live_cfg)
     check_hookpoints(lm.names, values)
     d = one_width(lm)
-    base = sae_run.sweep_config(values, d)  # the family's batch size and seed where not given
+    base = sae_run.sweep_config(values, d, hookpoint=lm.names[0])  # the family's batch size and seed where not given
     if live_cfg.tokens < base.batch_size:
         raise flags.UsageError(f"--tokens {live_cfg.tokens:,} is less than one batch "
                                f"(--batch-size {base.batch_size:,})")
@@ -44,7 +44,7 @@ def main(given: dict, values: dict, *, default_out: str) -> runner.Run:
     cfg = live_sweep(values, base.model, lm.names, live_cfg.tokens // base.batch_size,
                      stream.steps_per_cycle)
     held = heldout_sets(lm)
-    print(f"live: {lm.backend.name} {live_cfg.model}, hookpoints {lm.names} (d = {d}); "
+    print(f"live: {lm.backend.name} {live_cfg.model}, hookpoints {lm.names} (rows {d} wide); "
           + (f"loss {objective.loss}, {stream.contexts} whole contexts a step"
              if objective.end_to_end else
              f"mixing buffer {live_cfg.buffer_tokens:,} rows per hookpoint (half renewed "
@@ -105,9 +105,8 @@ def hookpoints_of(live_cfg, values: dict):
     """The live settings with --layers named as the family reads a block."""
     if live_cfg.layers is None:
         return live_cfg
-    cls = model_class(values)
-    return dataclasses.replace(live_cfg, layers=None, hookpoints=tuple(
-        cls.layer_hookpoint(layer) for layer in live_cfg.layers))
+    return dataclasses.replace(live_cfg, layers=None,
+                               hookpoints=model_class(values).hookpoints_for(live_cfg.layers))
 
 
 def check_hookpoints(names: list[str], values: dict) -> None:
@@ -225,33 +224,61 @@ def report(run: runner.Run, lm, held: list, lm_tokens: int, info: dict) -> dict:
             if part.on_host:
                 sae_run.write_figures(sub, metrics, part.models(metrics))
         per_hookpoint[name] = {f: metrics.get(f) for f in (
-            "ks", "l0_coefs", "fvu", "l0", "dead_frac", "dead_frac_window", "delta_loss", "kl")
-            if f in metrics}
+            "ks", "l0_coefs", "fvu", "l0", "dead_frac", "dead_frac_window", "delta_loss", "kl",
+            *CLT_FIELDS) if f in metrics}
     seconds = result.seconds
+    replaced = replacement(lm, run, splice) if result.on_host else None
     summary = {"hookpoints": per_hookpoint, "tokens": run.result.budget.steps * run.cfg.batch_size,
                "tokens_per_s": run.result.budget.steps * run.cfg.batch_size / seconds,
                "lm_seconds": lm.seconds, "seconds": seconds, **run.plan,
                "compile_seconds": result.compile_seconds, "config": run.cfg.to_dict(),
-               "lm_backend": lm.backend.kind, "data": info}
+               "lm_backend": lm.backend.kind, "data": info,
+               **({"replacement": replaced} if replaced else {})}
     if sharding.is_writer():
         write_json(run.out / "metrics.json", summary)
         print_table(run.cfg, per_hookpoint, summary)
     return summary
 
 
+CLT_FIELDS = ("layer_fvu", "layer_l0", "layer_delta_loss", "layer_kl", "replacement_delta_loss",
+              "replacement_kl")
+
+
 def spliced_evaluation(lm, lm_tokens: int):
     """(h, result) -> the LM's loss with each SAE of hookpoint h spliced in (delta_loss, KL,
-    ...), on held-out contexts tokenized once for every hookpoint."""
+    ...), on held-out contexts tokenized once for every hookpoint; at a CLT's hookpoint
+    (several MLPs), each layer replaced alone and every layer at once (lm.replacement)."""
+    from ksae_jax.lm import hookpoints, replacement
     from ksae_jax.lm.splice import SpliceEval
 
     evaluation = SpliceEval.at(lm.backend.splice, lm.tokenizer, lm.hookpoints[0], lm.held_docs, lm_tokens,
                                lm.cfg.context, name=lm.cfg.model)
 
     def scores(h: int, part) -> dict:
-        evaluation.where, evaluation.layer = lm.hookpoints[h], lm.hookpoints[h].name
-        return evaluation(part.models(), list(part.config.labels))
+        where, labels = lm.hookpoints[h], list(part.config.labels)
+        if hookpoints.is_several(where):
+            return replacement.clt_scores(lm.backend.splice, evaluation.windows,
+                                          evaluation.nbytes, part.models(), where.path, labels)
+        evaluation.where, evaluation.layer = where, where.name
+        return evaluation(part.models(), labels)
 
+    scores.evaluation = evaluation
     return scores
+
+
+def replacement(lm, run: runner.Run, splice) -> dict | None:
+    """Every layer's transcoder spliced in at once (the replacement model), where a run of
+    the JAX LM trained transcoders at several MLPs; None otherwise."""
+    from ksae_jax.lm import hookpoints, replacement as rep
+
+    pairs = [h for h, where in enumerate(lm.hookpoints) if hookpoints.is_pair(where)
+             and not hookpoints.is_several(where)]
+    if lm.backend.kind != "jax" or len(pairs) < 2:
+        return None
+    ev = splice.evaluation
+    trained = [(lm.hookpoints[h].path, run.result.for_hookpoint(h).models()) for h in pairs]
+    return rep.transcoders_replacement(lm.backend.splice, ev.windows, ev.nbytes, trained,
+                                       list(run.cfg.labels))
 
 
 def print_table(cfg: SweepConfig, per_hookpoint: dict, summary: dict) -> None:
@@ -264,7 +291,18 @@ def print_table(cfg: SweepConfig, per_hookpoint: dict, summary: dict) -> None:
                        if m.get("delta_loss") and m["delta_loss"][i] is not None else "")
             print(f"{hookpoint:>16} {label!s:>7} {m['fvu'][i]:>8.4f} {m['l0'][i]:>7.2f} "
                   f"{100 * m['dead_frac'][i]:>15.2f}% {100 * m['dead_frac_window'][i]:>13.2f}%"
-                  + lm_part)
+                  + lm_part + (" (every layer replaced)" if "layer_fvu" in m else ""))
+            for j, layer in enumerate(hookpoint.split(".", 1)[1].split("+") if "layer_fvu" in m
+                                      else ()):
+                alone = (f" {m['layer_delta_loss'][i][j]:>11.4f} {m['layer_kl'][i][j]:>8.4f}"
+                         if m.get("layer_delta_loss") else "")
+                print(f"{'  layer ' + layer:>16} {'':>7} {m['layer_fvu'][i][j]:>8.4f} "
+                      f"{m['layer_l0'][i][j]:>7.2f} {'':>16} {'':>14}{alone}")
+    if "replacement" in summary:
+        r = summary["replacement"]
+        print("every layer's transcoder at once (the replacement model): " + ", ".join(
+            f"{name} {label}: delta loss {d:.4f}, KL {kl:.4f}" for label, d, kl in zip(
+                r["labels"], r["replacement_delta_loss"], r["replacement_kl"])))
     share = ("the LM's forward and backward passes inside the compiled step"
              if "objective" in summary["data"] else
              f"{100 * summary['lm_seconds'] / summary['seconds']:.0f}% of the time in the LM's "

@@ -22,6 +22,7 @@ from ksae_jax.data.synthetic import SyntheticData, recovery
 from ksae_jax.data.vectors import VectorData, VectorSource
 from ksae_jax.files import write_json
 from ksae_jax.models import SaeModel, registry
+from ksae_jax.models.clt import CLTModel
 from ksae_jax.models.transcoder import TranscoderModel
 from ksae_jax.safe_pickle import ParamsFileError
 
@@ -43,7 +44,7 @@ class Start:
 def model_classes() -> dict[str, type]:
     """--arch name -> model config of the families on vectors (SAEs and transcoders)."""
     return {arch: registry.lookup(arch).config
-            for arch in registry.archs((SaeModel, TranscoderModel))}
+            for arch in registry.archs((SaeModel, TranscoderModel, CLTModel))}
 
 
 def model_configs() -> tuple[type, ...]:
@@ -76,7 +77,7 @@ def groups(data_cls: type = VectorData) -> list[flags.Group]:
             *([flags.Group("or a language model, run live (needs requirements-lm.txt)",
                            (LiveData, Objective))] if vectors else []),
             flags.Group("model (the family: --arch)", model_configs(),
-                        frozenset({"d_in"}), key="arch"),
+                        frozenset({"d_in", "n_layers"}), key="arch"),
             flags.Group("sweep and budget", (SweepConfig,), frozenset({"hookpoints"})),
             *([flags.Group("start", (Start,)),
                flags.Group("language model of the vectors (needs requirements-lm.txt)",
@@ -121,11 +122,11 @@ def main(argv=None, *, data_cls: type = VectorData, preset: dict | None = None,
     return run
 
 
-def sweep_config(values: dict, d_in: int) -> SweepConfig:
-    """The sweep the flags ask for on d_in-wide vectors."""
+def sweep_config(values: dict, d_in: int, hookpoint: str | None = None) -> SweepConfig:
+    """The sweep the flags ask for on d_in-wide vectors (read at a live run's hookpoint)."""
     classes = model_classes()
     try:
-        shape = classes[values.get("arch", registry.DEFAULT_SAE)].width_fields(d_in)
+        shape = classes[values.get("arch", registry.DEFAULT_SAE)].width_fields(d_in, hookpoint)
     except ValueError as e:
         raise flags.UsageError(str(e)) from None
     model = flags.build_choice(classes, "arch", values, registry.DEFAULT_SAE, **shape)

@@ -215,7 +215,7 @@ def _fresh_state(cfg: SweepConfig, sample, params) -> TrainState:
         params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
     opt_state = jax.vmap(optim.make_optimizer(cfg.optim).init)(params)
     n = cfg.n_models
-    return TrainState(params, opt_state, jnp.zeros((n, cfg.model.latents), jnp.int32),
+    return TrainState(params, opt_state, jnp.zeros((n, cfg.model.units), jnp.int32),
                       jnp.full(n, -1, jnp.int32))
 
 

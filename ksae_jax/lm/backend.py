@@ -136,7 +136,7 @@ class JaxBackend:
         return tuple(h.path for h in self.hookpoints)
 
     def widths(self, ids) -> dict[str, int]:
-        return {h.name: self.lm.spec.d * (2 if hooks.is_pair(h) else 1) for h in self.hookpoints}
+        return {h.name: jax_lm.tap_width(self.lm.spec, h.path) for h in self.hookpoints}
 
     def rows(self, ids):
         return _jax_rows(self.lm.spec, self.lm.weights, jnp.asarray(ids, jnp.int32), self.taps)

@@ -82,6 +82,11 @@ def is_pair(hookpoint: Hookpoint) -> bool:
     return hookpoint.side == "pair" or hookpoint.path.startswith("mlp.")
 
 
+def is_several(hookpoint: Hookpoint) -> bool:
+    """Whether the hookpoint reads several MLPs' pairs at once (a CLT's, mlp.0+1+2)."""
+    return bool(re.fullmatch(r"mlp\.\d+(\+\d+)+", hookpoint.path))
+
+
 def written(hookpoint: Hookpoint, value):
     """The part of a hookpoint's activations a replacement writes: a pair's output half."""
     return output_half(value) if is_pair(hookpoint) else value

@@ -415,8 +415,19 @@ class Output(NamedTuple):
     acts: dict
 
 
+def layers_of(name: str) -> list[int]:
+    """The blocks a hookpoint reads: one, or a CLT's several (mlp.0+1+2)."""
+    return [int(p) for p in name.rsplit(".", 1)[1].split("+")]
+
+
 def layer_of(name: str) -> int:
-    return int(name.rsplit(".", 1)[1])
+    """The last block a hookpoint reads."""
+    return max(layers_of(name))
+
+
+def tap_width(spec: Spec, name: str) -> int:
+    """Width of a hookpoint's activations: d, or 2 d per MLP pair it holds."""
+    return spec.d * (2 * len(layers_of(name)) if name.startswith("mlp.") else 1)
 
 
 def forward(spec: Spec, w: dict, tokens, hookpoints=(), *, logits: bool = True,
@@ -443,8 +454,8 @@ def forward(spec: Spec, w: dict, tokens, hookpoints=(), *, logits: bool = True,
     for layer in range(first, last + 1):
         seen[f"resid_pre.{layer}"] = x
         x = block(spec, w["blocks"][layer], x, layer, rope, tap)
-    acts = {name: pair_of(seen, name) if name.startswith("mlp.") else seen[name]
-            for name in hookpoints}
+    acts = {name: jnp.concatenate([pair_of(seen, f"mlp.{layer}") for layer in layers_of(name)], -1)
+            if name.startswith("mlp.") else seen[name] for name in hookpoints}
     return Output(unembed(spec, w, x) if logits else None, acts)
 
 
@@ -486,6 +497,9 @@ def spliced_pass(spec: Spec, w: dict, tokens, tap: str, block_in, new):
 
 def check_hookpoint(spec: Spec, name: str) -> None:
     kind, _, layer = name.rpartition(".")
+    several = kind == "mlp" and re.fullmatch(r"\d+(\+\d+)+", layer)  # a CLT's MLPs
+    if several and all(int(p) < spec.layers for p in layer.split("+")):
+        return
     if kind not in (*KINDS, "resid_pre") or not layer.isdigit() or int(layer) >= spec.layers:
         raise LMError(f"hookpoint {name!r}: the JAX forward has {', '.join(KINDS)} .L for L "
                       f"in 0..{spec.layers - 1}")
@@ -531,7 +545,7 @@ def resolve(spec: Spec, names) -> list[tuple[str, str]]:
     base = "transformer." if spec.kind == "gpt2" else "model."
     found = []
     for name in names:
-        if re.fullmatch(r"(resid_post|mlp_in|mlp_out|mlp)\.\d+", name):
+        if re.fullmatch(r"(resid_post|mlp_in|mlp_out|mlp)\.\d+|mlp\.\d+(\+\d+)+", name):
             check_hookpoint(spec, name)
             found.append((name, name))
             continue

@@ -96,16 +96,27 @@ def spliced_losses(model, where, windows: np.ndarray, nbytes: np.ndarray,
     with the replacements spliced in at `where` (a hookpoints.Hookpoint). model: a torch
     model (replacements of torch tensors) or a jax_lm.JaxLM (of JAX arrays)."""
     variants = {"zero": _zeros(model, where), **replacements}
-    sums = {name: {"nll": 0.0, "kl": 0.0} for name in ("clean", *variants)}
+
+    def passes(ids):
+        clean, spliced = _passes(model)(model, where, ids)
+        return clean, {name: spliced(replace) for name, replace in variants.items()}
+
+    return accumulate(windows, nbytes, passes, batch)
+
+
+def accumulate(windows: np.ndarray, nbytes: np.ndarray, passes, batch: int) -> dict:
+    """The losses and KLs of every variant, batch after batch of windows: passes(ids) gives
+    (clean log-probs, {name: log-probs}) of the predictions 1..T-2."""
+    sums: dict = {"clean": {"nll": 0.0, "kl": 0.0}}
     count, total_bytes = 0, 0
     for i in range(0, len(windows), batch):
         ids = windows[i:i + batch]
         targets = ids[:, 2:, None]
-        clean, spliced = _passes(model)(model, where, ids)
-        for name, replace in {"clean": None, **variants}.items():
-            lp = clean if replace is None else spliced(replace)
-            sums[name]["nll"] -= float(np.take_along_axis(lp, targets, -1).sum(dtype=np.float64))
-            sums[name]["kl"] += float((np.exp(clean) * (clean - lp)).sum(dtype=np.float64))
+        clean, spliced = passes(ids)
+        for name, lp in {"clean": clean, **spliced}.items():
+            s = sums.setdefault(name, {"nll": 0.0, "kl": 0.0})
+            s["nll"] -= float(np.take_along_axis(lp, targets, -1).sum(dtype=np.float64))
+            s["kl"] += float((np.exp(clean) * (clean - lp)).sum(dtype=np.float64))
         count += targets.size
         total_bytes += int(nbytes[targets].sum())
     return {name: {"loss": s["nll"] / count, "bits_per_byte": s["nll"] / math.log(2) / total_bytes,

@@ -65,6 +65,11 @@ class ModelConfig:
         raise NotImplementedError
 
     @property
+    def units(self) -> int:
+        """Code units the dead counters track (a CLT's: latents x layers)."""
+        return self.latents
+
+    @property
     def input_shape(self) -> tuple[int, ...]:
         raise NotImplementedError
 
@@ -167,6 +172,12 @@ class Family:
         """The columns of a row the model reconstructs (FVU's denominator): all of them,
         or a transcoder's output half."""
         return slice(None)
+
+    def held_out_extras(self, sums: dict, n: int, denom: float) -> dict:
+        """Held-out metrics from the family's own evaluation sums (float64, per model):
+        "<name>_sse" becomes "<name>_fvu" (over the held-out set's total variance)."""
+        del n
+        return {name.replace("_sse", "_fvu"): v / denom for name, v in sums.items()}
 
     def rows(self, data, name: str) -> Rows:
         raise NotImplementedError

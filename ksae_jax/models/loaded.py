@@ -133,7 +133,7 @@ class Loaded:
         raise NotImplementedError
 
     def _codes(self, code) -> np.ndarray:
-        return as_rows(code, self.model_config.latents, "code", "fiu")
+        return as_rows(code, self.model_config.units, "code", "fiu")
 
     def encode(self, x, *label, n_active: int | None = None, **named) -> np.ndarray:
         """Sparse codes (N, latents) with the model a label names (n_active: units kept,
@@ -147,7 +147,7 @@ class Loaded:
             n_active = checks.check_k(n_active, self.model_config.latents, "n_active")
         hp, max_k = self.hp(i, n_active)
         fn = functools.partial(_encode, self._params(i), hp=hp, family=self.family, max_k=max_k)
-        return chunked(fn, self._inputs(x), (self.model_config.latents,))
+        return chunked(fn, self._inputs(x), (self.model_config.units,))
 
     def decode(self, code, *label, **named) -> np.ndarray:
         """Inputs (N, ...) from codes (N, latents) or one code (latents,), with the model a
@@ -167,7 +167,7 @@ class Loaded:
         x, (hp, max_k) = self._inputs(x), self.hp(i)
         fn = functools.partial(_usage, self._params(i), hp=hp, family=self.family, max_k=max_k)
         return sum((np.asarray(fn(x[j:j + CHUNK])) for j in range(0, len(x), CHUNK)),
-                   np.zeros(self.model_config.latents))
+                   np.zeros(self.model_config.units))
 
     def _params(self, i: int) -> dict:
         return jax.tree.map(lambda a: a[i], self.params)

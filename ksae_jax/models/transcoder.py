@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import ClassVar, Literal, NamedTuple
 
 import jax
@@ -78,21 +79,22 @@ class TranscoderModel(ModelConfig):
         super().__post_init__()
 
     @classmethod
-    def width_fields(cls, width: int) -> dict:
+    def width_fields(cls, width: int, hookpoint: str | None = None) -> dict:
         """Rows of `width` are pairs: d_in is half of it."""
+        del hookpoint
         if width % 2:
             raise ValueError(f"a transcoder's rows are [input | output] pairs; rows of width "
                              f"{width} are not")
         return {"d_in": width // 2}
 
     @staticmethod
-    def layer_hookpoint(layer: int) -> str:
-        """What a transcoder of block `layer` reads: its MLP's input and output."""
-        return f"mlp.{layer}"
+    def hookpoints_for(layers) -> tuple[str, ...]:
+        """What transcoders of these blocks read: each MLP's input and output."""
+        return tuple(f"mlp.{layer}" for layer in layers)
 
     @staticmethod
     def check_hookpoint(name: str) -> None:
-        if not name.startswith("mlp."):
+        if not re.fullmatch(r"mlp\.\d+", name):
             raise ValueError(f"hookpoint {name}: a transcoder reads an MLP's input and output "
                              "(--layers L, or --hookpoints mlp.L)")
 

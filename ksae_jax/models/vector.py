@@ -99,17 +99,18 @@ class SaeModel(ModelConfig):
         super().__post_init__()
 
     @staticmethod
-    def layer_hookpoint(layer: int) -> str:
-        """What an SAE of block `layer` reads (--layers): the block's output."""
-        return f"resid_post.{layer}"
+    def hookpoints_for(layers) -> tuple[str, ...]:
+        """What SAEs of these blocks read (--layers): each block's output."""
+        return tuple(f"resid_post.{layer}" for layer in layers)
 
     @staticmethod
     def check_hookpoint(name: str) -> None:
         """Refuses (ValueError) a hookpoint this model cannot read."""
 
     @classmethod
-    def width_fields(cls, width: int) -> dict:
-        """The shape fields of a model of rows `width` wide."""
+    def width_fields(cls, width: int, hookpoint: str | None = None) -> dict:
+        """The shape fields of a model of rows `width` wide (read at `hookpoint`, live)."""
+        del hookpoint
         return {"d_in": width}
 
     @property

@@ -1,0 +1,97 @@
+"""Transcoders and CLTs trained live on a tiny GPT-2: the pair hookpoint reads what torch's
+MLP reads and writes, both backends train the same transcoders, the spliced metrics agree
+between the two splices (the clean pass's rows and the replaced forward), and a bad
+request is one line and exit 2."""
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")  # the lm extra: .ci/run installs requirements-lm.txt
+pytest.importorskip("transformers")
+
+import ksae_jax  # noqa: E402
+from ksae_jax import sae_run  # noqa: E402
+from ksae_jax.lm import hookpoints as hooks  # noqa: E402
+from ksae_jax.lm import jax_lm, replacement  # noqa: E402
+from ksae_jax.lm import model as lm_model  # noqa: E402
+from ksae_jax.lm.splice import SpliceEval, sae_replacement  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = ["--text", str(ROOT / "README.md"), "--latents", "64", "--ks", "4", "8", "--tokens", "640",
+       "--batch-size", "64", "--heldout-tokens", "60", "--context", "16", "--lm-batch", "4",
+       "--buffer-tokens", "256", "--lm-tokens", "60", "--no-progress"]
+
+
+@pytest.fixture
+def lm_dir(tiny_lm):
+    return tiny_lm[0]  # conftest's GPT-2: 2 blocks, d 32, 16 positions
+
+
+def test_the_pair_hookpoint_is_the_mlps_input_beside_its_output(lm_dir):
+    model, _ = lm_model.load(str(lm_dir))
+    ids = np.random.default_rng(0).integers(0, 400, (2, 16))
+    got = hooks.capture(model, hooks.resolve(model, ["mlp.1", "mlp_in.1", "mlp_out.1"]),
+                        torch.from_numpy(ids))
+    assert got["mlp.1"].shape[-1] == 64
+    torch.testing.assert_close(got["mlp.1"], torch.cat([got["mlp_in.1"], got["mlp_out.1"]], -1))
+    lm = jax_lm.load(lm_dir)
+    _, acts = lm(ids, hookpoints=("mlp.1", "mlp.0+1"))
+    np.testing.assert_allclose(acts["mlp.1"], got["mlp.1"].numpy(), rtol=1e-4, atol=1e-5)
+    assert acts["mlp.0+1"].shape[-1] == 128
+    np.testing.assert_array_equal(acts["mlp.0+1"][..., 64:], acts["mlp.1"])
+
+
+def test_both_backends_train_the_same_transcoders_and_the_splices_agree(lm_dir, tmp_path):
+    runs = {}
+    for name in ("jax", "torch"):
+        sae_run.main(["--model", str(lm_dir), "--arch", "skip-transcoder", "--layers", "0", "1",
+                      "--lm-backend", name, "--out", str(tmp_path / name)] + RUN)
+        runs[name] = json.loads((tmp_path / name / "metrics.json").read_text())
+    for h in ("mlp.0", "mlp.1"):
+        ours, theirs = runs["jax"]["hookpoints"][h], runs["torch"]["hookpoints"][h]
+        np.testing.assert_allclose(ours["fvu"], theirs["fvu"], rtol=1e-3)
+        np.testing.assert_allclose(ours["delta_loss"], theirs["delta_loss"], rtol=1e-3, atol=1e-5)
+    assert len(runs["jax"]["replacement"]["replacement_delta_loss"]) == 2  # per k
+    # one layer replaced in the replaced forward = the spliced evaluation of that layer
+    lm = jax_lm.load(lm_dir)
+    models = ksae_jax.load(tmp_path / "jax" / "mlp.1" / "params.pkl")
+    tokenizer = lm_model.load(str(lm_dir))[1]
+    where = hooks.Hookpoint("mlp.1", "mlp.1", "jax")
+    ev = SpliceEval.at(lm, tokenizer, where, [(ROOT / "README.md").read_text()], 60, 16, "tiny")
+    alone = ev.losses({"8": sae_replacement(models, 8, lm)})
+    got = replacement.losses(lm, ev.windows, ev.nbytes,
+                             {"8": [(1, replacement.coder_of(models, "mlp.1", 8))]})
+    assert got["8"]["loss"] == pytest.approx(alone["8"]["loss"], rel=1e-5)
+    assert got["8"]["kl"] == pytest.approx(alone["8"]["kl"], rel=1e-3, abs=1e-6)
+
+
+def test_a_live_clt_reports_each_layer_and_the_replacement_model(lm_dir, tmp_path, capsys):
+    sae_run.main(["--model", str(lm_dir), "--arch", "clt", "--layers", "0", "1",
+                  "--out", str(tmp_path / "clt")] + RUN)
+    m = json.loads((tmp_path / "clt" / "metrics.json").read_text())["hookpoints"]["mlp.0+1"]
+    assert np.shape(m["layer_fvu"]) == (2, 2) and np.shape(m["layer_delta_loss"]) == (2, 2)
+    assert m["replacement_delta_loss"] == m["delta_loss"]
+    np.testing.assert_allclose(np.sum(m["layer_l0"], 1), m["l0"], rtol=1e-6)
+    assert "every layer replaced" in capsys.readouterr().out
+    clt = ksae_jax.load(tmp_path / "clt" / "mlp.0+1" / "params.pkl")
+    assert clt.model_config.n_layers == 2 and clt.model_config.d_in == 32
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--arch", "transcoder", "--hookpoints", "resid_post.0"], "reads an MLP's input and output"),
+    (["--arch", "clt", "--hookpoints", "mlp.0"], "several layers' MLP inputs"),
+    (["--arch", "transcoder", "--layers", "0", "--hookpoints", "mlp.0"], "not both"),
+    (["--arch", "clt", "--layers", "1", "0"], "later layer"),
+])
+def test_bad_transcoder_requests_are_one_line_and_exit_2(lm_dir, tmp_path, capsys, argv, message):
+    from ksae_jax import cli
+    with pytest.raises(SystemExit) as e:
+        cli.run(lambda: sae_run.main(["--model", str(lm_dir), "--out", str(tmp_path / "x")]
+                                     + argv + RUN), "ksae train")
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "x").exists()
