@@ -38,7 +38,7 @@ def test_meshes_give_the_one_device_result(report):
     assert report["devices"] == 4
     runs = {k: v for k, v in report.items() if isinstance(v, dict)}
     assert set(runs) == {"images data=4", "images model=2,data=2", "sae data=4",
-                         "sae model=2,data=2", "sae latent=2,data=2"}
+                         "sae model=2,data=2", "sae latent=2,data=2", "clt latent=2,data=2"}
     for name, r in runs.items():
         assert r["params"] < TOL, (name, r)
         assert r["eval_fvu"] < TOL and r["since_fired_equal"], (name, r)

@@ -44,8 +44,9 @@ class CLTModel(ModelConfig):
 
     d_in: int
     """Width of each MLP's input and output."""
-    n_layers: int
-    """Layers spanned (a row holds each one's [input | output])."""
+    n_layers: int | None = None
+    """Layers spanned (a row holds each one's [input | output]); set from the hookpoint
+    in a live run."""
     latents: int | None = None
     """Latents per layer; None: 8 * d_in."""
     arch: Literal["clt"] = "clt"
@@ -62,6 +63,8 @@ class CLTModel(ModelConfig):
     normalize: ClassVar[bool] = False
 
     def __post_init__(self):
+        if self.n_layers is None:
+            raise ValueError("n_layers: give the number of layers the CLT spans")
         for name in ("d_in", "n_layers"):
             checks.positive_int(name, getattr(self, name))
             object.__setattr__(self, name, int(getattr(self, name)))
