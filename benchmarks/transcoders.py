@@ -1,5 +1,6 @@
 """Transcoders against EleutherAI's sparsify, both reading the running offline LM: ksae_jax's
-one run for every layer's MLP and both ks (transcoders, then skip transcoders) against
+one run for every layer's MLP and both ks (transcoders, skip transcoders, and a
+cross-layer transcoder of the same latents per layer) against
 sparsify's command line with `--transcode True` (one run per k: at matched settings, at its
 own defaults, and with its skip connection at matched settings). Both read the same contexts
 (the ones ksae_jax's run reads, written as a tokenized dataset, BOS excluded as ours), and
@@ -51,8 +52,8 @@ class TranscoderComparison:
     """Tokens per context, BOS included."""
     lm_tokens: int = 16_384
     """Predictions of the spliced evaluation."""
-    systems: tuple[str, ...] = ("ksae_jax", "sparsify", "ksae_jax_skip", "sparsify_skip",
-                                "sparsify_defaults")
+    systems: tuple[str, ...] = ("ksae_jax", "ksae_jax_clt", "sparsify", "ksae_jax_skip",
+                                "sparsify_skip", "sparsify_defaults")
     """The runs, in the order they run."""
 
 
@@ -70,10 +71,53 @@ def run_ours(c: TranscoderComparison, arch: str) -> dict:
     got = measured(cmd, c.out / f"{arch}.log")
     m = json.loads((out / "metrics.json").read_text())
     return {**got, "command": " ".join(cmd[1:]), "tokens_per_s": m["tokens_per_s"],
-            "rows": [{"system": "ksae_jax", "arch": arch, "layer": int(name.split(".")[1]),
-                      "k": k, **{f: v[i] for f in ("fvu", "l0", "dead_frac", "delta_loss", "kl")
-                                 if (v := per.get(f)) is not None}}
-                     for name, per in m["hookpoints"].items() for i, k in enumerate(per["ks"])]}
+            "rows": our_rows(m, arch)}
+
+
+def our_rows(m: dict, arch: str) -> list[dict]:
+    """Per layer and k (a CLT's per-layer fields), and the replacement model's rows."""
+    rows = []
+    for name, per in m["hookpoints"].items():
+        span = [int(p) for p in name.split(".", 1)[1].split("+")]
+        for i, k in enumerate(per["ks"]):
+            if "layer_fvu" in per:  # a CLT: one hookpoint over every layer
+                rows += [{"system": "ksae_jax", "arch": arch, "layer": layer, "k": k,
+                          "fvu": per["layer_fvu"][i][j], "l0": per["layer_l0"][i][j],
+                          "delta_loss": per["layer_delta_loss"][i][j],
+                          "kl": per["layer_kl"][i][j]} for j, layer in enumerate(span)]
+                rows.append({"system": "ksae_jax", "arch": arch, "k": k,
+                             "l0": float(np.mean(per["layer_l0"][i])),
+                             "replacement_delta_loss": per["replacement_delta_loss"][i],
+                             "replacement_kl": per["replacement_kl"][i]})
+                continue
+            rows.append({"system": "ksae_jax", "arch": arch, "layer": span[0], "k": k,
+                         **{f: per[f][i] for f in ("fvu", "l0", "dead_frac", "delta_loss", "kl")}})
+    return rows
+
+
+def replacement_rows(c: TranscoderComparison, system: str, arch: str, folders: dict,
+                     rows: list[dict]) -> list[dict]:
+    """The replacement model of per-layer transcoders (every layer's MLP replaced at once),
+    per k, from their folders {layer: folder} (ksae_jax's or sparsify's, read alike)."""
+    import ksae_jax
+    from ksae_jax.lm import jax_lm, live, replacement
+    from ksae_jax.lm.splice import SpliceEval
+
+    lm = jax_lm.load(c.lm)
+    tokenizer = live.LiveLM(live.LiveData(model=c.lm, text=c.text, hookpoints=("mlp.0",),
+                                          context=c.context))
+    ev = SpliceEval.at(lm, tokenizer.tokenizer, tokenizer.hookpoints[0], tokenizer.held_docs,
+                       c.lm_tokens, c.context, name=c.lm)
+    out = []
+    for k, per_k in folders.items():
+        trained = [(f"mlp.{layer}", ksae_jax.load(folder)) for layer, folder in per_k.items()]
+        got = replacement.transcoders_replacement(lm, ev.windows, ev.nbytes, trained, [k])
+        l0 = np.mean([r["l0"] for r in rows if r["k"] == k and r["system"] == system
+                      and r["arch"] == arch and "layer" in r])
+        out.append({"system": system, "arch": arch, "k": k, "l0": float(l0),
+                    "replacement_delta_loss": got["replacement_delta_loss"][0],
+                    "replacement_kl": got["replacement_kl"][0]})
+    return out
 
 
 def run_peer(c: TranscoderComparison, k: int, how: str, bos: int) -> dict:
@@ -133,15 +177,26 @@ def main(argv=None) -> list[dict]:
     rows: list[dict] = []
     for system in c.systems:
         if system.startswith("ksae_jax"):
-            arch = "skip-transcoder" if system.endswith("skip") else "transcoder"
-            rows += stage(c, arch, lambda a=arch: run_ours(c, a))["rows"]
+            arch = {"ksae_jax": "transcoder", "ksae_jax_skip": "skip-transcoder",
+                    "ksae_jax_clt": "clt"}[system]
+            ours = stage(c, arch, lambda a=arch: run_ours(c, a))["rows"]
+            rows += ours
+            if arch != "clt":  # a CLT's replacement model is in its own run's metrics
+                folders = {k: {layer: c.out / arch / f"mlp.{layer}" / "params.pkl"
+                               for layer in layers(c)} for k in c.ks}
+                rows += stage(c, f"replacement_{arch}", lambda a=arch, f=folders, o=ours:
+                              replacement_rows(c, "ksae_jax", a, f, o))
             continue
         how = {"sparsify": "matched", "sparsify_skip": "skip",
                "sparsify_defaults": "defaults"}[system]
         for k in c.ks:
             peer = stage(c, f"sparsify_{how}_k{k}", lambda k=k, h=how: run_peer(c, k, h,
                                                                                 data["bos"]))
-            rows += stage(c, f"scores_{how}_k{k}", lambda k=k, h=how, p=peer: score_peer(c, k, h, p))
+            scored = stage(c, f"scores_{how}_k{k}", lambda k=k, h=how, p=peer:
+                           score_peer(c, k, h, p))
+            folders = {k: {layer: Path(peer["folder"]) / f"h.{layer}.mlp" for layer in layers(c)}}
+            rows += scored + stage(c, f"replacement_{how}_k{k}", lambda f=folders, r=scored:
+                                   replacement_rows(c, r[0]["system"], r[0]["arch"], f, r))
     write_json(c.out / "summary.json", rows)
     from benchmarks import transcoders_report
     transcoders_report.write(c, rows)

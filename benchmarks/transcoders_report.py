@@ -8,7 +8,7 @@ from pathlib import Path
 
 SYSTEMS = [("ksae_jax", "transcoder"), ("sparsify", "transcoder"),
            ("sparsify_defaults", "transcoder"), ("ksae_jax", "skip-transcoder"),
-           ("sparsify", "skip-transcoder")]
+           ("sparsify", "skip-transcoder"), ("ksae_jax", "clt")]
 
 
 def markdown(rows: list[dict]) -> str:
@@ -39,7 +39,7 @@ def figure(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (one, every) = plt.subplots(1, 2, figsize=(9, 3.6))
-    for i, (system, arch) in enumerate(SYSTEMS + [("ksae_jax", "clt")]):
+    for i, (system, arch) in enumerate(SYSTEMS):
         pts = sorted((r["l0"], r["delta_loss"]) for r in rows if "layer" in r
                      and r["system"] == system and r["arch"] == arch)
         if pts:

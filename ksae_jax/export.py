@@ -88,10 +88,12 @@ class ExportConfig:
     """A trained sweep (or one model of it) written in the ecosystem's formats."""
 
     params: Path
-    """A params.pkl (or any folder ksae_jax.load reads)."""
+    """A params.pkl (or any folder ksae_jax.load reads), or a live run's folder: every
+    hookpoint's models, one folder each."""
     format: Literal["safetensors", "saelens", "sparsify"] = "safetensors"
-    """safetensors: every model, readable by ksae_jax.load; saelens: one SAE of any family
-    (SAE.load_from_disk); sparsify: one TopK SAE (SparseCoder.load_from_disk)."""
+    """safetensors: every model, readable by ksae_jax.load (a CLT's layout: docs/transcoders.md);
+    saelens: one SAE of any family (SAE.load_from_disk); sparsify: one TopK SAE or
+    transcoder (SparseCoder.load_from_disk)."""
     model: str | None = None
     """saelens, sparsify: the model, by its label (32, k=32, l0_coef=0.001; None: the only one)."""
     out: Path | None = None
@@ -101,7 +103,15 @@ class ExportConfig:
 
 
 def export(cfg: ExportConfig) -> Path:
-    """`ksae export`: the folder cfg asks for, written."""
+    """`ksae export`: the folder cfg asks for, written; for a live run's folder (one
+    subfolder per hookpoint), one folder per hookpoint under the output folder."""
+    folders = hookpoint_folders(Path(cfg.params))
+    if folders:
+        out = cfg.out or Path(cfg.params) / cfg.format
+        for name in folders:
+            export(dataclasses.replace(cfg, params=Path(cfg.params) / name / "params.pkl",
+                                       out=out / name))
+        return out
     m = load(cfg.params)
     label = None if cfg.model is None else (cfg.model if "=" in cfg.model else
                                             f"{m.label_name}={cfg.model}")
@@ -117,3 +127,13 @@ def export(cfg: ExportConfig) -> Path:
         path = export_sparsify(m, label, out)
     print(f"wrote {path}")
     return path
+
+
+def hookpoint_folders(path: Path) -> list[str]:
+    """The hookpoint subfolders of a live run's folder (its metrics.json names them)."""
+    import json
+    metrics = path / "metrics.json"
+    if not (path.is_dir() and metrics.is_file()):
+        return []
+    names = json.loads(metrics.read_text()).get("hookpoints", {})
+    return [n for n in names if (path / n / "params.pkl").is_file()]

@@ -13,6 +13,7 @@ torch = pytest.importorskip("torch")  # the lm extra: .ci/run installs requireme
 pytest.importorskip("transformers")
 
 import ksae_jax  # noqa: E402
+from ksae_jax import export as exports  # noqa: E402
 from ksae_jax import sae_run  # noqa: E402
 from ksae_jax.lm import hookpoints as hooks  # noqa: E402
 from ksae_jax.lm import jax_lm, replacement  # noqa: E402
@@ -66,6 +67,12 @@ def test_both_backends_train_the_same_transcoders_and_the_splices_agree(lm_dir, 
                              {"8": [(1, replacement.coder_of(models, "mlp.1", 8))]})
     assert got["8"]["loss"] == pytest.approx(alone["8"]["loss"], rel=1e-5)
     assert got["8"]["kl"] == pytest.approx(alone["8"]["kl"], rel=1e-3, abs=1e-6)
+    # `ksae export RUN --format sparsify`: one folder per layer, read back as trained
+    out = exports.export(exports.ExportConfig(params=tmp_path / "jax", format="sparsify", model="8"))
+    x = np.random.default_rng(0).normal(size=(20, 32)).astype(np.float32)
+    np.testing.assert_allclose(ksae_jax.load(out / "mlp.1").transcode(x), models.transcode(x, 8),
+                               rtol=1e-5, atol=1e-5)
+    assert sorted(p.name for p in out.iterdir()) == ["mlp.0", "mlp.1"]
 
 
 def test_a_live_clt_reports_each_layer_and_the_replacement_model(lm_dir, tmp_path, capsys):
@@ -78,6 +85,11 @@ def test_a_live_clt_reports_each_layer_and_the_replacement_model(lm_dir, tmp_pat
     assert "every layer replaced" in capsys.readouterr().out
     clt = ksae_jax.load(tmp_path / "clt" / "mlp.0+1" / "params.pkl")
     assert clt.model_config.n_layers == 2 and clt.model_config.d_in == 32
+    # the CLT's safetensors layout (docs/transcoders.md) reads back as trained
+    folder = exports.export(exports.ExportConfig(params=tmp_path / "clt"))
+    again = ksae_jax.load(folder / "mlp.0+1")
+    rows = np.random.default_rng(0).normal(size=(20, 128)).astype(np.float32)
+    np.testing.assert_array_equal(again.reconstruct(rows, 8), clt.reconstruct(rows, 8))
 
 
 @pytest.mark.parametrize("argv,message", [
