@@ -57,6 +57,10 @@ class TranscoderComparison:
     """The runs, in the order they run."""
 
 
+OURS = {"ksae_jax": ("transcoder", True), "ksae_jax_skip": ("skip-transcoder", True),
+        "ksae_jax_clt": ("clt", False)}  # system: (arch, its replacement model measured apart)
+
+
 def layers(c: TranscoderComparison) -> list[int]:
     return list(range(json.loads((Path(c.lm) / "config.json").read_text())["n_layer"]))
 
@@ -112,8 +116,7 @@ def replacement_rows(c: TranscoderComparison, system: str, arch: str, folders: d
     for k, per_k in folders.items():
         trained = [(f"mlp.{layer}", ksae_jax.load(folder)) for layer, folder in per_k.items()]
         got = replacement.transcoders_replacement(lm, ev.windows, ev.nbytes, trained, [k])
-        l0 = np.mean([r["l0"] for r in rows if r["k"] == k and r["system"] == system
-                      and r["arch"] == arch and "layer" in r])
+        l0 = np.mean([r["l0"] for r in rows if r["k"] == k and "layer" in r])  # the same run's
         out.append({"system": system, "arch": arch, "k": k, "l0": float(l0),
                     "replacement_delta_loss": got["replacement_delta_loss"][0],
                     "replacement_kl": got["replacement_kl"][0]})
@@ -177,11 +180,10 @@ def main(argv=None) -> list[dict]:
     rows: list[dict] = []
     for system in c.systems:
         if system.startswith("ksae_jax"):
-            arch = {"ksae_jax": "transcoder", "ksae_jax_skip": "skip-transcoder",
-                    "ksae_jax_clt": "clt"}[system]
+            arch, separate = OURS[system]
             ours = stage(c, arch, lambda a=arch: run_ours(c, a))["rows"]
             rows += ours
-            if arch != "clt":  # a CLT's replacement model is in its own run's metrics
+            if separate:  # a CLT's replacement model is in its own run's metrics
                 folders = {k: {layer: c.out / arch / f"mlp.{layer}" / "params.pkl"
                                for layer in layers(c)} for k in c.ks}
                 rows += stage(c, f"replacement_{arch}", lambda a=arch, f=folders, o=ours:

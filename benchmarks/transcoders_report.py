@@ -39,16 +39,17 @@ def figure(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (one, every) = plt.subplots(1, 2, figsize=(9, 3.6))
+    groups: dict = {}
+    for r in rows:  # (system, arch, one layer or every layer) -> points
+        alone = "layer" in r
+        groups.setdefault((r["system"], r["arch"], alone), []).append(
+            (r["l0"], r["delta_loss"] if alone else r["replacement_delta_loss"]))
     for i, (system, arch) in enumerate(SYSTEMS):
-        pts = sorted((r["l0"], r["delta_loss"]) for r in rows if "layer" in r
-                     and r["system"] == system and r["arch"] == arch)
-        if pts:
-            one.plot(*zip(*pts), "o", color=f"C{i}", label=f"{system} {arch}", alpha=0.7)
-        rep = sorted((r["l0"], r["replacement_delta_loss"]) for r in rows
-                     if "replacement_delta_loss" in r and r["system"] == system
-                     and r["arch"] == arch)
-        if rep:
-            every.plot(*zip(*rep), "o-", color=f"C{i}", label=f"{system} {arch}")
+        for ax, alone, style in ((one, True, "o"), (every, False, "o-")):
+            pts = sorted(groups.get((system, arch, alone), []))
+            if pts:
+                ax.plot(*zip(*pts), style, color=f"C{i}", label=f"{system} {arch}",
+                        alpha=0.7 if alone else 1.0)
     one.set_title("one layer's MLP replaced")
     every.set_title("every layer's MLP replaced")
     for ax in (one, every):
