@@ -52,9 +52,12 @@ class TranscoderComparison:
     """Tokens per context, BOS included."""
     lm_tokens: int = 16_384
     """Predictions of the spliced evaluation."""
-    systems: tuple[str, ...] = ("ksae_jax", "ksae_jax_clt", "sparsify", "ksae_jax_skip",
+    systems: tuple[str, ...] = ("ksae_jax", "sparsify", "ksae_jax_clt", "ksae_jax_skip",
                                 "sparsify_skip", "sparsify_defaults")
     """The runs, in the order they run."""
+    skip_ks: tuple[int, ...] = (32,)
+    """The ks of sparsify's skip-connection runs (one run each; ksae_jax's one run trains
+    every k)."""
 
 
 OURS = {"ksae_jax": ("transcoder", True), "ksae_jax_skip": ("skip-transcoder", True),
@@ -191,7 +194,7 @@ def main(argv=None) -> list[dict]:
             continue
         how = {"sparsify": "matched", "sparsify_skip": "skip",
                "sparsify_defaults": "defaults"}[system]
-        for k in c.ks:
+        for k in c.skip_ks if how == "skip" else c.ks:
             peer = stage(c, f"sparsify_{how}_k{k}", lambda k=k, h=how: run_peer(c, k, h,
                                                                                 data["bos"]))
             scored = stage(c, f"scores_{how}_k{k}", lambda k=k, h=how, p=peer:
