@@ -107,3 +107,24 @@ def test_bad_transcoder_requests_are_one_line_and_exit_2(lm_dir, tmp_path, capsy
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_a_cache_of_mlp_pairs_trains_transcoders_judged_in_the_model(lm_dir, tmp_path):
+    """From a cache too: `ksae cache --mlp-pairs` writes [input | output] rows of the MLP, and
+    --lm judges the transcoders with that MLP replaced (the cache's meta says where)."""
+    from ksae_jax.lm import cache
+    cfg = cache.CacheConfig(model=str(lm_dir), layer=1, mlp_pairs=True, tokens=600,
+                            heldout_tokens=90, context=16, text=str(ROOT / "README.md"),
+                            batch_size=4, shard_tokens=300)
+    cache.build(cfg, tmp_path / "c", progress=False)
+    rows = np.load(sorted((tmp_path / "c" / "train").glob("*.npy"))[0])
+    assert rows.shape[1] == 64  # 2 d
+    out = tmp_path / "tc"
+    sae_run.main(["--data", str(tmp_path / "c" / "train"), "--eval-data",
+                  str(tmp_path / "c" / "heldout"), "--arch", "transcoder", "--latents", "64",
+                  "--ks", "2", "8", "--steps", "4", "--batch-size", "100", "--lm", str(lm_dir),
+                  "--lm-text", str(ROOT / "README.md"), "--lm-tokens", "60", "--no-progress",
+                  "--out", str(out)])
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["lm_hookpoint"] == "mlp.1" and np.isfinite(m["delta_loss"]).all()
+    assert ksae_jax.load(out / "params.pkl").model_config.d_in == 32

@@ -1,5 +1,6 @@
 """Activation caches for the SAEs: a causal LM's residual stream after block L on English
-text, written as .npy shards (DIR/train/, DIR/heldout/) and DIR/meta.json.
+text (or, with mlp_pairs, block L's MLP input beside its output: the rows a transcoder trains
+on), written as .npy shards (DIR/train/, DIR/heldout/) and DIR/meta.json.
 
 Contexts are `context` tokens: BOS, then context - 1 tokens of the token stream (documents
 joined by EOS). The BOS position is dropped (its residual is an outlier the SAE would spend
@@ -44,6 +45,9 @@ class CacheConfig:
     """Block L: its output (resid_post) is cached."""
     tokens: int
     """Training activations (rows) to write."""
+    mlp_pairs: bool = False
+    """Cache block L's MLP input beside its output instead (the pair hookpoint mlp.L, 2 d
+    wide: what `ksae train --arch transcoder` trains on)."""
     heldout_tokens: int = 65_536
     """Held-out activations, from the text's held-out documents."""
     context: int = 128
@@ -65,13 +69,17 @@ class CacheConfig:
             raise ValueError("context must be at least 2 (BOS and one token)")
 
 
-def residuals(model, layer: int, tokens: np.ndarray):
-    """(B, T, d) float32 residual stream after block `layer` for token ids (B, T); the later
-    blocks are not run."""
+def residuals(model, layer: int, tokens: np.ndarray, mlp_pairs: bool = False):
+    """(B, T, d) float32 residual stream after block `layer` (with mlp_pairs: (B, T, 2 d), its
+    MLP's input beside its output) for token ids (B, T); the later blocks are not run."""
     import torch
 
-    where = hooks.for_layer(model, layer)
+    where = hooks.resolve(model, [hookpoint_name(layer, mlp_pairs)])[0]
     return hooks.capture(model, [where], torch.from_numpy(tokens).long())[where.name].float().numpy()
+
+
+def hookpoint_name(layer: int, mlp_pairs: bool) -> str:
+    return f"mlp.{layer}" if mlp_pairs else f"resid_post.{layer}"
 
 
 def _streams(cfg: CacheConfig, tokenizer) -> tuple[np.ndarray, np.ndarray]:
@@ -135,7 +143,7 @@ def _write_split(model, cfg, stream, starts, rows: int, folder: Path, first_shar
         parts = []
         for i in range(0, len(chunk), cfg.batch_size):
             ids = offline_lm.windows(stream, chunk[i:i + cfg.batch_size], cfg.context, bos)
-            acts = residuals(model, cfg.layer, ids)[:, 1:]  # BOS dropped
+            acts = residuals(model, cfg.layer, ids, cfg.mlp_pairs)[:, 1:]  # BOS dropped
             parts.append(acts.reshape(-1, acts.shape[-1]))
             bar.update(acts.shape[0] * acts.shape[1])
         block = np.concatenate(parts)
@@ -182,7 +190,9 @@ def _meta(cfg: CacheConfig, model, tokenizer, stream_tokens: int, seconds: float
           acts_seconds: float) -> dict:
     return {
         "model": cfg.model, "architecture": type(model).__name__, "layer": cfg.layer,
-        "hook": f"resid_post of block {cfg.layer} (the output of transformer block {cfg.layer})",
+        "hookpoint": hookpoint_name(cfg.layer, cfg.mlp_pairs),
+        "hook": (f"the MLP of block {cfg.layer}: its input beside its output" if cfg.mlp_pairs else
+                 f"resid_post of block {cfg.layer} (the output of transformer block {cfg.layer})"),
         "d": int(model.config.hidden_size), "context": cfg.context,
         "bos": "every context starts with BOS (id %d); its position is dropped" % lm_model.bos_id(tokenizer),
         "tokenizer": {"name_or_path": str(getattr(tokenizer, "name_or_path", cfg.model)),

@@ -160,11 +160,15 @@ class SpliceEval:
     """The spliced evaluation of a sweep's SAEs, set up once (model, layer, held-out contexts
     of the text's held-out documents) so that a bad model or layer is refused before training."""
 
-    def __init__(self, model: str, layer: int, text_source: str, tokens: int, context: int):
+    def __init__(self, model: str, layer: int, text_source: str, tokens: int, context: int,
+                 hookpoint: str | None = None):
+        """hookpoint: where at block `layer` (None: its output; mlp.L: its MLP, replaced by a
+        transcoder's output)."""
         model_, tokenizer = lm_model.load(model)
         lm_model.check_layer(model_, layer)
-        self.setup(model_, tokenizer, hooks.for_layer(model_, layer),
-                   text.split(text.documents(text_source))[1], tokens, context)
+        where = hooks.resolve(model_, [hookpoint or f"resid_post.{layer}"])[0]
+        self.setup(model_, tokenizer, where, text.split(text.documents(text_source))[1], tokens,
+                   context)
         self.layer, self.name = layer, model
 
     def setup(self, model, tokenizer, where, held_docs: list[str], tokens: int, context: int):
@@ -200,7 +204,8 @@ class SpliceEval:
         losses = self.losses({str(k): sae_replacement(sae, k, self.model) for k in present})
         per_k = {k: scores(losses, str(k)) for k in present}
         fields = ("lm_loss_sae", "delta_loss", "delta_bits_per_byte", "loss_recovered", "kl")
-        return {"lm": self.name, "lm_layer": self.layer, "lm_tokens": losses["tokens"],
+        return {"lm": self.name, "lm_layer": self.layer, "lm_hookpoint": self.where.name,
+                "lm_tokens": losses["tokens"],
                 "lm_loss_clean": losses["clean"]["loss"], "lm_loss_zero": losses["zero"]["loss"],
                 "lm_bits_per_byte_clean": losses["clean"]["bits_per_byte"],
                 **{f: [per_k[k][f] if k in per_k else None for k in ks] for f in fields}}
@@ -231,7 +236,8 @@ class SpliceConfig:
         if layer is None:
             raise ValueError("give --layer (no meta.json beside --data says which)")
         return SpliceEval(self.lm, layer, self.lm_text or meta.get("text", text.DEFAULT),
-                          self.lm_tokens, meta.get("context", 128))
+                          self.lm_tokens, meta.get("context", 128),
+                          hookpoint=meta.get("hookpoint") if layer == meta.get("layer") else None)
 
 
 def cache_meta(data: Path) -> dict:
