@@ -80,7 +80,8 @@ def export_saelens(path_or_models, label=None, out_dir: str | os.PathLike = "sae
     metadata = {"exported_by": "ksae_jax", "ksae_jax_arch": mc.arch,
                 m.label_name: m.labels[m.index(label)]}
     return interop.write_saelens(Path(out_dir), architecture=architecture, d_in=mc.d_in,
-                                 d_sae=mc.latents, tensors=tensors, k=k, metadata=metadata)
+                                 d_sae=mc.latents, tensors=tensors, k=k, metadata=metadata,
+                                 **m.saelens_fields())
 
 
 @dataclasses.dataclass(frozen=True)

@@ -93,10 +93,16 @@ def read_sparsify(path: Path) -> dict:
     return _payload(model, {"ks": (k,)}, params, f"sparsify:{path}")
 
 
+TRANSCODERS = ("jumprelu_transcoder", "jumprelu_skip_transcoder")
+
+
 def read_saelens(path: Path) -> dict:
-    """The payload of a SAELens SAE folder (topk, jumprelu or standard)."""
+    """The payload of a SAELens SAE folder (topk, jumprelu or standard), or of a jumprelu
+    transcoder with one threshold for every latent (a BatchTopK transcoder's)."""
     cfg, t = _read(path, SAELENS_WEIGHTS)
     kind = cfg.get("architecture", "standard")
+    if kind in TRANSCODERS:
+        return read_saelens_transcoder(path, cfg, t)
     if kind not in ("topk", "jumprelu", "standard"):
         raise ParamsFileError(f"{path}: SAELens architecture {kind!r} is not read (topk, "
                               "jumprelu and standard are)")
@@ -132,6 +138,28 @@ def read_saelens(path: Path) -> dict:
     return _payload(JumpReLUModel(d, n), {"l0_coefs": (0.0,)}, params, f"saelens:{path}")
 
 
+def read_saelens_transcoder(path: Path, cfg: dict, t: dict) -> dict:
+    """A jumprelu transcoder whose latents share one threshold and whose metadata names its
+    k (as ksae_jax writes a BatchTopK transcoder); others have no ksae_jax family."""
+    try:
+        d, n, d_out = int(cfg["d_in"]), int(cfg["d_sae"]), int(cfg["d_out"])
+        k = int(cfg.get("metadata", {})["k"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ParamsFileError(f"{path}: {CFG} lacks a usable {e} (a transcoder's d_out, and its "
+                              "k in metadata)") from None
+    skip = cfg["architecture"] == "jumprelu_skip_transcoder"
+    _expect(path, t, {"W_enc": (d, n), "b_enc": (n,), "W_dec": (n, d_out), "b_dec": (d_out,),
+                      "threshold": (n,), **({"W_skip": (d_out, d)} if skip else {})})
+    if d_out != d or np.ptp(t["threshold"]) > 0:
+        raise ParamsFileError(f"{path}: ksae_jax's transcoders map d to d and serve one threshold; "
+                              "this one has d_out {d_out} or per-latent thresholds")
+    params = {"W_enc": t["W_enc"].T, "b_enc": t["b_enc"], "W_dec": t["W_dec"], "b_dec": t["b_dec"],
+              "threshold": np.float32(t["threshold"][0]), **({"W_skip": t["W_skip"]} if skip else {})}
+    model = TranscoderModel(d, n, arch="skip-transcoder" if skip else "transcoder",
+                            activation="batchtopk")
+    return _payload(model, {"ks": (k,)}, params, f"saelens:{path}")
+
+
 READERS = {"sparsify": read_sparsify, "saelens": read_saelens}
 
 
@@ -140,7 +168,8 @@ def saelens_tensors(params: dict, input_scale: float, threshold=None) -> dict:
     pre = W_enc (s x - b_dec) + b_enc, x_hat = (W_dec^T z + b_dec) / s)."""
     s = np.float32(input_scale)
     out = {"W_enc": np.asarray(params["W_enc"]).T * s, "b_enc": np.asarray(params["b_enc"]),
-           "W_dec": np.asarray(params["W_dec"]) / s, "b_dec": np.asarray(params["b_dec"]) / s}
+           "W_dec": np.asarray(params["W_dec"]) / s, "b_dec": np.asarray(params["b_dec"]) / s,
+           **({"W_skip": np.asarray(params["W_skip"])} if "W_skip" in params else {})}
     if threshold is not None:
         out["threshold"] = np.broadcast_to(np.asarray(threshold, np.float32),
                                            out["b_enc"].shape).copy()
@@ -148,8 +177,9 @@ def saelens_tensors(params: dict, input_scale: float, threshold=None) -> dict:
 
 
 def write_saelens(out: Path, *, architecture: str, d_in: int, d_sae: int, tensors: dict,
-                  k: int | None = None, metadata: dict | None = None) -> Path:
-    """out/cfg.json and out/sae_weights.safetensors as SAELens's save_model writes them."""
+                  k: int | None = None, metadata: dict | None = None, **fields) -> Path:
+    """out/cfg.json and out/sae_weights.safetensors as SAELens's save_model writes them
+    (fields: the architecture's own, e.g. a transcoder's d_out)."""
     from safetensors.numpy import save
 
     out = Path(out)
@@ -161,5 +191,5 @@ def write_saelens(out: Path, *, architecture: str, d_in: int, d_sae: int, tensor
            "metadata": metadata or {}}
     if k is not None:
         cfg.update(k=int(k), rescale_acts_by_decoder_norm=False)
-    write_json(out / CFG, cfg)
+    write_json(out / CFG, {**cfg, **fields})
     return out

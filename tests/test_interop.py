@@ -179,10 +179,14 @@ def transcoders(tmp_path_factory):
     x = rng.normal(size=(3000, 16)).astype(np.float32)
     pairs = np.concatenate([x, np.tanh(x @ rng.normal(size=(16, 16)) / 4)], axis=1)
     out = {}
-    for arch in ("transcoder", "skip-transcoder"):
-        cfg = sae_config(16, (3, 5), latents=64, steps=20, batch_size=256, arch=arch)
+    for name, arch, activation in [("transcoder", "transcoder", "topk"),
+                                   ("skip-transcoder", "skip-transcoder", "topk"),
+                                   ("batchtopk", "transcoder", "batchtopk"),
+                                   ("batchtopk-skip", "skip-transcoder", "batchtopk")]:
+        cfg = sae_config(16, (3, 5), latents=64, steps=20, batch_size=256, arch=arch,
+                         activation=activation)
         r = train.train_sweep(cfg, pairs[:2500], pairs[2500:], progress=False)
-        out[arch] = ksae_jax.load(r.save(tmp_path_factory.mktemp(arch)))
+        out[name] = ksae_jax.load(r.save(tmp_path_factory.mktemp(name)))
     return out, x[2500:2560]
 
 
@@ -210,3 +214,40 @@ def test_sparsify_itself_loads_exported_transcoders(transcoders, arch, tmp_path)
     with torch.no_grad():
         got = coder(torch.from_numpy(x)).sae_out.numpy()
     np.testing.assert_allclose(got, models[arch].transcode(x, 3), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["batchtopk", "batchtopk-skip"])
+def test_batchtopk_transcoders_export_to_saelens_and_read_back(transcoders, name, tmp_path):
+    """SAELens's jumprelu (skip) transcoder: pre = x W_enc + b_enc, ReLU where pre > threshold,
+    decoded, plus x W_skip^T; checked in NumPy, by SAELens itself where it is installed, and
+    read back."""
+    from safetensors.numpy import load_file
+
+    models, x = transcoders
+    model = models[name]
+    folder = ksae_jax.export_saelens(model, 5, tmp_path / "sl")
+    cfg = json.loads((folder / "cfg.json").read_text())
+    t = load_file(str(folder / "sae_weights.safetensors"))
+    pre = x @ t["W_enc"] + t["b_enc"]
+    theirs = np.maximum(pre, 0) * (pre > t["threshold"]) @ t["W_dec"] + t["b_dec"]
+    theirs = theirs + (x @ t["W_skip"].T if "W_skip" in t else 0)
+    want = model.transcode(x, 5)
+    np.testing.assert_allclose(theirs, want, rtol=1e-5, atol=1e-5)
+    assert not cfg["apply_b_dec_to_input"] and cfg["d_out"] == 16
+    np.testing.assert_array_equal(ksae_jax.load(folder).transcode(x), want)
+    try:
+        import torch
+        from sae_lens import SAE
+    except ImportError:
+        return  # SAELens is a benchmark peer, not a dependency
+    with torch.no_grad():
+        got = SAE.load_from_disk(folder)(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_topk_transcoders_are_not_written_for_saelens(transcoders, tmp_path):
+    models, _ = transcoders
+    with pytest.raises(ValueError, match="SAELens has no TopK transcoder"):
+        ksae_jax.export_saelens(models["transcoder"], 5, tmp_path / "sl")
+    with pytest.raises(ValueError, match="sparsify holds"):
+        ksae_jax.export_sparsify(models["batchtopk"], 5, tmp_path / "sp")

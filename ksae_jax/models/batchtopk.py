@@ -70,24 +70,35 @@ def kth_largest(values: jax.Array, count) -> jax.Array:
     return lax.bitcast_convert_type(lo, jnp.float32)
 
 
+def batch_keep(acts, w, k):
+    """Mask of the (real rows x k) largest activations of the batch (ties kept)."""
+    real = (w > 0)[:, None]
+    count = jnp.sum(w > 0).astype(jnp.int32) * k
+    cut = kth_largest(jnp.where(real, acts, -1.0), count)
+    return real & (acts >= cut) & (acts > 0)
+
+
+def moved_threshold(threshold, min_kept, keep, lr: float):
+    """The running threshold moved lr of the way to the batch's smallest kept value (it starts
+    at the first batch's, where SAELens starts at 0: short runs then serve the threshold they
+    trained with, not a fraction of it); unchanged where the update did not apply."""
+    seen = jnp.isfinite(min_kept)
+    target = jnp.where(seen, min_kept, 0.0)
+    moved = jnp.where(threshold > 0, (1 - lr) * threshold + lr * target, target)
+    return jnp.where(keep & seen, moved, threshold)
+
+
 class BatchTopKSAE(VectorSAEModule):
     def __init__(self, cfg: BatchTopKModel, *, rngs: nnx.Rngs):
         super().__init__(cfg, rngs=rngs)
         self.threshold = nnx.Param(jnp.zeros((), jnp.float32))  # moved by the recipe only
-
-    def batch_keep(self, acts, w, k):
-        """Mask of the (real rows x k) largest activations of the batch (ties kept)."""
-        real = (w > 0)[:, None]
-        count = jnp.sum(w > 0).astype(jnp.int32) * k
-        cut = kth_largest(jnp.where(real, acts, -1.0), count)
-        return real & (acts >= cut) & (acts > 0)
 
     def encode_dense(self, x, w, k, terms: bool):
         """(pre, code, min kept): batch top-k in training, the threshold otherwise."""
         pre = self.dense_pre(x)
         acts = jax.nn.relu(pre)
         if terms:
-            keep = lax.stop_gradient(self.batch_keep(lax.stop_gradient(acts), w, k))
+            keep = lax.stop_gradient(batch_keep(lax.stop_gradient(acts), w, k))
         else:
             keep = pre > self.threshold[...]
         code = jnp.where(keep, acts, 0.0)
@@ -107,14 +118,10 @@ class BatchTopKRecipe(VectorRecipe):
     """The vector SAEs' recipe, and the threshold's running estimate after each update."""
 
     def post_update(self, new, old, keep, out, model):
-        """The threshold moves threshold_lr of the way to the batch's smallest kept value
-        (it starts at the first batch's, where SAELens starts at 0: short runs then serve
-        the threshold they trained with, not a fraction of it)."""
+        """The threshold's running estimate (moved_threshold)."""
         new = super().post_update(new, old, keep, out, model)
-        lr, seen = model.threshold_lr, jnp.isfinite(out.min_kept)
-        target = jnp.where(seen, out.min_kept, 0.0)
-        moved = jnp.where(old["threshold"] > 0, (1 - lr) * old["threshold"] + lr * target, target)
-        return {**new, "threshold": jnp.where(keep & seen, moved, old["threshold"])}
+        return {**new, "threshold": moved_threshold(old["threshold"], out.min_kept, keep,
+                                                    model.threshold_lr)}
 
 
 class BatchTopKFamily(VectorFamily):

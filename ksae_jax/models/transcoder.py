@@ -52,6 +52,13 @@ class TranscoderModel(ModelConfig):
     """Latents n; None: 8 * d_in."""
     arch: Literal["transcoder", "skip-transcoder"] = "transcoder"
     """The family: "skip-transcoder" adds the linear skip map W_skip x."""
+    activation: Literal["topk", "batchtopk"] = "topk"
+    """"topk": each row keeps its k largest latents; "batchtopk": a batch of B rows keeps its
+    B k largest (Bussmann et al.), served as a JumpReLU with one threshold estimated in
+    training (what SAELens's jumprelu transcoders hold)."""
+    threshold_lr: float = 0.01
+    """batchtopk: the served threshold moves this fraction of the way to each training
+    batch's smallest kept activation."""
     transcoder_init: Literal["zero", "paired"] = "paired"
     """"zero": sparsify's recipe (a zero decoder at init, decoder norms free throughout; what
     an imported sparsify transcoder trains on with); "paired": each latent starts on one
@@ -75,7 +82,10 @@ class TranscoderModel(ModelConfig):
             object.__setattr__(self, "latents", 8 * self.d_in)
         checks.positive_int("latents", self.latents)
         object.__setattr__(self, "latents", int(self.latents))
-        checks.choice(self, "arch", "transcoder_init", "decoder", "dtype")
+        checks.choice(self, "arch", "activation", "transcoder_init", "decoder", "dtype")
+        checks.fraction("threshold_lr", self.threshold_lr, low_open=True)
+        if self.threshold_lr != 0.01 and self.activation != "batchtopk":
+            raise ValueError("threshold_lr: only the batchtopk activation has a threshold")
         super().__post_init__()
 
     @classmethod
@@ -116,10 +126,14 @@ class TranscoderOutput(NamedTuple):
 
     recon: jax.Array
     """(B, d) the MLP output's reconstruction (b_dec and the skip map included)."""
-    values: jax.Array
-    """(B, K) kept activations after ReLU (0 beyond the model's k)."""
-    indices: jax.Array
-    """(B, K) the latents they belong to."""
+    values: jax.Array | None
+    """topk: (B, K) kept activations after ReLU (0 beyond the model's k)."""
+    indices: jax.Array | None
+    """topk: (B, K) the latents they belong to."""
+    code: jax.Array | None = None
+    """batchtopk: (B, n) kept activations (0 elsewhere)."""
+    min_kept: jax.Array | None = None
+    """batchtopk: the batch's smallest kept activation (moves the threshold)."""
     fvu: jax.Array | None = None
     """Fraction of the MLP output's variance unexplained over the batch's real rows."""
     auxk: jax.Array | None = None
@@ -144,6 +158,8 @@ class Transcoder(VectorSAEModule):
         self.b_dec = nnx.Param(jnp.zeros((cfg.d_in,), jnp.float32))
         if cfg.skip:
             self.W_skip = nnx.Param(jnp.zeros((cfg.d_in, cfg.d_in), jnp.float32))
+        if cfg.activation == "batchtopk":
+            self.threshold = nnx.Param(jnp.zeros((), jnp.float32))  # moved by the recipe only
         self.cfg = cfg
 
     def preacts(self, src):
@@ -157,15 +173,20 @@ class Transcoder(VectorSAEModule):
 
     def __call__(self, x, w, hp, max_k: int, *, dead=None, terms=True) -> TranscoderOutput:
         src, tgt = split(self.cfg, x)
-        path = sparse_path(self.cfg, max_k)
-        pre = self.preacts(src)
-        top, idx = self.select(pre, max_k, path=path)
-        values = jax.nn.relu(self.kept_values(top, src, idx, path))
-        values = jnp.where(jnp.arange(max_k) < hp["k"], values, 0.0)
-        recon = self.decode_sparse(values, idx, path) + self.b_dec[...]
+        path = sparse_path(self.cfg, self.cfg.aux_k if self.cfg.activation == "batchtopk"
+                           else max_k)
+        pre = self.preacts(src)  # (B, n) without b_enc: what the top k and AuxK select from
+        if self.cfg.activation == "batchtopk":
+            out = self.batch_top_k(src, w, hp["k"], terms)
+        else:
+            top, idx = self.select(pre, max_k, path=path)
+            values = jax.nn.relu(self.kept_values(top, src, idx, path))
+            values = jnp.where(jnp.arange(max_k) < hp["k"], values, 0.0)
+            out = TranscoderOutput(self.decode_sparse(values, idx, path) + self.b_dec[...],
+                                   values, idx)
         if self.cfg.skip:
-            recon = recon + matmul(src, self.W_skip[...].T, self.cfg.dtype)
-        out = TranscoderOutput(recon, values, idx)
+            out = out._replace(recon=out.recon + matmul(src, self.W_skip[...].T, self.cfg.dtype))
+        recon = out.recon
         if not terms:
             return out
         denom = losses.total_variance(tgt, w)
@@ -173,6 +194,18 @@ class Transcoder(VectorSAEModule):
         if dead is not None:
             out = out._replace(auxk=self.auxk_of(pre, src, tgt, w, recon, dead, denom, path))
         return out
+
+    def batch_top_k(self, src, w, k, terms: bool) -> TranscoderOutput:
+        """The batch's top B k activations in training, the threshold's otherwise (dense)."""
+        from ksae_jax.models.batchtopk import batch_keep
+        pre = matmul(src, self.W_enc[...].T, self.cfg.dtype) + self.b_enc[...]
+        acts = jax.nn.relu(pre)
+        keep = (lax.stop_gradient(batch_keep(lax.stop_gradient(acts), w, k)) if terms
+                else pre > self.threshold[...])
+        code = jnp.where(keep, acts, 0.0)
+        min_kept = jnp.min(jnp.where(keep, lax.stop_gradient(acts), jnp.inf))
+        recon = matmul(code, self.W_dec[...], self.cfg.dtype) + self.b_dec[...]
+        return TranscoderOutput(recon, None, None, code, min_kept)
 
     def auxk_of(self, pre, src, tgt, w, recon, dead, denom, path):
         """AuxK: the dead latents' top aux_k activations reconstruct the output's residual."""
@@ -206,9 +239,14 @@ class TranscoderRecipe(VectorRecipe):
         return super().project_grads(params, grads, model)
 
     def post_update(self, new, old, keep, out, model):
-        if model.transcoder_init == "zero":
-            return new
-        return super().post_update(new, old, keep, out, model)
+        """Unit decoder rows again ("paired"); batchtopk's threshold estimate."""
+        from ksae_jax.models.batchtopk import moved_threshold
+        if model.transcoder_init != "zero":
+            new = super().post_update(new, old, keep, out, model)
+        if model.activation == "batchtopk":
+            new = {**new, "threshold": moved_threshold(old["threshold"], out.min_kept, keep,
+                                                       model.threshold_lr)}
+        return new
 
     def resample_every(self, model) -> int:
         return 0
@@ -260,15 +298,20 @@ class TranscoderFamily(VectorFamily):
         return LossTerms(out.fvu)
 
     def fired(self, out, w):
+        if out.code is not None:
+            return super().fired(out, w)
         return losses.fired_units(out.indices, out.values, w, self.model.latents)
 
     def target_columns(self) -> slice:
         return slice(self.model.d_in, None)
 
     def eval_sums(self, out, x, w):
+        sse = squared_error(out.recon, split(self.model, x)[1], w)
+        if out.code is not None:
+            return {"sse": sse, "counts": jnp.sum((out.code > 0) * w[:, None], axis=0)}
         on = (out.values > 0) * w[:, None]
         counts = jnp.zeros(self.model.latents).at[out.indices.reshape(-1)].add(on.reshape(-1))
-        return {"sse": squared_error(out.recon, split(self.model, x)[1], w), "counts": counts}
+        return {"sse": sse, "counts": counts}
 
     def input_scale(self, rows) -> float:
         return 1.0
@@ -277,6 +320,8 @@ class TranscoderFamily(VectorFamily):
         return 1.0
 
     def code(self, out):
+        if out.code is not None:
+            return out.code
         rows = jnp.arange(out.indices.shape[0])[:, None]
         return jnp.zeros((out.indices.shape[0], self.model.latents),
                          out.values.dtype).at[rows, out.indices].add(out.values)
@@ -286,6 +331,8 @@ class TranscoderFamily(VectorFamily):
         return code @ params["W_dec"] + params["b_dec"]
 
     def usage(self, out, hp, max_k):
+        if out.code is not None:
+            return jnp.sum(out.code > 0, axis=0).astype(jnp.float32)
         member = jnp.broadcast_to(jnp.arange(max_k) < hp["k"], out.indices.shape)
         return jnp.zeros(self.model.latents).at[out.indices.reshape(-1)].add(member.reshape(-1))
 
@@ -311,8 +358,24 @@ class Transcoders(VectorSAE):
 
     reconstruct = transcode  # (reconstruct_array, as the splice calls it, takes pair rows)
 
-    def sparsify_fields(self) -> dict:
+    def sparsify_fields(self) -> dict | None:
+        if self.model_config.activation != "topk":
+            return None
         return {"normalize_decoder": False, "multi_topk": False, "transcode": True}
+
+    def saelens_view(self, *label, **named):
+        """SAELens's jumprelu transcoders (skip or not) hold a BatchTopK transcoder served with
+        its threshold; SAELens has no TopK transcoder (ValueError)."""
+        mc = self.model_config
+        if mc.activation != "batchtopk":
+            raise ValueError("SAELens has no TopK transcoder (its transcoders are ReLU or "
+                             "JumpReLU): train with --activation batchtopk to export to it, or "
+                             "use --format sparsify")
+        kind = "jumprelu_skip_transcoder" if mc.skip else "jumprelu_transcoder"
+        return kind, None, self.params_for(*label, **named)["threshold"]
+
+    def saelens_fields(self) -> dict:
+        return {"apply_b_dec_to_input": False, "d_out": self.model_config.d_in}
 
 
 register("transcoder", TranscoderModel, TranscoderFamily, Transcoders)

@@ -272,6 +272,10 @@ class VectorSAE(Loaded):
         """(SAELens architecture, its k, its threshold) of the model a label names."""
         raise NotImplementedError
 
+    def saelens_fields(self) -> dict:
+        """cfg.json fields of SAELens's layout beside the SAEs' (a transcoder's d_out)."""
+        return {}
+
     def sparsify_fields(self) -> dict | None:
         """The cfg.json fields of sparsify's layout that say what these models are (None:
         sparsify has no such models)."""
