@@ -33,8 +33,9 @@ PEER = ROOT / "benchmarks" / "peers" / "sparsify_cli.py"
 
 
 @dataclasses.dataclass(frozen=True)
-class LiveComparison:
-    """What both libraries train, and where the comparison writes."""
+class LivePeers:
+    """What ksae_jax and sparsify both train from the running LM, and where a comparison
+    writes (benchmarks.live and benchmarks.transcoders)."""
 
     lm: str
     """The causal LM (a folder; ksae lm writes one)."""
@@ -55,6 +56,12 @@ class LiveComparison:
     """Dead after this many tokens without firing (AuxK's window; sparsify's threshold)."""
     context: int = 128
     """Tokens per context, BOS included."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LiveComparison(LivePeers):
+    """Live SAEs against sparsify's: what both train, and where the comparison writes."""
+
     skip_defaults: bool = False
     """Leave out sparsify's run at its own defaults."""
     lm_backend: Literal["jax", "torch"] = "torch"

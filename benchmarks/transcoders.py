@@ -23,33 +23,15 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.live import PEER, contexts_dataset, measured, stage
+from benchmarks.live import PEER, LivePeers, contexts_dataset, measured, stage
 from ksae_jax import cli, flags
 from ksae_jax.files import write_json
 
 
 @dataclasses.dataclass(frozen=True)
-class TranscoderComparison:
-    """What both libraries train, and where the comparison writes."""
+class TranscoderComparison(LivePeers):
+    """Transcoders against sparsify's: what both train, and where the comparison writes."""
 
-    lm: str
-    """The causal LM (a folder; ksae lm writes one)."""
-    out: Path
-    """Output folder (a rerun goes on from the stages already done)."""
-    text: str = "gcide"
-    """The text both read."""
-    ks: tuple[int, ...] = (32, 64)
-    """One transcoder per k and layer (sparsify: one run per k)."""
-    latents: int = 4096
-    """Latents per layer (16 d for the offline LM)."""
-    tokens: int = 2_097_152
-    """Training tokens."""
-    batch_contexts: int = 32
-    """Contexts per step: sparsify's batch; ksae_jax's batch is 4,096 rows."""
-    dead_tokens: int = 1_000_000
-    """Dead after this many tokens without firing (AuxK's window; sparsify's threshold)."""
-    context: int = 128
-    """Tokens per context, BOS included."""
     lm_tokens: int = 16_384
     """Predictions of the spliced evaluation."""
     systems: tuple[str, ...] = ("ksae_jax", "sparsify", "ksae_jax_clt", "sparsify_defaults",

@@ -33,7 +33,7 @@ from ksae_jax.models.layers import matmul
 from ksae_jax.models.registry import register
 from ksae_jax.models.topk import sparse_path
 from ksae_jax.models.transcoder import ENCODER_NORM
-from ksae_jax.models.vector import VectorFamily, VectorSAE, squared_error
+from ksae_jax.models.vector import VectorFamily, VectorSAE, check_widths, squared_error
 from ksae_jax.recipe import VectorRecipe, balanced_bias, unit_norm_rows
 from ksae_jax.topk import top_k
 
@@ -65,13 +65,7 @@ class CLTModel(ModelConfig):
     def __post_init__(self):
         if self.n_layers is None:
             raise ValueError("n_layers: give the number of layers the CLT spans")
-        for name in ("d_in", "n_layers"):
-            checks.positive_int(name, getattr(self, name))
-            object.__setattr__(self, name, int(getattr(self, name)))
-        if self.latents is None:
-            object.__setattr__(self, "latents", 8 * self.d_in)
-        checks.positive_int("latents", self.latents)
-        object.__setattr__(self, "latents", int(self.latents))
+        check_widths(self, ("d_in", "n_layers"))
         checks.choice(self, "arch", "decoder", "dtype")
         if self.aux_k is None:  # per layer
             object.__setattr__(self, "aux_k", min(max(self.d_in // 2, 1), self.latents))

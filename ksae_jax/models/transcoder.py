@@ -35,7 +35,8 @@ from ksae_jax.models.layers import matmul
 from ksae_jax.models.loaded import CHUNK, forward_jit
 from ksae_jax.models.registry import register
 from ksae_jax.models.topk import sparse_path
-from ksae_jax.models.vector import VectorFamily, VectorSAE, VectorSAEModule, squared_error
+from ksae_jax.models.vector import (VectorFamily, VectorSAE, VectorSAEModule, check_widths,
+                                    squared_error)
 from ksae_jax.recipe import VectorRecipe, balanced_bias, unit_norm_rows
 
 ENCODER_NORM = 1 / math.sqrt(3)  # a Kaiming-uniform row's norm (sparsify's nn.Linear)
@@ -76,12 +77,7 @@ class TranscoderModel(ModelConfig):
     normalize: ClassVar[bool] = False  # inputs are never rescaled
 
     def __post_init__(self):
-        checks.positive_int("d_in", self.d_in)
-        object.__setattr__(self, "d_in", int(self.d_in))
-        if self.latents is None:
-            object.__setattr__(self, "latents", 8 * self.d_in)
-        checks.positive_int("latents", self.latents)
-        object.__setattr__(self, "latents", int(self.latents))
+        check_widths(self)
         checks.choice(self, "arch", "activation", "transcoder_init", "decoder", "dtype")
         checks.fraction("threshold_lr", self.threshold_lr, low_open=True)
         if self.threshold_lr != 0.01 and self.activation != "batchtopk":

@@ -80,12 +80,7 @@ class SaeModel(ModelConfig):
     training_defaults: ClassVar[dict] = {"batch_size": 4096, "seed": 0, "adam_eps": 6.25e-10}
 
     def __post_init__(self):
-        checks.positive_int("d_in", self.d_in)
-        object.__setattr__(self, "d_in", int(self.d_in))
-        if self.latents is None:
-            object.__setattr__(self, "latents", 8 * self.d_in)
-        checks.positive_int("latents", self.latents)
-        object.__setattr__(self, "latents", int(self.latents))
+        check_widths(self)
         checks.choice(self, "b_dec_init", "b_enc_init", "init_dirs", "dtype")
         if self.init_scale != "fit":
             checks.positive("init_scale", self.init_scale)
@@ -120,6 +115,18 @@ class SaeModel(ModelConfig):
     def default_lr(self) -> float:
         """Gao et al.'s 2e-4 / sqrt(latents / 2^14)."""
         return 2e-4 / math.sqrt(self.latents / 2 ** 14)
+
+
+def check_widths(cfg, names: tuple[str, ...] = ("d_in",)) -> None:
+    """The shape fields as positive ints (ValueError naming the field), latents defaulting
+    to 8 d_in (per layer for a CLT)."""
+    for name in names:
+        checks.positive_int(name, getattr(cfg, name))
+        object.__setattr__(cfg, name, int(getattr(cfg, name)))
+    if cfg.latents is None:
+        object.__setattr__(cfg, "latents", 8 * cfg.d_in)
+    checks.positive_int("latents", cfg.latents)
+    object.__setattr__(cfg, "latents", int(cfg.latents))
 
 
 def squared_error(recon, x, w):
