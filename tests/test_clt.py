@@ -15,16 +15,18 @@ from ksae_jax.models.clt import CLTModel, pair_index
 L, D, N, K = 3, 5, 12, 3
 
 
-def _top_k_masks(P, x, k):
-    """Per layer, the (B, n) mask of the k largest positive pre-activations (NumPy)."""
-    pairs, masks = x.reshape(x.shape[0], L, 2, D), []
-    for l in range(L):
-        pre = pairs[:, l, 0] @ P["W_enc"][:, l].T + P["b_enc"][:, l]
-        idx = np.argsort(-pre, axis=1, kind="stable")[:, :k]
-        m = np.zeros_like(pre, bool)
-        np.put_along_axis(m, idx, True, axis=1)
-        masks.append(m & (pre > 0))
-    return masks
+def _top_k_masks(P, x, k, w=None):
+    """Per layer, the (B, n) mask of the k largest positive pre-activations (NumPy); with the
+    row weights w, the batch's (real rows x k x L) largest over every layer (BatchTopK)."""
+    pairs = x.reshape(x.shape[0], L, 2, D)
+    pre = np.stack([pairs[:, l, 0] @ P["W_enc"][:, l].T + P["b_enc"][:, l] for l in range(L)], 1)
+    m = np.zeros_like(pre, bool)
+    if w is None:
+        np.put_along_axis(m, np.argsort(-pre, axis=2, kind="stable")[:, :, :k], True, axis=2)
+    else:
+        flat = np.where(w[:, None, None] > 0, np.maximum(pre, 0), -1).ravel()
+        m.ravel()[np.argsort(-flat, kind="stable")[:int(w.sum()) * k * L]] = True
+    return list((m & (pre > 0)).transpose(1, 0, 2))
 
 
 def _loop_reference(P, x, w, masks, cfg, xp=np):
@@ -45,17 +47,19 @@ def _loop_reference(P, x, w, masks, cfg, xp=np):
     return sum(fvus) / L, recon
 
 
-@pytest.mark.parametrize("decoder", ["dense", "sparse"])
-def test_forward_and_gradient_match_a_loop_over_layers(decoder):
-    cfg = CLTModel(d_in=D, n_layers=L, latents=N, decoder=decoder, aux_coef=0.0)
+@pytest.mark.parametrize("decoder,activation", [("dense", "topk"), ("sparse", "topk"),
+                                                ("sparse", "batchtopk")])
+def test_forward_and_gradient_match_a_loop_over_layers(decoder, activation):
+    cfg = CLTModel(d_in=D, n_layers=L, latents=N, decoder=decoder, aux_coef=0.0,
+                   activation=activation)
     family = models.family(cfg)
     rng = np.random.default_rng(0)
     p = jax.tree.map(np.asarray, family.init(jax.random.key(1)))
     p = {name: (v + rng.normal(0, 0.2, v.shape)).astype(np.float32) for name, v in p.items()}
     x = rng.normal(size=(9, 2 * L * D)).astype(np.float32)
     w = np.array([1.0] * 7 + [0.0] * 2, np.float32)
-    P = {n: v.astype(np.float64) for n, v in p.items()}
-    masks = _top_k_masks(P, x.astype(np.float64), K)
+    P = {n: v.astype(np.float64) for n, v in p.items() if n != "threshold"}
+    masks = _top_k_masks(P, x.astype(np.float64), K, w if activation == "batchtopk" else None)
     want_loss, want_recon = _loop_reference(P, x.astype(np.float64), w, masks, cfg)
 
     def loss(params):
@@ -71,6 +75,14 @@ def test_forward_and_gradient_match_a_loop_over_layers(decoder):
     for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
         np.testing.assert_allclose(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6,
                                    err_msg=name)
+    if activation == "batchtopk":  # the rows keep different counts; served with the threshold
+        assert len(set(np.count_nonzero(np.stack(masks, 1)[:7], axis=(1, 2)))) > 1
+        served = family.forward({**jax.tree.map(jnp.asarray, p), "threshold": jnp.float32(0.2)},
+                                x, w, {"k": jnp.int32(K)}, K, terms=False)
+        pairs = x.reshape(-1, L, 2, D)
+        pre = np.stack([pairs[:, l, 0] @ p["W_enc"][:, l].T + p["b_enc"][:, l]
+                        for l in range(L)], 1)
+        np.testing.assert_allclose(served.code, np.where(pre > 0.2, pre, 0), rtol=1e-5, atol=1e-5)
 
 
 def _cross_layer_rows(rows: int, seed: int = 0):

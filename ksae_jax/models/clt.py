@@ -51,6 +51,13 @@ class CLTModel(ModelConfig):
     """Latents per layer; None: 8 * d_in."""
     arch: Literal["clt"] = "clt"
     """The family."""
+    activation: Literal["topk", "batchtopk"] = "topk"
+    """"topk": each layer of each row keeps its k largest latents; "batchtopk": a batch of B
+    rows keeps the B k L largest activations over every layer (crosslayer-coding's two
+    choices), served as a JumpReLU with one threshold estimated in training."""
+    threshold_lr: float = 0.01
+    """batchtopk: the served threshold moves this fraction of the way to each training
+    batch's smallest kept activation."""
     decoder: Literal["auto", "native", "sparse", "dense"] = "auto"
     """How the top-k gathers and scatters run (as TopK SAEs' decoder setting)."""
     dtype: Literal["float32", "bfloat16"] = "float32"
@@ -66,7 +73,10 @@ class CLTModel(ModelConfig):
         if self.n_layers is None:
             raise ValueError("n_layers: give the number of layers the CLT spans")
         check_widths(self, ("d_in", "n_layers"))
-        checks.choice(self, "arch", "decoder", "dtype")
+        checks.choice(self, "arch", "activation", "decoder", "dtype")
+        checks.fraction("threshold_lr", self.threshold_lr, low_open=True)
+        if self.threshold_lr != 0.01 and self.activation != "batchtopk":
+            raise ValueError("threshold_lr: only the batchtopk activation has a threshold")
         if self.aux_k is None:  # per layer
             object.__setattr__(self, "aux_k", min(max(self.d_in // 2, 1), self.latents))
         super().__post_init__()
@@ -129,10 +139,14 @@ class CLTOutput(NamedTuple):
 
     recon: jax.Array
     """(B, L d) every layer's output reconstructed."""
-    values: jax.Array
-    """(B, L, K) kept activations per layer (0 beyond the model's k)."""
-    indices: jax.Array
-    """(B, L, K) the latents they belong to."""
+    values: jax.Array | None
+    """topk: (B, L, K) kept activations per layer (0 beyond the model's k)."""
+    indices: jax.Array | None
+    """topk: (B, L, K) the latents they belong to."""
+    code: jax.Array | None = None
+    """batchtopk: (B, L, n) kept activations (0 elsewhere)."""
+    min_kept: jax.Array | None = None
+    """batchtopk: the batch's smallest kept activation (moves the threshold)."""
     fvu: jax.Array | None = None
     """Mean over layers of each layer's output FVU."""
     layer_fvu: jax.Array | None = None
@@ -150,6 +164,8 @@ class CLT(nnx.Module):
         self.b_enc = nnx.Param(jnp.zeros((n, L), jnp.float32))
         self.W_dec = nnx.Param(unit_norm_rows(dec))
         self.b_dec = nnx.Param(jnp.zeros((L, d), jnp.float32))
+        if cfg.activation == "batchtopk":
+            self.threshold = nnx.Param(jnp.zeros((), jnp.float32))  # moved by the recipe only
         self.cfg = cfg
 
     def encode(self, src, layer: int, k, max_k: int, path: str, dead=None):
@@ -172,16 +188,39 @@ class CLT(nnx.Module):
         fn = sparse_ops.dense_decode if path == "dense" else sparse_ops.sparse_decode
         return fn(values, idx, W, path == "native")
 
+    def batch_top_k(self, src, w, k, terms: bool) -> CLTOutput:
+        """The batch's B k L largest activations over every layer in training, the
+        threshold's otherwise; dense codes and decoders."""
+        from ksae_jax.models.batchtopk import batch_keep
+        cfg, B = self.cfg, src.shape[0]
+        pre = (jnp.einsum("bld,nld->bln", src, self.W_enc[...]) + self.b_enc[...].T)
+        acts = jax.nn.relu(pre)
+        keep = (lax.stop_gradient(batch_keep(lax.stop_gradient(acts).reshape(B, -1), w,
+                                             k * cfg.n_layers)).reshape(acts.shape)
+                if terms else pre > self.threshold[...])
+        code = jnp.where(keep, acts, 0.0)
+        recon = jnp.stack([self.b_dec[...][m] + sum(
+            matmul(code[:, l], self.W_dec[...][:, pair_index(cfg, l, m)], cfg.dtype)
+            for l in range(m + 1)) for m in range(cfg.n_layers)], axis=1)
+        min_kept = jnp.min(jnp.where(keep, lax.stop_gradient(acts), jnp.inf))
+        return CLTOutput(recon.reshape(B, -1), None, None, code, min_kept)
+
     def __call__(self, x, w, hp, max_k: int, *, dead=None, terms=True) -> CLTOutput:
         cfg = self.cfg
         src, tgt = split(cfg, x)
-        path = sparse_path(cfg, max_k)
-        codes = [self.encode(src[:, l], l, hp["k"], max_k, path) for l in range(cfg.n_layers)]
-        recon = jnp.stack([self.b_dec[...][m] + sum(
-            self.decode(*codes[l], l, m, path) for l in range(m + 1))
-            for m in range(cfg.n_layers)], axis=1)
-        out = CLTOutput(recon.reshape(x.shape[0], -1), jnp.stack([c[0] for c in codes], 1),
-                        jnp.stack([c[1] for c in codes], 1))
+        if cfg.activation == "batchtopk":
+            path = sparse_path(cfg, cfg.aux_k)
+            out = self.batch_top_k(src, w, hp["k"], terms)
+        else:
+            path = sparse_path(cfg, max_k)
+            codes = [self.encode(src[:, l], l, hp["k"], max_k, path)
+                     for l in range(cfg.n_layers)]
+            recon = jnp.stack([self.b_dec[...][m] + sum(
+                self.decode(*codes[l], l, m, path) for l in range(m + 1))
+                for m in range(cfg.n_layers)], axis=1)
+            out = CLTOutput(recon.reshape(x.shape[0], -1), jnp.stack([c[0] for c in codes], 1),
+                            jnp.stack([c[1] for c in codes], 1))
+        recon = out.recon.reshape(tgt.shape)
         if not terms:
             return out
         denoms = [losses.total_variance(tgt[:, m], w) for m in range(cfg.n_layers)]
@@ -250,13 +289,18 @@ class CLTRecipe(VectorRecipe):
         g = grads["W_dec"]
         return {**grads, "W_dec": jnp.where(own, remove_parallel_component(params["W_dec"], g), g)}
 
-    def post_update(self, new, old, keep, out, model):
-        """Own-layer decoder rows at unit norm again; the cross-layer ones free."""
-        W = new["W_dec"]
-        return {**new, "W_dec": jnp.where(keep & own_slots(model)[:, None], unit_norm_rows(W), W)}
-
     def resample_every(self, model) -> int:
         return 0
+
+    def post_update(self, new, old, keep, out, model):
+        """Own-layer decoder rows at unit norm again; batchtopk's threshold estimate."""
+        from ksae_jax.models.batchtopk import moved_threshold
+        W = new["W_dec"]
+        new = {**new, "W_dec": jnp.where(keep & own_slots(model)[:, None], unit_norm_rows(W), W)}
+        if model.activation == "batchtopk":
+            new = {**new, "threshold": moved_threshold(old["threshold"], out.min_kept, keep,
+                                                       model.threshold_lr)}
+        return new
 
 
 def own_slots(model: CLTModel) -> jax.Array:
@@ -280,6 +324,8 @@ class CLTFamily(VectorFamily):
         return out.indices * self.model.n_layers + jnp.arange(self.model.n_layers)[:, None]
 
     def fired(self, out, w):
+        if out.code is not None:
+            return jnp.any((self.code(out) > 0) & (w[:, None] > 0), axis=0)
         return losses.fired_units(self.unit_ids(out).reshape(w.shape[0], -1),
                                   out.values.reshape(w.shape[0], -1), w, self.model.units)
 
@@ -289,8 +335,13 @@ class CLTFamily(VectorFamily):
 
     def eval_sums(self, out, x, w):
         B, (_, tgt) = w.shape[0], split(self.model, x)
-        on = (out.values > 0) * w[:, None, None]
-        counts = jnp.zeros(self.model.units).at[self.unit_ids(out).reshape(-1)].add(on.reshape(-1))
+        if out.code is not None:  # (B, L, n)
+            on = (out.code > 0) * w[:, None, None]
+            counts = on.sum(0).T.reshape(-1)  # latent-major units
+        else:
+            on = (out.values > 0) * w[:, None, None]
+            counts = jnp.zeros(self.model.units).at[self.unit_ids(out).reshape(-1)].add(
+                on.reshape(-1))
         err = jnp.square(out.recon.reshape(tgt.shape) - tgt) * w[:, None, None]
         return {"sse": squared_error(out.recon, tgt.reshape(B, -1), w), "counts": counts,
                 "layer_sq_err": err.sum((0, 2)), "layer_l0": on.sum((0, 2)),
@@ -310,6 +361,8 @@ class CLTFamily(VectorFamily):
         return 1.0
 
     def code(self, out):
+        if out.code is not None:  # (B, L, n) -> latent-major units
+            return jnp.swapaxes(out.code, 1, 2).reshape(out.code.shape[0], -1)
         B = out.indices.shape[0]
         ids = self.unit_ids(out).reshape(B, -1)
         return jnp.zeros((B, self.model.units), out.values.dtype).at[
@@ -324,6 +377,8 @@ class CLTFamily(VectorFamily):
             for m in range(mc.n_layers)], axis=-1)
 
     def usage(self, out, hp, max_k):
+        if out.code is not None:
+            return jnp.sum(self.code(out) > 0, axis=0).astype(jnp.float32)
         member = jnp.broadcast_to(jnp.arange(max_k) < hp["k"], out.indices.shape)
         return jnp.zeros(self.model.units).at[self.unit_ids(out).reshape(-1)].add(
             member.reshape(-1).astype(jnp.float32))
