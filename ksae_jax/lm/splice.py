@@ -253,7 +253,8 @@ class EvaluateConfig:
     """A saved SAE judged in its language model."""
 
     sae: Path
-    """A trained SAE: params.pkl, a ksae_jax export, or a sparsify / SAELens folder."""
+    """A trained SAE (or transcoder: judged with block L's MLP replaced): params.pkl, a
+    ksae_jax export, or a sparsify / SAELens folder."""
     model: str
     """The causal LM of its activations."""
     layer: int
@@ -280,11 +281,21 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     from ksae_jax.safe_pickle import ParamsFileError
 
     torch.set_num_threads(os.cpu_count() or 1)
-    evaluation = SpliceEval(cfg.model, cfg.layer, cfg.text, cfg.tokens, cfg.context)
     try:
         sae = inference.load(cfg.sae)
     except (ParamsFileError, OSError) as e:
         raise ValueError(f"--sae {cfg.sae}: {e}") from None
+    kind = type(sae.model_config)
+    if not hasattr(kind, "hookpoints_for"):
+        raise ValueError(f"--sae {cfg.sae}: holds image models, not a language model's SAEs")
+    where = kind.hookpoints_for([cfg.layer])[0]  # what it reads at the block
+    try:
+        kind.check_hookpoint(where)
+    except ValueError as e:  # a CLT: several layers at once
+        raise ValueError(f"--sae {cfg.sae}: {e}; its spliced metrics are in the metrics.json of "
+                         "the run that trained it") from None
+    evaluation = SpliceEval(cfg.model, cfg.layer, cfg.text, cfg.tokens, cfg.context,
+                            hookpoint=where)
     labels = list(sae.labels)
     m = evaluation(sae, labels)
     print(f"clean {m['lm_loss_clean']:.4f}, zero-ablated {m['lm_loss_zero']:.4f} nats/token over "
