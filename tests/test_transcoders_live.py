@@ -1,7 +1,7 @@
 """Transcoders and CLTs trained live on a tiny GPT-2: the pair hookpoint reads what torch's
-MLP reads and writes, both backends train the same transcoders, the spliced metrics agree
-between the two splices (the clean pass's rows and the replaced forward), and a bad
-request is one line and exit 2."""
+MLP reads and writes (in both backends), the spliced metrics agree between the two splices
+(the clean pass's rows and the replaced forward), exports per layer, caches of MLP pairs,
+and a bad request is one line and exit 2."""
 import json
 from pathlib import Path
 
@@ -45,17 +45,16 @@ def test_the_pair_hookpoint_is_the_mlps_input_beside_its_output(lm_dir):
     np.testing.assert_array_equal(acts["mlp.0+1"][..., 64:], acts["mlp.1"])
 
 
-def test_both_backends_train_the_same_transcoders_and_the_splices_agree(lm_dir, tmp_path):
-    runs = {}
-    for name in ("jax", "torch"):
-        sae_run.main(["--model", str(lm_dir), "--arch", "skip-transcoder", "--layers", "0", "1",
-                      "--lm-backend", name, "--out", str(tmp_path / name)] + RUN)
-        runs[name] = json.loads((tmp_path / name / "metrics.json").read_text())
+def test_live_transcoders_report_each_layer_and_the_replacement_and_the_splices_agree(
+        lm_dir, tmp_path):
+    """(The pair rows are the same from either backend: the test above; the same rows train
+    the same models whatever their source: tests/test_live.py.)"""
+    sae_run.main(["--model", str(lm_dir), "--arch", "skip-transcoder", "--layers", "0", "1",
+                  "--lm-backend", "jax", "--out", str(tmp_path / "jax")] + RUN)
+    m = json.loads((tmp_path / "jax" / "metrics.json").read_text())
     for h in ("mlp.0", "mlp.1"):
-        ours, theirs = runs["jax"]["hookpoints"][h], runs["torch"]["hookpoints"][h]
-        np.testing.assert_allclose(ours["fvu"], theirs["fvu"], rtol=1e-3)
-        np.testing.assert_allclose(ours["delta_loss"], theirs["delta_loss"], rtol=1e-3, atol=1e-5)
-    assert len(runs["jax"]["replacement"]["replacement_delta_loss"]) == 2  # per k
+        assert np.isfinite(m["hookpoints"][h]["delta_loss"]).all()
+    assert len(m["replacement"]["replacement_delta_loss"]) == 2  # per k
     # one layer replaced in the replaced forward = the spliced evaluation of that layer
     lm = jax_lm.load(lm_dir)
     models = ksae_jax.load(tmp_path / "jax" / "mlp.1" / "params.pkl")
