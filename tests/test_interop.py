@@ -146,6 +146,8 @@ def test_sparsify_export_refuses_other_families(trained, tmp_path):
     (["--init-scale", "1"], "--init-scale: the models start from --init"),
     (["--latents", "32"], "--latents 32: --init"),
     (["--ks", "5"], "--ks [5]: --init"),
+    (["--init", str(FIXTURES / "sparsify_skip_transcoder")],
+     "takes rows of width 32; the data have d = 16"),  # the later --init: a transcoder's
 ])
 def test_training_on_from_an_sae_refuses_what_it_would_not_apply(tmp_path, capsys, given, message):
     np.save(tmp_path / "x.npy", np.ones((600, 16), np.float32))
