@@ -34,6 +34,10 @@ def resolve(model, names) -> list[Hookpoint]:
     modules = dict(model.named_modules())
     found: list[Hookpoint] = []
     for name in names:
+        if re.fullmatch(r"mlp\.\d+(\+\d+)+", name):
+            raise lm_model.LMError(f"hookpoint {name}: several MLPs at once (a CLT's) are read "
+                                   "by the LM in JAX (--lm-backend auto or jax; GPT-2 and the "
+                                   "Llama family)")
         short = SHORT.match(name)
         if short:
             found.append(_short(model, modules, short.group(1), int(short.group(2)), name))
@@ -103,7 +107,7 @@ def _available(model) -> str:
     inner = [p for p in modules if any(p == f"{b}.{m}" for b in blocks[:1] for m in MLP_NAMES)]
     n = len(blocks)
     return (f"{', '.join(blocks)}, {', '.join(inner)} (and the other modules below them); "
-            f"resid_post.L, mlp_in.L, mlp_out.L for L in 0..{n - 1}")
+            f"resid_post.L, mlp_in.L, mlp_out.L, mlp.L for L in 0..{n - 1}")
 
 
 def _first(value):
