@@ -281,6 +281,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     from ksae_jax.safe_pickle import ParamsFileError
 
     torch.set_num_threads(os.cpu_count() or 1)
+    evaluation = SpliceEval(cfg.model, cfg.layer, cfg.text, cfg.tokens, cfg.context)
     try:
         sae = inference.load(cfg.sae)
     except (ParamsFileError, OSError) as e:
@@ -294,8 +295,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     except ValueError as e:  # a CLT: several layers at once
         raise ValueError(f"--sae {cfg.sae}: {e}; its spliced metrics are in the metrics.json of "
                          "the run that trained it") from None
-    evaluation = SpliceEval(cfg.model, cfg.layer, cfg.text, cfg.tokens, cfg.context,
-                            hookpoint=where)
+    evaluation.where = hooks.resolve(evaluation.model, [where])[0]
     labels = list(sae.labels)
     m = evaluation(sae, labels)
     print(f"clean {m['lm_loss_clean']:.4f}, zero-ablated {m['lm_loss_zero']:.4f} nats/token over "
