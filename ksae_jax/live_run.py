@@ -271,8 +271,7 @@ def replacement(lm, run: runner.Run, splice) -> dict | None:
     the JAX LM trained transcoders at several MLPs; None otherwise."""
     from ksae_jax.lm import hookpoints, replacement as rep
 
-    pairs = [h for h, where in enumerate(lm.hookpoints) if hookpoints.is_pair(where)
-             and not hookpoints.is_several(where)]
+    pairs = [h for h, where in enumerate(lm.hookpoints) if hookpoints.is_pair(where)]
     if lm.backend.kind != "jax" or len(pairs) < 2:
         return None
     ev = splice.evaluation

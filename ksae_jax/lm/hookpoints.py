@@ -83,7 +83,7 @@ def _short(model, modules: dict, kind: str, layer: int, name: str) -> Hookpoint:
 
 def is_pair(hookpoint: Hookpoint) -> bool:
     """Whether the hookpoint reads an MLP's input beside its output (mlp.L)."""
-    return hookpoint.side == "pair" or hookpoint.path.startswith("mlp.")
+    return hookpoint.side == "pair" or bool(re.fullmatch(r"mlp\.\d+", hookpoint.path))
 
 
 def is_several(hookpoint: Hookpoint) -> bool:
