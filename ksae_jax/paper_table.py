@@ -8,9 +8,10 @@ the first half) or --recipe paper (the authors' code, see ksae_jax.image_recipes
 classifiers train on raw pixels and on each model's alpha*k-sparse codes (and, with
 --finetune, with the encoder), each keeping the epoch with the lowest validation error.
 --curve-epochs also trains the feature classifiers on the autoencoders as they were after
-those epochs (a learning curve: error_vs_epochs.png). Writes table.md, table.json,
-features.png and the autoencoders' params.pkl to --out; `curves` draws several runs'
-learning curves in one figure.
+those epochs (a learning curve: error_vs_epochs.png), from their params kept in
+snapshots/, so that a run stopped and continued with --resume keeps every point. Writes
+table.md, table.json, features.png, snapshots/ and the autoencoders' params.pkl to --out;
+`curves` draws several runs' learning curves in one figure.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from ksae_jax.data.feed import ArrayRows
 from ksae_jax.data.images import ImageData
 from ksae_jax.evaluate import EvalSet, evaluate
 from ksae_jax.files import write_bytes, write_json
+from ksae_jax.formats import load_params_file, save_params
 
 PAPER_MNIST = {"raw pixels": 7.2, "k = 10": 2.1, "k = 25": 1.35, "k = 40": 1.5,
                "k = 25 fine-tuned": 1.1}  # test error %, as recalled from the paper
@@ -88,17 +90,17 @@ def main(argv=None, prog: str = "python -m experiments.paper_table",
     if cfg.model.loss == "bce":
         raise flags.UsageError("--loss bce: the paper table's models have linear outputs")
     ds, val = split_data(table, data.load(), cfg.seed)
-    cfg, keep = sweep_config(values, len(ds.x_train)), {}
+    cfg = sweep_config(values, len(ds.x_train))
     run = runner.train(cfg, ds.x_train, val[0], flags.build(runner.Output, values),
                        flags.build(runner.RunOptions, values), flags.build(runner.Devices, values),
-                       default_out=default_out, on_eval=lambda t: snapshots(table, t, keep),
+                       default_out=default_out, on_eval=lambda t: snapshots(table, t),
                        run_info={"data": {"dataset": ds.name, "n_train": len(ds.x_train),
                                           "n_val": len(val[0])}},
                        summary=lambda t: (f"dataset {ds.name}: {len(ds.x_train)} train / "
                                           f"{len(val[0])} validation / {len(ds.x_test)} test; "
                                           f"ks {list(cfg.ks)}"))
     if sharding.is_writer():
-        report(run, table, ds, val, keep, values, t0)
+        report(run, table, ds, val, read_snapshots(run.out, table.curve_epochs), values, t0)
     return run
 
 
@@ -137,18 +139,37 @@ def split_data(table: PaperTable, ds, seed: int):
     return rest, (x_val, y_val)
 
 
-def snapshots(table: PaperTable, training, keep: dict):
-    """What training calls at every evaluation point: the params of the --curve-epochs."""
+SNAPSHOTS = "snapshots"  # OUT/snapshots/epoch_E.pkl: the autoencoders after epoch E
+
+
+def snapshots(table: PaperTable, training):
+    """What training calls at every evaluation point: it writes the params of the
+    --curve-epochs to OUT/snapshots (before the checkpoint of that step, so that a resumed
+    run has every snapshot that its checkpoints passed)."""
     per_epoch, wanted = training.budget.steps_per_epoch, set(table.curve_epochs)
     missing = sorted(e for e in wanted if e * per_epoch not in training.budget.segment_ends(0))
     if missing:
         raise flags.UsageError(f"--curve-epochs {missing}: not evaluation points of "
                                f"--eval-every {training.budget.eval_every}")
+    folder = training.checkpoint.parent / SNAPSHOTS
 
     def snap(step, params):
-        if step % per_epoch == 0 and step // per_epoch in wanted:
-            keep[step // per_epoch] = jax.tree.map(np.asarray, params)
+        if step % per_epoch == 0 and step // per_epoch in wanted and sharding.is_writer():
+            folder.mkdir(exist_ok=True)
+            save_params(folder / f"epoch_{step // per_epoch}.pkl", config=training.cfg.to_dict(),
+                        ks=training.cfg.ks, params=params)
     return snap
+
+
+def read_snapshots(out: Path, epochs) -> dict:
+    """{epoch: params} of the --curve-epochs' snapshots in OUT/snapshots."""
+    found = {}
+    for e in epochs:
+        path = out / SNAPSHOTS / f"epoch_{e}.pkl"
+        if not path.exists():
+            raise runner.RunFailed(f"{path} is missing: the learning curve needs it")
+        found[e] = load_params_file(path)["params"]
+    return found
 
 
 def report(run: runner.Run, table: PaperTable, ds, val, snapshots: dict, values: dict,

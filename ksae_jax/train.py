@@ -334,9 +334,9 @@ class Training:
             bar.set_postfix({**_postfix(self.family, history),
                              **({"lm": f"{self.stream.lm.seconds / self.clock.seconds():.0%}"}
                                 if live else {})})
-            self._save_checkpoint(end, state)
-            if on_eval is not None:
+            if on_eval is not None:  # before the checkpoint: a resumed run has what it wrote
                 on_eval(end, batching.stacked(state.params))
+            self._save_checkpoint(end, state)
             start = end
         bar.close()
         self.batches.close()

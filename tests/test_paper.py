@@ -3,14 +3,20 @@ tiny config, the validation choice, the authors' own training (--recipe paper: i
 against a PyTorch reference, its init and loss, the flags that set it) and the learning
 curve's snapshots."""
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ksae_jax import cli, flags, image_recipes, image_run, models, optim, paper_table, step
+from ksae_jax import (cli, flags, formats, image_recipes, image_run, models, optim, paper_table,
+                      step)
 from ksae_jax.config import ImageModel, Optimizer, SweepConfig
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -159,18 +165,29 @@ def test_ksweep_refuses_a_recipe_it_cannot_apply(argv, message, tmp_path, capsys
     assert not (tmp_path / "x").exists()
 
 
+TINY = ("--dataset", "mnist-sample", "--train-limit", "400", "--ks", "5", "10", "--hidden", "64",
+        "--recipe", "paper", "--cls-epochs", "2", "--no-progress")
+
+
 def _table(tmp_path, name, *extra):
     out = tmp_path / name
-    paper_table.main(["--dataset", "mnist-sample", "--train-limit", "400", "--ks", "5", "10",
-                      "--hidden", "64", "--recipe", "paper", "--cls-epochs", "2",
-                      "--no-progress", "--out", str(out), *extra])
+    paper_table.main([*TINY, "--out", str(out), *extra])
     return out, json.loads((out / "table.json").read_text())
 
 
-def test_a_curve_point_is_the_run_of_that_budget(tmp_path):
+CURVE = ("--epochs", "2", "--curve-epochs", "1")
+
+
+@pytest.fixture(scope="module")
+def curve_table(tmp_path_factory):
+    """A 2-epoch paper-recipe table with a curve point after epoch 1."""
+    return _table(tmp_path_factory.mktemp("curve"), "long", *CURVE)
+
+
+def test_a_curve_point_is_the_run_of_that_budget(tmp_path, curve_table):
     """Constant lr and fixed k: the snapshot after epoch 1 of a 2-epoch run is the 1-epoch
     run, so its classifiers and dead units are that run's."""
-    out, long = _table(tmp_path, "long", "--epochs", "2", "--curve-epochs", "1")
+    out, long = curve_table
     _, short = _table(tmp_path, "short", "--epochs", "1")
     curve = long["curve"]
     assert curve["epochs"] == [1, 2] and curve["ks"] == [5, 10]
@@ -188,6 +205,25 @@ def test_a_curve_point_is_the_run_of_that_budget(tmp_path):
     assert json.loads(fig.with_suffix(".json").read_text())["curves"]["paper"] == curve
     with pytest.raises(flags.UsageError, match="no learning curve"):
         paper_table.curves([str(tmp_path / "short")], fig)
+
+
+def test_a_stopped_paper_table_resumes_to_the_same_autoencoders_and_curve(tmp_path, curve_table):
+    """Killed right after its first checkpoint (epoch 1), then continued with --resume: the
+    same autoencoders, bit for bit, and the same learning curve (epoch 1's snapshot was kept
+    on disk before the checkpoint)."""
+    ref_out, ref = curve_table
+    stopped = tmp_path / "stopped"
+    died = subprocess.run([sys.executable, str(ROOT / "tests" / "stopped_run.py"),
+                           "experiments.paper_table", *TINY, "--out", str(stopped), *CURVE],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert died.returncode == 75, died.stderr
+    assert [p.name for p in (stopped / "snapshots").iterdir()] == ["epoch_1.pkl"]
+    paper_table.main([*TINY, "--resume", str(stopped), *CURVE])
+    resumed = json.loads((stopped / "table.json").read_text())
+    for a, b in zip(jax.tree.leaves(formats.load_params_file(ref_out / "params.pkl")["params"]),
+                    jax.tree.leaves(formats.load_params_file(stopped / "params.pkl")["params"])):
+        np.testing.assert_array_equal(a, b)
+    assert resumed["curve"] == ref["curve"] and resumed["curve"]["epochs"] == [1, 2]
 
 
 def test_curve_epochs_must_fall_below_the_budget(tmp_path, capsys):
