@@ -63,3 +63,26 @@ def check_suites(gpu: dict, out: Path):
     for backend in ("jax", "torch"):  # the LM in JAX and in torch, the same run otherwise
         assert live[backend]["tokens"] == 4096 and 0 < live[backend]["lm_share"] < 1
     assert live["handoff_seconds"] > 0 and live["torch_device"] == "cpu"
+
+
+def test_ground_truth_summary_keeps_its_interface_and_the_report_shows_every_row(tmp_path):
+    """results/ground_truth/summary.json has the fields scripts read; the report's table has a
+    line per row and its figure is written (the comparison itself needs SAELens: not run
+    here)."""
+    from types import SimpleNamespace
+
+    from benchmarks import ground_truth, ground_truth_report
+
+    summary = json.loads((ROOT / "results" / "ground_truth" / "summary.json").read_text())
+    assert {"random_decoder_mcc", "features", "d", "rows"} <= set(summary)
+    fields = {"system", "arch", "k", "l0", "steps", "mcc", "f1", "ev", "dead", "uniqueness"}
+    for row in summary["rows"]:
+        assert fields <= set(row) and row["system"] in ("ksae_jax", "saelens")
+        assert 0 <= row["dead"] <= 1 and row["mcc"] > 0 and row["ev"] <= 1
+    assert {r["system"] for r in summary["rows"]} == {"ksae_jax", "saelens"}
+    assert ground_truth.budget("300x4096") == (300, 4096)
+    ground_truth_report.write(SimpleNamespace(out=tmp_path), summary)
+    table = (tmp_path / "table.md").read_text().splitlines()
+    assert sum(line.startswith("| ksae_jax") or line.startswith("| saelens")
+               for line in table) == len(summary["rows"])
+    assert (tmp_path / "mcc_ev_l0.png").read_bytes()[:4] == b"\x89PNG"
