@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks import live
 from benchmarks.live import ROOT, measured
 from ksae_jax import cli, flags
 from ksae_jax.files import write_json
@@ -96,12 +97,7 @@ def budget(text: str) -> tuple[int, int]:
 
 def stage(c: GroundTruth, name: str, fn):
     """fn()'s result, kept in OUT/stages/name.json (a rerun reads it back instead)."""
-    path = c.out / "stages" / f"{name}.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    result = fn()
-    write_json(path, result)
-    return result
+    return live.stage(c, name, fn, c.out / "stages")
 
 
 def synthetic_model(c: GroundTruth):

@@ -81,9 +81,10 @@ def measured(cmd: list[str], log: Path) -> dict:
     return {"wall_seconds": time.perf_counter() - t, "peak_rss_mb": rss / 1024}
 
 
-def stage(c: LiveComparison, name: str, fn) -> dict:
-    """fn()'s result, kept in OUT/name.json (a rerun reads it back instead)."""
-    path = c.out / f"{name}.json"
+def stage(c: LiveComparison, name: str, fn, folder: Path | None = None) -> dict:
+    """fn()'s result, kept in OUT/name.json, or folder/name.json (a rerun reads it back
+    instead)."""
+    path = (folder or c.out) / f"{name}.json"
     if path.exists():
         return json.loads(path.read_text())
     result = fn()
