@@ -196,8 +196,8 @@ class HostFeeder:
                     order = EpochOrder(self.rows.n, self.seed, e, self.chunk_rows, self.buffer_rows)
                 offer(out, self.put(self.host_batch(order, i)), stop)
                 step += 1
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer
-            out.put(e)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, unless it left
+            offer(out, e, stop)
 
     def batches(self, start_step: int = 0) -> Iterator[dict]:
         out: queue.Queue = queue.Queue(maxsize=self.prefetch)

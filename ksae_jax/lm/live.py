@@ -328,8 +328,8 @@ class LiveStream:
             for chunk in row_chunks(self.lm, self.seed, self.half * first_chunk, self.half):
                 if not offer(out, chunk, stop):
                     return
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer
-            out.put(e)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, unless it left
+            offer(out, e, stop)
 
     def batches(self, start_step: int = 0) -> Iterator[dict]:
         """Batches from step start_step on (a multiple of steps_per_cycle: where the
