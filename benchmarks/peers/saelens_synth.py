@@ -24,32 +24,31 @@ from sae_lens.saes import (BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig,
                            TopKTrainingSAE, TopKTrainingSAEConfig)
 from sae_lens.training.sae_trainer import SAETrainer
 
-from ksae_jax.data.feed import ArrayRows, EpochOrder, HostFeeder
+from ksae_jax.data.feed import ArrayRows, HostFeeder
+from ksae_jax.models import registry
 
 
 FAMILIES = {"topk": (TopKTrainingSAE, TopKTrainingSAEConfig),
             "batchtopk": (BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig),
             "matryoshka": (MatryoshkaBatchTopKTrainingSAE, MatryoshkaBatchTopKTrainingSAEConfig)}
-# what a family's config needs beside d_in, d_sae and k (Matryoshka: ksae_jax's default
-# prefixes, latents / 16, / 4 and / 2)
-EXTRA = {"matryoshka": lambda n: {"matryoshka_widths": [n // 16, n // 4, n // 2, n]}}
+# what a family's config needs beside d_in, d_sae and k (Matryoshka: ksae_jax's own default
+# prefixes, read from its config, then the whole width)
+EXTRA = {"matryoshka": lambda d, n: {
+    "matryoshka_widths": [*registry.lookup("matryoshka").config(d, n).prefixes, n]}}
 
 
 def make_sae(arch: str, d: int, latents: int, k: int):
     """SAELens's training SAE of one family, at its defaults."""
     sae, config = FAMILIES[arch]
-    return sae(config(d_in=d, d_sae=latents, k=k, **EXTRA.get(arch, lambda n: {})(latents)))
+    extra = EXTRA.get(arch, lambda d, n: {})(d, latents)
+    return sae(config(d_in=d, d_sae=latents, k=k, **extra))
 
 
 def batches(data: np.ndarray, batch_size: int, seed: int):
-    """ksae_jax's host feeder's batches of data, as torch tensors, epoch after epoch."""
-    feeder = HostFeeder(ArrayRows(data), batch_size, seed)
-    epoch = 0
-    while True:
-        order = EpochOrder(len(data), seed, epoch, feeder.chunk_rows, feeder.buffer_rows)
-        for i in range(feeder.steps_per_epoch):
-            yield torch.from_numpy(feeder.host_batch(order, i)["x"])
-        epoch += 1
+    """ksae_jax's host feeder's batches of data (its own iterator), as torch tensors."""
+    feeder = HostFeeder(ArrayRows(data), batch_size, seed, put=lambda batch: batch)
+    for batch in feeder.batches():
+        yield torch.from_numpy(batch["x"])
 
 
 def main():
