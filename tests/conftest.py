@@ -16,6 +16,20 @@ import numpy as np
 import pytest
 
 
+# The files that take longest, longest first: pytest-xdist hands whole files to its workers in
+# collection order (pytest.ini: --dist loadfile --no-loadscope-reorder), so the long ones start
+# at once and the short ones fill the gaps at the end, instead of one worker finishing a long
+# file alone. A file missing here only runs later.
+SLOWEST_FILES = ("test_sharding.py", "test_benchmark.py", "test_live.py", "test_resume.py",
+                 "test_train.py", "test_sae.py", "test_sae_run.py", "test_paper.py",
+                 "test_conv.py", "test_transcoders_live.py", "test_interop.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 def idx_bytes(array: np.ndarray) -> bytes:
     """An IDX file (unsigned bytes) holding `array`."""
     header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
