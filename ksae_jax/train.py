@@ -311,7 +311,11 @@ class Training:
         if on_nan not in ("stop", "continue"):
             raise ValueError(f"on_nan must be 'stop' or 'continue', got {on_nan!r}")
         with sharding.use(self.mesh):
-            return self._loop(progress, on_nan, on_eval)
+            try:
+                return self._loop(progress, on_nan, on_eval)
+            finally:  # a run that stops (diverged, interrupted) leaves its last save complete
+                if self.checkpoints is not None:
+                    self.checkpoints.wait()
 
     def _loop(self, progress: bool, on_nan: str, on_eval) -> SweepResult:
         cfg, budget, history = self.cfg, self.budget, self.history
@@ -340,8 +344,6 @@ class Training:
             start = end
         bar.close()
         self.batches.close()
-        if self.checkpoints is not None:
-            self.checkpoints.wait()
         return self._result(final)
 
     def _window_dead(self, state: TrainState) -> np.ndarray:
