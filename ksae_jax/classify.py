@@ -54,10 +54,13 @@ def _logits(params, x, n_active, *, cfg, max_k):
     return f @ params["cls"]["weight"].T + params["cls"]["bias"]
 
 
-def _xent(trainable, frozen, batch, n_active, *, cfg, max_k):
-    logits = _logits({**frozen, **trainable}, batch["x"], n_active, cfg=cfg, max_k=max_k)
+def _xent(trainable, frozen, batch, n_active, l2, *, cfg, max_k):
+    """Mean cross-entropy, plus 0.5 * l2 * |W|^2 of the softmax weights (not the biases)."""
+    params = {**frozen, **trainable}
+    logits = _logits(params, batch["x"], n_active, cfg=cfg, max_k=max_k)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
-    return jnp.sum(ce * batch["w"]) / jnp.maximum(batch["w"].sum(), 1.0)
+    penalty = 0.5 * l2 * jnp.sum(jnp.square(params["cls"]["weight"]))
+    return jnp.sum(ce * batch["w"]) / jnp.maximum(batch["w"].sum(), 1.0) + penalty
 
 
 def _split(state: dict, finetune: bool):
@@ -69,28 +72,31 @@ def _split(state: dict, finetune: bool):
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_k", "lr", "batch_size", "finetune"),
                    donate_argnames=("state", "opt_state"))
-def classifier_step(state, opt_state, images, labels, order, i, n_active, *, cfg, max_k: int,
-                    lr: float, batch_size: int, finetune: bool):
-    """One Adam step of every model's classifier (and encoder when finetune)."""
+def classifier_step(state, opt_state, images, labels, order, i, n_active, l2, *, cfg,
+                    max_k: int, lr: float, batch_size: int, finetune: bool):
+    """One Adam step of every model's classifier (and encoder when finetune); n_active and the
+    L2 penalty l2 are per model."""
     batch = gather_batch(images, labels, order, i, batch_size)
     tx = optax.adam(lr)
 
-    def one(state, opt_state, n_active):
+    def one(state, opt_state, n_active, l2):
         trainable, frozen = _split(state, finetune)
-        grads = jax.grad(_xent)(trainable, frozen, batch, n_active, cfg=cfg, max_k=max_k)
+        grads = jax.grad(_xent)(trainable, frozen, batch, n_active, l2, cfg=cfg, max_k=max_k)
         updates, opt_state = tx.update(grads, opt_state, trainable)
         return {**state, **optax.apply_updates(trainable, updates)}, opt_state
 
-    return jax.vmap(one)(state, opt_state, n_active)
+    return jax.vmap(one)(state, opt_state, n_active, l2)
 
 
 def _epochs(state: dict, images, labels, n_active, *, cfg, max_k: int, epochs: int, lr: float,
             batch_size: int = 600, seed: int = 0, finetune: bool = False, progress: bool = True,
-            desc: str = "classifier"):
-    """Adam over the classifiers in `state`: yields (epoch, state) after every epoch."""
+            desc: str = "classifier", l2=None):
+    """Adam over the classifiers in `state`: yields (epoch, state) after every epoch. l2: each
+    model's L2 penalty on its softmax weights (None: none)."""
     state = jax.tree.map(jnp.array, state)  # the caller's arrays stay intact (steps donate)
     images, labels = jnp.asarray(images), jnp.asarray(labels, jnp.int32)
     n_active = jnp.asarray(n_active, jnp.int32)
+    l2 = jnp.zeros(n_active.shape, jnp.float32) if l2 is None else jnp.asarray(l2, jnp.float32)
     tx = optax.adam(lr)
     opt_state = jax.vmap(lambda s: tx.init(_split(s, finetune)[0]))(state)
     n = images.shape[0]
@@ -101,7 +107,7 @@ def _epochs(state: dict, images, labels, n_active, *, cfg, max_k: int, epochs: i
         for epoch in range(epochs):
             order = _padded(EpochOrder(n, seed, epoch).rows(0, n), batch_size)
             for i in range(n_batches):
-                state, opt_state = step(state, opt_state, images, labels, order, i, n_active)
+                state, opt_state = step(state, opt_state, images, labels, order, i, n_active, l2)
                 bar.update()
             yield epoch + 1, state
 

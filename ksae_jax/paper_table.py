@@ -51,6 +51,9 @@ class PaperTable:
     """Classification features keep alpha*k units."""
     cls_epochs: int = 30
     """Classifier epochs (the best on validation is kept)."""
+    cls_l2: tuple[float, ...] = (0.0,)
+    """L2 penalties tried on the softmax weights (0.5 * l2 * |W|^2 beside the cross-entropy),
+    all in one run: each classifier keeps the penalty and epoch best on validation."""
     finetune: bool = False
     """Also fine-tune encoder + classifier."""
     ft_epochs: int = 10
@@ -66,6 +69,8 @@ class PaperTable:
     def __post_init__(self):
         if not self.alpha > 0:
             raise ValueError(f"alpha must be positive, got {self.alpha!r}")
+        if not self.cls_l2 or min(self.cls_l2) < 0:
+            raise ValueError(f"cls_l2 must be one or more penalties >= 0, got {self.cls_l2!r}")
 
 
 GROUPS = [flags.Group("data", (ImageData,)),
@@ -193,7 +198,8 @@ def report(run: runner.Run, table: PaperTable, ds, val, snapshots: dict, values:
     out_table = {"dataset": ds.name, "n_train": len(ds.x_train), "n_val": len(val[0]),
                  "n_test": len(ds.x_test), "config": cfg.to_dict(),
                  "budget": f"{run.plan['steps']} steps ({run.plan['epochs']:.3g} epochs)",
-                 "alpha": table.alpha, "cls_epochs": table.cls_epochs, "finetune": table.finetune,
+                 "alpha": table.alpha, "cls_epochs": table.cls_epochs, "cls_l2": list(table.cls_l2),
+                 "finetune": table.finetune,
                  "ft_epochs": table.ft_epochs if table.finetune else None, "choices": choices,
                  "quick": table.quick, "recipe": recipe, "rows": rows, "curve": curve,
                  "seconds": time.perf_counter() - t0}
@@ -250,10 +256,24 @@ def feature_classifiers(table, cfg, ds, val, params, progress: bool, desc: str):
     fkw = dict(cfg=cfg.model, max_k=max(n_active))
     state = {"cls": classify.init_linear(cfg.model.hidden, len(cfg.ks)),
              "enc": jax.tree.map(jnp.asarray, params)}
-    state, choice = classify.fit_on_validation(state, ds.x_train, ds.y_train, n_active, val,
-                                               epochs=table.cls_epochs, desc=desc, **fkw,
-                                               **_cls_options(cfg, progress))
+    state, choice = fit_choosing_l2(table, state, ds, n_active, val, desc=desc, **fkw,
+                                    **_cls_options(cfg, progress))
     return state, choice, classify.error_rate(state, ds.x_test, ds.y_test, n_active, **fkw)
+
+
+def fit_choosing_l2(table, state, ds, n_active, val, **kw) -> tuple[dict, dict]:
+    """classify.fit_on_validation of the models in `state` under every penalty of
+    table.cls_l2 at once (the model axis repeated per penalty); each model keeps the penalty,
+    and epoch, with the lowest validation error. The choice says which (choice["l2"])."""
+    n_l2, n = len(table.cls_l2), len(n_active)
+    tiled = jax.tree.map(lambda a: jnp.concatenate([a] * n_l2), state)
+    l2 = np.repeat(np.asarray(table.cls_l2, np.float32), n)
+    tiled, choice = classify.fit_on_validation(tiled, ds.x_train, ds.y_train, list(n_active) * n_l2,
+                                               val, epochs=table.cls_epochs, l2=l2, **kw)
+    err = np.asarray(choice["val_error_pct"]).reshape(n_l2, n)
+    pick = np.argmin(err, axis=0) * n + np.arange(n)  # ties: the penalty listed first
+    return (jax.tree.map(lambda a: a[pick], tiled),
+            {name: np.asarray(v)[pick].tolist() for name, v in {**choice, "l2": l2}.items()})
 
 
 def _n_active(table, cfg) -> list[int]:
@@ -268,9 +288,8 @@ def classifier_rows(table, cfg, ds, val, params, progress: bool) -> tuple[list, 
     """Rows of the raw-pixel and feature classifiers (fine-tuned too with --finetune), each
     with validation and test error; and the classifier states (for the record)."""
     n_active, kw = _n_active(table, cfg), _cls_options(cfg, progress)
-    raw, raw_choice = classify.fit_on_validation(
-        {"cls": classify.init_linear(784, 1)}, ds.x_train, ds.y_train, [0], val, cfg=None,
-        max_k=1, epochs=table.cls_epochs, desc="raw-pixel classifier", **kw)
+    raw, raw_choice = fit_choosing_l2(table, {"cls": classify.init_linear(784, 1)}, ds, [0], val,
+                                      cfg=None, max_k=1, desc="raw-pixel classifier", **kw)
     rows = [_row("raw pixels", raw_choice, 0, classify.error_rate(
         raw, ds.x_test, ds.y_test, [0], cfg=None, max_k=1)[0])]
     fkw = dict(cfg=cfg.model, max_k=max(n_active))
@@ -281,7 +300,7 @@ def classifier_rows(table, cfg, ds, val, params, progress: bool) -> tuple[list, 
     if table.finetune:
         tuned, ft = classify.fit_on_validation(
             state, ds.x_train, ds.y_train, n_active, val, finetune=True, epochs=table.ft_epochs,
-            desc="fine-tuning", **fkw, **dict(kw, lr=table.ft_lr))
+            desc="fine-tuning", l2=choice["l2"], **fkw, **dict(kw, lr=table.ft_lr))
         test = classify.error_rate(tuned, ds.x_test, ds.y_test, n_active, **fkw)
         rows += [_row(f"k = {k} fine-tuned", ft, i, test[i]) for i, k in enumerate(cfg.ks)]
         choices["fine-tuned"] = ft
@@ -305,7 +324,8 @@ def markdown(table: dict) -> str:
              f"{_recipe_words(table)}, {schedule}"
              f"{'; AuxK ' + str(model['aux_coef']) if model['aux_coef'] else ''}; "
              f"classification features keep alpha*k units (alpha = {table['alpha']}); softmax "
-             f"classifiers up to {table['cls_epochs']} epochs, the epoch chosen on validation.", "",
+             f"classifiers up to {table['cls_epochs']} epochs, the epoch{_l2_words(table)} chosen "
+             "on validation.", "",
              "| features | validation error % | test error % | dead units % | test recon MSE |",
              "|---|---:|---:|---:|---:|"]
     for r in table["rows"]:
@@ -315,6 +335,10 @@ def markdown(table: dict) -> str:
                      f"{dead} | {mse} |")
     lines += ["", f"Wall time {table['seconds'] / 60:.1f} min. Dead units: never among the top k "
               "on the training set."]
+    if len(table.get("cls_l2", [0.0])) > 1:
+        chosen = [table["choices"]["raw pixels"]["l2"][0], *table["choices"]["features"]["l2"]]
+        lines += ["", "L2 penalties chosen: " + ", ".join(
+            f"{r['name']} {v:g}" for r, v in zip(table["rows"], chosen)) + "."]
     curve = table.get("curve") or {"epochs": []}
     if len(curve["epochs"]) > 1:
         lines += ["", "Learning curve: the feature classifiers on the autoencoders after each "
@@ -326,6 +350,12 @@ def markdown(table: dict) -> str:
                 curve["val_error_pct"][i], curve["test_error_pct"][i], curve["dead_units_pct"][i])]
             lines.append(f"| {e:g} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _l2_words(table: dict) -> str:
+    grid = table.get("cls_l2", [0.0])
+    return "" if len(grid) == 1 and grid[0] == 0 else (
+        f" and the L2 penalty (of {', '.join(f'{v:g}' for v in grid)})")
 
 
 def _recipe_words(table: dict) -> str:

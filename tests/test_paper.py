@@ -28,8 +28,8 @@ def test_tiny_paper_table_writes_every_output(tmp_path):
     out = tmp_path / "table"
     paper_table.main(["--dataset", "mnist-sample", "--train-limit", "400", "--ks", "5", "10",
                       "--hidden", "64", "--epochs", "2", "--k-start", "30", "--cls-epochs", "2",
-                      "--finetune", "--ft-epochs", "1", "--batch-size", "100", "--no-progress",
-                      "--out", str(out)])
+                      "--cls-l2", "0", "1e-3", "--finetune", "--ft-epochs", "1", "--batch-size",
+                      "100", "--no-progress", "--out", str(out)])
     assert {p.name for p in out.iterdir()} == {"table.md", "table.json", "features.png", "params.pkl",
                                                "checkpoints"}
     t = json.loads((out / "table.json").read_text())
@@ -41,11 +41,15 @@ def test_tiny_paper_table_writes_every_output(tmp_path):
     for r in t["rows"][1:3]:
         assert 0 <= r["dead_units_pct"] <= 100 and 0 < r["recon_mse"] < 0.2
     assert t["choices"]["n_active"] == [15, 30] and t["config"]["optim"]["k_start"] == 30
+    assert t["cls_l2"] == [0.0, 1e-3] and len(t["choices"]["features"]["l2"]) == 2
+    assert set(t["choices"]["features"]["l2"]) <= {0.0, np.float32(1e-3)}
     assert (t["n_train"], t["n_val"]) == (334, 66)  # a sixth of the 400 held out
     assert {k: t["config"]["model"][k] for k in ("arch", "hidden", "tied", "loss")} == \
         {"arch": "mlp", "hidden": 64, "tied": True, "loss": "mse"}
     md = (out / "table.md").read_text()
     assert "| k = 10 fine-tuned |" in md and "| raw pixels |" in md and "validation error %" in md
+    assert "the epoch and the L2 penalty (of 0, 0.001) chosen on validation" in md
+    assert "L2 penalties chosen: raw pixels " in md
     assert (out / "features.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -61,6 +65,32 @@ def test_validation_choice_keeps_the_best_epoch_per_model():
     errs = classify.error_rate(state, xv, yv, [0, 0], cfg=None, max_k=1)
     np.testing.assert_allclose(errs, choice["val_error_pct"])
     assert all(1 <= e <= 3 for e in choice["epoch"])
+
+
+
+def test_each_classifier_keeps_the_l2_penalty_best_on_validation(digits):
+    """One vmapped fit over (penalty, model): a penalty of zero is no penalty, a large one
+    shrinks the weights, and each model keeps the penalty whose fit is best on validation."""
+    from ksae_jax import classify
+    x, y = digits.x_train[:300], digits.y_train[:300]
+    val = (digits.x_train[300:500], digits.y_train[300:500])
+    kw = dict(cfg=None, max_k=1, lr=1e-2, batch_size=50, progress=False)
+    init = {"cls": classify.init_linear(784, 2)}
+    plain, plain_choice = classify.fit_on_validation(init, x, y, [0, 0], val, epochs=2, **kw)
+    zero, _ = classify.fit_on_validation(init, x, y, [0, 0], val, epochs=2, l2=[0.0, 0.0], **kw)
+    np.testing.assert_array_equal(zero["cls"]["weight"], plain["cls"]["weight"])
+    big, big_choice = classify.fit_on_validation(init, x, y, [0, 0], val, epochs=2, l2=[1.0, 1.0],
+                                                 **kw)
+    assert np.linalg.norm(big["cls"]["weight"]) < 0.5 * np.linalg.norm(plain["cls"]["weight"])
+    ds = type("Data", (), {"x_train": x, "y_train": y})
+    table = paper_table.PaperTable(cls_epochs=2, cls_l2=(1.0, 0.0))  # the worse one listed first
+    state, choice = paper_table.fit_choosing_l2(table, init, ds, [0, 0], val, **kw)
+    errs = np.array([big_choice["val_error_pct"], plain_choice["val_error_pct"]])
+    assert (errs[1] < errs[0]).all() and choice["l2"] == [0.0, 0.0]
+    np.testing.assert_allclose(choice["val_error_pct"], errs[1], atol=1e-4)
+    np.testing.assert_allclose(state["cls"]["weight"], plain["cls"]["weight"], rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="cls_l2 must be one or more penalties >= 0"):
+        paper_table.PaperTable(cls_l2=(-1.0,))
 
 
 PAPER_MODEL = ImageModel("mlp", hidden=50, tied=True, loss="half_sse", l1=0.0,
