@@ -267,7 +267,7 @@ def fit_choosing_l2(table, state, ds, n_active, val, **kw) -> tuple[dict, dict]:
     and epoch, with the lowest validation error. The choice says which (choice["l2"])."""
     n_l2, n = len(table.cls_l2), len(n_active)
     tiled = jax.tree.map(lambda a: jnp.concatenate([a] * n_l2), state)
-    l2 = np.repeat(np.asarray(table.cls_l2, np.float32), n)
+    l2 = np.repeat(np.asarray(table.cls_l2, np.float64), n)  # as given, in the record
     tiled, choice = classify.fit_on_validation(tiled, ds.x_train, ds.y_train, list(n_active) * n_l2,
                                                val, epochs=table.cls_epochs, l2=l2, **kw)
     err = np.asarray(choice["val_error_pct"]).reshape(n_l2, n)
