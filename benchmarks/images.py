@@ -122,8 +122,8 @@ def child_torch_conv(spec: dict) -> dict:
             "test_mse": result["test_mse"]}
 
 
-def child_matmul_peak(_spec) -> dict:
-    return matmul_peak()
+def child_matmul_peak(spec) -> dict:
+    return matmul_peak(spec.get("n", 2048))
 
 
 CHILDREN = {"peak": child_matmul_peak, "jax": child_jax, "torch-mlp": child_torch_mlp,
@@ -201,7 +201,7 @@ def run_suite(args, child) -> dict:
     timeout = 600 if args.quick else 3600
     notes = []
     print("measuring the matmul peak ...", flush=True)
-    peak = child("peak", {}, timeout)
+    peak = child("peak", {"n": 256} if args.quick else {}, timeout)
     plan = _plan(args, base, notes)
     runs = []
     for name, kind, spec in plan:

@@ -57,16 +57,22 @@ def handoff(lm_dir: Path, s: dict, reps: int = 20) -> dict:
             "torch_device": device, "jax_device": str(jax.devices()[0])}
 
 
-def live_run(run: Path, lm_dir: Path, s: dict, backend: str) -> dict:
-    cmd = [sys.executable, "-m", "ksae_jax", "train", "--model", str(lm_dir), "--text",
-           str(TEXT), "--latents", str(s["latents"]), "--ks", "32", "64", "--tokens",
-           str(s["tokens"]), "--batch-size", str(s["batch"]), "--context", str(s["context"]),
-           "--heldout-tokens", "512", "--lm-tokens", "128", "--buffer-tokens",
-           str(8 * s["batch"]), "--lm-backend", backend, "--out", str(run), "--overwrite",
-           "--no-progress"]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    if r.returncode != 0:
-        raise SystemExit(f"the live run ({backend}) failed:\n{r.stderr[-3000:]}")
+def live_run(run: Path, lm_dir: Path, s: dict, backend: str, in_process: bool) -> dict:
+    """`ksae train --model LM` for the blocks and two ks; in this process with in_process (the
+    dry run: torch and the LM load once), else in one of its own."""
+    argv = ["train", "--model", str(lm_dir), "--text", str(TEXT), "--latents", str(s["latents"]),
+            "--ks", "32", "64", "--tokens", str(s["tokens"]), "--batch-size", str(s["batch"]),
+            "--context", str(s["context"]), "--heldout-tokens", "512", "--lm-tokens", "128",
+            "--buffer-tokens", str(8 * s["batch"]), "--lm-backend", backend, "--out", str(run),
+            "--overwrite", "--no-progress"]
+    if in_process:
+        from ksae_jax import cli
+        cli.COMMANDS["train"].main(argv[1:], "ksae train")
+    else:
+        r = subprocess.run([sys.executable, "-m", "ksae_jax", *argv], capture_output=True,
+                           text=True, cwd=ROOT)
+        if r.returncode != 0:
+            raise SystemExit(f"the live run ({backend}) failed:\n{r.stderr[-3000:]}")
     m = json.loads((run / "metrics.json").read_text())
     return {"tokens": m["tokens"], "tokens_per_s": m["tokens_per_s"],
             "lm_share": m["lm_seconds"] / m["seconds"], "hookpoints": len(m["hookpoints"])}
@@ -80,7 +86,7 @@ def main(argv=None) -> dict:
     s = SHAPES["dry" if args.dry_run else "gpu"]
     args.out.mkdir(parents=True, exist_ok=True)
     lm_dir = build_lm(args.out, s)
-    runs = {backend: live_run(args.out / f"live_{backend}", lm_dir, s, backend)
+    runs = {backend: live_run(args.out / f"live_{backend}", lm_dir, s, backend, args.dry_run)
             for backend in ("jax", "torch")}
     hookpoints = {backend: r.pop("hookpoints") for backend, r in runs.items()}
     result = {"dry_run": args.dry_run, **runs, "hookpoints": hookpoints["torch"],

@@ -44,7 +44,8 @@ class Speed:
     suite: Literal["images", "sae", "largest", "all"] = "images"
     """all: images and sae."""
     quick: bool = False
-    """Smoke test: a few steps, synthetic data."""
+    """Smoke test: a few steps, synthetic data, every run in this process (no start-ups, but
+    peak memory shared)."""
     idx_dir: Path | None = None
     """images: MNIST-format data (None: Debian's Fashion-MNIST if installed, else synthetic)."""
     torch: bool = True
@@ -63,9 +64,10 @@ class Speed:
     """Go on with an interrupted run into the same out: keep the measurements it finished."""
 
 
-def resumable_child(done: Path):
-    """child(kind, spec, timeout): one measurement in a fresh process, its result kept in
-    done/ so that a rerun into the same folder (after an interruption) goes on where it was."""
+def resumable_child(done: Path, in_process: bool = False):
+    """child(kind, spec, timeout): one measurement in a fresh process (in this one with
+    in_process), its result kept in done/ so that a rerun into the same folder (after an
+    interruption) goes on where it was."""
     done.mkdir(parents=True, exist_ok=True)
 
     def child(kind: str, spec: dict, timeout: float) -> dict:
@@ -73,7 +75,8 @@ def resumable_child(done: Path):
         path = done / f"{kind}-{key}.json"
         if path.is_file():
             return json.loads(path.read_text())
-        result = measure.run_child("benchmarks.speed", kind, spec, timeout, ROOT)
+        result = (CHILDREN[kind](spec) if in_process
+                  else measure.run_child("benchmarks.speed", kind, spec, timeout, ROOT))
         write_json(path, result)
         return result
     return child
@@ -93,7 +96,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     if not cfg.resume:
         shutil.rmtree(out / "done", ignore_errors=True)
-    child = resumable_child(out / "done")
+    child = resumable_child(out / "done", in_process=cfg.quick)
     args = types.SimpleNamespace(**dataclasses.asdict(cfg), threads=os.cpu_count(),
                                  data_dir=out / "data")
     args.torch = importlib.util.find_spec("torch") is not None and cfg.torch

@@ -3,7 +3,6 @@ one-device run (the flag must be set before JAX starts, so tests run this in a s
 
     XLA_FLAGS=--xla_force_host_platform_device_count=4 python tests/sharded_check.py OUT_DIR
 """
-import dataclasses
 import json
 import shutil
 import sys
@@ -18,7 +17,7 @@ import jax.numpy as jnp
 
 from ksae_jax import sae_config, sharding, train
 from ksae_jax.checkpoint import Checkpoints
-from ksae_jax.config import Execution, ImageModel, SweepConfig
+from ksae_jax.config import ImageModel, SweepConfig
 from ksae_jax.data import synthetic
 from ksae_jax.models.clt import CLTModel
 from ksae_jax.topk import top_k
@@ -50,20 +49,20 @@ def main(out: Path):
                             batch_size=64)
     syn = synthetic.generate(3000, d=16, n_features=32, mean_active=3, seed=0)
     sae_cfg = sae_config(16, (2, 8), latents=64, steps=4, batch_size=128, dead_tokens=256,
-                         multi_topk=True)
+                         multi_topk=True, eval_every=2)  # evaluated midway: resumable below
     # a cross-layer transcoder over 3 layers: rows of every layer's [input | output]
     clt_rows = np.concatenate([syn.x[:, :15], np.tanh(syn.x[:, :15] @ rng.normal(size=(15, 15)))],
                               axis=1).reshape(-1, 2, 3, 5).transpose(0, 2, 1, 3).reshape(-1, 30)
     clt_cfg = SweepConfig(model=CLTModel(d_in=5, n_layers=3, latents=48, dead_tokens=256),
                           ks=(2, 8), steps=4, batch_size=128)
-    report = {"devices": jax.device_count()}
+    report, refs = {"devices": jax.device_count()}, {}
     for name, cfg, tr, te, meshes in [
             ("images", image_cfg, images[:320], images[320:],
              [{"data": 4}, {"model": 2, "data": 2}]),
             ("sae", sae_cfg, syn.x[:2600], syn.x[2600:],
              [{"data": 4}, {"model": 2, "data": 2}, {"latent": 2, "data": 2}]),
             ("clt", clt_cfg, clt_rows[:2600], clt_rows[2600:], [{"latent": 2, "data": 2}])]:
-        ref = run(cfg, tr, te)
+        ref = refs[name] = run(cfg, tr, te)
         for axes in meshes:
             got = run(cfg, tr, te, axes)
             report[f"{name} {sharding.format_axes(axes)}"] = {
@@ -81,8 +80,7 @@ def main(out: Path):
 
     # a checkpoint written on data=4 (killed after its first evaluation point) resumes on one
     # device and on model=2 x data=2, each ending where an uninterrupted run ends
-    cfg = dataclasses.replace(sae_cfg, execution=Execution(eval_every=2))
-    full = run(cfg, syn.x[:2600], syn.x[2600:])
+    cfg, full = sae_cfg, refs["sae"]
     real_save, ckpt = Checkpoints.save, out / "first" / "checkpoints"
 
     def save_then_stop(self, *args, **kw):
