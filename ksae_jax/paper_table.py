@@ -326,13 +326,13 @@ def markdown(table: dict) -> str:
              f"classification features keep alpha*k units (alpha = {table['alpha']}); softmax "
              f"classifiers up to {table['cls_epochs']} epochs, the epoch{_l2_words(table)} chosen "
              "on validation.", "",
-             "| features | validation error % | test error % | dead units % | test recon MSE |",
-             "|---|---:|---:|---:|---:|"]
+             "| features | validation error % | test error % | epochs (chosen) | dead units % | "
+             "test recon MSE |", "|---|---:|---:|---:|---:|---:|"]
     for r in table["rows"]:
         dead = "" if r["dead_units_pct"] is None else f"{r['dead_units_pct']:.1f}"
         mse = "" if r["recon_mse"] is None else f"{r['recon_mse']:.4f}"
         lines.append(f"| {r['name']} | {r['val_error_pct']:.2f} | {r['test_error_pct']:.2f} | "
-                     f"{dead} | {mse} |")
+                     f"{r.get('epoch', '')} | {dead} | {mse} |")
     lines += ["", f"Wall time {table['seconds'] / 60:.1f} min. Dead units: never among the top k "
               "on the training set."]
     if len(table.get("cls_l2", [0.0])) > 1:
