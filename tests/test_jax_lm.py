@@ -130,7 +130,9 @@ def test_module_paths_resolve_as_the_torch_path_names_them(tmp_path):
 
 def test_both_backends_train_the_same_saes_and_splice_the_same_losses(tiny_lm):
     """The live source run by JAX and by PyTorch: the same rows, SAEs and spliced losses, to
-    float rounding."""
+    float rounding. Adam turns a rounding-sized gradient into an lr-sized step, so a latent
+    whose gradient is near zero (or a near-tie at the k-th activation) may move apart: a few
+    elements may differ, by a few steps of size lr at most."""
     from ksae_jax import train
     from ksae_jax.config import sae_config
     from ksae_jax.data.feed import ArrayRows
@@ -155,7 +157,9 @@ def test_both_backends_train_the_same_saes_and_splice_the_same_losses(tiny_lm):
             {"8": splice.sae_replacement(sae, 8, lm.backend.splice)}))
     for a, b in zip(jax_lm.jax.tree.leaves(results[0].params),
                     jax_lm.jax.tree.leaves(results[1].params)):
-        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+        apart = ~np.isclose(a, b, rtol=1e-3, atol=1e-4)
+        assert apart.mean() <= 0.02, apart.mean()
+        np.testing.assert_allclose(a, b, atol=8 * cfg.optim.lr)  # 8 steps of lr at most
     for name in ("clean", "zero", "8"):
         for field in ("loss", "kl"):
             assert abs(losses[0][name][field] - losses[1][name][field]) <= 1e-4, (name, field)
