@@ -11,14 +11,17 @@ NATIVE = native_ops.unavailable() is None  # the C++ kernels serve one CPU devic
 PATHS = ["sparse", "native"] if NATIVE else ["sparse"]
 
 
+def normal(seed, shape):  # NumPy's draws: a jax.random draw compiles a program per shape
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
 def _problem(B, d, n, seed=0, ties=False):
-    ks = jax.random.split(jax.random.key(seed), 6)
-    x = jax.random.normal(ks[0], (B, d))
-    W_enc = jax.random.normal(ks[1], (n, d)) / np.sqrt(d)
-    W_dec = jax.random.normal(ks[2], (n, d)) / np.sqrt(d)
-    b_enc = jax.random.normal(ks[3], (n,)) * 0.1
-    b_dec = jax.random.normal(ks[4], (d,)) * 0.1
-    target = jax.random.normal(ks[5], (B, d))
+    x = normal((seed, 0), (B, d))
+    W_enc = normal((seed, 1), (n, d)) / np.sqrt(d)
+    W_dec = normal((seed, 2), (n, d)) / np.sqrt(d)
+    b_enc = normal((seed, 3), (n,)) * 0.1
+    b_dec = normal((seed, 4), (d,)) * 0.1
+    target = normal((seed, 5), (B, d))
     if ties:  # duplicated latents: equal pre-activations, broken by index
         W_enc = W_enc.at[1::2].set(W_enc[::2][: n // 2])
         b_enc = b_enc.at[1::2].set(b_enc[::2][: n // 2])
@@ -77,13 +80,13 @@ def test_sparse_backward_touches_only_kept_rows(path):
 @pytest.mark.parametrize("shape,k", [((6, 4096), 32), ((3, 1024), 7), ((5, 640), 20), ((4, 100), 3),
                                      ((3, 17), 17), ((2, 33), 1), ((1, 1), 1)])
 def test_top_k_of_x_plus_bias_equals_lax_top_k(native, shape, k):
-    x = jax.random.normal(jax.random.key(1), shape)
-    bias = jax.random.normal(jax.random.key(2), shape[-1:]) * 0.5
-    masked = jnp.where(jax.random.uniform(jax.random.key(3), shape[-1:]) < 0.7, -jnp.inf, bias)
+    x = normal(1, shape)
+    bias = normal(2, shape[-1:]) * 0.5
+    masked = jnp.where(np.random.default_rng(3).uniform(size=shape[-1:]) < 0.7, -jnp.inf, bias)
     # +-0 and +-inf; NaNs (a diverged model's) on the native kernel only: the XLA path's block
     # maxima propagate them
-    special = jnp.array([0.0, -0.0, jnp.inf, -jnp.inf, 1.0] + [jnp.nan, -jnp.nan] * native)
-    odd = special[jax.random.randint(jax.random.key(4), shape, 0, len(special))]
+    special = np.array([0.0, -0.0, np.inf, -np.inf, 1.0] + [np.nan, -np.nan] * native, np.float32)
+    odd = special[np.random.default_rng(4).integers(0, len(special), shape)]
     cases = [(x, bias), (jnp.round(x * 2) / 2, jnp.round(bias)),  # continuous, many ties
              (jnp.zeros(shape), jnp.zeros(shape[-1:])),  # all tied
              (x, masked), (odd, jnp.zeros(shape[-1:]))]  # AuxK's -inf mask; the specials
