@@ -31,9 +31,11 @@ class Coder(NamedTuple):
 
 def coder_of(models, hookpoint: str, label) -> tuple[Coder, dict, dict]:
     """(Coder, params, hp) of the model `label` of a loaded sweep trained at `hookpoint`
-    (mlp.L or mlp.L1+L2+...)."""
+    (mlp.L or mlp.L1+L2+...). The static top-k width is the sweep's largest k (k itself is
+    traced, in hp), so every model of the sweep runs in the same compiled program."""
     i = models.index(label)
-    hp, max_k = models.hp(i)
+    hp, _ = models.hp(i)
+    max_k = max(models.ks) if models.ks else None
     return (Coder(models.family, max_k, tuple(jax_lm.layers_of(hookpoint))),
             jax.tree.map(jnp.asarray, models.params_for(label)), hp)
 
