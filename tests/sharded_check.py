@@ -58,9 +58,9 @@ def main(out: Path):
     report, refs = {"devices": jax.device_count()}, {}
     for name, cfg, tr, te, meshes in [
             ("images", image_cfg, images[:320], images[320:],
-             [{"data": 4}, {"model": 2, "data": 2}]),
+             [{"model": 2, "data": 2}]),
             ("sae", sae_cfg, syn.x[:2600], syn.x[2600:],
-             [{"data": 4}, {"model": 2, "data": 2}, {"latent": 2, "data": 2}]),
+             [{"model": 2, "data": 2}, {"latent": 2, "data": 2}]),
             ("clt", clt_cfg, clt_rows[:2600], clt_rows[2600:], [{"latent": 2, "data": 2}])]:
         ref = refs[name] = run(cfg, tr, te)
         for axes in meshes:
@@ -78,8 +78,9 @@ def main(out: Path):
     ref = jax.lax.top_k(x, 7)
     report["top_k_equal"] = bool(np.array_equal(got[0], ref[0]) and np.array_equal(got[1], ref[1]))
 
-    # a checkpoint written on data=4 (killed after its first evaluation point) resumes on one
-    # device and on model=2 x data=2, each ending where an uninterrupted run ends
+    # a checkpoint written on model=2 x data=2 (killed after its first evaluation point)
+    # resumes on one device and on latent=2 x data=2, each ending where an uninterrupted run
+    # ends
     cfg, full = sae_cfg, refs["sae"]
     real_save, ckpt = Checkpoints.save, out / "first" / "checkpoints"
 
@@ -90,16 +91,16 @@ def main(out: Path):
 
     Checkpoints.save = save_then_stop
     try:
-        run(cfg, syn.x[:2600], syn.x[2600:], {"data": 4}, checkpoint=ckpt)
+        run(cfg, syn.x[:2600], syn.x[2600:], {"model": 2, "data": 2}, checkpoint=ckpt)
     except KeyboardInterrupt:
         pass
     Checkpoints.save = real_save
-    for i, axes in enumerate((None, {"model": 2, "data": 2})):
+    for i, axes in enumerate((None, {"latent": 2, "data": 2})):
         copy = out / f"copy{i}" / "checkpoints"
         shutil.copytree(ckpt, copy)
         resumed = run(cfg, syn.x[:2600], syn.x[2600:], axes, checkpoint=copy, resume=True)
         where = sharding.format_axes(axes) if axes else "one device"
-        report[f"resume from data=4 on {where}"] = rel_diff(resumed.params, full.params)
+        report[f"resume from model=2,data=2 on {where}"] = rel_diff(resumed.params, full.params)
     print(json.dumps(report))
 
 

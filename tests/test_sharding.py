@@ -37,8 +37,8 @@ def report(tmp_path_factory):
 def test_meshes_give_the_one_device_result(report):
     assert report["devices"] == 4
     runs = {k: v for k, v in report.items() if isinstance(v, dict)}
-    assert set(runs) == {"images data=4", "images model=2,data=2", "sae data=4",
-                         "sae model=2,data=2", "sae latent=2,data=2", "clt latent=2,data=2"}
+    assert set(runs) == {"images model=2,data=2", "sae model=2,data=2", "sae latent=2,data=2",
+                         "clt latent=2,data=2"}
     for name, r in runs.items():
         assert r["params"] < TOL, (name, r)
         assert r["eval_fvu"] < TOL and r["since_fired_equal"], (name, r)
@@ -46,8 +46,8 @@ def test_meshes_give_the_one_device_result(report):
 
 def test_sharded_top_k_and_resume_across_meshes(report):
     assert report["top_k_equal"]
-    assert report["resume from data=4 on one device"] < TOL
-    assert report["resume from data=4 on model=2,data=2"] < TOL
+    assert report["resume from model=2,data=2 on one device"] < TOL
+    assert report["resume from model=2,data=2 on latent=2,data=2"] < TOL
 
 
 def test_mesh_flags_are_checked():
