@@ -218,9 +218,11 @@ def params(folder):
     return jax.tree.leaves(formats.load_params_file(folder / "params.pkl")["params"])
 
 
-def test_a_live_run_writes_a_folder_per_hookpoint_and_resumes_bit_for_bit(lm_dir, tmp_path):
+def test_a_live_run_writes_a_folder_per_hookpoint_and_resumes_bit_for_bit(lm_dir, tmp_path,
+                                                                          capsys):
     ref, out = tmp_path / "ref", tmp_path / "run"
-    printed = finish(ksae(["--model", str(lm_dir), *RUN, "--out", str(ref)]))
+    sae_run.main(["--model", str(lm_dir), *RUN, "--out", str(ref)], prog="ksae train")
+    printed = capsys.readouterr().out  # the reference runs in this process, the rest as processes
     assert "resid_post.1" in printed and "tokens/s" in printed and "mixing buffer 256" in printed
     m = json.loads((ref / "metrics.json").read_text())
     assert set(m["hookpoints"]) == {"resid_post.0", "resid_post.1"}
