@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ksae_jax import formats, sharding
+from ksae_jax import formats, sae_run, sharding
 from ksae_jax.config import SweepConfig, sae_config
 from ksae_jax.data import synthetic
 
@@ -77,15 +77,14 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> tuple[list, Path]:
-    """The flags of the two-process SAE runs, and the same run on one process and device."""
+    """The flags of the two-process SAE runs, and the same run on one process and device (this
+    one)."""
     folder = tmp_path_factory.mktemp("reference")
     syn = synthetic.generate(3000, d=16, n_features=32, mean_active=3, seed=0)
     np.save(folder / "x.npy", syn.x)
     base = ["--data", str(folder / "x.npy"), "--latents", "64", "--ks", "2", "4", "--steps", "6",
             "--batch-size", "128", "--eval-every", "3", "--no-progress"]
-    ref = subprocess.run([sys.executable, "-m", "ksae_jax", "train", *base, "--out", str(folder / "ref")],
-                         cwd=ROOT, env=_env(1), capture_output=True, text=True, timeout=300)
-    assert ref.returncode == 0, ref.stderr[-2000:]
+    sae_run.main([*base, "--out", str(folder / "ref")], prog="ksae train")
     return base, folder / "ref"
 
 
