@@ -58,7 +58,7 @@ def plan(argv, prog="ksae plan"):
     except ValueError as e:
         raise flags.UsageError(f"--mesh: {e}") from None
     try:
-        return compiler_plan.run(cfg, mesh, values.get("out"), argv,
+        return compiler_plan.run(cfg, mesh, values.get("out"),
                                  flags.build(compiler_plan.LMPlan, values))
     except ValueError as e:  # the mesh against the sweep, or the LM's config (LMError)
         raise flags.UsageError(str(e)) from None

@@ -139,21 +139,15 @@ def summary(p: dict) -> dict:
             "collective_gb": {op: b / 1e9 for op, b in sorted(moved.items())}}
 
 
-def run(cfg: SweepConfig, axes: dict[str, int], out=None, argv=None,
+def run(cfg: SweepConfig, axes: dict[str, int], out=None,
         lm: LMPlan | None = None) -> dict | None:
     """`ksae plan`: the plan of cfg on a mesh of `axes` (and with lm.model, of the LM's
-    forward pass that feeds it), printed (and written to out/plan.json). On CPU the devices
-    are forced in a child process when there are too few."""
-    import os
-    import subprocess
-    import sys
-
-    need = int(np.prod(list(axes.values())))
-    if jax.device_count() < need and jax.default_backend() == "cpu":
-        env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} "
-                                          f"--xla_force_host_platform_device_count={need}"}
-        args = sys.argv[1:] if argv is None else list(argv)
-        sys.exit(subprocess.run([sys.executable, "-m", "ksae_jax", "plan", *args], env=env).returncode)
+    forward pass that feeds it), printed (and written to out/plan.json). Called before JAX
+    has started (as `ksae plan` is), it gives the CPU backend the mesh's devices."""
+    try:
+        jax.config.update("jax_num_cpu_devices", int(np.prod(list(axes.values()))))
+    except RuntimeError:  # JAX has started: the mesh must fit the devices it has
+        pass
     try:
         sharding.check_axes(axes, jax.device_count(), cfg, cfg.family.shards_latents)
     except ValueError as e:
