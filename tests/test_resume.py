@@ -75,8 +75,9 @@ def params_of(folder: Path):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
+    """The uninterrupted run (in this process; the runs that are killed are processes)."""
     out = tmp_path_factory.mktemp("ref") / "run"
-    finish(ksweep(["--out", str(out)]))
+    image_run.main([*RUN, "--out", str(out)])
     return out
 
 
