@@ -127,18 +127,22 @@ def constrain(tree, specs):
 
 
 def put(array, spec: P, mesh) -> jax.Array:
-    """A host array placed on the mesh (every process passes the whole array)."""
+    """A host array placed on the mesh (every process passes the whole array), or without
+    one committed to the first device, as the train state is (state_shardings): a jitted
+    step that sees the same placements at every call compiles once."""
     array = np.asarray(array)
     if mesh is None:
-        return jax.device_put(array)
+        return jax.device_put(array, jax.devices()[0])
     sharding = NamedSharding(mesh, spec)
     return jax.make_array_from_callback(array.shape, sharding, lambda idx: array[idx])
 
 
 def state_shardings(state, mesh):
-    """NamedShardings of a train state's leaves on the mesh (None without a mesh)."""
+    """NamedShardings of a train state's leaves on the mesh; without one, the first device
+    (committed: the step's outputs are, so its inputs are alike from the first call on)."""
     if mesh is None:
-        return None
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return jax.tree.map(lambda _: device, state)
     with use(mesh):
         specs = state_specs(state)
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs)

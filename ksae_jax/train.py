@@ -247,9 +247,6 @@ class Training:
         """The train state's shapes, dtypes and placements (what a restore fills in)."""
         like = jax.eval_shape(lambda: init_state(self.cfg))
         placed = sharding.state_shardings(like, self.mesh)
-        if placed is None:
-            device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-            placed = jax.tree.map(lambda _: device, like)
         return jax.tree.map(lambda s, p: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=p),
                             like, placed)
 

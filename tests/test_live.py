@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")  # the lm extra: .ci/run installs requireme
 pytest.importorskip("transformers")
 
 import ksae_jax
-from ksae_jax import cli, formats, sae_run, train
+from ksae_jax import cli, formats, sae_run, step, train
 from ksae_jax.config import sae_config
 from ksae_jax.lm import backend, cache, live, offline_lm
 from ksae_jax.lm import hookpoints as hooks
@@ -157,8 +157,10 @@ def test_live_source_equals_a_cache_of_the_same_rows_in_the_same_order(lm_dir):
     held = [ksae_jax.data.feed.ArrayRows(r) for r in lm.heldout()]
     cfg = sae_config(32, (4, 8), latents=64, batch_size=64, steps=8, eval_every=4,
                      hookpoints=tuple(lm.names))
+    compiled = step.sweep_step._cache_size()
     results = [train.prepare(cfg, live.LiveStream(source, 64, 0), held).run(progress=False)
                for source in (lm, CacheRows(lm, windows, arrays))]
+    assert step.sweep_step._cache_size() <= compiled + 2  # once for each source's placements
     for a, b in zip(jax.tree.leaves(results[0].params), jax.tree.leaves(results[1].params)):
         np.testing.assert_array_equal(a, b)
     # each hookpoint's models were fed their own rows: alone, they train the same

@@ -11,7 +11,7 @@ import pytest
 from helpers import latest_checkpoint
 
 import ksae_jax
-from ksae_jax import cli, formats, sae_config, sae_run, train
+from ksae_jax import cli, formats, sae_config, sae_run, step, train
 from ksae_jax.checkpoint import Checkpoints
 from ksae_jax.data import synthetic as synth
 
@@ -135,8 +135,13 @@ def test_safetensors_export_round_trip(acts, tmp_path, digits):
 
 
 def test_interrupted_sae_run_resumes_to_the_same_params(acts, tmp_path, monkeypatch):
+    """... and compiles its step once: the restored state is placed as a fresh one is, so
+    the resumed run finds the step the uninterrupted run compiled."""
     args = ["--data", str(acts / "train.npy"), "--out"] + TINY
+    compiled = step.sweep_step._cache_size()
     sae_run.main(args[:2] + args[2:3] + [str(tmp_path / "ref")] + args[3:])
+    assert step.sweep_step._cache_size() <= compiled + 1
+    compiled = step.sweep_step._cache_size()
     real = Checkpoints.save
 
     def save_then_die(self, *args, **kw):
@@ -151,6 +156,7 @@ def test_interrupted_sae_run_resumes_to_the_same_params(acts, tmp_path, monkeypa
     assert e.value.code == 130 and latest_checkpoint(out)[0] == 6
     monkeypatch.setattr(Checkpoints, "save", real)
     sae_run.main(["--data", str(acts / "train.npy"), "--resume", str(out)] + TINY)
+    assert step.sweep_step._cache_size() == compiled
     a = formats.load_params_file(out / "params.pkl")["params"]
     b = formats.load_params_file(tmp_path / "ref" / "params.pkl")["params"]
     for name in a:
