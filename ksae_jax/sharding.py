@@ -126,13 +126,18 @@ def constrain(tree, specs):
     return jax.tree.map(lax.with_sharding_constraint, tree, specs)
 
 
+def first_device() -> jax.sharding.SingleDeviceSharding:
+    """Where a run without a mesh keeps its arrays (committed: see put)."""
+    return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+
 def put(array, spec: P, mesh) -> jax.Array:
     """A host array placed on the mesh (every process passes the whole array), or without
     one committed to the first device, as the train state is (state_shardings): a jitted
     step that sees the same placements at every call compiles once."""
     array = np.asarray(array)
     if mesh is None:
-        return jax.device_put(array, jax.devices()[0])
+        return jax.device_put(array, first_device())
     sharding = NamedSharding(mesh, spec)
     return jax.make_array_from_callback(array.shape, sharding, lambda idx: array[idx])
 
@@ -141,7 +146,7 @@ def state_shardings(state, mesh):
     """NamedShardings of a train state's leaves on the mesh; without one, the first device
     (committed: the step's outputs are, so its inputs are alike from the first call on)."""
     if mesh is None:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        device = first_device()
         return jax.tree.map(lambda _: device, state)
     with use(mesh):
         specs = state_specs(state)

@@ -133,16 +133,20 @@ def test_checkpoint_of_two_processes_resumes_on_other_meshes_and_one_process(ref
     assert [p.returncode for p in procs] == [75, 75], outs[0][1][-2000:] + outs[1][1][-2000:]
     assert sorted(p.name for p in (cut / "checkpoints").iterdir()) == ["3"]
     b = formats.load_params_file(ref / "params.pkl")["params"]
-    for name, mesh, devices in (("mesh", ["--mesh", "latent=4"], 4), ("one", [], 1)):
+
+    def on_four_devices(copy):  # latent=4: a process of its own, with 4 devices
+        r = subprocess.run([sys.executable, "-m", "ksae_jax", "train", *base, "--mesh",
+                            "latent=4", "--resume", str(copy)], cwd=ROOT, env=_env(4),
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+
+    def on_one_device(copy):  # this process
+        sae_run.main([*base, "--resume", str(copy)], prog="ksae train")
+
+    for name, resume in (("mesh", on_four_devices), ("one", on_one_device)):
         copy = tmp_path / name
         shutil.copytree(cut, copy)
-        if devices == 1:
-            sae_run.main([*base, "--resume", str(copy)], prog="ksae train")
-        else:
-            r = subprocess.run([sys.executable, "-m", "ksae_jax", "train", *base, *mesh,
-                                "--resume", str(copy)], cwd=ROOT, env=_env(devices),
-                               capture_output=True, text=True, timeout=300)
-            assert r.returncode == 0, r.stderr[-3000:]
+        resume(copy)
         a = formats.load_params_file(copy / "params.pkl")["params"]
         for leaf in a:
             assert np.linalg.norm(a[leaf] - b[leaf]) <= TOL * np.linalg.norm(b[leaf]), (name, leaf)
